@@ -1,0 +1,216 @@
+"""Command-line front end shared by every recipe: ``--config``, ``--dry-run``, overrides.
+
+``parse`` turns argv into a validated ``Config``; ``dry_run_report`` prints what a run would
+do (resolved config, parallel layout, batch arithmetic, memory estimate) without building a
+model, importing torch or touching a GPU, so it works on a login node::
+
+    python recipes/dpo.py --dry-run train.global_batch_size=16 parallel.tp=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+
+from metaapo_nemo.config.loader import (
+    DEFAULT_RECIPE,
+    display_path,
+    load_config,
+    resolve_repo_path,
+    to_yaml,
+)
+from metaapo_nemo.config.schema import Config, ConfigError, check_layout
+
+_GIB = 1024**3
+
+
+def build_arg_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """Return the parser every recipe uses (recipes may add their own arguments).
+
+    Args:
+        description: Shown by ``--help``; usually the recipe's module docstring.
+    """
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config",
+        default=str(DEFAULT_RECIPE),
+        metavar="PATH",
+        help=f"recipe YAML (default: {display_path(DEFAULT_RECIPE)})",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, parallel layout and memory estimate, then exit",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. optim.lr=1e-5 train.max_steps=20 model.tiny.arch=qwen2",
+    )
+    return parser
+
+
+def parse(
+    argv: Sequence[str] | None = None, description: str | None = None
+) -> tuple[Config, argparse.Namespace]:
+    """Parse argv into a validated config.
+
+    Args:
+        argv: Arguments without the program name; None reads ``sys.argv[1:]``.
+        description: Passed to ``build_arg_parser``.
+
+    Returns:
+        ``(config, namespace)``; ``namespace.dry_run`` tells the recipe to print
+        ``dry_run_report`` and exit.
+
+    Raises:
+        SystemExit: With status 2 and the ``ConfigError`` message (no traceback) when the
+            config is invalid, as argparse does for bad arguments.
+    """
+    parser = build_arg_parser(description)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        parser.exit(2, f"{parser.prog}: config error:\n{exc}\n")
+    return cfg, args
+
+
+def world_size_from_env() -> int:
+    """``WORLD_SIZE`` as set by torchrun / SLURM launchers; 1 when unset."""
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        size = int(raw)
+    except ValueError:
+        raise ConfigError(f"environment WORLD_SIZE={raw!r} is not an integer") from None
+    if size < 1:
+        raise ConfigError(f"environment WORLD_SIZE={size} must be >= 1")
+    return size
+
+
+def read_model_dims(cfg: Config) -> dict | None:
+    """Read the model's shape without building it.
+
+    From ``model.path``'s ``config.json`` (plain JSON, no transformers import) when the file
+    exists, else from ``model.tiny``.
+
+    Returns:
+        ``{"num_layers", "num_attention_heads", "num_kv_heads", "vocab_size", "hidden_size",
+        "intermediate_size", "max_position_embeddings", "tie_word_embeddings"}`` (values
+        may be None when the checkpoint omits them), or None when ``model.path`` has no
+        readable config.json.
+    """
+    tiny = cfg.model.tiny
+    if tiny is not None:
+        return {
+            "num_layers": tiny.num_layers,
+            "num_attention_heads": tiny.num_attention_heads,
+            "num_kv_heads": tiny.num_key_value_heads,
+            "vocab_size": tiny.vocab_size,
+            "hidden_size": tiny.hidden_size,
+            "intermediate_size": tiny.intermediate_size,
+            "max_position_embeddings": tiny.max_position_embeddings,
+            "tie_word_embeddings": tiny.tie_word_embeddings,
+        }
+    config_json = resolve_repo_path(cfg.model.path) / "config.json"
+    try:
+        hf = json.loads(config_json.read_text())
+    except (OSError, ValueError):
+        return None
+    hf = hf.get("text_config", hf)  # multimodal wrappers keep the LM under text_config
+    heads = hf.get("num_attention_heads")
+    return {
+        "num_layers": hf.get("num_hidden_layers"),
+        "num_attention_heads": heads,
+        "num_kv_heads": hf.get("num_key_value_heads", heads),
+        "vocab_size": hf.get("vocab_size"),
+        "hidden_size": hf.get("hidden_size"),
+        "intermediate_size": hf.get("intermediate_size"),
+        "max_position_embeddings": hf.get("max_position_embeddings"),
+        "tie_word_embeddings": hf.get("tie_word_embeddings", False),
+    }
+
+
+def estimate_params(dims: dict) -> int | None:
+    """Approximate parameter count of a llama/qwen2-style decoder (None if shape unknown)."""
+    keys = ("num_layers", "num_attention_heads", "num_kv_heads", "vocab_size", "hidden_size")
+    if any(dims.get(k) is None for k in keys + ("intermediate_size",)):
+        return None
+    h, heads, kv = dims["hidden_size"], dims["num_attention_heads"], dims["num_kv_heads"]
+    head_dim = h // heads
+    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2  # q, o and k, v projections
+    mlp = 3 * h * dims["intermediate_size"]  # gate, up, down
+    embed = dims["vocab_size"] * h * (1 if dims.get("tie_word_embeddings") else 2)
+    return dims["num_layers"] * (attn + mlp + 2 * h) + embed + h
+
+
+def _memory_lines(cfg: Config, dims: dict | None, tp: int, pp: int, dp: int) -> list[str]:
+    n = estimate_params(dims or {})
+    if n is None:
+        return ["memory estimate: model shape unknown (model.path has no config.json here)"]
+    weight_bytes = 2 if cfg.model.dtype == "bfloat16" else 4
+    # Megatron keeps fp32 grads; Adam keeps two fp32 moments, plus fp32 master weights in bf16.
+    optim_bytes = 8 + (4 if weight_bytes == 2 else 0)
+    shard = n / (tp * pp)
+    optim = shard * optim_bytes / (dp if cfg.parallel.distributed_optimizer else 1)
+    policy = shard * (weight_bytes + 4) + optim
+    ref = 0.0 if cfg.loss.name == "simpo" else shard * weight_bytes
+    return [
+        f"memory estimate per rank (weights, grads, optimizer; activations excluded): "
+        f"{(policy + ref) / _GIB:.3f} GiB",
+        f"  params {n / 1e6:.2f}M total, {shard / 1e6:.2f}M per rank (/ tp {tp} x pp {pp}); "
+        f"policy {policy / _GIB:.3f} GiB, reference {ref / _GIB:.3f} GiB"
+        + (" (offloaded to CPU)" if cfg.reference.offload_to_cpu and ref else ""),
+    ]
+
+
+def dry_run_report(cfg: Config, world_size: int, model_dims: dict | None) -> str:
+    """Describe what a run would do, without building anything.
+
+    Args:
+        cfg: The validated config.
+        world_size: Number of ranks (see ``world_size_from_env``).
+        model_dims: From ``read_model_dims`` (None skips the shape checks and estimate).
+
+    Returns:
+        The resolved YAML, the parallel layout, the micro-batch arithmetic and a memory
+        estimate per rank.
+
+    Raises:
+        ConfigError: If the layout does not fit ``world_size`` or the model's shape.
+    """
+    dims = check_layout(cfg, world_size, model_dims)
+    t = cfg.train
+    accum = t.micro_batches_per_step(dims.dp)
+    lines = [
+        "# resolved config",
+        to_yaml(cfg).rstrip(),
+        "",
+        dims.describe(),
+        "",
+        f"batch: global_batch_size {t.global_batch_size} / (micro_batch_size "
+        f"{t.micro_batch_size} x dp {dims.dp}) = {accum} micro-batches per step "
+        "(gradient accumulation)",
+        f"steps: max_steps={'null (all epochs)' if t.max_steps is None else t.max_steps}, "
+        f"epochs={t.epochs}",
+    ]
+    if model_dims is not None:
+        shape = ", ".join(f"{k}={v}" for k, v in model_dims.items())
+        lines.append(f"model: {shape}")
+    lines += _memory_lines(cfg, model_dims, dims.tp, dims.pp, dims.dp)
+    return "\n".join(lines)
+
+
+__all__ = [
+    "build_arg_parser",
+    "dry_run_report",
+    "estimate_params",
+    "parse",
+    "read_model_dims",
+    "world_size_from_env",
+]

@@ -1,0 +1,335 @@
+"""Typed configuration schema: every default lives here and nowhere else.
+
+A recipe YAML (``conf/*.yaml``) is merged by ``loader.load_config`` and validated into
+``Config``. Field constraints catch single bad values; the ``model_validator``s catch
+combinations and fail with the key, the value, the arithmetic and the fix. Checks that need
+the world size or the checkpoint's shape live in ``check_layout``, called at start-up and by
+``--dry-run``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from metaapo_nemo.parallel.dims import ParallelDims
+
+
+class ConfigError(ValueError):
+    """A recipe, override or layout that cannot run; the message says what to change."""
+
+
+def fmt(value: Any) -> str:
+    """Format a value the way it would be written in YAML (``true``, ``null``, ``5e-07``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _or_list(values: list[Any]) -> str:
+    items = [fmt(v) for v in values]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunConfig(_Section):
+    """Where and how a run is recorded."""
+
+    name: str = Field("tiny_cpu_dpo", min_length=1)
+    output_dir: str = "runs"  # the run directory is output_dir/name
+    seed: int = 1234
+    cache_dir: str = ".cache"  # where tiny models are built and cached
+
+
+class TinyModelConfig(_Section):
+    """A small random model built locally (saved in HF format, then imported as usual)."""
+
+    arch: Literal["llama", "qwen2"] = "llama"
+    vocab_size: int = Field(512, gt=0)
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    max_position_embeddings: int = Field(1024, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    tie_word_embeddings: bool | None = None  # None: the architecture's usual choice
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> TinyModelConfig:
+        h, heads, kv = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
+        errors = []
+        if h % heads:
+            lo = (h // heads) * heads
+            errors.append(
+                f"model.tiny.hidden_size={h} is not divisible by "
+                f"model.tiny.num_attention_heads={heads} (head_dim = {h} / {heads} = "
+                f"{h / heads:g}); use hidden_size {_or_list([x for x in (lo, lo + heads) if x])}"
+                f" or num_attention_heads {_or_list(_divisors(h)[:8])}"
+            )
+        elif (h // heads) % 2:
+            errors.append(
+                f"head_dim = model.tiny.hidden_size={h} / model.tiny.num_attention_heads="
+                f"{heads} = {h // heads} is odd; RoPE needs an even head_dim, e.g. "
+                f"hidden_size={2 * h}"
+            )
+        if heads % kv:
+            errors.append(
+                f"model.tiny.num_attention_heads={heads} is not divisible by "
+                f"model.tiny.num_key_value_heads={kv} ({heads} / {kv} = {heads / kv:g}); "
+                f"use num_key_value_heads {_or_list(_divisors(heads))}"
+            )
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+
+class ModelConfig(_Section):
+    """The policy (and reference) model: an HF checkpoint directory or a tiny model."""
+
+    path: str | None = None
+    tiny: TinyModelConfig | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ModelConfig:
+        if self.path is None and self.tiny is None:
+            raise ValueError(
+                "set exactly one of model.path (an HF checkpoint directory) or model.tiny "
+                "(a tiny random model, e.g. model.tiny.arch=llama); got neither"
+            )
+        if self.path is not None and self.tiny is not None:
+            raise ValueError(
+                f"set exactly one of model.path or model.tiny; got both (model.path="
+                f"{self.path}); add model.tiny=null to use the checkpoint, or "
+                "model.path=null to use the tiny model"
+            )
+        return self
+
+
+class ParallelConfig(_Section):
+    """Megatron-Core parallel degrees; dp is derived from the world size."""
+
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    vpp: int | None = Field(None, ge=1)
+    cp: int = Field(1, ge=1)
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, else gloo
+
+    @model_validator(mode="after")
+    def _check(self) -> ParallelConfig:
+        errors = []
+        if self.vpp is not None and self.pp == 1:
+            errors.append(
+                f"parallel.vpp={self.vpp} needs parallel.pp > 1 (pp=1); set "
+                "parallel.vpp=null or parallel.pp >= 2"
+            )
+        if self.sequence_parallel and self.tp == 1:
+            errors.append(
+                "parallel.sequence_parallel=true needs parallel.tp > 1 (tp=1): it splits "
+                "activations across the tensor-parallel group; set "
+                "parallel.sequence_parallel=false or parallel.tp >= 2"
+            )
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+
+class DataConfig(_Section):
+    """Preference pairs: JSONL rows with prompt / chosen / rejected."""
+
+    path: str = "metaapo_nemo/data/samples/toy_prefs.jsonl"
+    split: str = "train"
+    max_length: int = Field(512, gt=1)  # prompt + response tokens
+    max_prompt_length: int = Field(256, gt=0)
+    on_bad_row: Literal["error", "skip"] = "error"
+    limit: int | None = Field(None, gt=0)  # use only the first `limit` rows
+    shuffle: bool = True
+
+
+class OptimConfig(_Section):
+    """Adam with warmup and decay to ``lr * min_lr_ratio``."""
+
+    lr: float = Field(5e-7, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    clip_grad: float = Field(1.0, ge=0)  # 0 disables clipping
+
+
+class TrainConfig(_Section):
+    """Batching and loop length. Batch sizes count preference pairs."""
+
+    global_batch_size: int = Field(128, gt=0)  # pairs per optimiser step, all DP ranks
+    micro_batch_size: int = Field(2, gt=0)  # pairs per forward on one rank
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # stop early; None: run all epochs
+    log_every: int = Field(1, gt=0)
+    save_final_hf: bool = True
+    progress_bar: Literal["auto", "on", "off"] = "auto"
+
+    def micro_batches_per_step(self, dp: int) -> int:
+        """Gradient-accumulation steps: ``global_batch_size / (micro_batch_size * dp)``.
+
+        Raises:
+            ConfigError: If the global batch does not split evenly.
+        """
+        error = batch_error(self.global_batch_size, self.micro_batch_size, dp)
+        if error:
+            raise ConfigError(error)
+        return self.global_batch_size // (self.micro_batch_size * dp)
+
+
+class LossConfig(_Section):
+    """Which preference loss and its hyper-parameters (see ``metaapo_nemo.losses``)."""
+
+    name: Literal["dpo", "ipo", "simpo", "kto"] = "dpo"
+    beta: float = Field(0.1, gt=0)  # DPO/IPO/KTO temperature
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # conservative DPO / SimPO
+    simpo_beta: float = Field(2.5, gt=0)
+    simpo_gamma: float = Field(0.6, ge=0)  # target reward margin
+    kto_desirable_weight: float = Field(1.0, gt=0)
+    kto_undesirable_weight: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> LossConfig:
+        if self.label_smoothing > 0 and self.name not in ("dpo", "simpo"):
+            raise ValueError(
+                f"loss.label_smoothing={self.label_smoothing} only applies to loss.name dpo "
+                f"or simpo; loss.name={self.name} would ignore it; set loss.label_smoothing=0"
+            )
+        return self
+
+
+class ReferenceConfig(_Section):
+    """The frozen reference model (unused by reference-free losses such as SimPO)."""
+
+    precompute: bool = False  # reference log-probs computed once per pass over the data
+    offload_to_cpu: bool = False
+
+
+class Config(BaseModel):
+    """The whole run. Sections mirror the top-level keys of a recipe YAML."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig  # no default: exactly one of model.path / model.tiny must be chosen
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Config:
+        errors = []
+        d = self.data
+        if d.max_prompt_length >= d.max_length:
+            errors.append(
+                f"data.max_prompt_length={d.max_prompt_length} must be < data.max_length="
+                f"{d.max_length} (the response needs at least one token); use "
+                f"data.max_prompt_length={d.max_length // 2} or data.max_length="
+                f"{2 * d.max_prompt_length}"
+            )
+        batch = batch_error(self.train.global_batch_size, self.train.micro_batch_size, 1)
+        if batch:
+            errors.append(batch)
+        tiny = self.model.tiny
+        if tiny is not None:
+            errors += _context_error(d.max_length, tiny.max_position_embeddings, "model.tiny.")
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+
+def _context_error(max_length: int, max_pos: int | None, prefix: str = "model.") -> list[str]:
+    if max_pos is None or max_length <= max_pos:
+        return []
+    return [
+        f"data.max_length={max_length} exceeds {prefix}max_position_embeddings={max_pos}; "
+        f"use data.max_length <= {max_pos}"
+    ]
+
+
+def batch_error(global_batch: int, micro_batch: int, dp: int) -> str | None:
+    """Explain why ``global_batch`` does not split into ``micro_batch x dp`` pieces.
+
+    Returns:
+        None when ``global_batch % (micro_batch * dp) == 0``, else the error with the fix.
+    """
+    step = micro_batch * dp
+    if global_batch % step == 0:
+        return None
+    lo = (global_batch // step) * step
+    globals_ok = [x for x in (lo, lo + step) if x > 0]
+    micros = [m for m in _divisors(global_batch) if global_batch % (m * dp) == 0]
+    fix = f", or micro_batch_size {_or_list(micros)}" if micros else ""
+    return (
+        f"train.global_batch_size={global_batch} is not divisible by "
+        f"train.micro_batch_size={micro_batch} x data-parallel size {dp} = {step}; "
+        f"use a global batch of {_or_list(globals_ok)}{fix}"
+    )
+
+
+_HF_KEYS = {
+    "num_hidden_layers": "num_layers",
+    "num_key_value_heads": "num_kv_heads",
+}
+
+
+def check_layout(cfg: Config, world_size: int, model_dims: dict | None = None) -> ParallelDims:
+    """Validate what needs the world size and the model's shape; return the layout.
+
+    Args:
+        cfg: A validated config.
+        world_size: Number of ranks (``WORLD_SIZE``).
+        model_dims: The model's shape from ``cli.read_model_dims`` (keys ``num_layers``,
+            ``num_attention_heads``, ``num_kv_heads``, optionally
+            ``max_position_embeddings``; HF names ``num_hidden_layers`` /
+            ``num_key_value_heads`` are accepted too), or None to skip shape checks.
+
+    Returns:
+        The validated ``ParallelDims``.
+
+    Raises:
+        ConfigError: Every problem found, each with the arithmetic and the fix.
+    """
+    dims_in = {_HF_KEYS.get(k, k): v for k, v in (model_dims or {}).items()}
+    p = cfg.parallel
+    dims = ParallelDims(world_size=world_size, tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp)
+    try:
+        dims.validate(
+            num_layers=dims_in.get("num_layers"),
+            num_attention_heads=dims_in.get("num_attention_heads"),
+            num_kv_heads=dims_in.get("num_kv_heads"),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    errors = _context_error(cfg.data.max_length, dims_in.get("max_position_embeddings"))
+    batch = batch_error(cfg.train.global_batch_size, cfg.train.micro_batch_size, dims.dp)
+    if batch:
+        errors.append(batch)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return dims

@@ -1,0 +1,143 @@
+"""Model architecture facts read from an HF config, in plain Python.
+
+`ModelArch` is the one description of a decoder-only checkpoint that the converter, the
+Megatron model builder, the parallel-layout checks and the memory planner all read. It is
+built from an HF `config.json` (Llama 3/3.1, Qwen2/2.5, Mistral) and refuses anything the
+converter would get silently wrong (sliding-window attention shorter than the sequence,
+unknown RoPE scaling, biases we do not map).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+SUPPORTED = ("llama", "qwen2", "mistral")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1 style frequency scaling (`rope_type: llama3`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    rope_scaling: RopeScaling | None = None
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count of the HF checkpoint (no vocabulary padding)."""
+        h, hd = self.hidden_size, self.head_dim
+        attn = h * hd * (self.num_attention_heads + 2 * self.num_kv_heads) + hd * self.num_attention_heads * h
+        if self.qkv_bias:
+            attn += hd * (self.num_attention_heads + 2 * self.num_kv_heads)
+        mlp = 3 * h * self.intermediate_size
+        per_layer = attn + mlp + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + emb + h
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    params = cfg.get("rope_parameters") or {}
+    legacy = cfg.get("rope_scaling") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type == "llama3":
+        src = params if "factor" in params else legacy
+        return float(theta), RopeScaling(
+            factor=float(src["factor"]),
+            low_freq_factor=float(src["low_freq_factor"]),
+            high_freq_factor=float(src["high_freq_factor"]),
+            original_max_position_embeddings=int(src["original_max_position_embeddings"]),
+        )
+    raise ValueError(
+        f"RoPE scaling type '{rope_type}' is not supported by the converter; "
+        "supported: default, llama3"
+    )
+
+
+def arch_from_hf_dict(cfg: dict[str, Any], source: str = "config") -> ModelArch:
+    """Builds a ModelArch from an HF config dict (as in config.json).
+
+    Raises:
+        ValueError: for unsupported model types or features, naming the key.
+    """
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED:
+        raise ValueError(
+            f"{source}: model_type={model_type!r} is not supported; supported: {', '.join(SUPPORTED)}"
+        )
+    heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    head_dim = cfg.get("head_dim") or hidden // heads
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act={cfg['hidden_act']!r}; only silu (SwiGLU) is supported")
+    if cfg.get("mlp_bias"):
+        raise ValueError(f"{source}: mlp_bias=true is not supported")
+    window = cfg.get("sliding_window")
+    if model_type == "qwen2":
+        window = window if cfg.get("use_sliding_window") else None
+    max_pos = int(cfg.get("max_position_embeddings", 4096))
+    if window is not None and int(window) < max_pos:
+        raise ValueError(
+            f"{source}: sliding_window={window} < max_position_embeddings={max_pos}; "
+            "sliding-window attention is not implemented in the converter"
+        )
+    theta, scaling = _rope(cfg)
+    qkv_bias = model_type == "qwen2" or bool(cfg.get("attention_bias", False))
+    return ModelArch(
+        model_type=model_type,
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=hidden,
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        intermediate_size=int(cfg["intermediate_size"]),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        rope_scaling=scaling,
+    )
+
+
+def load_arch(path: str | Path) -> ModelArch:
+    """Reads `config.json` of an HF checkpoint directory (no transformers import).
+
+    Raises:
+        FileNotFoundError: naming the missing file and what to pass instead.
+    """
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(
+            f"{cfg_file} not found: model.path must be an HF checkpoint directory "
+            "(with config.json and *.safetensors); or set model.tiny to build a tiny model"
+        )
+    return arch_from_hf_dict(json.loads(cfg_file.read_text()), source=str(cfg_file))

@@ -1,0 +1,330 @@
+"""HF <-> Megatron-Core weight conversion for Llama / Qwen2 / Mistral, TP- and PP-aware.
+
+Layout facts (megatron-core local and TE specs alike):
+- `linear_qkv` fuses Q, K, V PER QUERY GROUP: for each KV head g, rows are
+  [q heads of group g (nq/nkv * hd) | k_g (hd) | v_g (hd)]. TP splits whole groups.
+- `linear_fc1` fuses [gate; up]; under TP each rank holds [gate_r; up_r].
+- `linear_proj` (o_proj) and `linear_fc2` (down_proj) are row-parallel: split on dim 1.
+- Embedding / output layer are vocab-parallel: padded to a multiple of TP, split on dim 0.
+- Each TransformerLayer carries its global 1-based `layer_number`, so PP / VPP chunks map
+  to HF layer indices without re-deriving megatron's offset rules.
+
+Loading reads only the tensors a rank needs (safetensors `safe_open`). Export streams HF
+tensors one at a time (`iter_hf_tensors`): TP all-gather inside the owning stage, then a
+broadcast over the pipeline group, so every rank of a model replica sees every tensor;
+the same stream feeds the HF writer and (rollout issue) the vLLM weight push.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from metaapo_nemo.models.arch import ModelArch
+from metaapo_nemo.models.megatron_model import padded_vocab_size
+from metaapo_nemo.parallel.state import ParallelContext
+
+# ----------------------------------------------------------------- pure tensor transforms
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: ModelArch, tp: int, rank: int) -> torch.Tensor:
+    """HF q/k/v (weights [out, H] or biases [out]) -> this TP rank's fused linear_qkv slice."""
+    nkv, hd = arch.num_kv_heads, arch.head_dim
+    per = arch.num_attention_heads // nkv
+    tail = q.shape[1:]
+    qg = q.reshape(nkv, per * hd, *tail)
+    kg = k.reshape(nkv, hd, *tail)
+    vg = v.reshape(nkv, hd, *tail)
+    fused = torch.cat([qg, kg, vg], dim=1)  # [nkv, (per + 2) * hd, ...]
+    groups = nkv // tp
+    return fused[rank * groups:(rank + 1) * groups].reshape(-1, *tail)
+
+
+def split_qkv(fused_full: torch.Tensor, arch: ModelArch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `fuse_qkv` over the concatenation of all TP slices (dim 0)."""
+    nkv, hd = arch.num_kv_heads, arch.head_dim
+    per = arch.num_attention_heads // nkv
+    tail = fused_full.shape[1:]
+    g = fused_full.reshape(nkv, (per + 2) * hd, *tail)
+    q, k, v = g.split([per * hd, hd, hd], dim=1)
+    return q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
+
+
+def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
+
+
+def split_gate_up(shards: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TP shards of linear_fc1 ([gate_r; up_r] each) -> full gate, full up."""
+    halves = [s.chunk(2, dim=0) for s in shards]
+    return torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])
+
+
+def pad_vocab(weight: torch.Tensor, padded: int) -> torch.Tensor:
+    if weight.shape[0] == padded:
+        return weight
+    pad = weight.new_zeros(padded - weight.shape[0], *weight.shape[1:])
+    return torch.cat([weight, pad], dim=0)
+
+
+# ----------------------------------------------------------------- name mapping
+
+# Megatron local-name suffix within a layer -> (kind, HF names in model.layers.{i}.)
+_LAYER_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
+    "input_layernorm.weight": ("replicated", ("input_layernorm.weight",)),
+    "self_attention.linear_qkv.weight": ("qkv", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")),
+    "self_attention.linear_qkv.bias": ("qkv", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")),
+    "self_attention.linear_proj.weight": ("row", ("self_attn.o_proj.weight",)),
+    "pre_mlp_layernorm.weight": ("replicated", ("post_attention_layernorm.weight",)),
+    "mlp.linear_fc1.weight": ("gate_up", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
+    "mlp.linear_fc2.weight": ("row", ("mlp.down_proj.weight",)),
+}
+_GLOBAL_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
+    "embedding.word_embeddings.weight": ("vocab", ("model.embed_tokens.weight",)),
+    "decoder.final_layernorm.weight": ("replicated", ("model.norm.weight",)),
+    "output_layer.weight": ("vocab", ("lm_head.weight",)),
+}
+
+
+def _layer_numbers(chunk: torch.nn.Module) -> dict[int, int]:
+    """Local layer index -> global 0-based layer index, from megatron's layer_number."""
+    return {i: layer.layer_number - 1 for i, layer in enumerate(chunk.decoder.layers)}
+
+
+def megatron_param_sources(chunk: torch.nn.Module, arch: ModelArch) -> Iterator[tuple[str, str, tuple[str, ...]]]:
+    """Yields (megatron_name, kind, hf_names) for every parameter of one model chunk."""
+    numbers = _layer_numbers(chunk)
+    for name, _ in chunk.named_parameters():
+        if name.startswith("decoder.layers."):
+            local, suffix = name[len("decoder.layers."):].split(".", 1)
+            kind, hf = _LAYER_MAP[suffix]
+            prefix = f"model.layers.{numbers[int(local)]}."
+            yield name, kind, tuple(prefix + h for h in hf)
+        else:
+            kind, hf = _GLOBAL_MAP[name]
+            if name == "output_layer.weight" and arch.tie_word_embeddings:
+                hf = ("model.embed_tokens.weight",)  # tied: the last stage holds a copy
+            yield name, kind, hf
+
+
+# ----------------------------------------------------------------- HF -> Megatron
+
+
+class _SafetensorsReader:
+    """Reads individual tensors from a (possibly sharded) safetensors checkpoint."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            self.where = json.loads(index.read_text())["weight_map"]
+        elif (self.path / "model.safetensors").is_file():
+            with safe_open(self.path / "model.safetensors", "pt") as f:
+                self.where = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(
+                f"no model.safetensors or model.safetensors.index.json in {self.path}: "
+                "save the checkpoint with save_pretrained(safe_serialization=True)"
+            )
+        self._open = safe_open
+        self._handles: dict[str, object] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise KeyError(f"tensor '{name}' missing from the checkpoint at {self.path}")
+        file = self.where[name]
+        if file not in self._handles:
+            self._handles[file] = self._open(self.path / file, "pt")
+        return self._handles[file].get_tensor(name)  # type: ignore[attr-defined]
+
+
+def _to_megatron(kind: str, tensors: list[torch.Tensor], arch: ModelArch, tp: int, rank: int) -> torch.Tensor:
+    if kind == "replicated":
+        return tensors[0]
+    if kind == "qkv":
+        return fuse_qkv(*tensors, arch=arch, tp=tp, rank=rank)
+    if kind == "gate_up":
+        return fuse_gate_up(*tensors, tp=tp, rank=rank)
+    if kind == "row":
+        return tensors[0].chunk(tp, dim=1)[rank]
+    if kind == "vocab":
+        return pad_vocab(tensors[0], padded_vocab_size(arch.vocab_size, tp)).chunk(tp, dim=0)[rank]
+    raise AssertionError(kind)
+
+
+@torch.no_grad()
+def load_hf_weights(chunks: list[torch.nn.Module], hf_dir: str | Path, arch: ModelArch, ctx: ParallelContext) -> None:
+    """Copies an HF checkpoint into this rank's Megatron chunks (reads only what it needs)."""
+    reader = _SafetensorsReader(hf_dir)
+    tp, rank = ctx.dims.tp, ctx.tp_rank
+    for chunk in chunks:
+        params = dict(chunk.named_parameters())
+        for name, kind, hf_names in megatron_param_sources(chunk, arch):
+            value = _to_megatron(kind, [reader.get(n) for n in hf_names], arch, tp, rank)
+            target = params[name]
+            if value.shape != target.shape:
+                raise ValueError(
+                    f"shape mismatch loading {hf_names} into {name}: checkpoint gives "
+                    f"{tuple(value.shape)}, model expects {tuple(target.shape)} (tp={tp})"
+                )
+            target.copy_(value.to(target.dtype))
+
+
+# ----------------------------------------------------------------- Megatron -> HF
+
+
+def _hf_order(arch: ModelArch) -> list[str]:
+    """Canonical HF tensor order: embeddings, layer by layer, final norm, lm_head."""
+    names = ["model.embed_tokens.weight"]
+    for i in range(arch.num_layers):
+        for _, hf in _LAYER_MAP.values():
+            if hf[0].endswith("bias") and not arch.qkv_bias:
+                continue
+            names.extend(f"model.layers.{i}.{h}" for h in hf)
+    names.append("model.norm.weight")
+    if not arch.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return names
+
+
+def _gather_tp(shard: torch.Tensor, ctx: ParallelContext) -> list[torch.Tensor]:
+    if ctx.dims.tp == 1:
+        return [shard]
+    parts = [torch.empty_like(shard) for _ in range(ctx.dims.tp)]
+    dist.all_gather(parts, shard.contiguous(), group=ctx.tp_group)
+    return parts
+
+
+def _from_megatron(kind: str, parts: list[torch.Tensor], arch: ModelArch) -> list[torch.Tensor]:
+    if kind == "replicated":
+        return [parts[0]]
+    if kind == "qkv":
+        return list(split_qkv(torch.cat(parts, dim=0), arch))
+    if kind == "gate_up":
+        return list(split_gate_up(parts))
+    if kind == "row":
+        return [torch.cat(parts, dim=1)]
+    if kind == "vocab":
+        return [torch.cat(parts, dim=0)[: arch.vocab_size]]
+    raise AssertionError(kind)
+
+
+def _owners(chunks: list[torch.nn.Module], arch: ModelArch, ctx: ParallelContext) -> dict[str, tuple[int, int, str, str, int]]:
+    """HF name -> (pp_rank, chunk index, megatron name, kind, position in the fused group)."""
+    local: dict[str, tuple[int, int, str, str, int]] = {}
+    for c, chunk in enumerate(chunks):
+        for mname, kind, hf_names in megatron_param_sources(chunk, arch):
+            if mname == "output_layer.weight" and arch.tie_word_embeddings:
+                continue
+            for j, h in enumerate(hf_names):
+                local[h] = (ctx.pp_rank, c, mname, kind, j)
+    if ctx.dims.pp == 1:
+        return local
+    gathered: list[dict] = [{} for _ in range(ctx.dims.pp)]
+    dist.all_gather_object(gathered, local, group=ctx.pp_group)
+    merged: dict[str, tuple[int, int, str, str, int]] = {}
+    for part in gathered:
+        merged.update(part)
+    return merged
+
+
+def _hf_shape(name: str, arch: ModelArch) -> tuple[int, ...]:
+    h, hd = arch.hidden_size, arch.head_dim
+    leaf = name.rsplit(".", 2)[-2:]
+    table = {
+        ("embed_tokens", "weight"): (arch.vocab_size, h),
+        ("lm_head", "weight"): (arch.vocab_size, h),
+        ("q_proj", "weight"): (arch.num_attention_heads * hd, h),
+        ("k_proj", "weight"): (arch.num_kv_heads * hd, h),
+        ("v_proj", "weight"): (arch.num_kv_heads * hd, h),
+        ("q_proj", "bias"): (arch.num_attention_heads * hd,),
+        ("k_proj", "bias"): (arch.num_kv_heads * hd,),
+        ("v_proj", "bias"): (arch.num_kv_heads * hd,),
+        ("o_proj", "weight"): (h, arch.num_attention_heads * hd),
+        ("gate_proj", "weight"): (arch.intermediate_size, h),
+        ("up_proj", "weight"): (arch.intermediate_size, h),
+        ("down_proj", "weight"): (h, arch.intermediate_size),
+    }
+    return table.get(tuple(leaf), (h,))  # norms
+
+
+@torch.no_grad()
+def iter_hf_tensors(
+    chunks: list[torch.nn.Module], arch: ModelArch, ctx: ParallelContext, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Streams full HF-named tensors from the sharded model; call on EVERY rank.
+
+    Each tensor is assembled on its owning pipeline stage (TP all-gather) and broadcast
+    over the pipeline group, one tensor at a time, so peak extra memory is one full
+    tensor (plus one fused group). All ranks receive every tensor.
+    """
+    owners = _owners(chunks, arch, ctx)
+    pp_ranks = dist.get_process_group_ranks(ctx.pp_group) if ctx.dims.pp > 1 else [ctx.rank]
+    cache: dict[str, list[torch.Tensor]] = {}
+    for name in _hf_order(arch):
+        pp_rank, c, mname, kind, j = owners[name]
+        if pp_rank == ctx.pp_rank:
+            if (c, mname) not in cache:
+                shard = dict(chunks[c].named_parameters())[mname].detach()
+                cache.clear()
+                cache[(c, mname)] = _from_megatron(kind, _gather_tp(shard, ctx), arch)  # type: ignore[index]
+            tensor = cache[(c, mname)][j]  # type: ignore[index]
+        else:
+            ref_dtype = next(chunks[0].parameters()).dtype
+            tensor = torch.empty(_hf_shape(name, arch), dtype=ref_dtype, device=ctx.device)
+        if ctx.dims.pp > 1:
+            tensor = tensor.contiguous()
+            dist.broadcast(tensor, src=pp_ranks[pp_rank], group=ctx.pp_group)
+        yield name, tensor if dtype is None else tensor.to(dtype)
+
+
+def export_hf(
+    chunks: list[torch.nn.Module],
+    arch: ModelArch,
+    ctx: ParallelContext,
+    src_dir: str | Path,
+    out_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    on_tensor: Callable[[str, torch.Tensor], None] | None = None,
+) -> Path | None:
+    """Writes the model as an HF checkpoint (config, tokenizer copied from `src_dir`).
+
+    Every rank must call it (collectives); rank 0 writes. The directory is written to a
+    temporary sibling and renamed, so a crash never leaves a half-written checkpoint.
+    """
+    import shutil
+
+    from safetensors.torch import save_file
+
+    state = {}
+    for name, tensor in iter_hf_tensors(chunks, arch, ctx, dtype):
+        if on_tensor is not None:
+            on_tensor(name, tensor)
+        if ctx.is_main:
+            state[name] = tensor.detach().to("cpu").clone()
+    if not ctx.is_main:
+        return None
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    for item in Path(src_dir).iterdir():
+        if item.suffix == ".safetensors" or item.name == "model.safetensors.index.json":
+            continue
+        if item.is_file():
+            shutil.copy2(item, tmp / item.name)
+    if dtype is not None:
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

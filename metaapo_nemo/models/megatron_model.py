@@ -1,0 +1,139 @@
+"""Builds Megatron-Core `GPTModel`s for an HF architecture (`ModelArch`).
+
+Local (plain PyTorch) layer spec on CPU; the Transformer Engine spec is selected by the
+scale-out issue on GPU. One model chunk per virtual pipeline stage. Weights are NOT
+initialised here (`perform_initialization=False`): they are loaded from the HF checkpoint
+by `metaapo_nemo.models.convert`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from metaapo_nemo.models.arch import ModelArch
+from metaapo_nemo.parallel.state import ParallelContext
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Training-side knobs of the Megatron model that do not come from the checkpoint."""
+
+    dtype: str = "float32"
+    recompute: str | None = None  # None | "selective" | "full"
+    sequence_parallel: bool = False
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Vocabulary rounded up to a multiple of TP (each rank holds an equal slice).
+
+    The extra rows are zero in the embedding and masked to -inf before any softmax
+    (see `metaapo_nemo.models.logprobs`), so padding never changes log-probs or exports.
+    """
+    return -(-vocab_size // tp) * tp
+
+
+def transformer_config(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions):
+    """The TransformerConfig equivalent of an HF Llama/Qwen2/Mistral config."""
+    from megatron.core.transformer import TransformerConfig
+
+    on_cpu = ctx.device.type == "cpu"
+    dtype = _DTYPES[opts.dtype]
+    if opts.sequence_parallel and on_cpu:
+        raise ValueError(
+            "parallel.sequence_parallel=true needs the Transformer Engine layer spec (GPU); "
+            "the local CPU spec's torch norm refuses it. Set parallel.sequence_parallel=false"
+        )
+    recompute = {}
+    if opts.recompute == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif opts.recompute == "selective":
+        recompute = dict(recompute_granularity="selective")
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.intermediate_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=ctx.dims.tp,
+        pipeline_model_parallel_size=ctx.dims.pp,
+        virtual_pipeline_model_parallel_size=ctx.dims.vpp,
+        context_parallel_size=ctx.dims.cp,
+        sequence_parallel=opts.sequence_parallel,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=on_cpu,
+        perform_initialization=False,
+        # Fusions need CUDA kernels; off on CPU (measured: notes/megatron-on-cpu.md).
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=not on_cpu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        # Batched p2p with interleaved PP gave wrong gradients on gloo; unbatched is exact.
+        batch_p2p_comm=not on_cpu,
+        batch_p2p_sync=not on_cpu,
+        # The loss normalises by the global pair count itself (see PolicyModel).
+        calculate_per_token_loss=True,
+        **recompute,
+    )
+
+
+def build_gpt_chunks(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions) -> list:
+    """One GPTModel per virtual pipeline stage of this rank (a list of length vpp or 1)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    if arch.rope_scaling is not None:
+        rs = arch.rope_scaling
+        if (rs.low_freq_factor, rs.high_freq_factor, rs.original_max_position_embeddings) != (1.0, 4.0, 8192):
+            raise ValueError(
+                f"llama3 RoPE scaling with low/high freq factors {rs.low_freq_factor}/"
+                f"{rs.high_freq_factor} and original length {rs.original_max_position_embeddings} "
+                "is not supported by megatron-core (it fixes 1/4/8192)"
+            )
+    config = transformer_config(arch, ctx, opts)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    vpp = ctx.dims.vpp or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        first = ctx.is_first_stage and vp_stage == 0
+        last = ctx.is_last_stage and vp_stage == vpp - 1
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(arch.vocab_size, ctx.dims.tp),
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=first,
+            post_process=last,
+            parallel_output=True,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=arch.rope_theta,  # type: ignore[arg-type]  (float bases are valid)
+            rope_scaling=arch.rope_scaling is not None,
+            rope_scaling_factor=arch.rope_scaling.factor if arch.rope_scaling else 8.0,
+            vp_stage=vp_stage if ctx.dims.vpp else None,
+        )
+        model.to(ctx.device)
+        chunks.append(model)
+    return chunks
+
+
+def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, S, S] boolean mask, True = masked (the local attention's convention)."""
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]

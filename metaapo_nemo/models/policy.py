@@ -1,0 +1,239 @@
+"""Megatron-Core language model engine: chunks + (DDP, optimiser, scheduler) + schedules.
+
+`MegatronLM` is used for both the trained policy (`trainable=True`: megatron DDP wrapper,
+megatron optimiser incl. the distributed optimiser, LR scheduler) and the frozen reference
+(`trainable=False`: same layout, forward-only). Both run micro-batches through megatron's
+forward/backward schedule (no pipelining, 1F1B, or interleaved 1F1B with VPP), so every
+layout executes the same code path.
+
+Loss normalisation: the model config sets `calculate_per_token_loss=True`, which makes
+megatron neither divide the loss by the number of micro-batches nor average gradients over
+data-parallel ranks (it sums them). Our loss callbacks already divide by the GLOBAL number
+of pairs of the optimiser step, so the summed gradient is exactly the gradient of the
+global mean, for any micro-batch x grad-accum x DP split. `finalize_model_grads` is called
+without a token count so megatron does not rescale it again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metaapo_nemo.models.arch import ModelArch
+from metaapo_nemo.models.convert import load_hf_weights
+from metaapo_nemo.models.logprobs import token_logprobs
+from metaapo_nemo.models.megatron_model import BuildOptions, build_gpt_chunks, causal_mask
+from metaapo_nemo.parallel.state import ParallelContext
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """Optimiser + schedule settings (filled from the `optim` config section)."""
+
+    lr: float
+    min_lr: float
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_eps: float
+    clip_grad: float
+    warmup_steps: int
+    total_steps: int
+    schedule: str  # cosine | linear | constant
+    distributed_optimizer: bool = False
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch: token tensors plus per-row extras (e.g. cached reference log-probs).
+
+    Legend: N rows (2 per pair: chosen, rejected), T positions.
+    """
+
+    input_ids_NT: torch.Tensor
+    labels_NT: torch.Tensor
+    loss_mask_NT: torch.Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def padded_to(self, length: int, pad_id: int) -> "MicroBatch":
+        """Right-pads to `length` (pipeline stages exchange fixed-shape activations)."""
+        extra = length - self.input_ids_NT.shape[1]
+        if extra == 0:
+            return self
+        if extra < 0:
+            raise ValueError(f"micro-batch of length {self.input_ids_NT.shape[1]} > {length}")
+        pad = partial(torch.nn.functional.pad, pad=(0, extra))
+        return MicroBatch(
+            pad(self.input_ids_NT, value=pad_id),
+            pad(self.labels_NT, value=pad_id),
+            pad(self.loss_mask_NT, value=0.0),
+            self.extras,
+        )
+
+
+# loss_fn(microbatch, logps_NT) -> (scalar loss already divided by the global count, stats)
+LossFn = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class MegatronLM:
+    """A Megatron-Core GPT model (all chunks of this rank) built from an HF checkpoint."""
+
+    def __init__(
+        self,
+        arch: ModelArch,
+        ctx: ParallelContext,
+        hf_dir: str | Path,
+        build: BuildOptions,
+        optim: OptimSettings | None = None,
+        pad_id: int = 0,
+    ):
+        self.arch, self.ctx, self.pad_id = arch, ctx, pad_id
+        self.chunks = build_gpt_chunks(arch, ctx, build)
+        load_hf_weights(self.chunks, hf_dir, arch, ctx)
+        self.config = self.chunks[0].config
+        self.trainable = optim is not None
+        self.optimizer = None
+        self.scheduler = None
+        if self.trainable:
+            self._wrap_for_training(optim)  # type: ignore[arg-type]
+        else:
+            for chunk in self.chunks:
+                chunk.eval()
+                chunk.requires_grad_(False)
+
+    # ------------------------------------------------------------------ set-up
+    def _wrap_for_training(self, optim: OptimSettings) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=optim.distributed_optimizer,
+        )
+        self.chunks = [
+            DistributedDataParallel(self.config, ddp_cfg, chunk, disable_bucketing=(i > 0))
+            for i, chunk in enumerate(self.chunks)
+        ]
+        # Gradients are already normalised by the global pair count: no token rescaling.
+        self.config.finalize_model_grads_func = lambda models, num_tokens=None, **kw: finalize_model_grads(models, None)
+        self.config.grad_scale_func = None
+        opt_cfg = OptimizerConfig(
+            optimizer="adam",
+            lr=optim.lr,
+            min_lr=optim.min_lr,
+            weight_decay=optim.weight_decay,
+            adam_beta1=optim.adam_beta1,
+            adam_beta2=optim.adam_beta2,
+            adam_eps=optim.adam_eps,
+            clip_grad=optim.clip_grad,
+            bf16=self.config.bf16,
+            params_dtype=self.config.params_dtype,
+            use_distributed_optimizer=optim.distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(opt_cfg, self.chunks)
+        style = {"cosine": "cosine", "linear": "linear", "constant": "constant"}[optim.schedule]
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if optim.warmup_steps > 0 else optim.lr,
+            max_lr=optim.lr,
+            min_lr=optim.min_lr,
+            lr_warmup_steps=optim.warmup_steps,
+            lr_decay_steps=max(optim.total_steps, optim.warmup_steps + 1),
+            lr_decay_style=style,
+            start_wd=optim.weight_decay,
+            end_wd=optim.weight_decay,
+            wd_incr_steps=max(optim.total_steps, 1),
+            wd_incr_style="constant",
+        )
+
+    # ------------------------------------------------------------------ running
+    def run(
+        self,
+        microbatches: Sequence[MicroBatch],
+        loss_fn: LossFn,
+        forward_only: bool,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Runs all micro-batches through megatron's schedule; returns last-stage stats.
+
+        Returns one stats dict per micro-batch on the last pipeline stage, [] elsewhere.
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if not microbatches:
+            return []
+        seq_len = max(mb.input_ids_NT.shape[1] for mb in microbatches)
+        if self.ctx.dims.pp > 1:  # p2p shapes are fixed for the whole step
+            microbatches = [mb.padded_to(seq_len, self.pad_id) for mb in microbatches]
+        rows = microbatches[0].input_ids_NT.shape[0]
+        vocab = self.arch.vocab_size
+        ctx = self.ctx
+
+        def loss_func(mb: MicroBatch, output: torch.Tensor):
+            logps_NT = token_logprobs(output, mb.labels_NT, vocab, ctx)
+            loss, stats = loss_fn(mb, logps_NT)
+            return loss, torch.tensor(rows, dtype=torch.int), stats
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            n, t = mb.input_ids_NT.shape
+            pos = torch.arange(t, device=ctx.device).unsqueeze(0).expand(n, t)
+            out = model(mb.input_ids_NT.to(ctx.device), pos, causal_mask(t, ctx.device))
+            return out, partial(loss_func, mb)
+
+        vpp = len(self.chunks)
+        iterators = [iter(microbatches) for _ in range(vpp)] if vpp > 1 else iter(microbatches)
+        if forward_only:
+            for chunk in self.chunks:
+                chunk.eval()
+        else:
+            for chunk in self.chunks:
+                chunk.train()
+        fb = get_forward_backward_func()
+        with torch.set_grad_enabled(not forward_only):
+            out = fb(
+                forward_step_func=forward_step,
+                data_iterator=iterators,
+                model=self.chunks,
+                num_microbatches=len(microbatches),
+                seq_length=seq_len,
+                micro_batch_size=rows,
+                forward_only=forward_only,
+            )
+        return list(out) if ctx.is_last_stage else []
+
+    def zero_grad(self) -> None:
+        assert self.optimizer is not None
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def step(self) -> tuple[bool, float]:
+        """Optimiser + scheduler step. Returns (update applied, global grad norm)."""
+        assert self.optimizer is not None and self.scheduler is not None
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        assert self.optimizer is not None
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The bare GPTModel chunks (DDP unwrapped), e.g. for export."""
+        return [c.module if hasattr(c, "module") else c for c in self.chunks]
+
+    def offload(self, device: str | torch.device) -> None:
+        """Moves frozen weights between devices (reference model CPU offload)."""
+        assert not self.trainable, "only the frozen reference is offloaded"
+        for chunk in self.chunks:
+            chunk.to(device)

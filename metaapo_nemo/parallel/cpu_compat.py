@@ -1,0 +1,143 @@
+"""CPU shims for megatron-core (active only when CUDA is absent).
+
+megatron-core calls CUDA APIs unconditionally in a few places that are otherwise
+device-agnostic (schedules, optimisers, RNG tracker, grad clipping). Each patch below
+is the smallest change measured to be necessary on torch 2.13.0+cpu with megatron-core
+0.16.1 (see ../shared/notes/megatron-on-cpu.md). On a machine with CUDA, `install()`
+does nothing, so the GPU path runs megatron unmodified.
+
+Everything here is process-global by nature (torch functions are module attributes);
+`install()` is idempotent and is called only by `metaapo_nemo.parallel.state`.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_INSTALLED = False
+_MODE: "_CudaToCpuMode | None" = None
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, int):  # megatron passes torch.cuda.current_device() as a device
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Maps `device="cuda"`, `.cuda()` and `pin_memory=True` to plain CPU tensors.
+
+    megatron's schedules, optimisers and grad-norm code create small bookkeeping
+    tensors on "cuda" (e.g. `torch.zeros([], device="cuda")` for token counts). The
+    mode rewrites those arguments; it leaves every other call untouched.
+    `Tensor.type()` is reported with a `torch.cuda.` prefix for callers inside megatron
+    only, because its optimisers dispatch on `param.type() == 'torch.cuda.FloatTensor'`.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            out = func(*args)
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("megatron.") and out.startswith("torch.") and ".cuda." not in out:
+                return "torch.cuda." + out[len("torch."):]
+            return out
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func in (torch.Tensor.to,) and args and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stand-in for torch.cuda.Stream / current_stream: work is synchronous on CPU."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def __enter__(self) -> "_NullStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _cpu_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    torch.set_rng_state(new_state)
+
+
+def quiet_expected_warnings() -> None:
+    """Silences megatron's import-time notices that are expected on a CPU machine.
+
+    Without TE/Apex megatron falls back to torch optimisers and norms (what we want on
+    CPU) and says so once per module; the notices bury real warnings in every log.
+    """
+    for msg in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                "Transformer Engine is not installed", "full scope is deprecated"):
+        warnings.filterwarnings("ignore", message=f".*{msg}.*")
+
+
+def install() -> bool:
+    """Installs the shims if CUDA is unavailable. Returns True if they are active."""
+    global _INSTALLED, _MODE
+    if torch.cuda.is_available():
+        return False
+    if _INSTALLED:
+        return True
+    quiet_expected_warnings()
+
+    # RoPE inv_freq and some buffers are created on torch.cuda.current_device().
+    torch.cuda.current_device = lambda: 0  # type: ignore[assignment]
+    # The RNG tracker (used by the local attention even with dropout 0) forks CUDA RNG
+    # state; back it with the CPU generator.
+    torch.cuda.get_rng_state = _cpu_rng_state  # type: ignore[assignment]
+    torch.cuda.set_rng_state = _set_cpu_rng_state  # type: ignore[assignment]
+    torch.cuda.manual_seed = lambda seed: None  # type: ignore[assignment]
+    torch.cuda.manual_seed_all = lambda seed: None  # type: ignore[assignment]
+    torch.cuda.random.get_rng_state = _cpu_rng_state  # type: ignore[assignment]
+    # Grad sync / p2p code waits on streams; synchronous on CPU.
+    torch.cuda.current_stream = lambda *a, **k: _NullStream()  # type: ignore[assignment]
+    torch.cuda.default_stream = lambda *a, **k: _NullStream()  # type: ignore[assignment]
+    torch.cuda.Stream = _NullStream  # type: ignore[assignment,misc]
+    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._get_cuda_rng_state = _cpu_rng_state
+    mp_random._set_cuda_rng_state = _set_cpu_rng_state
+
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()  # stays on the mode stack for the life of the process
+    _INSTALLED = True
+    return True
+
+
+def active() -> bool:
+    """Whether the CPU shims are installed in this process."""
+    return _INSTALLED

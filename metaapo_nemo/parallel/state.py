@@ -1,0 +1,181 @@
+"""The ONE place that initialises torch.distributed and `megatron.core.parallel_state`.
+
+Everything else receives a `ParallelContext` (ranks, groups, device) explicitly instead of
+reaching into megatron's globals. Backend: gloo on CPU, NCCL on GPU (or as configured).
+
+Launch: `torchrun --nproc-per-node N recipes/dpo.py ...` or `srun` (the usual RANK /
+WORLD_SIZE / MASTER_ADDR / MASTER_PORT / LOCAL_RANK variables, or SLURM_* ones). With none
+set, a single-process group is created on a free local port, so `python recipes/dpo.py`
+just works.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from metaapo_nemo.parallel import cpu_compat
+from metaapo_nemo.parallel.dims import ParallelDims
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """What the rest of the code needs to know about the process layout."""
+
+    dims: ParallelDims
+    rank: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    tp_group: Any
+    pp_group: Any
+    dp_group: Any  # data parallel (x context parallel) group used for loss/metric reductions
+    dp_group_gloo: Any
+    mp_group: Any  # model parallel group (tp x pp) for broadcasting decisions within a replica
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.dims.pp - 1
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the process that logs, writes summaries and exports."""
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int | None = None) -> int | None:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch_env() -> tuple[int, int, int]:
+    """Returns (rank, world_size, local_rank) from torchrun or SLURM variables (or 0, 1, 0)."""
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    assert rank is not None and world is not None and local is not None
+    return rank, world, local
+
+
+def resolve_backend(requested: str) -> str:
+    """'auto' -> nccl when CUDA is available, else gloo."""
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise ValueError(
+            "parallel.backend=nccl needs CUDA, which this machine does not have; "
+            "use parallel.backend=gloo (or auto)"
+        )
+    return requested
+
+
+def initialize(
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    cp: int = 1,
+    backend: str = "auto",
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> ParallelContext:
+    """Initialises torch.distributed, megatron's parallel_state and its RNG tracker.
+
+    Args:
+        tp, pp, vpp, cp: tensor / pipeline / virtual-pipeline / context parallel sizes.
+        backend: "auto", "gloo" or "nccl".
+        seed: base seed for megatron's model-parallel RNG tracker.
+        timeout_minutes: collective timeout.
+
+    Returns:
+        The ParallelContext of this process.
+
+    Raises:
+        ValueError: if the layout does not fit the world size (message shows the arithmetic).
+    """
+    cpu_compat.install()  # no-op with CUDA
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    rank, world, local_rank = launch_env()
+    dims = ParallelDims(world_size=world, tp=tp, pp=pp, cp=cp, vpp=vpp)
+    dims.validate()
+    backend = resolve_backend(backend)
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if world > 1:
+                raise ValueError(
+                    f"WORLD_SIZE={world} but MASTER_PORT is not set; launch with torchrun "
+                    "(or srun with slurm/ scripts), which set the rendezvous variables"
+                )
+            os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+    return ParallelContext(
+        dims=dims,
+        rank=rank,
+        local_rank=local_rank,
+        device=device,
+        backend=backend,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(with_context_parallel=True),
+        dp_group_gloo=ps.get_data_parallel_group_gloo(with_context_parallel=True),
+        mp_group=ps.get_model_parallel_group(),
+    )
+
+
+def destroy() -> None:
+    """Tears down megatron's groups and the default process group (tests, clean exit)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,129 @@
+"""Offline preference step: reference log-probs, the policy loss callback, step metrics.
+
+Legend: N rows (row 2i chosen, 2i+1 rejected of pair i), B pairs, T positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from metaapo_nemo.losses import PairLogps, PreferenceLoss
+from metaapo_nemo.models.logprobs import sequence_logprobs
+from metaapo_nemo.models.policy import LossFn, MegatronLM, MicroBatch
+
+# Per-micro-batch sums reduced into step metrics (order fixed: it is a wire format).
+STAT_KEYS = (
+    "loss",
+    "pairs",
+    "reward_correct",
+    "margin_sum",
+    "chosen_reward_sum",
+    "rejected_reward_sum",
+    "chosen_logps_sum",
+    "rejected_logps_sum",
+    "response_tokens",
+)
+
+
+def _seq_logps(mb: MicroBatch, logps_NT: torch.Tensor) -> torch.Tensor:
+    return sequence_logprobs(logps_NT, mb.loss_mask_NT)
+
+
+def reference_loss_fn(mb: MicroBatch, logps_NT: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward-only callback: returns each row's summed response log-prob."""
+    return torch.zeros((), device=logps_NT.device), {"seq_logps_N": _seq_logps(mb, logps_NT).detach()}
+
+
+class ReferenceCache:
+    """Reference sequence log-probs by pair index (filled per step or once per pass)."""
+
+    def __init__(self) -> None:
+        self._store: dict[int, tuple[float, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def clear(self) -> None:
+        self._store.clear()
+
+    def has_all(self, microbatches: Sequence[MicroBatch]) -> bool:
+        return all(int(i) in self._store for mb in microbatches for i in mb.extras["pair_index"])
+
+    def fill(self, reference: MegatronLM, microbatches: Sequence[MicroBatch]) -> None:
+        """Runs the frozen reference over micro-batches (last PP stage keeps the values)."""
+        outs = reference.run(microbatches, reference_loss_fn, forward_only=True)
+        for mb, out in zip(microbatches, outs):
+            seq = out["seq_logps_N"].double().cpu()
+            for j, idx in enumerate(mb.extras["pair_index"].tolist()):
+                self._store[idx] = (float(seq[2 * j]), float(seq[2 * j + 1]))
+
+    def attach(self, microbatches: Sequence[MicroBatch], on_last_stage: bool) -> None:
+        """Puts `ref_logps_N` into each micro-batch's extras (needed on the last stage only)."""
+        if not on_last_stage:
+            return
+        for mb in microbatches:
+            vals = [v for i in mb.extras["pair_index"].tolist() for v in self._store[i]]
+            mb.extras["ref_logps_N"] = torch.tensor(vals, dtype=torch.float32, device=mb.input_ids_NT.device)
+
+
+def pair_logps(mb: MicroBatch, logps_NT: torch.Tensor) -> PairLogps:
+    """Per-pair sums for the loss (ref values from extras when present)."""
+    seq_N = _seq_logps(mb, logps_NT)
+    lengths_N = mb.loss_mask_NT.sum(dim=-1)
+    ref_N = mb.extras.get("ref_logps_N")
+    return PairLogps(
+        policy_chosen_B=seq_N[0::2],
+        policy_rejected_B=seq_N[1::2],
+        chosen_len_B=lengths_N[0::2],
+        rejected_len_B=lengths_N[1::2],
+        ref_chosen_B=None if ref_N is None else ref_N[0::2],
+        ref_rejected_B=None if ref_N is None else ref_N[1::2],
+    )
+
+
+def policy_loss_fn(loss: PreferenceLoss, num_pairs_global: int) -> LossFn:
+    """The last-stage callback: preference loss over the GLOBAL pair count + stat sums."""
+
+    def fn(mb: MicroBatch, logps_NT: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logps = pair_logps(mb, logps_NT)
+        out = loss(logps, num_pairs_global)
+        stats = {
+            "loss": out.loss.detach().clone(),
+            "pairs": torch.tensor(float(out.per_pair_B.numel())),
+            "reward_correct": (out.chosen_reward_B > out.rejected_reward_B).float().sum(),
+            "margin_sum": out.margin_B.sum(),
+            "chosen_reward_sum": out.chosen_reward_B.sum(),
+            "rejected_reward_sum": out.rejected_reward_B.sum(),
+            "chosen_logps_sum": logps.policy_chosen_B.detach().sum(),
+            "rejected_logps_sum": logps.policy_rejected_B.detach().sum(),
+            "response_tokens": mb.loss_mask_NT.sum(),
+        }
+        return out.loss, {k: v.detach().float().reshape(()) for k, v in stats.items()}
+
+    return fn
+
+
+def sum_stats(per_mb: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Stacks per-micro-batch stats into one vector of sums in STAT_KEYS order."""
+    if not per_mb:
+        return torch.zeros(len(STAT_KEYS), dtype=torch.float64)
+    return torch.stack([torch.stack([mb[k].double() for k in STAT_KEYS]) for mb in per_mb]).sum(0)
+
+
+def finalize_stats(total: torch.Tensor) -> dict[str, float]:
+    """Global sums -> reported step metrics."""
+    s = dict(zip(STAT_KEYS, total.tolist()))
+    pairs = max(s["pairs"], 1.0)
+    return {
+        "loss": s["loss"],
+        "reward_accuracy": s["reward_correct"] / pairs,
+        "margin": s["margin_sum"] / pairs,
+        "chosen_reward": s["chosen_reward_sum"] / pairs,
+        "rejected_reward": s["rejected_reward_sum"] / pairs,
+        "chosen_logps": s["chosen_logps_sum"] / pairs,
+        "rejected_logps": s["rejected_logps_sum"] / pairs,
+        "pairs": s["pairs"],
+        "response_tokens": s["response_tokens"],
+    }

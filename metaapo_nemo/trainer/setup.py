@@ -1,0 +1,102 @@
+"""Building blocks a recipe's `setup()` composes: model source, run dir, optimiser, loss."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch.distributed as dist
+
+from metaapo_nemo.config.loader import resolve_repo_path, to_yaml
+from metaapo_nemo.config.schema import Config, ConfigError
+from metaapo_nemo.losses import PreferenceLoss, build_loss, loss_params
+from metaapo_nemo.models.policy import OptimSettings
+from metaapo_nemo.parallel.state import ParallelContext
+
+
+def _barrier(ctx: ParallelContext) -> None:
+    if dist.is_initialized() and ctx.dims.world_size > 1:
+        dist.barrier()
+
+
+def resolve_model_dir(cfg: Config, ctx: ParallelContext) -> Path:
+    """The HF checkpoint directory: `model.path`, or a tiny model built once in the cache.
+
+    Rank 0 builds the tiny checkpoint (atomically); the others wait at a barrier.
+    """
+    if cfg.model.path is not None:
+        path = resolve_repo_path(cfg.model.path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.path={cfg.model.path!r}: no config.json in {path}; point it at an HF "
+                "checkpoint directory, or set model.tiny to build a tiny model"
+            )
+        return path
+    from metaapo_nemo.models.tiny import TinyModelSpec, ensure_tiny_checkpoint
+
+    assert cfg.model.tiny is not None
+    spec = TinyModelSpec(**cfg.model.tiny.model_dump())
+    cache = resolve_repo_path(cfg.run.cache_dir) / "tiny_models"
+    if ctx.is_main:
+        out = ensure_tiny_checkpoint(spec, cache)
+    _barrier(ctx)
+    if not ctx.is_main:
+        out = ensure_tiny_checkpoint(spec, cache)  # a cache hit now
+    return out
+
+
+def make_run_dir(cfg: Config, ctx: ParallelContext) -> Path:
+    """Creates output_dir/name and writes the resolved config (main rank)."""
+    run_dir = resolve_repo_path(cfg.run.output_dir) / cfg.run.name
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(to_yaml(cfg))
+        tmp.replace(run_dir / "config.yaml")
+    _barrier(ctx)
+    return run_dir
+
+
+def optim_settings(cfg: Config, total_steps: int) -> OptimSettings:
+    o = cfg.optim
+    return OptimSettings(
+        lr=o.lr,
+        min_lr=o.lr * o.min_lr_ratio,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        warmup_steps=math.ceil(o.warmup_ratio * total_steps),
+        total_steps=total_steps,
+        schedule=o.schedule,
+        distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+
+
+def loss_from_config(cfg: Config) -> PreferenceLoss:
+    """Builds the configured loss. A constructor argument `p` of loss `name` is read from
+    the config key `loss.<name>_<p>` if it exists (e.g. loss.simpo_gamma), else `loss.<p>`.
+    """
+    section = cfg.loss.model_dump()
+    name = cfg.loss.name
+    kwargs = {}
+    for p in loss_params(name):
+        for key in (f"{name}_{p}", p):
+            if key in section:
+                kwargs[p] = section[key]
+                break
+    return build_loss(name, **kwargs)
+
+
+def total_steps(num_pairs: int, cfg: Config) -> int:
+    """Optimiser steps of the run: full global batches per epoch x epochs, capped by max_steps."""
+    per_epoch = num_pairs // cfg.train.global_batch_size
+    if per_epoch == 0:
+        raise ConfigError(
+            f"the data has {num_pairs} usable pairs, fewer than train.global_batch_size="
+            f"{cfg.train.global_batch_size}; lower the global batch or add data"
+        )
+    steps = per_epoch * cfg.train.epochs
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+

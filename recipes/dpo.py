@@ -1,0 +1,196 @@
+"""Offline DPO-family preference training (DPO, IPO, SimPO, KTO) on Megatron-Core.
+
+Trains a policy from an HF checkpoint on offline preference pairs (UltraFeedback-binarized
+schema) against a frozen reference in the same parallel layout, and exports the result as
+an HF checkpoint.
+
+    CPU (tiny default):  python recipes/dpo.py                  # conf/tiny_cpu.yaml
+                         python recipes/dpo.py --config conf/tiny_cpu_simpo.yaml optim.lr=1e-4
+    One node:            torchrun --nproc-per-node 8 recipes/dpo.py --config conf/<recipe>.yaml
+    SLURM:               sbatch slurm/<script>.sbatch   (scale-out issue)
+    Inspect only:        python recipes/dpo.py --dry-run parallel.tp=2
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from metaapo_nemo.config.cli import dry_run_report, parse, read_model_dims, world_size_from_env
+from metaapo_nemo.config.schema import Config, ConfigError, check_layout
+from metaapo_nemo.losses import PreferenceLoss
+from metaapo_nemo.models.policy import MegatronLM
+from metaapo_nemo.parallel.state import ParallelContext
+from metaapo_nemo.trainer.batching import StepPlan, global_batches, rank_microbatches
+from metaapo_nemo.trainer.callbacks import CallbackList, TrainState
+from metaapo_nemo.trainer.metrics import MetricsLogger, reduce_stats
+from metaapo_nemo.trainer.preference import (
+    ReferenceCache,
+    finalize_stats,
+    policy_loss_fn,
+    sum_stats,
+)
+
+
+@dataclass
+class Components:
+    cfg: Config
+    ctx: ParallelContext
+    model_dir: Path
+    run_dir: Path
+    tokenizer: object
+    pairs: list
+    policy: MegatronLM
+    reference: MegatronLM | None
+    loss: PreferenceLoss
+    plan: StepPlan
+    total_steps: int
+    logger: MetricsLogger
+    callbacks: CallbackList
+
+
+def setup(cfg: Config) -> Components:
+    """Builds everything: process groups, model source, data, policy, reference, loss."""
+    from transformers import AutoTokenizer
+
+    from metaapo_nemo.data.preference import DataSpec, load_preference_data
+    from metaapo_nemo.models.arch import load_arch
+    from metaapo_nemo.models.megatron_model import BuildOptions
+    from metaapo_nemo.parallel import state
+    from metaapo_nemo.trainer import setup as S
+
+    check_layout(cfg, world_size_from_env(), read_model_dims(cfg))
+    p = cfg.parallel
+    ctx = state.initialize(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, backend=p.backend, seed=cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    model_dir = S.resolve_model_dir(cfg, ctx)
+    arch = load_arch(model_dir)
+    check_layout(cfg, ctx.dims.world_size, arch.to_dict() | {"num_layers": arch.num_layers})
+    run_dir = S.make_run_dir(cfg, ctx)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    d = cfg.data
+    data = load_preference_data(
+        DataSpec(str(S.resolve_repo_path(d.path)) if Path(S.resolve_repo_path(d.path)).exists() else d.path,
+                 d.split, d.max_length, d.max_prompt_length, d.on_bad_row, d.limit),
+        tokenizer,
+    )
+    steps = S.total_steps(len(data.pairs), cfg)
+    plan = StepPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, ctx.dims.dp)
+    plan.validate()
+    build = BuildOptions(dtype=cfg.model.dtype, sequence_parallel=p.sequence_parallel)
+    pad_id = tokenizer.pad_token_id
+    policy = MegatronLM(arch, ctx, model_dir, build, S.optim_settings(cfg, steps), pad_id=pad_id)
+    loss = S.loss_from_config(cfg)
+    reference = MegatronLM(arch, ctx, model_dir, build, pad_id=pad_id) if loss.needs_reference else None
+    if ctx.is_main:
+        skipped = ", ".join(f"{k}={v}" for k, v in data.skipped.items()) or "none"
+        print(f"data: {len(data.pairs)} pairs from {data.source} (skipped: {skipped}); "
+              f"{steps} steps of {plan.global_batch} pairs = {plan.grad_accum} micro-batches "
+              f"of {plan.micro_batch} x dp {ctx.dims.dp}", flush=True)
+    logger = MetricsLogger(run_dir, steps, enabled=ctx.is_main, progress=cfg.train.progress_bar)
+    return Components(cfg, ctx, model_dir, run_dir, tokenizer, data.pairs, policy, reference,
+                      loss, plan, steps, logger, CallbackList([logger_callback(logger)]))
+
+
+def logger_callback(logger: MetricsLogger):
+    class _Log:
+        def on_step_end(self, state: TrainState) -> None:
+            logger.log(state.step, state.metrics)
+
+        def on_train_end(self, state: TrainState) -> None:
+            logger.close()
+
+    return _Log()
+
+
+def train(c: Components) -> TrainState:
+    """The training loop: reference log-probs -> policy step -> metrics -> callbacks."""
+    cfg, ctx = c.cfg, c.ctx
+    pad_id = c.tokenizer.pad_token_id
+    loss_fn = policy_loss_fn(c.loss, num_pairs_global=c.plan.global_batch)
+    ref_cache = ReferenceCache()
+    st = TrainState(total_steps=c.total_steps)
+    c.callbacks.fire("on_train_start", st)
+    for epoch in range(cfg.train.epochs):
+        st.epoch = epoch
+        batches = list(global_batches(c.pairs, c.plan.global_batch, cfg.run.seed, epoch, cfg.data.shuffle))
+        if c.reference is not None and cfg.reference.precompute:
+            ref_cache.clear()  # once per pass over the data
+            for batch in batches:
+                ref_cache.fill(c.reference, rank_microbatches(batch, c.plan, ctx.dp_rank, pad_id, ctx.device))
+        for batch in batches:
+            t0 = time.perf_counter()
+            mbs = rank_microbatches(batch, c.plan, ctx.dp_rank, pad_id, ctx.device)
+            if c.reference is not None:
+                if not cfg.reference.precompute:
+                    ref_cache.clear()
+                    ref_cache.fill(c.reference, mbs)
+                ref_cache.attach(mbs, ctx.is_last_stage)
+            c.policy.zero_grad()
+            outs = c.policy.run(mbs, loss_fn, forward_only=False)
+            lr = c.policy.lr  # the rate this step applies
+            ok, grad_norm = c.policy.step()
+            metrics = finalize_stats(reduce_stats(sum_stats(outs), ctx))
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
+                raise FloatingPointError(
+                    f"non-finite loss={metrics['loss']} / grad_norm={grad_norm} at step {st.step + 1}; "
+                    "lower optim.lr or check the data (nothing was exported)"
+                )
+            dt = time.perf_counter() - t0
+            tokens = sum(mb.extras["tokens"] for mb in mbs) * ctx.dims.dp
+            metrics |= {"grad_norm": grad_norm, "lr": lr, "step_time": dt,
+                        "pairs_per_s": c.plan.global_batch / dt, "tokens_per_s": tokens / dt,
+                        "epoch": epoch, "update_applied": ok}
+            st.step += 1
+            st.metrics = metrics
+            c.callbacks.fire("on_step_end", st)
+            if st.step >= c.total_steps or st.stop:
+                break
+        if st.step >= c.total_steps or st.stop:
+            break
+    c.callbacks.fire("on_train_end", st)
+    return st
+
+
+def finish(c: Components, st: TrainState) -> None:
+    """Exports the final policy as an HF checkpoint and prints where everything is."""
+    from metaapo_nemo.models.convert import export_hf
+    from metaapo_nemo.parallel import state
+
+    out = None
+    if c.cfg.train.save_final_hf:
+        out = export_hf(c.policy.modules(), c.policy.arch, c.ctx, c.model_dir, c.run_dir / "hf_final")
+    if c.ctx.is_main:
+        last = st.metrics
+        print(f"done: {st.step} steps; final loss {last.get('loss', float('nan')):.4f}, "
+              f"reward accuracy {last.get('reward_accuracy', float('nan')):.2f}")
+        print(f"run directory: {c.run_dir}")
+        print(f"  config:  {c.run_dir / 'config.yaml'}")
+        print(f"  metrics: {c.logger.path}")
+        if out is not None:
+            print(f"  policy (HF checkpoint): {out}")
+    state.destroy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse(argv, description=__doc__)
+    if args.dry_run:
+        print(dry_run_report(cfg, world_size_from_env(), read_model_dims(cfg)))
+        return 0
+    try:
+        components = setup(cfg)
+    except ConfigError as exc:
+        print(f"config error:\n{exc}", file=sys.stderr)
+        return 2
+    st = train(components)
+    finish(components, st)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
