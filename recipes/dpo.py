@@ -32,6 +32,7 @@ from metaapo_nemo.trainer.metrics import MetricsLogger, reduce_stats
 from metaapo_nemo.trainer.preference import (
     ReferenceCache,
     finalize_stats,
+    kl_estimate_from,
     policy_loss_fn,
     sum_stats,
 )
@@ -112,7 +113,6 @@ def train(c: Components) -> TrainState:
     """The training loop: reference log-probs -> policy step -> metrics -> callbacks."""
     cfg, ctx = c.cfg, c.ctx
     pad_id = c.tokenizer.pad_token_id
-    loss_fn = policy_loss_fn(c.loss, num_pairs_global=c.plan.global_batch)
     ref_cache = ReferenceCache()
     st = TrainState(total_steps=c.total_steps)
     c.callbacks.fire("on_train_start", st)
@@ -131,6 +131,7 @@ def train(c: Components) -> TrainState:
                     ref_cache.clear()
                     ref_cache.fill(c.reference, mbs)
                 ref_cache.attach(mbs, ctx.is_last_stage)
+            loss_fn = policy_loss_fn(c.loss, c.plan.global_batch, kl_estimate_from(st.metrics))
             c.policy.zero_grad()
             outs = c.policy.run(mbs, loss_fn, forward_only=False)
             lr = c.policy.lr  # the rate this step applies

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from metaapo_nemo.parallel.dims import ParallelDims
 
@@ -185,7 +185,13 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, gt=0)  # stop early; None: run all epochs
     log_every: int = Field(1, gt=0)
     save_final_hf: bool = True
-    progress_bar: Literal["auto", "on", "off"] = "auto"
+    progress_bar: Literal["auto", "on", "off"] = "auto"  # auto: only on a terminal
+
+    @field_validator("progress_bar", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 (and so an override like train.progress_bar=off) reads on/off as booleans.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     def micro_batches_per_step(self, dp: int) -> int:
         """Gradient-accumulation steps: ``global_batch_size / (micro_batch_size * dp)``.

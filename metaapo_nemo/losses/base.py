@@ -117,7 +117,7 @@ class PreferenceLoss(Protocol):
     needs_reference: bool
 
     def margin(self, logps: PairLogps) -> Tensor:
-        """Per-pair margin m_B, with grad."""
+        """Per-pair margin m_B, with grad (no `validate()`; `__call__` validates)."""
         ...
 
     def pair_loss(self, margin_B: Tensor) -> Tensor:
@@ -139,12 +139,14 @@ def check_positive(loss_name: str, **values: float) -> None:
 def check_num_pairs_global(num_pairs_global: int) -> int:
     """Return `num_pairs_global` as an int; raise ValueError unless it is an integer >= 1."""
     try:
+        if isinstance(num_pairs_global, bool):
+            raise TypeError
         count = operator.index(num_pairs_global)  # int, numpy int, integer 0-d tensor
     except TypeError:
         raise ValueError(
             f"num_pairs_global must be an integer, got {type(num_pairs_global).__name__}"
         ) from None
-    if isinstance(num_pairs_global, bool) or count < 1:
+    if count < 1:
         raise ValueError(
             "num_pairs_global must be >= 1 (pairs in the whole optimiser step across "
             f"micro-batches and data-parallel ranks), got {num_pairs_global}"

@@ -223,6 +223,17 @@ class MegatronLM:
             self.scheduler.step(increment=1)
         return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
 
+    def main_grads(self) -> dict[str, torch.Tensor]:
+        """Accumulated (DP-reduced) gradients by parameter name, after `run` (tests, debugging)."""
+        grads = {}
+        for c, chunk in enumerate(self.chunks):
+            for name, param in chunk.named_parameters():
+                grad = getattr(param, "main_grad", None)
+                grad = param.grad if grad is None else grad
+                if grad is not None:
+                    grads[f"{c}.{name}"] = grad.detach().clone()
+        return grads
+
     @property
     def lr(self) -> float:
         assert self.optimizer is not None

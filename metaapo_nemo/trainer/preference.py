@@ -5,6 +5,7 @@ Legend: N rows (row 2i chosen, 2i+1 rejected of pair i), B pairs, T positions.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +25,7 @@ STAT_KEYS = (
     "chosen_logps_sum",
     "rejected_logps_sum",
     "response_tokens",
+    "logratio_sum",
 )
 
 
@@ -83,12 +85,30 @@ def pair_logps(mb: MicroBatch, logps_NT: torch.Tensor) -> PairLogps:
     )
 
 
-def policy_loss_fn(loss: PreferenceLoss, num_pairs_global: int) -> LossFn:
+def takes_kl_estimate(loss: PreferenceLoss) -> bool:
+    """KTO-style losses take a reference point z0 ~ KL(pi || pi_ref) per optimiser step."""
+    return "kl_estimate" in inspect.signature(loss.__call__).parameters
+
+
+def kl_estimate_from(metrics: dict[str, float]) -> float:
+    """Next step's KTO reference point: the last step's global mean log-ratio, clamped at 0.
+
+    Using the previous step's DP-reduced value (0 at step 1, where pi == pi_ref) keeps the
+    loss identical for every micro-batch x grad-accum x DP split of a step; a per-micro-batch
+    estimate would not be.
+    """
+    return max(0.0, metrics.get("logratio", 0.0))
+
+
+def policy_loss_fn(loss: PreferenceLoss, num_pairs_global: int, kl_estimate: float | None = None) -> LossFn:
     """The last-stage callback: preference loss over the GLOBAL pair count + stat sums."""
+    extra = {}
+    if takes_kl_estimate(loss):
+        extra["kl_estimate"] = torch.tensor(kl_estimate or 0.0)
 
     def fn(mb: MicroBatch, logps_NT: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps = pair_logps(mb, logps_NT)
-        out = loss(logps, num_pairs_global)
+        out = loss(logps, num_pairs_global, **extra)
         stats = {
             "loss": out.loss.detach().clone(),
             "pairs": torch.tensor(float(out.per_pair_B.numel())),
@@ -99,10 +119,18 @@ def policy_loss_fn(loss: PreferenceLoss, num_pairs_global: int) -> LossFn:
             "chosen_logps_sum": logps.policy_chosen_B.detach().sum(),
             "rejected_logps_sum": logps.policy_rejected_B.detach().sum(),
             "response_tokens": mb.loss_mask_NT.sum(),
+            "logratio_sum": _logratio_sum(logps),
         }
         return out.loss, {k: v.detach().float().reshape(()) for k, v in stats.items()}
 
     return fn
+
+
+def _logratio_sum(logps: PairLogps) -> torch.Tensor:
+    if logps.ref_chosen_B is None or logps.ref_rejected_B is None:
+        return torch.zeros(())
+    return ((logps.policy_chosen_B - logps.ref_chosen_B).sum()
+            + (logps.policy_rejected_B - logps.ref_rejected_B).sum()).detach()
 
 
 def sum_stats(per_mb: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -126,4 +154,5 @@ def finalize_stats(total: torch.Tensor) -> dict[str, float]:
         "rejected_logps": s["rejected_logps_sum"] / pairs,
         "pairs": s["pairs"],
         "response_tokens": s["response_tokens"],
+        "logratio": s["logratio_sum"] / (2 * pairs),
     }
