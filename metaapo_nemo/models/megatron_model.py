@@ -129,9 +129,41 @@ def build_gpt_chunks(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions) 
             rope_scaling_factor=arch.rope_scaling.factor if arch.rope_scaling else 8.0,
             vp_stage=vp_stage if ctx.dims.vpp else None,
         )
+        _mark_tensor_parallel_weights(model, config.gated_linear_unit)
         model.to(ctx.device)
         chunks.append(model)
     return chunks
+
+
+def _mark_tensor_parallel_weights(model: torch.nn.Module, gated: bool) -> None:
+    """Sets megatron's TP attributes on weights built with `perform_initialization=False`.
+
+    megatron-core (0.16) sets `tensor_model_parallel` / `partition_dim` / `partition_stride`
+    on linear and embedding WEIGHTS only inside its init functions, which we skip (weights
+    come from the checkpoint). Without them every TP shard looks like a replica: the
+    optimiser's grad norm counts only TP rank 0's shard, so clipping (and the reported
+    grad_norm) differ between TP=1 and TP=2. Biases get the attributes either way.
+    """
+    from megatron.core.tensor_parallel import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+    )
+
+    for name, module in model.named_modules():
+        if isinstance(module, RowParallelLinear):
+            dim, stride = 1, 1
+        elif isinstance(module, ColumnParallelLinear):
+            dim, stride = 0, 2 if gated and name.endswith("linear_fc1") else 1
+        elif isinstance(module, VocabParallelEmbedding):
+            dim, stride = 0, 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            weight.tensor_model_parallel = True
+            weight.partition_dim = dim
+            weight.partition_stride = stride
 
 
 def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
