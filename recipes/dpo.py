@@ -23,6 +23,7 @@ import torch
 
 from metaapo_nemo.config.cli import dry_run_report, parse, read_model_dims, world_size_from_env
 from metaapo_nemo.config.schema import Config, ConfigError, check_layout
+from metaapo_nemo.data.preference import BadRowError, ChatTemplateError
 from metaapo_nemo.losses import PreferenceLoss
 from metaapo_nemo.models.policy import MegatronLM
 from metaapo_nemo.parallel.state import ParallelContext
@@ -36,6 +37,9 @@ from metaapo_nemo.trainer.preference import (
     policy_loss_fn,
     sum_stats,
 )
+
+
+USER_ERRORS = (ConfigError, BadRowError, ChatTemplateError, FileNotFoundError)
 
 
 @dataclass
@@ -72,15 +76,12 @@ def setup(cfg: Config) -> Components:
     model_dir = S.resolve_model_dir(cfg, ctx)
     arch = load_arch(model_dir)
     check_layout(cfg, ctx.dims.world_size, arch.to_dict() | {"num_layers": arch.num_layers})
-    run_dir = S.make_run_dir(cfg, ctx)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     d = cfg.data
-    data = load_preference_data(
-        DataSpec(str(S.resolve_repo_path(d.path)) if Path(S.resolve_repo_path(d.path)).exists() else d.path,
-                 d.split, d.max_length, d.max_prompt_length, d.on_bad_row, d.limit),
-        tokenizer,
-    )
+    spec = DataSpec(S.data_source(d.path), d.split, d.max_length, d.max_prompt_length, d.on_bad_row, d.limit)
+    data = load_preference_data(spec, tokenizer)
     steps = S.total_steps(len(data.pairs), cfg)
+    run_dir = S.make_run_dir(cfg, ctx)  # only once the data is known to be good
     plan = StepPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, ctx.dims.dp)
     plan.validate()
     build = BuildOptions(dtype=cfg.model.dtype, sequence_parallel=p.sequence_parallel)
@@ -185,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         components = setup(cfg)
-    except ConfigError as exc:
-        print(f"config error:\n{exc}", file=sys.stderr)
+    except USER_ERRORS as exc:  # bad config / data / paths: a message, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     st = train(components)
     finish(components, st)

@@ -137,3 +137,21 @@ def test_config_errors_exit_cleanly(tmp_path, capsys):
         dpo.main(_overrides(tmp_path, "train.lr=1e-3"))
     assert exc.value.code == 2
     assert "optim.lr" in capsys.readouterr().err
+
+
+def test_bad_data_row_stops_before_training_with_file_row_field(tmp_path, capsys):
+    good = json.loads((REPO_ROOT / "metaapo_nemo/data/samples/toy_prefs.jsonl").read_text().splitlines()[0])
+    bad = dict(good, rejected=good["chosen"])  # chosen == rejected
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [good] * 20 + [bad]) + "\n")
+    dpo = _recipe()
+    assert dpo.main(_overrides(tmp_path, f"data.path={data}")) == 2
+    err = capsys.readouterr().err
+    assert "prefs.jsonl" in err and "row 20" in err and "on_bad_row=skip" in err
+    assert not (tmp_path / "tiny_cpu_dpo").exists()  # no half-made run directory
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path, capsys):
+    dpo = _recipe()
+    assert dpo.main(_overrides(tmp_path, f"data.path={tmp_path / 'nope.jsonl'}")) == 2
+    assert "nope.jsonl" in capsys.readouterr().err

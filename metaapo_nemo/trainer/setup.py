@@ -45,6 +45,12 @@ def resolve_model_dir(cfg: Config, ctx: ParallelContext) -> Path:
     return out
 
 
+def data_source(path: str) -> str:
+    """A local data path (resolved against the repo root too) or, if none exists, a dataset name."""
+    local = resolve_repo_path(path)
+    return str(local) if local.exists() else path
+
+
 def make_run_dir(cfg: Config, ctx: ParallelContext) -> Path:
     """Creates output_dir/name and writes the resolved config (main rank)."""
     run_dir = resolve_repo_path(cfg.run.output_dir) / cfg.run.name
