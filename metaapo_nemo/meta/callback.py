@@ -1,0 +1,29 @@
+"""T_meta callback: one meta-learner step every T_meta policy optimiser steps."""
+
+from __future__ import annotations
+
+from metaapo_nemo.meta.learner import MetaLearner
+from metaapo_nemo.trainer.callbacks import TrainState
+
+
+class MetaUpdateCallback:
+    """Steps the meta-learner on the buffer recorded since its last step, then clears it.
+
+    With `frozen=True` (the fixed-weights ablation) the buffer is still cleared every
+    T_meta steps but h_phi never changes.
+    """
+
+    def __init__(self, learner: MetaLearner, every: int = 8, frozen: bool = False):
+        if every < 1:
+            raise ValueError(f"metaapo.t_meta={every} must be >= 1")
+        self.learner, self.every, self.frozen = learner, every, frozen
+        self.last: dict[str, float] = {}
+
+    def on_step_end(self, state: TrainState) -> None:
+        if state.step % self.every:
+            return
+        if self.frozen:
+            self.learner.buffer.clear()
+            return
+        self.last = self.learner.step()
+        state.metrics.update(self.last)
