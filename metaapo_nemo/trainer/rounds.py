@@ -1,0 +1,223 @@
+"""MetaAPO round pieces: margin pass, round items, the meta-weighted training step.
+
+Legend: B prompts in a micro-batch; N = 4B rows, per prompt i:
+    row 4i   offline chosen      row 4i+1 offline rejected
+    row 4i+2 online chosen       row 4i+3 online rejected
+A prompt without an online pair gets two placeholder online rows (its prompt and one pad
+token, loss mask 0): every micro-batch has the same row count, which pipeline schedules
+need (fixed p2p shapes), and all four sequences of a prompt stay in one micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from metaapo_nemo.data.preference import TokenizedPair
+from metaapo_nemo.losses import PairLogps, PreferenceLoss
+from metaapo_nemo.losses.meta_weighted import mix_losses
+from metaapo_nemo.models.logprobs import sequence_logprobs
+from metaapo_nemo.models.policy import LossFn, MegatronLM, MicroBatch
+from metaapo_nemo.parallel.state import ParallelContext
+from metaapo_nemo.trainer.preference import reference_loss_fn
+
+ROWS_PER_PROMPT = 4
+
+
+@dataclass(frozen=True)
+class OnlinePair:
+    """Best and worst of K on-policy samples for one prompt, by reward."""
+
+    chosen_ids: tuple[int, ...]
+    rejected_ids: tuple[int, ...]
+    chosen_reward: float
+    rejected_reward: float
+
+
+@dataclass(frozen=True)
+class RoundItem:
+    pair: TokenizedPair  # the offline pair; pair.index is the prompt id
+    online: OnlinePair | None = None
+
+
+# ----------------------------------------------------------------- collation
+
+
+def collate_round(items: Sequence[RoundItem], pad_id: int, device: torch.device) -> MicroBatch:
+    """4 rows per prompt (see module docstring) -> a right-padded MicroBatch."""
+    rows: list[tuple[tuple[int, ...], tuple[int, ...], bool]] = []
+    for it in items:
+        p = it.pair
+        rows += [(p.prompt_ids, p.chosen_ids, True), (p.prompt_ids, p.rejected_ids, True)]
+        if it.online is None:
+            rows += [(p.prompt_ids, (pad_id,), False)] * 2
+        else:
+            rows += [(p.prompt_ids, it.online.chosen_ids, True), (p.prompt_ids, it.online.rejected_ids, True)]
+    t = max(len(pr) + len(r) for pr, r, _ in rows)
+    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.float32)
+    for i, (prompt, resp, real) in enumerate(rows):
+        ids[i, : len(prompt) + len(resp)] = torch.tensor(prompt + resp, dtype=torch.long)
+        if real:
+            mask[i, len(prompt) - 1 : len(prompt) + len(resp) - 1] = 1.0
+    labels = torch.full_like(ids, pad_id)
+    labels[:, :-1] = ids[:, 1:]
+    tokens = sum(len(pr) + len(r) for pr, r, real in rows if real)
+    return MicroBatch(
+        ids.to(device), labels.to(device), mask.to(device),
+        extras={
+            "pair_index": torch.tensor([it.pair.index for it in items], device=device),
+            "has_online": torch.tensor([it.online is not None for it in items], device=device),
+            "tokens": tokens,
+        },
+    )
+
+
+def split_pairs_view(mb: MicroBatch, logps_NT: torch.Tensor) -> tuple[PairLogps, PairLogps]:
+    """Offline and online PairLogps of a 4-row-per-prompt micro-batch."""
+    seq = sequence_logprobs(logps_NT, mb.loss_mask_NT)
+    length = mb.loss_mask_NT.sum(-1).clamp(min=1.0)  # placeholders: 0 tokens -> 1 (finite SimPO)
+    ref = mb.extras.get("ref_logps_N")
+
+    def view(a: int, b: int) -> PairLogps:
+        return PairLogps(
+            seq[a::4], seq[b::4], length[a::4], length[b::4],
+            None if ref is None else ref[a::4], None if ref is None else ref[b::4],
+        )
+
+    return view(0, 1), view(2, 3)
+
+
+# ----------------------------------------------------------------- loss
+
+
+Weigher = Callable[[torch.Tensor], torch.Tensor]  # m_off_B -> w_B (detached)
+Recorder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (m_off, L_off, L_on)
+
+
+def metaapo_loss_fn(
+    loss: PreferenceLoss,
+    weigher: Weigher,
+    num_prompts_global: int,
+    unselected: str,
+    record: Recorder | None = None,
+) -> LossFn:
+    """Last-stage callback: w recomputed from the CURRENT policy's offline margin, detached;
+    loss_i = w L_off + (1 - w) L_on for prompts with an online pair, L_off (or nothing) else.
+    Detached (m_off, L_off, L_on) of prompts with an online pair go to the meta buffer.
+    """
+
+    def fn(mb: MicroBatch, logps_NT: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        off, on = split_pairs_view(mb, logps_NT)
+        has = mb.extras["has_online"].bool()
+        m_off, m_on = loss.margin(off), loss.margin(on)
+        l_off, l_on = loss.pair_loss(m_off), loss.pair_loss(m_on)
+        w = weigher(m_off.detach()).to(l_off.dtype)
+        mixed = mix_losses(l_off, l_on, w, has, num_prompts_global, unselected)
+        if record is not None and bool(has.any()):
+            record(m_off.detach()[has], l_off.detach()[has], l_on.detach()[has])
+        f = lambda x: x.detach().float().sum().reshape(())  # noqa: E731
+        stats = {
+            "loss": mixed.loss.detach().clone(),
+            "prompts": f(mixed.contributes_B),
+            "online_pairs": f(has),
+            "loss_off_sum": f(l_off),
+            "loss_on_sum": f(torch.where(has, l_on, torch.zeros_like(l_on))),
+            "margin_off_sum": f(m_off),
+            "margin_on_sum": f(torch.where(has, m_on, torch.zeros_like(m_on))),
+            "off_correct": f(m_off > 0),
+            "on_correct": f((m_on > 0) & has),
+            "w_sum": f(w),
+            "response_tokens": f(mb.loss_mask_NT),
+        }
+        return mixed.loss, stats
+
+    return fn
+
+
+ROUND_STAT_KEYS = ("loss", "prompts", "online_pairs", "loss_off_sum", "loss_on_sum", "margin_off_sum",
+                   "margin_on_sum", "off_correct", "on_correct", "w_sum", "response_tokens")
+
+
+def sum_round_stats(per_mb: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    if not per_mb:
+        return torch.zeros(len(ROUND_STAT_KEYS), dtype=torch.float64)
+    return torch.stack([torch.stack([mb[k].double() for k in ROUND_STAT_KEYS]) for mb in per_mb]).sum(0)
+
+
+def finalize_round_stats(total: torch.Tensor, total_prompts_in_batch: int) -> dict[str, float]:
+    s = dict(zip(ROUND_STAT_KEYS, total.tolist()))
+    n = max(float(total_prompts_in_batch), 1.0)
+    on = max(s["online_pairs"], 1.0)
+    return {
+        "loss": s["loss"],
+        "loss_offline": s["loss_off_sum"] / n,
+        "loss_online": s["loss_on_sum"] / on if s["online_pairs"] else float("nan"),
+        "margin_offline": s["margin_off_sum"] / n,
+        "margin_online": s["margin_on_sum"] / on if s["online_pairs"] else float("nan"),
+        "reward_accuracy": s["off_correct"] / n,
+        "reward_accuracy_online": s["on_correct"] / on if s["online_pairs"] else float("nan"),
+        "w_mean": s["w_sum"] / n,
+        "online_fraction": s["online_pairs"] / n,
+        "prompts": s["prompts"],
+        "response_tokens": s["response_tokens"],
+    }
+
+
+# ----------------------------------------------------------------- margin pass
+
+
+def _gather_to_all(local: dict[int, float], ctx: ParallelContext) -> dict[int, float]:
+    """DP all-gather (last stage) + PP broadcast from the last stage: every rank gets all."""
+    merged = dict(local)
+    if ctx.dims.dp > 1 and ctx.is_last_stage:
+        parts: list[dict[int, float]] = [{} for _ in range(ctx.dims.dp)]
+        dist.all_gather_object(parts, local, group=ctx.dp_group_gloo)
+        merged = {k: v for p in parts for k, v in p.items()}
+    if ctx.dims.pp > 1:
+        ranks = dist.get_process_group_ranks(ctx.pp_group)
+        box = [merged]
+        dist.broadcast_object_list(box, src=ranks[-1], group=_pp_gloo(ctx))
+        merged = box[0]
+    return merged
+
+
+def _pp_gloo(ctx: ParallelContext):
+    """Object collectives need a CPU-capable group; the gloo pp group on CPU runs."""
+    return ctx.pp_group if ctx.backend == "gloo" else None  # None: default (world) group
+
+
+def offline_margins(
+    policy: MegatronLM,
+    reference: MegatronLM | None,
+    loss: PreferenceLoss,
+    microbatches: Sequence[MicroBatch],
+    ctx: ParallelContext,
+) -> dict[int, float]:
+    """m_off per prompt id with the current policy and reference (forward only), on all ranks.
+
+    `microbatches` are this DP rank's offline pairs (2 rows per pair, as in offline DPO).
+    """
+    pol = policy.run(microbatches, reference_loss_fn, forward_only=True)
+    ref = reference.run(microbatches, reference_loss_fn, forward_only=True) if reference else [None] * len(pol)
+    local: dict[int, float] = {}
+    for mb, p_out, r_out in zip(microbatches, pol, ref):
+        seq = p_out["seq_logps_N"]
+        if r_out is not None:
+            mb.extras["ref_logps_N"] = r_out["seq_logps_N"]
+        m = loss.margin(_pairs_from_seq(mb, seq))
+        for idx, value in zip(mb.extras["pair_index"].tolist(), m.tolist()):
+            local[idx] = float(value)
+    return _gather_to_all(local, ctx)
+
+
+def _pairs_from_seq(mb: MicroBatch, seq_N: torch.Tensor) -> PairLogps:
+    length = mb.loss_mask_NT.sum(-1)
+    ref = mb.extras.get("ref_logps_N")
+    return PairLogps(
+        seq_N[0::2], seq_N[1::2], length[0::2], length[1::2],
+        None if ref is None else ref[0::2], None if ref is None else ref[1::2],
+    )

@@ -1,0 +1,123 @@
+"""MetaAPO training step on the Megatron policy: layout, ln 2, gradient mixing, margins."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+
+import pytest
+import torch
+
+from metaapo_nemo.config.loader import REPO_ROOT, load_config
+from metaapo_nemo.trainer.preference import ReferenceCache, policy_loss_fn
+from metaapo_nemo.trainer.rounds import OnlinePair, RoundItem, collate_round, metaapo_loss_fn, offline_margins
+
+
+@pytest.fixture
+def comps(tmp_path):
+    spec = importlib.util.spec_from_file_location("recipe_dpo", REPO_ROOT / "recipes" / "dpo.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["recipe_dpo"] = mod
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path / 'c'}",
+                             "train.progress_bar=off", "train.global_batch_size=4", "train.micro_batch_size=2"])
+    c = mod.setup(cfg)
+    yield c
+    c.logger.close()
+    from metaapo_nemo.parallel import state
+
+    state.destroy()
+
+
+def _items(c, n=4, online=True):
+    pairs = c.pairs[:n]
+    out = []
+    for i, p in enumerate(pairs):
+        on = None
+        if online and i != 1:  # prompt 1 has no online pair
+            other = c.pairs[n + i]  # some other responses as "samples"
+            on = OnlinePair(other.chosen_ids, other.rejected_ids, 1.0, 0.0)
+        out.append(RoundItem(p, on))
+    return out
+
+
+def _attach_ref(c, mbs):
+    for mb in mbs:
+        outs = c.reference.run([mb], lambda m, lp: (torch.zeros(()), {"s": (lp * m.loss_mask_NT).sum(-1).detach()}),
+                               forward_only=True)
+        mb.extras["ref_logps_N"] = outs[0]["s"]
+
+
+def test_collate_round_layout():
+    from metaapo_nemo.data.preference import TokenizedPair
+
+    p = TokenizedPair(0, (5, 6, 7), (8, 9, 3), (10, 3), False, False)
+    mb = collate_round([RoundItem(p, OnlinePair((11, 3), (12, 13, 3), 2.0, 1.0)), RoundItem(p, None)],
+                       pad_id=0, device=torch.device("cpu"))
+    assert mb.input_ids_NT.shape[0] == 8
+    assert mb.loss_mask_NT.sum(-1).tolist() == [3, 2, 2, 3, 3, 2, 0, 0]
+    assert mb.extras["has_online"].tolist() == [True, False]
+    assert mb.input_ids_NT[2, :5].tolist() == [5, 6, 7, 11, 3]
+
+
+def test_first_step_loss_is_ln2_and_gradient_is_w_weighted_sum(comps):
+    c = comps
+    items = _items(c)
+    w = 0.3
+    mb = collate_round(items, c.tokenizer.pad_token_id, c.ctx.device)
+    _attach_ref(c, [mb])
+    weigher = lambda m: torch.full_like(m, w)  # noqa: E731
+
+    def grads(loss_fn):
+        c.policy.zero_grad()
+        outs = c.policy.run([mb], loss_fn, forward_only=False)
+        return outs, c.policy.main_grads()
+
+    outs, g_mix = grads(metaapo_loss_fn(c.loss, weigher, num_prompts_global=4, unselected="offline"))
+    assert outs[0]["loss"].item() == pytest.approx(math.log(2), abs=1e-6)  # pi == ref
+    # the same step as two plain DPO losses over the offline rows and the online rows
+    has = mb.extras["has_online"].float()
+
+    def part(rows: tuple[int, int], scale):
+        def fn(m, lp):
+            seq = (lp * m.loss_mask_NT).sum(-1)
+            ref = m.extras["ref_logps_N"]
+            marg = (seq[rows[0]::4] - ref[rows[0]::4]) - (seq[rows[1]::4] - ref[rows[1]::4])
+            per = -torch.nn.functional.logsigmoid(0.1 * marg) * scale
+            return per.sum() / 4, {"loss": per.sum().detach() / 4}
+        return fn
+
+    _, g_off = grads(part((0, 1), torch.where(has.bool(), torch.full_like(has, w), torch.ones_like(has))))
+    _, g_on = grads(part((2, 3), (1 - w) * has))
+    for k in g_mix:
+        # fp32 accumulation order differs between one and two backward passes: compare
+        # the largest deviation against the tensor's scale
+        scale = g_mix[k].abs().max().item()
+        assert (g_mix[k] - g_off[k] - g_on[k]).abs().max().item() <= 1e-5 * scale + 1e-9, k
+
+
+def test_offline_margins_match_the_dpo_step_margins(comps):
+    c = comps
+    from metaapo_nemo.trainer.batching import rank_microbatches
+
+    batch = c.pairs[:4]
+    mbs = rank_microbatches(batch, c.plan, 0, c.tokenizer.pad_token_id, c.ctx.device)
+    margins = offline_margins(c.policy, c.reference, c.loss, mbs, c.ctx)
+    assert sorted(margins) == sorted(p.index for p in batch)
+    assert all(abs(v) < 1e-5 for v in margins.values())  # policy == reference before training
+    # after one DPO step the margins equal what the loss sees
+    ref = ReferenceCache()
+    ref.fill(c.reference, mbs)
+    ref.attach(mbs, True)
+    c.policy.zero_grad()
+    c.policy.run(mbs, policy_loss_fn(c.loss, 4), forward_only=False)
+    c.policy.step()
+    after = offline_margins(c.policy, c.reference, c.loss, mbs, c.ctx)
+    stats = c.policy.run(mbs, lambda m, lp: (torch.zeros(()), {"m": c.loss.margin(
+        __import__("metaapo_nemo.trainer.preference", fromlist=["pair_logps"]).pair_logps(m, lp)).detach()}),
+        forward_only=True)
+    direct = {int(i): float(v) for mb, s in zip(mbs, stats) for i, v in zip(mb.extras["pair_index"], s["m"])}
+    for k in direct:
+        assert after[k] == pytest.approx(direct[k], abs=1e-4)
+    assert any(abs(v) > 1e-3 for v in after.values())
