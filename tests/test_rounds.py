@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from metaapo_nemo.config.loader import REPO_ROOT, load_config
-from metaapo_nemo.trainer.preference import ReferenceCache, policy_loss_fn
+from metaapo_nemo.trainer.preference import ReferenceCache, pair_logps, policy_loss_fn
 from metaapo_nemo.trainer.rounds import OnlinePair, RoundItem, collate_round, metaapo_loss_fn, offline_margins
 
 
@@ -114,9 +114,8 @@ def test_offline_margins_match_the_dpo_step_margins(comps):
     c.policy.run(mbs, policy_loss_fn(c.loss, 4), forward_only=False)
     c.policy.step()
     after = offline_margins(c.policy, c.reference, c.loss, mbs, c.ctx)
-    stats = c.policy.run(mbs, lambda m, lp: (torch.zeros(()), {"m": c.loss.margin(
-        __import__("metaapo_nemo.trainer.preference", fromlist=["pair_logps"]).pair_logps(m, lp)).detach()}),
-        forward_only=True)
+    stats = c.policy.run(mbs, lambda m, lp: (torch.zeros(()), {"m": c.loss.margin(pair_logps(m, lp)).detach()}),
+                         forward_only=True)
     direct = {int(i): float(v) for mb, s in zip(mbs, stats) for i, v in zip(mb.extras["pair_index"], s["m"])}
     for k in direct:
         assert after[k] == pytest.approx(direct[k], abs=1e-4)
