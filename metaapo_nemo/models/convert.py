@@ -31,17 +31,20 @@ from metaapo_nemo.parallel.state import ParallelContext
 # ----------------------------------------------------------------- pure tensor transforms
 
 
+def _fuse_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int, per: int, hd: int) -> torch.Tensor:
+    """[q of group g | k_g | v_g] for each of `groups` consecutive query groups."""
+    tail = q.shape[1:]
+    fused = torch.cat([q.reshape(groups, per * hd, *tail), k.reshape(groups, hd, *tail),
+                       v.reshape(groups, hd, *tail)], dim=1)
+    return fused.reshape(-1, *tail)
+
+
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: ModelArch, tp: int, rank: int) -> torch.Tensor:
     """HF q/k/v (weights [out, H] or biases [out]) -> this TP rank's fused linear_qkv slice."""
-    nkv, hd = arch.num_kv_heads, arch.head_dim
-    per = arch.num_attention_heads // nkv
-    tail = q.shape[1:]
-    qg = q.reshape(nkv, per * hd, *tail)
-    kg = k.reshape(nkv, hd, *tail)
-    vg = v.reshape(nkv, hd, *tail)
-    fused = torch.cat([qg, kg, vg], dim=1)  # [nkv, (per + 2) * hd, ...]
-    groups = nkv // tp
-    return fused[rank * groups:(rank + 1) * groups].reshape(-1, *tail)
+    hd, per, g = arch.head_dim, arch.num_attention_heads // arch.num_kv_heads, arch.num_kv_heads // tp
+    q = q[rank * g * per * hd:(rank + 1) * g * per * hd]
+    k, v = k[rank * g * hd:(rank + 1) * g * hd], v[rank * g * hd:(rank + 1) * g * hd]
+    return _fuse_groups(q, k, v, g, per, hd)
 
 
 def split_qkv(fused_full: torch.Tensor, arch: ModelArch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,26 +138,51 @@ class _SafetensorsReader:
         self._open = safe_open
         self._handles: dict[str, object] = {}
 
-    def get(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         if name not in self.where:
             raise KeyError(f"tensor '{name}' missing from the checkpoint at {self.path}")
         file = self.where[name]
         if file not in self._handles:
             self._handles[file] = self._open(self.path / file, "pt")
-        return self._handles[file].get_tensor(name)  # type: ignore[attr-defined]
+        return self._handles[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)  # type: ignore[attr-defined]
+
+    def get_rows(self, name: str, start: int, stop: int, dim: int = 0) -> torch.Tensor:
+        """Reads only [start, stop) along `dim` (0 or 1) from disk."""
+        sl = self._handle(name).get_slice(name)  # type: ignore[attr-defined]
+        return sl[start:stop] if dim == 0 else sl[:, start:stop]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._handle(name).get_slice(name).get_shape())  # type: ignore[attr-defined]
 
 
-def _to_megatron(kind: str, tensors: list[torch.Tensor], arch: ModelArch, tp: int, rank: int) -> torch.Tensor:
+def _read_rank_slice(kind: str, names: tuple[str, ...], r: _SafetensorsReader, arch: ModelArch,
+                     tp: int, rank: int) -> torch.Tensor:
+    """This TP rank's Megatron tensor, reading only its slice of each HF tensor from disk."""
     if kind == "replicated":
-        return tensors[0]
-    if kind == "qkv":
-        return fuse_qkv(*tensors, arch=arch, tp=tp, rank=rank)
-    if kind == "gate_up":
-        return fuse_gate_up(*tensors, tp=tp, rank=rank)
+        return r.get(names[0])
     if kind == "row":
-        return tensors[0].chunk(tp, dim=1)[rank]
+        cols = r.shape(names[0])[1] // tp
+        return r.get_rows(names[0], rank * cols, (rank + 1) * cols, dim=1)
+    if kind == "gate_up":
+        rows = r.shape(names[0])[0] // tp
+        return torch.cat([r.get_rows(n, rank * rows, (rank + 1) * rows) for n in names])
+    if kind == "qkv":
+        hd, per, g = arch.head_dim, arch.num_attention_heads // arch.num_kv_heads, arch.num_kv_heads // tp
+        q = r.get_rows(names[0], rank * g * per * hd, (rank + 1) * g * per * hd)
+        k, v = (r.get_rows(n, rank * g * hd, (rank + 1) * g * hd) for n in names[1:])
+        return _fuse_groups(q, k, v, g, per, hd)
     if kind == "vocab":
-        return pad_vocab(tensors[0], padded_vocab_size(arch.vocab_size, tp)).chunk(tp, dim=0)[rank]
+        per = padded_vocab_size(arch.vocab_size, tp) // tp
+        start, stop = rank * per, min((rank + 1) * per, arch.vocab_size)
+        real = r.get_rows(names[0], start, stop) if stop > start else None
+        hidden = arch.hidden_size
+        out = torch.zeros(per, hidden, dtype=real.dtype if real is not None else torch.float32)
+        if real is not None:
+            out[: real.shape[0]] = real
+        return out
     raise AssertionError(kind)
 
 
@@ -166,7 +194,7 @@ def load_hf_weights(chunks: list[torch.nn.Module], hf_dir: str | Path, arch: Mod
     for chunk in chunks:
         params = dict(chunk.named_parameters())
         for name, kind, hf_names in megatron_param_sources(chunk, arch):
-            value = _to_megatron(kind, [reader.get(n) for n in hf_names], arch, tp, rank)
+            value = _read_rank_slice(kind, hf_names, reader, arch, tp, rank)
             target = params[name]
             if value.shape != target.shape:
                 raise ValueError(

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from metaapo_nemo.models.arch import ModelArch
+from metaapo_nemo.parallel import compat
 from metaapo_nemo.parallel.state import ParallelContext
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -127,7 +128,7 @@ def build_gpt_chunks(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions) 
             rotary_base=arch.rope_theta,  # type: ignore[arg-type]  (float bases are valid)
             rope_scaling=arch.rope_scaling is not None,
             rope_scaling_factor=arch.rope_scaling.factor if arch.rope_scaling else 8.0,
-            vp_stage=vp_stage if ctx.dims.vpp else None,
+            **compat.gpt_model_kwargs(vp_stage if ctx.dims.vpp else None),
         )
         _mark_tensor_parallel_weights(model, config.gated_linear_unit)
         model.to(ctx.device)

@@ -28,6 +28,7 @@ from metaapo_nemo.models.arch import ModelArch
 from metaapo_nemo.models.convert import load_hf_weights
 from metaapo_nemo.models.logprobs import token_logprobs
 from metaapo_nemo.models.megatron_model import BuildOptions, build_gpt_chunks, causal_mask
+from metaapo_nemo.parallel import compat, cpu_compat
 from metaapo_nemo.parallel.state import ParallelContext
 
 
@@ -109,7 +110,6 @@ class MegatronLM:
     # ------------------------------------------------------------------ set-up
     def _wrap_for_training(self, optim: OptimSettings) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -123,7 +123,7 @@ class MegatronLM:
             for i, chunk in enumerate(self.chunks)
         ]
         # Gradients are already normalised by the global pair count: no token rescaling.
-        self.config.finalize_model_grads_func = lambda models, num_tokens=None, **kw: finalize_model_grads(models, None)
+        self.config.finalize_model_grads_func = compat.finalize_grads_without_token_scaling()
         self.config.grad_scale_func = None
         opt_cfg = OptimizerConfig(
             optimizer="adam",
@@ -165,8 +165,6 @@ class MegatronLM:
 
         Returns one stats dict per micro-batch on the last pipeline stage, [] elsewhere.
         """
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         if not microbatches:
             return []
         seq_len = max(mb.input_ids_NT.shape[1] for mb in microbatches)
@@ -177,15 +175,19 @@ class MegatronLM:
         ctx = self.ctx
 
         def loss_func(mb: MicroBatch, output: torch.Tensor):
-            logps_NT = token_logprobs(output, mb.labels_NT, vocab, ctx)
-            loss, stats = loss_fn(mb, logps_NT)
+            with cpu_compat.suspended():
+                logps_NT = token_logprobs(output, mb.labels_NT, vocab, ctx)
+                loss, stats = loss_fn(mb, logps_NT)
             return loss, torch.tensor(rows, dtype=torch.int), stats
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             n, t = mb.input_ids_NT.shape
-            pos = torch.arange(t, device=ctx.device).unsqueeze(0).expand(n, t)
-            out = model(mb.input_ids_NT.to(ctx.device), pos, causal_mask(t, ctx.device))
+            # The model forward needs none of the CPU shims' rewrites, and the shims'
+            # TorchFunctionMode costs ~10x on a small model's forward (measured): lift it.
+            with cpu_compat.suspended():
+                pos = torch.arange(t, device=ctx.device).unsqueeze(0).expand(n, t)
+                out = model(mb.input_ids_NT.to(ctx.device), pos, causal_mask(t, ctx.device))
             return out, partial(loss_func, mb)
 
         vpp = len(self.chunks)
@@ -196,7 +198,7 @@ class MegatronLM:
         else:
             for chunk in self.chunks:
                 chunk.train()
-        fb = get_forward_backward_func()
+        fb = compat.forward_backward_func()
         with torch.set_grad_enabled(not forward_only):
             out = fb(
                 forward_step_func=forward_step,
@@ -218,10 +220,10 @@ class MegatronLM:
     def step(self) -> tuple[bool, float]:
         """Optimiser + scheduler step. Returns (update applied, global grad norm)."""
         assert self.optimizer is not None and self.scheduler is not None
-        ok, grad_norm, _ = self.optimizer.step()
+        ok, grad_norm = compat.optimizer_step(self.optimizer)
         if ok:
             self.scheduler.step(increment=1)
-        return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
+        return ok, float("nan") if grad_norm is None else grad_norm
 
     def main_grads(self) -> dict[str, torch.Tensor]:
         """Accumulated (DP-reduced) gradients by parameter name, after `run` (tests, debugging)."""

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from metaapo_nemo.parallel import cpu_compat
+from metaapo_nemo.parallel import compat, cpu_compat
 from metaapo_nemo.parallel.dims import ParallelDims
 
 
@@ -114,6 +114,7 @@ def initialize(
         ValueError: if the layout does not fit the world size (message shows the arithmetic).
     """
     cpu_compat.install()  # no-op with CUDA
+    compat.check_supported()
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -151,6 +152,7 @@ def initialize(
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=cp,
         distributed_timeout_minutes=timeout_minutes,
+        **compat.initialize_model_parallel_kwargs(),
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
@@ -166,7 +168,7 @@ def initialize(
         tp_group=ps.get_tensor_model_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(with_context_parallel=True),
-        dp_group_gloo=ps.get_data_parallel_group_gloo(with_context_parallel=True),
+        dp_group_gloo=compat.data_parallel_group_gloo(with_context_parallel=True),
         mp_group=ps.get_model_parallel_group(),
     )
 

@@ -41,7 +41,8 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, total_steps: int, enabled: bool, progress: str = "auto"):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self._file = open(self.path, "a", buffering=1) if enabled else None
+        # A fresh run starts a fresh file (resume appends: the reliability issue).
+        self._file = open(self.path, "w", buffering=1) if enabled else None
         show = {"on": True, "off": False, "auto": sys.stderr.isatty()}[progress]
         self._bar = None
         if enabled and show:

@@ -6,7 +6,8 @@ Legend: N rows (row 2i chosen, 2i+1 rejected of pair i), B pairs, T positions.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -68,6 +69,26 @@ class ReferenceCache:
         for mb in microbatches:
             vals = [v for i in mb.extras["pair_index"].tolist() for v in self._store[i]]
             mb.extras["ref_logps_N"] = torch.tensor(vals, dtype=torch.float32, device=mb.input_ids_NT.device)
+
+
+@contextmanager
+def reference_on_device(
+    reference: MegatronLM, device: torch.device, offload: bool
+) -> Iterator[MegatronLM]:
+    """Brings an offloaded reference to `device` for the block and back to the CPU after.
+
+    With `offload=False` the reference stays where it is (no moves). Between uses an
+    offloaded reference holds no accelerator memory; on a CPU-only machine both moves
+    are no-ops, but the same calls run.
+    """
+    if not offload:
+        yield reference
+        return
+    reference.offload(device)
+    try:
+        yield reference
+    finally:
+        reference.offload("cpu")
 
 
 def pair_logps(mb: MicroBatch, logps_NT: torch.Tensor) -> PairLogps:

@@ -1,0 +1,155 @@
+"""Megatron-Core version differences, in one place.
+
+CPU CI runs megatron-core 0.16.x (the newest release for Python 3.11); GPU containers run the
+newest 0.19.x. Everything in the project that calls a megatron API whose shape changed between
+those releases goes through this module; nothing else checks versions. Differences are
+detected from the installed API (signatures, attributes) rather than from version numbers,
+so a patch release that back-ports a change is handled too; the version itself is reported
+(`info()`, the run log) and pinned by a test so that CI says which release it exercised.
+
+Known differences handled here:
+- `GPTModel(..., vp_stage=)`: required for interleaved PP from 0.13 on; absent before.
+- `finalize_model_grads(model, num_tokens, pg_collection=None, ...)`: extra keyword
+  arguments in newer releases; we always pass `num_tokens=None` (our losses are already
+  normalised by the global pair count) and forward whatever else the schedule passes.
+- `MegatronOptimizer.step()`: returns `(ok, grad_norm, num_zeros)` in 0.16; handled as "a
+  tuple whose first two items are ok and grad_norm" or a bare bool.
+- Gloo data-parallel groups: created by default by `initialize_model_parallel` in 0.16
+  (`create_gloo_process_groups=True`); requested explicitly where the keyword exists and
+  read back as None where a release stops creating them.
+- CUDA-only calls inside megatron (streams in 0.19's grad sync, device="cuda" tensors) are
+  CPU shims, not version differences: see `cpu_compat`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import warnings
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+# Oldest release the code runs on, and the newest one it is written against.
+MIN_VERSION = (0, 16)
+NEWEST_KNOWN = (0, 19)
+CPU_CI_SERIES = (0, 16)  # the series the CPU test tier runs (Python 3.11 tops out there)
+
+
+@dataclass(frozen=True)
+class McoreInfo:
+    """What this process's megatron-core is and which API variants it exposes."""
+
+    version: str  # megatron.core.__version__, e.g. "0.16.1"
+    version_tuple: tuple[int, int, int]
+    gpt_has_vp_stage: bool
+    init_has_gloo_flag: bool
+    finalize_has_pg_collection: bool
+
+    @property
+    def series(self) -> tuple[int, int]:
+        return self.version_tuple[:2]
+
+    def describe(self) -> str:
+        return (f"megatron-core {self.version} (series {self.series[0]}.{self.series[1]}; "
+                f"supported {MIN_VERSION[0]}.{MIN_VERSION[1]} to "
+                f"{NEWEST_KNOWN[0]}.{NEWEST_KNOWN[1]})")
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """"0.16.1" / "0.19.0rc2" / "0.17.0.dev0" -> (major, minor, patch); missing parts are 0."""
+    nums = [int(a or b) for a, b in re.findall(r"^(\d+)|\.(\d+)", text)][:3]
+    return tuple(nums + [0] * (3 - len(nums)))  # type: ignore[return-value]
+
+
+def _has_param(fn: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@cache
+def info() -> McoreInfo:
+    """Detects the installed megatron-core (imports it; call after `cpu_compat.install`)."""
+    import megatron.core as mcore
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.models.gpt import GPTModel
+
+    version = str(getattr(mcore, "__version__", "0.0.0"))
+    return McoreInfo(
+        version=version,
+        version_tuple=parse_version(version),
+        gpt_has_vp_stage=_has_param(GPTModel.__init__, "vp_stage"),
+        init_has_gloo_flag=_has_param(ps.initialize_model_parallel, "create_gloo_process_groups"),
+        finalize_has_pg_collection=_has_param(finalize_model_grads, "pg_collection"),
+    )
+
+
+def check_supported() -> McoreInfo:
+    """Fails on releases older than MIN_VERSION; warns on ones newer than NEWEST_KNOWN."""
+    i = info()
+    if i.series < MIN_VERSION:
+        raise RuntimeError(
+            f"{i.describe()}: too old; install megatron-core>={MIN_VERSION[0]}.{MIN_VERSION[1]}"
+        )
+    if i.series > NEWEST_KNOWN:
+        warnings.warn(f"{i.describe()}: newer than any release this code was checked against",
+                      stacklevel=2)
+    return i
+
+
+# ---------------------------------------------------------------- call sites that differ
+
+
+def gpt_model_kwargs(vp_stage: int | None) -> dict[str, Any]:
+    """Extra `GPTModel(...)` keywords for this release (the virtual-pipeline stage)."""
+    return {"vp_stage": vp_stage} if info().gpt_has_vp_stage else {}
+
+
+def initialize_model_parallel_kwargs() -> dict[str, Any]:
+    """Extra `initialize_model_parallel(...)` keywords: ask for the gloo DP groups."""
+    return {"create_gloo_process_groups": True} if info().init_has_gloo_flag else {}
+
+
+def data_parallel_group_gloo(with_context_parallel: bool = True) -> Any:
+    """The gloo data-parallel group, or None where this release did not create one."""
+    from megatron.core import parallel_state as ps
+
+    try:
+        return ps.get_data_parallel_group_gloo(with_context_parallel=with_context_parallel)
+    except (AssertionError, AttributeError, RuntimeError):
+        return None
+
+
+def finalize_grads_without_token_scaling():
+    """`config.finalize_model_grads_func` that never rescales by a token count.
+
+    Our losses already divide by the GLOBAL pair count, so megatron must not divide again;
+    newer releases pass extra keywords (pg_collection, force_all_reduce), forwarded as is.
+    """
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    def finalize(models, num_tokens=None, **kwargs):
+        return finalize_model_grads(models, None, **kwargs)
+
+    return finalize
+
+
+def forward_backward_func():
+    """megatron's schedule for the current layout (no PP, 1F1B, or interleaved 1F1B)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()
+
+
+def optimizer_step(optimizer) -> tuple[bool, float | None]:
+    """Runs `optimizer.step()`; returns (update applied, global grad norm or None)."""
+    out = optimizer.step()
+    if isinstance(out, tuple):
+        ok = bool(out[0])
+        norm = out[1] if len(out) > 1 else None
+    else:
+        ok, norm = bool(out), None
+    return ok, None if norm is None else float(norm)
