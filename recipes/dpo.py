@@ -66,17 +66,12 @@ def setup(cfg: Config) -> Components:
 
     from metaapo_nemo.data.preference import DataSpec, load_preference_data
     from metaapo_nemo.models.arch import load_arch
-    from metaapo_nemo.models.megatron_model import BuildOptions
     from metaapo_nemo.parallel import state
     from metaapo_nemo.trainer import setup as S
 
     check_layout(cfg, world_size_from_env(), read_model_dims(cfg))
     p = cfg.parallel
-    if p.sequence_parallel and not torch.cuda.is_available():
-        raise ConfigError(
-            "parallel.sequence_parallel=true needs the Transformer Engine layer spec (GPU); the "
-            "local CPU spec's torch norm refuses it. Set parallel.sequence_parallel=false"
-        )
+    build = S.build_options(cfg)  # layer spec / FP8 / SP checked before anything starts
     ctx = state.initialize(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, backend=p.backend, seed=cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     model_dir = S.resolve_model_dir(cfg, ctx)
@@ -90,8 +85,6 @@ def setup(cfg: Config) -> Components:
     run_dir = S.make_run_dir(cfg, ctx)  # only once the data is known to be good
     plan = StepPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, ctx.dims.dp)
     plan.validate()
-    build = BuildOptions(dtype=cfg.model.dtype, recompute=p.recompute,
-                         sequence_parallel=p.sequence_parallel)
     pad_id = tokenizer.pad_token_id
     policy = MegatronLM(arch, ctx, model_dir, build, S.optim_settings(cfg, steps), pad_id=pad_id)
     loss = S.loss_from_config(cfg)

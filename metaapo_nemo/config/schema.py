@@ -103,6 +103,13 @@ class ModelConfig(_Section):
     path: str | None = None
     tiny: TinyModelConfig | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # Layer implementation: auto = Transformer Engine on a CUDA machine with TE, else the
+    # local (plain PyTorch) spec. FP8 needs TE + bf16 (models/layer_spec.py).
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    fp8: Literal["hybrid", "e4m3"] | None = None  # hybrid: E4M3 forward, E5M2 backward
+    fp8_recipe: Literal["delayed", "tensorwise"] = "delayed"  # tensorwise: current scaling
+    fp8_amax_history_len: int = Field(1024, gt=0)
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelConfig:

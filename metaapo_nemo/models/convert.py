@@ -85,6 +85,9 @@ _LAYER_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
     "pre_mlp_layernorm.weight": ("replicated", ("post_attention_layernorm.weight",)),
     "mlp.linear_fc1.weight": ("gate_up", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
     "mlp.linear_fc2.weight": ("row", ("mlp.down_proj.weight",)),
+    # Transformer Engine spec: the norms are fused into the following linear layers.
+    "self_attention.linear_qkv.layer_norm_weight": ("replicated", ("input_layernorm.weight",)),
+    "mlp.linear_fc1.layer_norm_weight": ("replicated", ("post_attention_layernorm.weight",)),
 }
 _GLOBAL_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
     "embedding.word_embeddings.weight": ("vocab", ("model.embed_tokens.weight",)),
@@ -218,7 +221,7 @@ def _hf_order(arch: ModelArch) -> list[str]:
     names.append("model.norm.weight")
     if not arch.tie_word_embeddings:
         names.append("lm_head.weight")
-    return names
+    return list(dict.fromkeys(names))  # local and TE names map to the same norms
 
 
 def _gather_tp(shard: torch.Tensor, ctx: ParallelContext) -> list[torch.Tensor]:

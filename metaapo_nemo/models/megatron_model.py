@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from metaapo_nemo.models.arch import ModelArch
+from metaapo_nemo.models.layer_spec import SpecChoice, fp8_kwargs, layer_spec, select_impl, te_available
 from metaapo_nemo.parallel import compat
 from metaapo_nemo.parallel.state import ParallelContext
 
@@ -27,6 +28,16 @@ class BuildOptions:
     dtype: str = "float32"
     recompute: str | None = None  # None | "selective" | "full"
     sequence_parallel: bool = False
+    transformer_impl: str = "auto"  # auto | local | transformer_engine (see layer_spec.py)
+    fp8: str | None = None  # None | hybrid | e4m3 (TE only)
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+
+    def spec_choice(self, on_gpu: bool) -> SpecChoice:
+        return select_impl(self.transformer_impl, self.fp8, self.dtype, cuda=on_gpu, te=te_available(),
+                           fp8_recipe=self.fp8_recipe, fp8_amax_history_len=self.fp8_amax_history_len,
+                           fp8_amax_compute_algo=self.fp8_amax_compute_algo)
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
@@ -92,13 +103,13 @@ def transformer_config(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions
         # The loss normalises by the global pair count itself (see PolicyModel).
         calculate_per_token_loss=True,
         **recompute,
+        **fp8_kwargs(opts.spec_choice(on_gpu=not on_cpu)),
     )
 
 
 def build_gpt_chunks(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions) -> list:
     """One GPTModel per virtual pipeline stage of this rank (a list of length vpp or 1)."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     if arch.rope_scaling is not None:
         rs = arch.rope_scaling
@@ -109,7 +120,7 @@ def build_gpt_chunks(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions) 
                 "is not supported by megatron-core (it fixes 1/4/8192)"
             )
     config = transformer_config(arch, ctx, opts)
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = layer_spec(opts.spec_choice(on_gpu=ctx.device.type == "cuda"))
     vpp = ctx.dims.vpp or 1
     chunks = []
     for vp_stage in range(vpp):

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from metaapo_nemo.config.loader import resolve_repo_path, to_yaml
 from metaapo_nemo.config.schema import Config, ConfigError
 from metaapo_nemo.losses import PreferenceLoss, build_loss, loss_params
+from metaapo_nemo.models.megatron_model import BuildOptions
 from metaapo_nemo.models.policy import OptimSettings
 from metaapo_nemo.parallel.state import ParallelContext
 
@@ -61,6 +62,28 @@ def make_run_dir(cfg: Config, ctx: ParallelContext) -> Path:
         tmp.replace(run_dir / "config.yaml")
     _barrier(ctx)
     return run_dir
+
+
+def build_options(cfg: Config) -> BuildOptions:
+    """Model build options from the config, validated for THIS machine (ConfigError if not)."""
+    import torch
+
+    m, p = cfg.model, cfg.parallel
+    cuda = torch.cuda.is_available()
+    if p.sequence_parallel and not cuda:
+        raise ConfigError(
+            "parallel.sequence_parallel=true needs the Transformer Engine layer spec (GPU); the "
+            "local CPU spec's torch norm refuses it. Set parallel.sequence_parallel=false"
+        )
+    opts = BuildOptions(dtype=m.dtype, recompute=p.recompute, sequence_parallel=p.sequence_parallel,
+                        transformer_impl=m.transformer_impl, fp8=m.fp8, fp8_recipe=m.fp8_recipe,
+                        fp8_amax_history_len=m.fp8_amax_history_len,
+                        fp8_amax_compute_algo=m.fp8_amax_compute_algo)
+    try:
+        opts.spec_choice(on_gpu=cuda)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return opts
 
 
 def optim_settings(cfg: Config, total_steps: int) -> OptimSettings:
