@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One process per GPU via srun, called from the sbatch scripts in this folder:
+#   slurm/launch.sh recipes/metaapo.py conf/llama31_8b_metaapo.yaml [a.b=c ...]
+#
+# Rendezvous comes from the allocation: MASTER_ADDR = first node of the node list,
+# MASTER_PORT derived from the job id; metaapo_nemo/parallel/state.py reads SLURM_PROCID,
+# SLURM_NTASKS and SLURM_LOCALID as rank / world size / local rank.
+#
+# Containers (pyxis/enroot): set CONTAINER_IMAGE (e.g. nvcr.io#nvidia/pytorch:xx.yy-py3 or a
+# .sqsh file) and optionally CONTAINER_MOUNTS ("/lustre:/lustre,/home:/home"); the repo is
+# mounted at its own path and used as the working directory.
+#
+# Preemption: the sbatch scripts ask SLURM for USR1 some minutes before the time limit
+# (--signal=USR1@300). The trainer finishes its optimiser step, writes a checkpoint and exits
+# with status 85 (REQUEUE_EXIT); the sbatch script then requeues the job, and the requeued
+# job resumes from the run directory's latest checkpoint by itself.
+set -euo pipefail
+: "${SLURM_JOB_ID:?run this inside an sbatch/salloc allocation}"
+[ $# -ge 2 ] || { echo "usage: $0 RECIPE_SCRIPT RECIPE_YAML [a.b=c ...]" >&2; exit 2; }
+SCRIPT=$1; RECIPE=$2; shift 2
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+[ -f "$REPO/$SCRIPT" ] || { echo "no such recipe script: $SCRIPT" >&2; exit 2; }
+[ -f "$REPO/$RECIPE" ] || { echo "no such recipe: $RECIPE (see conf/)" >&2; exit 2; }
+
+export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}
+export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+# NCCL / CUDA settings (documented in README "Running on a SLURM cluster"):
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron TP comm/compute overlap
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # fail fast on a dead peer
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+export TOKENIZERS_PARALLELISM=false
+
+# One run directory per job; a requeued job keeps its id, so it finds its checkpoints.
+RUN_NAME=${RUN_NAME:-${SLURM_JOB_NAME:-job}-${SLURM_JOB_ID}}
+OUTPUT_DIR=${OUTPUT_DIR:-$REPO/runs}
+mkdir -p "$OUTPUT_DIR/$RUN_NAME"
+
+# Outside a container use the project's venv if there is one; inside, the image's python.
+PYTHON=${PYTHON:-python}
+if [ -z "${CONTAINER_IMAGE:-}" ] && [ -x "$REPO/.venv/bin/python" ]; then
+  PYTHON="$REPO/.venv/bin/python"
+fi
+CONTAINER_ARGS=()
+if [ -n "${CONTAINER_IMAGE:-}" ]; then
+  CONTAINER_ARGS=(--container-image="$CONTAINER_IMAGE" --container-workdir="$REPO"
+                  --container-mounts="$REPO:$REPO${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}")
+fi
+
+set +e
+srun --kill-on-bad-exit=1 --cpu-bind=none "${CONTAINER_ARGS[@]}" \
+  "$PYTHON" "$REPO/$SCRIPT" --config "$REPO/$RECIPE" \
+  run.name="$RUN_NAME" run.output_dir="$OUTPUT_DIR" "$@" \
+  2>&1 | tee -a "$OUTPUT_DIR/$RUN_NAME/train.log"
+rc=${PIPESTATUS[0]}
+set -e
+exit "$rc"
