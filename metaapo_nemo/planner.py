@@ -53,6 +53,7 @@ class PlanInput:
     vllm_kv_cache_gib: float = 0.0
     vllm_sleep_level: int = 1  # 1: weights offloaded to CPU and KV freed while training
     vllm_overhead_gib: float = 1.0  # CUDA context / allocator reserve
+    rollout: bool = True  # False: no vLLM engine (offline DPO), no generate phase
     reward_arch: ModelArch | None = None
     reward_offloaded: bool = True
     gpu_memory_gib: float = 80.0
@@ -139,6 +140,9 @@ def plan_memory(x: PlanInput) -> Plan:
         "reward": 0.0 if x.reward_offloaded else g(reward),
         "vllm": x.vllm_overhead_gib + (0.0 if x.vllm_sleep_level >= 1 else g(vllm_weights) + x.vllm_kv_cache_gib),
     }
+    if not x.rollout:
+        plan.per_phase["train"]["vllm"] = 0.0
+        return plan
     plan.per_phase["generate"] = resident | {
         "reference": g(reference),
         "vllm": x.vllm_overhead_gib + g(vllm_weights) + x.vllm_kv_cache_gib,

@@ -27,9 +27,10 @@ from metaapo_nemo.data.preference import BadRowError, ChatTemplateError
 from metaapo_nemo.losses import PreferenceLoss
 from metaapo_nemo.models.policy import MegatronLM
 from metaapo_nemo.parallel.state import ParallelContext
-from metaapo_nemo.trainer.batching import StepPlan, global_batches, rank_microbatches
+from metaapo_nemo.trainer.batching import StepPlan, global_batches, rank_slice, to_microbatches
 from metaapo_nemo.trainer.callbacks import CallbackList, TrainState
 from metaapo_nemo.trainer.metrics import MetricsLogger, reduce_stats
+from metaapo_nemo.trainer.rows import RowLayout, layout_from_config
 from metaapo_nemo.trainer.preference import (
     ReferenceCache,
     finalize_stats,
@@ -55,16 +56,24 @@ class Components:
     reference: MegatronLM | None
     loss: PreferenceLoss
     plan: StepPlan
+    layout: RowLayout
+    ref_cache: ReferenceCache  # lives with the data: one reference pass per pair per version
     total_steps: int
     logger: MetricsLogger
     callbacks: CallbackList
 
 
-def setup(cfg: Config) -> Components:
-    """Builds everything: process groups, model source, data, policy, reference, loss."""
+def setup(cfg: Config, pairs: list | None = None) -> Components:
+    """Builds everything: process groups, model source, data, policy, reference, loss.
+
+    Args:
+        cfg: The validated config.
+        pairs: Already tokenised pairs to train on instead of `data.path` (benchmarks,
+            tests); None loads and validates the configured data.
+    """
     from transformers import AutoTokenizer
 
-    from metaapo_nemo.data.preference import DataSpec, load_preference_data
+    from metaapo_nemo.data.preference import DataSpec, PreferenceData, load_preference_data
     from metaapo_nemo.models.arch import load_arch
     from metaapo_nemo.parallel import state
     from metaapo_nemo.trainer import setup as S
@@ -80,11 +89,15 @@ def setup(cfg: Config) -> Components:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     d = cfg.data
     spec = DataSpec(S.data_source(d.path), d.split, d.max_length, d.max_prompt_length, d.on_bad_row, d.limit)
-    data = load_preference_data(spec, tokenizer)
+    if pairs is None:
+        data = load_preference_data(spec, tokenizer)
+    else:
+        data = PreferenceData(list(pairs), {}, f"{len(pairs)} given pairs")
     steps = S.total_steps(len(data.pairs), cfg)
     run_dir = S.make_run_dir(cfg, ctx)  # only once the data is known to be good
     plan = StepPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, ctx.dims.dp)
     plan.validate()
+    layout = layout_from_config(cfg, build.spec_choice(on_gpu=ctx.device.type == "cuda").impl)
     pad_id = tokenizer.pad_token_id
     policy = MegatronLM(arch, ctx, model_dir, build, S.optim_settings(cfg, steps), pad_id=pad_id)
     loss = S.loss_from_config(cfg)
@@ -98,7 +111,8 @@ def setup(cfg: Config) -> Components:
               f"of {plan.micro_batch} x dp {ctx.dims.dp}", flush=True)
     logger = MetricsLogger(run_dir, steps, enabled=ctx.is_main, progress=cfg.train.progress_bar)
     return Components(cfg, ctx, model_dir, run_dir, tokenizer, data.pairs, policy, reference,
-                      loss, plan, steps, logger, CallbackList([logger_callback(logger)]))
+                      loss, plan, layout, ReferenceCache(), steps, logger,
+                      CallbackList([logger_callback(logger)]))
 
 
 def logger_callback(logger: MetricsLogger):
@@ -112,31 +126,35 @@ def logger_callback(logger: MetricsLogger):
     return _Log()
 
 
+def fill_reference(c: Components, pairs: list) -> None:
+    """Reference log-probs of the given pairs that the cache does not hold yet."""
+    missing = c.ref_cache.missing(pairs)
+    if c.reference is None or not missing:
+        return
+    ctx = c.ctx
+    with reference_on_device(c.reference, ctx.device, c.cfg.reference.offload_to_cpu):
+        mbs = to_microbatches(missing, c.plan.micro_batch, c.tokenizer.pad_token_id, ctx.device, c.layout)
+        c.ref_cache.fill(c.reference, mbs)
+
+
 def train(c: Components) -> TrainState:
     """The training loop: reference log-probs -> policy step -> metrics -> callbacks."""
     cfg, ctx = c.cfg, c.ctx
     pad_id = c.tokenizer.pad_token_id
-    ref_cache = ReferenceCache()
     st = TrainState(total_steps=c.total_steps)
     c.callbacks.fire("on_train_start", st)
     for epoch in range(cfg.train.epochs):
         st.epoch = epoch
         batches = list(global_batches(c.pairs, c.plan.global_batch, cfg.run.seed, epoch, cfg.data.shuffle))
-        if c.reference is not None and cfg.reference.precompute:
-            ref_cache.clear()  # once per pass over the data
-            with reference_on_device(c.reference, ctx.device, cfg.reference.offload_to_cpu):
-                for batch in batches:
-                    mbs = rank_microbatches(batch, c.plan, ctx.dp_rank, pad_id, ctx.device)
-                    ref_cache.fill(c.reference, mbs)
+        if cfg.reference.precompute:  # the whole pass up front (a no-op once cached)
+            fill_reference(c, [p for b in batches for p in rank_slice(b, c.plan, ctx.dp_rank)])
         for batch in batches:
             t0 = time.perf_counter()
-            mbs = rank_microbatches(batch, c.plan, ctx.dp_rank, pad_id, ctx.device)
+            mine = rank_slice(batch, c.plan, ctx.dp_rank)
+            fill_reference(c, mine)  # per step: only pairs never seen by this reference
+            mbs = to_microbatches(mine, c.plan.micro_batch, pad_id, ctx.device, c.layout)
             if c.reference is not None:
-                if not cfg.reference.precompute:
-                    ref_cache.clear()
-                    with reference_on_device(c.reference, ctx.device, cfg.reference.offload_to_cpu):
-                        ref_cache.fill(c.reference, mbs)
-                ref_cache.attach(mbs, ctx.is_last_stage)
+                c.ref_cache.attach(mbs, ctx.is_last_stage)
             loss_fn = policy_loss_fn(c.loss, c.plan.global_batch, kl_estimate_from(st.metrics))
             c.policy.zero_grad()
             outs = c.policy.run(mbs, loss_fn, forward_only=False)

@@ -59,19 +59,21 @@ def test_recipes_found():
 def test_every_recipe_validates(recipe):
     cfg = load_config(recipe)
     assert isinstance(cfg, Config)
-    check_layout(cfg, 1, read_model_dims(cfg))
+    p = cfg.parallel
+    check_layout(cfg, p.tp * p.pp * p.cp, read_model_dims(cfg))  # the smallest world it fits
 
 
 @pytest.mark.parametrize("partial", PARTIALS, ids=lambda p: p.name)
 def test_base_partials_validate_with_a_model(partial):
-    cfg = load_config(partial, ["model.tiny.arch=llama"])
-    assert cfg.model.tiny == TinyModelConfig()
+    # a context long enough for every partial (the release's max_length is 4096)
+    cfg = load_config(partial, ["model.tiny.arch=llama", "model.tiny.max_position_embeddings=4096"])
+    assert cfg.model.tiny == TinyModelConfig(max_position_embeddings=4096)
 
 
 def test_default_recipe():
     assert DEFAULT_RECIPE == CONF_DIR / "tiny_cpu.yaml"
     cfg = load_config(None)
-    assert cfg.run.name == "tiny_cpu_dpo"
+    assert cfg.run.name == "tiny_cpu"
     assert cfg.model.tiny is not None and cfg.model.tiny.arch == "llama" and cfg.model.path is None
     assert (cfg.data.max_length, cfg.data.max_prompt_length) == (256, 128)
     assert (cfg.train.global_batch_size, cfg.train.micro_batch_size) == (8, 2)
@@ -226,7 +228,7 @@ def test_override_dict_value_and_interpolation():
     cfg = load_config(None, ["model.tiny={arch: qwen2, num_layers: 4}", "data.split=${run.name}"])
     assert (cfg.model.tiny.arch, cfg.model.tiny.num_layers) == ("qwen2", 4)
     assert cfg.model.tiny.hidden_size == 128  # dict overrides merge
-    assert cfg.data.split == "tiny_cpu_dpo"
+    assert cfg.data.split == "tiny_cpu"
 
 
 def test_override_into_null_section(tmp_path):
@@ -406,11 +408,11 @@ def test_world_size_from_env(monkeypatch):
 def test_dry_run_report_contains_layout_and_arithmetic():
     cfg = load_config(None, ["parallel.tp=2"])
     report = dry_run_report(cfg, 4, read_model_dims(cfg))
-    assert report.startswith("# resolved config\nrun:\n  name: tiny_cpu_dpo")
+    assert report.startswith("# resolved config\nrun:\n  name: tiny_cpu\n")
     assert "world_size=4 = tp 2 x cp 1 x pp 1 x dp 2" in report
     assert "rank  3 -> (dp=1, pp=0, tp=1)" in report
     assert "global_batch_size 8 / (micro_batch_size 2 x dp 2) = 2 micro-batches per step" in report
-    assert "memory estimate per rank" in report
+    assert "memory plan per GPU" in report
 
 
 def test_dry_run_report_rejects_bad_layout():

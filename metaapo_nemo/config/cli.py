@@ -117,10 +117,8 @@ def read_model_dims(cfg: Config) -> dict | None:
             "max_position_embeddings": tiny.max_position_embeddings,
             "tie_word_embeddings": tiny.tie_word_embeddings,
         }
-    config_json = resolve_repo_path(cfg.model.path) / "config.json"
-    try:
-        hf = json.loads(config_json.read_text())
-    except (OSError, ValueError):
+    hf = read_arch_json(cfg)
+    if hf is None:
         return None
     hf = hf.get("text_config", hf)  # multimodal wrappers keep the LM under text_config
     heads = hf.get("num_attention_heads")
@@ -134,6 +132,57 @@ def read_model_dims(cfg: Config) -> dict | None:
         "max_position_embeddings": hf.get("max_position_embeddings"),
         "tie_word_embeddings": hf.get("tie_word_embeddings", False),
     }
+
+
+def read_arch_json(cfg: Config) -> dict | None:
+    """The HF config dict of model.path (if reachable), else of model.arch_config, else None."""
+    candidates = []
+    if cfg.model.path is not None:
+        candidates.append(resolve_repo_path(cfg.model.path) / "config.json")
+    if cfg.model.arch_config is not None:
+        candidates.append(resolve_repo_path(cfg.model.arch_config))
+    for config_json in candidates:
+        try:
+            return json.loads(config_json.read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def memory_plan(cfg: Config, tp: int, pp: int, dp: int, accum: int):
+    """The planner's per-GPU estimate for this config, or None if the architecture is unknown."""
+    from metaapo_nemo.models.arch import arch_from_hf_dict
+    from metaapo_nemo.planner import GiB, PlanInput, plan_memory
+
+    if cfg.model.tiny is not None:
+        t = cfg.model.tiny
+        hf = {"model_type": t.arch, "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+              "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_attention_heads,
+              "num_key_value_heads": t.num_key_value_heads, "intermediate_size": t.intermediate_size,
+              "max_position_embeddings": t.max_position_embeddings,
+              "tie_word_embeddings": t.tie_word_embeddings if t.tie_word_embeddings is not None
+              else t.arch == "qwen2"}
+    else:
+        hf = read_arch_json(cfg)
+        if hf is None:
+            return None
+    try:
+        arch = arch_from_hf_dict(hf.get("text_config", hf))
+    except (ValueError, KeyError, TypeError):
+        return None  # not an architecture the planner knows: the rough estimate is printed
+    sampling = cfg.metaapo.sampling != "none"
+    gpu = cfg.planner.gpu_memory_gib
+    vllm_weights = arch.num_parameters * 2 / cfg.rollout.tp / GiB
+    return plan_memory(PlanInput(
+        arch=arch, tp=tp, pp=pp, dp=dp, dtype=cfg.model.dtype if cfg.model.fp8 is None else "bfloat16",
+        distributed_optimizer=cfg.parallel.distributed_optimizer, recompute=cfg.parallel.recompute,
+        seq_length=cfg.data.max_length, micro_batch_rows=cfg.train.micro_batch_size * (4 if sampling else 2),
+        num_microbatches=accum, reference_offloaded=cfg.reference.offload_to_cpu,
+        reference_resident=cfg.loss.name != "simpo", vllm_tp=cfg.rollout.tp,
+        vllm_kv_cache_gib=max(0.0, cfg.rollout.gpu_memory_utilization * gpu - vllm_weights) if sampling else 0.0,
+        rollout=sampling, reward_offloaded=cfg.reward.offload_to_cpu,
+        gpu_memory_gib=gpu,
+    ))
 
 
 def estimate_params(dims: dict) -> int | None:
@@ -202,7 +251,18 @@ def dry_run_report(cfg: Config, world_size: int, model_dims: dict | None) -> str
     if model_dims is not None:
         shape = ", ".join(f"{k}={v}" for k, v in model_dims.items())
         lines.append(f"model: {shape}")
-    lines += _memory_lines(cfg, model_dims, dims.tp, dims.pp, dims.dp)
+    plan = memory_plan(cfg, dims.tp, dims.pp, dims.dp, accum)
+    if plan is None:
+        lines += _memory_lines(cfg, model_dims, dims.tp, dims.pp, dims.dp)
+    else:
+        from metaapo_nemo.planner import check_fits
+
+        lines.append(plan.report(cfg.planner.gpu_memory_gib))
+        problem = check_fits(plan, cfg.planner.gpu_memory_gib, cfg.planner.on_exceed)
+        if problem is not None and cfg.planner.on_exceed == "error":
+            raise ConfigError(problem)
+        if problem is not None:
+            lines.append("WARNING: " + problem)
     return "\n".join(lines)
 
 

@@ -102,6 +102,9 @@ class ModelConfig(_Section):
 
     path: str | None = None
     tiny: TinyModelConfig | None = None
+    # An HF config.json of the architecture, read by --dry-run and the memory planner when
+    # model.path is not reachable from this machine (e.g. conf/models/llama31_8b.json).
+    arch_config: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
     # Layer implementation: auto = Transformer Engine on a CUDA machine with TE, else the
     # local (plain PyTorch) spec. FP8 needs TE + bf16 (models/layer_spec.py).
@@ -196,6 +199,19 @@ class TrainConfig(_Section):
     log_every: int = Field(1, gt=0)
     save_final_hf: bool = True
     progress_bar: Literal["auto", "on", "off"] = "auto"  # auto: only on a terminal
+    # Row layout of micro-batches (metaapo_nemo/trainer/rows.py): pad = one sequence per
+    # row in data order; bucket = pairs sorted by length within the step; pack = pairs
+    # packed into rows of pack_tokens tokens (block-diagonal attention). Same gradients;
+    # bucket is the fastest on CPU (benchmarks/results/dpo_step_vs_trl.jsonl).
+    batching: Literal["pad", "bucket", "pack"] = "bucket"
+    # One row block [prompt | chosen | rejected] per pair (prompt computed once). null: on
+    # with the local (CPU) layer spec, off with Transformer Engine (its fused attention
+    # takes no arbitrary mask).
+    share_prompt: bool | None = None
+    pack_tokens: int | None = Field(None, gt=1)  # pack row length; None: the step's longest pair
+    # Core attention of the local (CPU) layer spec: megatron's DotProductAttention, or torch
+    # SDPA (same maths, blockwise; 3-5x faster on CPU at long rows). TE keeps its own.
+    attention: Literal["megatron", "sdpa"] = "sdpa"
 
     @field_validator("progress_bar", mode="before")
     @classmethod
@@ -322,6 +338,14 @@ class RewardConfig(_Section):
         return self
 
 
+class PlannerConfig(_Section):
+    """Per-GPU memory check (metaapo_nemo/planner.py): printed by --dry-run, enforced at
+    start-up on GPU machines."""
+
+    gpu_memory_gib: float = Field(80.0, gt=0)  # H100 80GB
+    on_exceed: Literal["error", "warn"] = "error"
+
+
 class Config(BaseModel):
     """The whole run. Sections mirror the top-level keys of a recipe YAML."""
 
@@ -338,6 +362,7 @@ class Config(BaseModel):
     metaapo: MetaAPOConfig = Field(default_factory=MetaAPOConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    planner: PlannerConfig = Field(default_factory=PlannerConfig)
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:

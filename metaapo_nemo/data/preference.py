@@ -116,6 +116,8 @@ class TokenizedPair:
         rejected_ids: Rejected response tokens only, ending with eos unless truncated.
         chosen_truncated: The chosen response was cut to fit ``max_length``.
         rejected_truncated: The rejected response was cut to fit ``max_length``.
+        prompt_messages: The conversation before the response, as (role, content) pairs
+            (online generation's reward model applies its own chat template to it).
     """
 
     index: int
@@ -124,6 +126,11 @@ class TokenizedPair:
     rejected_ids: tuple[int, ...]
     chosen_truncated: bool = False
     rejected_truncated: bool = False
+    prompt_messages: tuple[tuple[str, str], ...] = ()
+
+    def messages(self) -> list[dict[str, str]]:
+        """`prompt_messages` as chat-template dicts."""
+        return [{"role": r, "content": c} for r, c in self.prompt_messages]
 
 
 @dataclass
@@ -399,7 +406,8 @@ def _tokenize_pair(row: _Row, tokenizer: Any, spec: DataSpec, eos_id: int, file:
     return TokenizedPair(
         index=index, prompt_ids=tuple(prompt_ids),
         chosen_ids=tuple(chosen[:budget]), rejected_ids=tuple(rejected[:budget]),
-        chosen_truncated=len(chosen) > budget, rejected_truncated=len(rejected) > budget)
+        chosen_truncated=len(chosen) > budget, rejected_truncated=len(rejected) > budget,
+        prompt_messages=tuple((m["role"], m["content"]) for m in row.prompt_messages))
 
 
 def load_preference_data(spec: DataSpec, tokenizer: Any) -> PreferenceData:

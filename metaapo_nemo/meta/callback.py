@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from metaapo_nemo.meta.learner import MetaLearner
 from metaapo_nemo.trainer.callbacks import TrainState
 
@@ -13,10 +15,13 @@ class MetaUpdateCallback:
     T_meta steps but h_phi never changes.
     """
 
-    def __init__(self, learner: MetaLearner, every: int = 8, frozen: bool = False):
+    def __init__(self, learner: MetaLearner, every: int = 8, frozen: bool = False,
+                 after_step: Callable[[], None] | None = None):
+        """`after_step` runs after every meta step (e.g. sync h_phi across pipeline stages)."""
         if every < 1:
             raise ValueError(f"metaapo.t_meta={every} must be >= 1")
         self.learner, self.every, self.frozen = learner, every, frozen
+        self.after_step = after_step
         self.last: dict[str, float] = {}
 
     def on_step_end(self, state: TrainState) -> None:
@@ -26,4 +31,6 @@ class MetaUpdateCallback:
             self.learner.buffer.clear()
             return
         self.last = self.learner.step()
+        if self.after_step is not None:
+            self.after_step()
         state.metrics.update(self.last)

@@ -28,6 +28,11 @@ class BuildOptions:
     dtype: str = "float32"
     recompute: str | None = None  # None | "selective" | "full"
     sequence_parallel: bool = False
+    # RoPE at explicit per-token positions (shared-prompt and packed rows): megatron's
+    # 'rope' path ignores position_ids, its 'mrope' path with one section spanning every
+    # rotary channel is ordinary RoPE at the given positions (see `explicit_positions`).
+    explicit_positions: bool = False
+    attention: str = "megatron"  # local spec core attention: "megatron" | "sdpa"
     transformer_impl: str = "auto"  # auto | local | transformer_engine (see layer_spec.py)
     fp8: str | None = None  # None | hybrid | e4m3 (TE only)
     fp8_recipe: str = "delayed"
@@ -102,6 +107,9 @@ def transformer_config(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions
         batch_p2p_sync=not on_cpu,
         # The loss normalises by the global pair count itself (see PolicyModel).
         calculate_per_token_loss=True,
+        # One mrope section covering all head_dim / 2 rotary frequencies: the first row of
+        # the [3, B, S] position ids drives every channel (the other two sections are empty).
+        mrope_section=[arch.head_dim // 2, 0, 0] if opts.explicit_positions else None,
         **recompute,
         **fp8_kwargs(opts.spec_choice(on_gpu=not on_cpu)),
     )
@@ -120,7 +128,12 @@ def build_gpt_chunks(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions) 
                 "is not supported by megatron-core (it fixes 1/4/8192)"
             )
     config = transformer_config(arch, ctx, opts)
-    spec = layer_spec(opts.spec_choice(on_gpu=ctx.device.type == "cuda"))
+    choice = opts.spec_choice(on_gpu=ctx.device.type == "cuda")
+    spec = layer_spec(choice)
+    if opts.attention == "sdpa" and choice.impl == "local":
+        from metaapo_nemo.models.attention import use_sdpa_core
+
+        use_sdpa_core(spec)
     vpp = ctx.dims.vpp or 1
     chunks = []
     for vp_stage in range(vpp):
@@ -135,13 +148,15 @@ def build_gpt_chunks(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions) 
             post_process=last,
             parallel_output=True,
             share_embeddings_and_output_weights=arch.tie_word_embeddings,
-            position_embedding_type="rope",
+            position_embedding_type="mrope" if opts.explicit_positions else "rope",
             rotary_base=arch.rope_theta,  # type: ignore[arg-type]  (float bases are valid)
             rope_scaling=arch.rope_scaling is not None,
             rope_scaling_factor=arch.rope_scaling.factor if arch.rope_scaling else 8.0,
             **compat.gpt_model_kwargs(vp_stage if ctx.dims.vpp else None),
         )
         _mark_tensor_parallel_weights(model, config.gated_linear_unit)
+        if opts.explicit_positions:
+            _use_rope_frequencies(model, arch)
         model.to(ctx.device)
         chunks.append(model)
     return chunks
@@ -176,6 +191,25 @@ def _mark_tensor_parallel_weights(model: torch.nn.Module, gated: bool) -> None:
             weight.tensor_model_parallel = True
             weight.partition_dim = dim
             weight.partition_stride = stride
+
+
+def _use_rope_frequencies(model: torch.nn.Module, arch: ModelArch) -> None:
+    """Gives the mrope module exactly the inverse frequencies of the 'rope' path.
+
+    megatron's `MultimodalRotaryEmbedding` computes plain inverse frequencies and knows no
+    llama3 scaling; take them from a `RotaryEmbedding` built with the same arguments, so
+    explicit positions give bit-identical angles to the implicit 0..S-1 path.
+    """
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    rope = RotaryEmbedding(
+        kv_channels=arch.head_dim, rotary_percent=1.0, rotary_base=arch.rope_theta,
+        rope_scaling=arch.rope_scaling is not None,
+        rope_scaling_factor=arch.rope_scaling.factor if arch.rope_scaling else 8.0,
+        use_cpu_initialization=True,
+    )
+    old = model.rotary_pos_emb.inv_freq
+    model.rotary_pos_emb.inv_freq = rope.inv_freq.to(device=old.device, dtype=old.dtype)
 
 
 def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:

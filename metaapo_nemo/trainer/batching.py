@@ -2,21 +2,24 @@
 
 A global batch of G pairs (one optimiser step) is split evenly over the D data-parallel
 ranks (contiguous slices, so the split is the same on every rank without communication)
-and each rank's G/D pairs into micro-batches of m pairs. A pair's chosen and rejected rows
-are always adjacent in the same micro-batch (rows 2i, 2i+1), so they are never separated
-by micro-batching, pipeline schedules or DP sharding.
+and each rank's G/D pairs into micro-batches in a `RowLayout` (m pairs per micro-batch when
+padded or bucketed, a token budget per row when packed). A pair's chosen and rejected
+sequences always sit in the same micro-batch, so they are never separated by
+micro-batching, pipeline schedules or DP sharding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from torch.profiler import record_function
 
-from metaapo_nemo.data.collate import collate_pairs, epoch_order
+from metaapo_nemo.data.collate import epoch_order
 from metaapo_nemo.data.preference import TokenizedPair
 from metaapo_nemo.models.policy import MicroBatch
+from metaapo_nemo.trainer.rows import RowLayout, build_microbatches
 
 
 @dataclass(frozen=True)
@@ -58,24 +61,49 @@ def global_batches(
         yield [pairs[i] for i in order[start:start + global_batch]]
 
 
-def rank_microbatches(
-    batch: Sequence[TokenizedPair], plan: StepPlan, dp_rank: int, pad_id: int, device: torch.device
+def rank_slice(batch: Sequence[TokenizedPair], plan: StepPlan, dp_rank: int) -> list[TokenizedPair]:
+    """This DP rank's contiguous share of a global batch."""
+    return list(batch[dp_rank * plan.per_rank:(dp_rank + 1) * plan.per_rank])
+
+
+def to_microbatches(
+    pairs: Sequence[TokenizedPair],
+    micro_pairs: int,
+    pad_id: int,
+    device: torch.device,
+    layout: RowLayout | None = None,
 ) -> list[MicroBatch]:
-    """This DP rank's slice of a global batch, collated into micro-batches."""
-    mine = batch[dp_rank * plan.per_rank:(dp_rank + 1) * plan.per_rank]
-    out = []
-    for start in range(0, len(mine), plan.micro_batch):
-        group = mine[start:start + plan.micro_batch]
-        pb = collate_pairs(group, pad_id=pad_id)
-        out.append(
-            MicroBatch(
-                input_ids_NT=pb.input_ids_NT.to(device),
-                labels_NT=pb.labels_NT.to(device),
-                loss_mask_NT=pb.loss_mask_NT.to(device),
-                extras={
-                    "pair_index": torch.tensor([p.index for p in group], device=device),
-                    "tokens": sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in group),
-                },
-            )
-        )
-    return out
+    """Pairs of one rank -> micro-batches on `device`.
+
+    Args:
+        pairs: The pairs (e.g. this rank's share of a step, or the uncached ones).
+        micro_pairs: Pairs per micro-batch for the "pad" and "bucket" layouts.
+        pad_id: Padding token id.
+        device: Where the tensors go.
+        layout: Row layout (`metaapo_nemo.trainer.rows`); None = "pad", one sequence per
+            row in data order (the reference path).
+    """
+    with record_function("data"):
+        mbs = build_microbatches(pairs, layout or RowLayout(), micro_pairs, pad_id)
+        return [_to(mb, device) for mb in mbs]
+
+
+def rank_microbatches(
+    batch: Sequence[TokenizedPair],
+    plan: StepPlan,
+    dp_rank: int,
+    pad_id: int,
+    device: torch.device,
+    layout: RowLayout | None = None,
+) -> list[MicroBatch]:
+    """This DP rank's slice of a global batch, collated into micro-batches (`to_microbatches`)."""
+    return to_microbatches(rank_slice(batch, plan, dp_rank), plan.micro_batch, pad_id, device, layout)
+
+
+def _to(mb: MicroBatch, device: torch.device) -> MicroBatch:
+    move = lambda x: None if x is None else x.to(device)  # noqa: E731
+    extras = {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in mb.extras.items()}
+    return replace(mb, input_ids_NT=mb.input_ids_NT.to(device), labels_NT=mb.labels_NT.to(device),
+                   loss_mask_NT=mb.loss_mask_NT.to(device), extras=extras,
+                   attention_mask_N1TT=move(mb.attention_mask_N1TT),
+                   position_ids_NT=move(mb.position_ids_NT), seq_index_NT=move(mb.seq_index_NT))

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 import torch
 
 from metaapo_nemo.losses import PairLogps, PreferenceLoss
-from metaapo_nemo.models.logprobs import sequence_logprobs
 from metaapo_nemo.models.policy import LossFn, MegatronLM, MicroBatch
 
 # Per-micro-batch sums reduced into step metrics (order fixed: it is a wire format).
@@ -31,7 +30,7 @@ STAT_KEYS = (
 
 
 def _seq_logps(mb: MicroBatch, logps_NT: torch.Tensor) -> torch.Tensor:
-    return sequence_logprobs(logps_NT, mb.loss_mask_NT)
+    return mb.sequence_logps(logps_NT)
 
 
 def reference_loss_fn(mb: MicroBatch, logps_NT: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -40,16 +39,40 @@ def reference_loss_fn(mb: MicroBatch, logps_NT: torch.Tensor) -> tuple[torch.Ten
 
 
 class ReferenceCache:
-    """Reference sequence log-probs by pair index (filled per step or once per pass)."""
+    """Reference sequence log-probs of the offline pairs, keyed by pair index.
+
+    It lives with the data for the whole run (not per step): a pair's reference values
+    are computed once per reference version, by a per-step fill, a once-per-pass
+    precompute, or MetaAPO's round-start margin pass (`rounds.offline_margins`), and
+    reused by every later step and epoch. `invalidate()` drops everything when the
+    reference changes (MetaAPO's per-round reference); `version` counts those changes.
+
+    Every pipeline stage records WHICH pairs are cached (values exist on the last stage
+    only), so all stages agree on `missing()` and run the same reference micro-batches.
+    """
 
     def __init__(self) -> None:
-        self._store: dict[int, tuple[float, float]] = {}
+        self._store: dict[int, tuple[float, float] | None] = {}
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self._store)
 
-    def clear(self) -> None:
+    def __contains__(self, pair_index: int) -> bool:
+        return pair_index in self._store
+
+    def invalidate(self) -> None:
+        """The reference changed: forget every value and bump `version`."""
         self._store.clear()
+        self.version += 1
+
+    def clear(self) -> None:
+        """Alias of `invalidate` (kept for callers of the per-step cache)."""
+        self.invalidate()
+
+    def missing(self, pairs: Sequence) -> list:
+        """The pairs (objects with `.index`) whose reference values are not cached."""
+        return [p for p in pairs if p.index not in self._store]
 
     def has_all(self, microbatches: Sequence[MicroBatch]) -> bool:
         return all(int(i) in self._store for mb in microbatches for i in mb.extras["pair_index"])
@@ -57,18 +80,27 @@ class ReferenceCache:
     def fill(self, reference: MegatronLM, microbatches: Sequence[MicroBatch]) -> None:
         """Runs the frozen reference over micro-batches (last PP stage keeps the values)."""
         outs = reference.run(microbatches, reference_loss_fn, forward_only=True)
-        for mb, out in zip(microbatches, outs):
-            seq = out["seq_logps_N"].double().cpu()
+        self.store(microbatches, [o["seq_logps_N"] for o in outs])
+
+    def store(self, microbatches: Sequence[MicroBatch], seq_logps: Sequence[torch.Tensor]) -> None:
+        """Records reference sequence log-probs [2B] per micro-batch (empty off the last stage)."""
+        for k, mb in enumerate(microbatches):
+            seq = seq_logps[k].double().cpu() if k < len(seq_logps) else None
             for j, idx in enumerate(mb.extras["pair_index"].tolist()):
-                self._store[idx] = (float(seq[2 * j]), float(seq[2 * j + 1]))
+                self._store[idx] = None if seq is None else (float(seq[2 * j]), float(seq[2 * j + 1]))
 
     def attach(self, microbatches: Sequence[MicroBatch], on_last_stage: bool) -> None:
         """Puts `ref_logps_N` into each micro-batch's extras (needed on the last stage only)."""
         if not on_last_stage:
             return
         for mb in microbatches:
-            vals = [v for i in mb.extras["pair_index"].tolist() for v in self._store[i]]
+            vals = [v for i in mb.extras["pair_index"].tolist() for v in self._value(i)]
             mb.extras["ref_logps_N"] = torch.tensor(vals, dtype=torch.float32, device=mb.input_ids_NT.device)
+
+    def _value(self, idx: int) -> tuple[float, float]:
+        value = self._store[idx]
+        assert value is not None, f"pair {idx}: reference values live on the last stage only"
+        return value
 
 
 @contextmanager
@@ -94,7 +126,7 @@ def reference_on_device(
 def pair_logps(mb: MicroBatch, logps_NT: torch.Tensor) -> PairLogps:
     """Per-pair sums for the loss (ref values from extras when present)."""
     seq_N = _seq_logps(mb, logps_NT)
-    lengths_N = mb.loss_mask_NT.sum(dim=-1)
+    lengths_N = mb.sequence_lengths()
     ref_N = mb.extras.get("ref_logps_N")
     return PairLogps(
         policy_chosen_B=seq_N[0::2],

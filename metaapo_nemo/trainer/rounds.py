@@ -19,10 +19,9 @@ import torch.distributed as dist
 from metaapo_nemo.data.preference import TokenizedPair
 from metaapo_nemo.losses import PairLogps, PreferenceLoss
 from metaapo_nemo.losses.meta_weighted import mix_losses
-from metaapo_nemo.models.logprobs import sequence_logprobs
 from metaapo_nemo.models.policy import LossFn, MegatronLM, MicroBatch
 from metaapo_nemo.parallel.state import ParallelContext
-from metaapo_nemo.trainer.preference import reference_loss_fn
+from metaapo_nemo.trainer.preference import ReferenceCache, reference_loss_fn
 
 ROWS_PER_PROMPT = 4
 
@@ -78,8 +77,8 @@ def collate_round(items: Sequence[RoundItem], pad_id: int, device: torch.device)
 
 def split_pairs_view(mb: MicroBatch, logps_NT: torch.Tensor) -> tuple[PairLogps, PairLogps]:
     """Offline and online PairLogps of a 4-row-per-prompt micro-batch."""
-    seq = sequence_logprobs(logps_NT, mb.loss_mask_NT)
-    length = mb.loss_mask_NT.sum(-1).clamp(min=1.0)  # placeholders: 0 tokens -> 1 (finite SimPO)
+    seq = mb.sequence_logps(logps_NT)
+    length = mb.sequence_lengths().clamp(min=1.0)  # placeholders: 0 tokens -> 1 (finite SimPO)
     ref = mb.extras.get("ref_logps_N")
 
     def view(a: int, b: int) -> PairLogps:
@@ -196,13 +195,27 @@ def offline_margins(
     loss: PreferenceLoss,
     microbatches: Sequence[MicroBatch],
     ctx: ParallelContext,
+    ref_cache: ReferenceCache | None = None,
 ) -> dict[int, float]:
     """m_off per prompt id with the current policy and reference (forward only), on all ranks.
 
-    `microbatches` are this DP rank's offline pairs (2 rows per pair, as in offline DPO).
+    `microbatches` are this DP rank's offline pairs (2 per pair, as in offline DPO; any
+    `RowLayout`). With `ref_cache`, the reference runs only on micro-batches with uncached
+    pairs and its values go INTO the cache, so the round's training steps attach them
+    instead of running the reference again: one reference forward per offline pair per
+    reference version (the cache is invalidated when the reference changes).
     """
     pol = policy.run(microbatches, reference_loss_fn, forward_only=True)
-    ref = reference.run(microbatches, reference_loss_fn, forward_only=True) if reference else [None] * len(pol)
+    if reference is not None and ref_cache is not None:
+        todo = [mb for mb in microbatches if not ref_cache.has_all([mb])]
+        if todo:  # the same micro-batches on every pipeline stage
+            ref_cache.fill(reference, todo)
+        ref_cache.attach(microbatches, ctx.is_last_stage)
+        ref = [None] * len(pol)
+    elif reference is not None:
+        ref = reference.run(microbatches, reference_loss_fn, forward_only=True)
+    else:
+        ref = [None] * len(pol)
     local: dict[int, float] = {}
     for mb, p_out, r_out in zip(microbatches, pol, ref):
         seq = p_out["seq_logps_N"]
@@ -215,7 +228,7 @@ def offline_margins(
 
 
 def _pairs_from_seq(mb: MicroBatch, seq_N: torch.Tensor) -> PairLogps:
-    length = mb.loss_mask_NT.sum(-1)
+    length = mb.sequence_lengths()
     ref = mb.extras.get("ref_logps_N")
     return PairLogps(
         seq_N[0::2], seq_N[1::2], length[0::2], length[1::2],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from metaapo_nemo.losses import PreferenceLoss, build_loss, loss_params
 from metaapo_nemo.models.megatron_model import BuildOptions
 from metaapo_nemo.models.policy import OptimSettings
 from metaapo_nemo.parallel.state import ParallelContext
+from metaapo_nemo.trainer.rows import layout_from_config
 
 
 def _barrier(ctx: ParallelContext) -> None:
@@ -78,12 +80,15 @@ def build_options(cfg: Config) -> BuildOptions:
     opts = BuildOptions(dtype=m.dtype, recompute=p.recompute, sequence_parallel=p.sequence_parallel,
                         transformer_impl=m.transformer_impl, fp8=m.fp8, fp8_recipe=m.fp8_recipe,
                         fp8_amax_history_len=m.fp8_amax_history_len,
-                        fp8_amax_compute_algo=m.fp8_amax_compute_algo)
+                        fp8_amax_compute_algo=m.fp8_amax_compute_algo,
+                        attention=cfg.train.attention)
     try:
-        opts.spec_choice(on_gpu=cuda)
+        impl = opts.spec_choice(on_gpu=cuda).impl
+        layout = layout_from_config(cfg, impl)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return opts
+    # shared-prompt / packed rows need RoPE at explicit per-token positions
+    return dataclasses.replace(opts, explicit_positions=layout.explicit_positions)
 
 
 def optim_settings(cfg: Config, total_steps: int) -> OptimSettings:
@@ -125,6 +130,29 @@ def total_steps(num_pairs: int, cfg: Config) -> int:
         raise ConfigError(
             f"the data has {num_pairs} usable pairs, fewer than train.global_batch_size="
             f"{cfg.train.global_batch_size}; lower the global batch or add data"
+        )
+    steps = per_epoch * cfg.train.epochs
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+
+def metaapo_total_steps(num_pairs: int, cfg: Config) -> int:
+    """Nominal optimiser steps of a MetaAPO run (sets the LR schedule length).
+
+    Each round of `metaapo.round_size` prompts (cut to whole global batches) trains one pass
+    over its prompts. With `metaapo.unselected=drop` rounds train only the prompts that got
+    an online pair, so a run may take fewer steps than this nominal count.
+    """
+    G, R = cfg.train.global_batch_size, cfg.metaapo.round_size
+    if R % G:
+        raise ConfigError(
+            f"metaapo.round_size={R} is not a multiple of train.global_batch_size={G}; "
+            f"use {max(G, R - R % G)} or {R - R % G + G}"
+        )
+    per_epoch = sum(min(R, num_pairs - s) // G for s in range(0, num_pairs, R))
+    if per_epoch == 0:
+        raise ConfigError(
+            f"the data has {num_pairs} usable prompts, fewer than train.global_batch_size={G}; "
+            "lower the global batch or add data"
         )
     steps = per_epoch * cfg.train.epochs
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps

@@ -23,8 +23,12 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-QUESTIONS = ["What is 3 + 4?", "List three colours.", "What is the capital of Peru?",
-             "Give me one sentence about the sea."]
+QUESTIONS = [
+    "What is 3 + 4?",
+    "List three colours.",
+    "What is the capital of Peru?",
+    "Give me one sentence about the sea.",
+]
 NEW_TOKENS = 16
 TIE = 1e-4
 
@@ -76,17 +80,29 @@ def run_layout(spec: dict, tp: int, pp: int, dpo, first_group):
     from metaapo_nemo.rollout.generator import SamplingSettings, StaleWeightsError
     from metaapo_nemo.rollout.group import EnginePlacement, RolloutGroup, build_rollout_group
 
-    cfg = load_config(None, [
-        f"model.path={spec['model_dir']}", "model.tiny=null", f"parallel.tp={tp}",
-        f"parallel.pp={pp}", f"run.output_dir={spec['runs']}", f"run.name=tp{tp}pp{pp}",
-        "train.max_steps=1", "train.save_final_hf=false", "train.progress_bar=off",
-        f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.kv_cache_memory_mb=64"])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={spec['model_dir']}",
+            "model.tiny=null",
+            f"parallel.tp={tp}",
+            f"parallel.pp={pp}",
+            f"run.output_dir={spec['runs']}",
+            f"run.name=tp{tp}pp{pp}",
+            "train.max_steps=1",
+            "train.save_final_hf=false",
+            "train.progress_bar=off",
+            f"rollout.max_new_tokens={NEW_TOKENS}",
+            "rollout.kv_cache_memory_mb=64",
+        ],
+    )
     c = dpo.setup(cfg)
     if first_group is None:
         group = build_rollout_group(cfg, spec["model_dir"], c.ctx)
     else:  # reuse the engine; its weights are another job's until the push
-        group = RolloutGroup(first_group.generator, EnginePlacement.for_context(c.ctx), c.ctx,
-                             initial_step=None)
+        group = RolloutGroup(
+            first_group.generator, EnginePlacement.for_context(c.ctx), c.ctx, initial_step=None
+        )
     st = dpo.train(c)
     batch = _batch(c.tokenizer)
     sample = SamplingSettings(n=3, temperature=1.0, max_new_tokens=NEW_TOKENS, seed=3)
@@ -97,11 +113,14 @@ def run_layout(spec: dict, tp: int, pp: int, dpo, first_group):
         stale = True
     stats = group.push_megatron(c.policy.modules(), c.policy.arch, st.step, spec["cap"])
 
-    greedy = group.generate(batch, SamplingSettings(n=1, temperature=0.0, max_new_tokens=NEW_TOKENS),
-                            st.step)
+    greedy = group.generate(
+        batch, SamplingSettings(n=1, temperature=0.0, max_new_tokens=NEW_TOKENS), st.step
+    )
     ref = greedy_decode(c.policy, batch.prompt_ids, NEW_TOKENS, [c.tokenizer.eos_token_id])
-    compared = sum(_compared(list(g.samples[0].token_ids), r, gp)
-                   for g, r, gp in zip(greedy, ref.tokens, ref.gaps))
+    compared = sum(
+        _compared(list(g.samples[0].token_ids), r, gp)
+        for g, r, gp in zip(greedy, ref.tokens, ref.gaps)
+    )
     diffs, seen = {}, []
     for temperature in (1.0, 0.7):
         settings = SamplingSettings(n=3, temperature=temperature, max_new_tokens=NEW_TOKENS, seed=9)
@@ -109,16 +128,24 @@ def run_layout(spec: dict, tp: int, pp: int, dpo, first_group):
         samples = [s for g in out for s in g.samples]
         prompts = [g.prompt_ids for g in out for _ in g.samples]
         lps = sampled_logprobs(c.policy, prompts, [s.token_ids for s in samples], temperature)
-        diffs[str(temperature)] = max(abs(a - b) for s, r in zip(samples, lps)
-                                      for a, b in zip(s.logprobs, r))
+        diffs[str(temperature)] = max(
+            abs(a - b) for s, r in zip(samples, lps) for a, b in zip(s.logprobs, r)
+        )
         seen.append([s.token_ids for s in samples])
     every = [None] * c.ctx.dims.world_size
     dist.all_gather_object(every, (group.placement.hosts_engine, seen))
-    result = {"layout": [tp, pp], "step": st.step, "stale_before_push": stale,
-              "buckets": stats.buckets, "peak_bucket_bytes": stats.peak_bucket_bytes,
-              "greedy_compared": compared, "greedy_tokens": sum(len(r) for r in ref.tokens),
-              "logprob_max_diff": diffs, "hosts": [e[0] for e in every],
-              "samples_same_on_all_ranks": all(e[1] == every[0][1] for e in every)}
+    result = {
+        "layout": [tp, pp],
+        "step": st.step,
+        "stale_before_push": stale,
+        "buckets": stats.buckets,
+        "peak_bucket_bytes": stats.peak_bucket_bytes,
+        "greedy_compared": compared,
+        "greedy_tokens": sum(len(r) for r in ref.tokens),
+        "logprob_max_diff": diffs,
+        "hosts": [e[0] for e in every],
+        "samples_same_on_all_ranks": all(e[1] == every[0][1] for e in every),
+    }
     dpo_state_destroy()
     return result, group
 

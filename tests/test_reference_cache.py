@@ -1,0 +1,112 @@
+"""The reference cache lives with the data: cached equals fresh, filled once per reference
+version (per step, per pass, or by MetaAPO's round-start margin pass), invalidated on change."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from metaapo_nemo.config.loader import REPO_ROOT, load_config
+from metaapo_nemo.data.synthetic import chat_lengths, synthetic_pairs
+
+PAIRS = synthetic_pairs(8, 250, chat_lengths((3, 30), (2, 30)), seed=5, eos_id=2)
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("recipe_dpo", REPO_ROOT / "recipes" / "dpo.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["recipe_dpo"] = mod
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+@pytest.fixture
+def comps(tmp_path):
+    from metaapo_nemo.parallel import state
+
+    dpo = _recipe()
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path / 'cache'}",
+                             "train.progress_bar=off", "train.save_final_hf=false", "train.epochs=2",
+                             "train.global_batch_size=4", "train.micro_batch_size=2",
+                             "train.max_steps=null", "optim.warmup_ratio=0"])
+    c = dpo.setup(cfg, pairs=PAIRS)
+    calls = []
+    run = c.reference.run
+    c.reference.run = lambda mbs, *a, **k: (calls.append(len(mbs)), run(mbs, *a, **k))[1]
+    try:
+        yield dpo, c, calls
+    finally:
+        c.logger.close()
+        state.destroy()
+
+
+def _fresh(c, pairs) -> dict[int, tuple[float, float]]:
+    """Reference values by a plain-layout forward, outside the cache."""
+    from metaapo_nemo.trainer.batching import to_microbatches
+    from metaapo_nemo.trainer.preference import reference_loss_fn
+
+    mbs = to_microbatches(pairs, 2, c.tokenizer.pad_token_id, c.ctx.device)
+    out = {}
+    for mb, o in zip(mbs, c.reference.run(mbs, reference_loss_fn, forward_only=True)):
+        for j, i in enumerate(mb.extras["pair_index"].tolist()):
+            out[i] = tuple(o["seq_logps_N"][2 * j:2 * j + 2].tolist())
+    return out
+
+
+def test_cached_equals_fresh_and_is_filled_once_per_version(comps):
+    dpo, c, calls = comps
+    dpo.fill_reference(c, PAIRS)
+    assert len(c.ref_cache) == len(PAIRS) and calls
+    filled = len(calls)
+    dpo.fill_reference(c, PAIRS[:3])  # all cached: the reference does not run
+    assert len(calls) == filled
+    fresh = _fresh(c, PAIRS)
+    for p in PAIRS:
+        cached = c.ref_cache._value(p.index)
+        torch.testing.assert_close(torch.tensor(cached), torch.tensor(fresh[p.index]), rtol=1e-6, atol=1e-6)
+    c.ref_cache.invalidate()  # e.g. MetaAPO's per-round reference update
+    assert len(c.ref_cache) == 0 and c.ref_cache.version == 1
+    assert c.ref_cache.missing(PAIRS) == PAIRS
+
+
+def test_two_epochs_run_the_reference_only_in_the_first(comps):
+    dpo, c, calls = comps
+    attached = []
+    policy_run = c.policy.run
+
+    def spy(mbs, loss_fn, forward_only):
+        attached.extend((int(i), tuple(mb.extras["ref_logps_N"][2 * j:2 * j + 2].tolist()))
+                        for mb in mbs for j, i in enumerate(mb.extras["pair_index"].tolist()))
+        return policy_run(mbs, loss_fn, forward_only)
+
+    c.policy.run = spy
+    st = dpo.train(c)
+    assert st.step == 2 * len(PAIRS) // 4
+    assert sum(calls) > 0 and len(c.ref_cache) == len(PAIRS)
+    first_epoch_calls = len(calls)
+    assert first_epoch_calls == len(PAIRS) // 4  # one reference run per step of epoch 1 only
+    by_pair: dict[int, list] = {}
+    for i, v in attached:
+        by_pair.setdefault(i, []).append(v)
+    assert all(len(v) == 2 and v[0] == v[1] for v in by_pair.values())  # epoch 2 reuses epoch 1
+
+
+def test_round_start_margins_fill_the_cache_and_match_the_uncached_pass(comps):
+    from metaapo_nemo.trainer.batching import to_microbatches
+    from metaapo_nemo.trainer.rounds import offline_margins
+
+    _, c, calls = comps
+    mbs = lambda: to_microbatches(PAIRS, 2, c.tokenizer.pad_token_id, c.ctx.device, c.layout)  # noqa: E731
+    plain = offline_margins(c.policy, c.reference, c.loss, mbs(), c.ctx)
+    n = len(calls)
+    cached = offline_margins(c.policy, c.reference, c.loss, mbs(), c.ctx, ref_cache=c.ref_cache)
+    assert len(c.ref_cache) == len(PAIRS) and len(calls) > n
+    n = len(calls)
+    again = offline_margins(c.policy, c.reference, c.loss, mbs(), c.ctx, ref_cache=c.ref_cache)
+    assert len(calls) == n  # the training steps of the round attach; no second reference pass
+    for i in plain:
+        assert cached[i] == pytest.approx(plain[i], rel=1e-5, abs=1e-5)
+        assert again[i] == cached[i]

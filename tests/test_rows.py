@@ -1,0 +1,136 @@
+"""Row layouts (pad / bucket / pack / shared prompt) and THD metadata: pure tensor checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metaapo_nemo.data.preference import TokenizedPair
+from metaapo_nemo.data.synthetic import chat_lengths, fixed_lengths, synthetic_pairs
+from metaapo_nemo.models.packed_seq import thd_offsets, thd_packed_seq_params
+from metaapo_nemo.trainer.rows import RowLayout, build_microbatches, data_tokens, pack_first_fit
+
+PAD = 0
+PAIR = TokenizedPair(7, prompt_ids=(10, 11, 12), chosen_ids=(20, 21), rejected_ids=(30, 31, 32))
+
+
+def test_shared_prompt_row_tokens_positions_labels_and_mask():
+    (mb,) = build_microbatches([PAIR], RowLayout("pad", share_prompt=True), 1, PAD)
+    # [p1 p2 | p3 c1 c2 | p3 r1 r2 r3]: the last prompt token opens each branch
+    assert mb.input_ids_NT.tolist() == [[10, 11, 12, 20, 21, 12, 30, 31, 32]]
+    assert mb.position_ids_NT.tolist() == [[0, 1, 2, 3, 4, 2, 3, 4, 5]]
+    assert mb.labels_NT.tolist() == [[11, 12, 20, 21, PAD, 30, 31, 32, PAD]]
+    assert mb.loss_mask_NT.tolist() == [[0, 0, 1, 1, 0, 1, 1, 1, 0]]
+    sel = mb.loss_mask_NT[0] > 0
+    assert mb.seq_index_NT[0][sel].tolist() == [0, 0, 1, 1, 1]  # chosen = 0, rejected = 1
+    visible = ~mb.attention_mask_N1TT[0, 0]
+    rejected = range(5, 9)
+    for q in rejected:  # rejected tokens: shared prefix + own branch, never the chosen branch
+        assert visible[q, :2].all() and not visible[q, 2:5].any()
+        assert visible[q, 5:q + 1].all() and not visible[q, q + 1:].any()
+    for q in range(2, 5):  # chosen tokens: prefix + own branch, causal
+        assert visible[q, :q + 1].all() and not visible[q, q + 1:].any()
+    assert mb.sequence_lengths().tolist() == [2.0, 3.0]
+    assert mb.extras["tokens"] == data_tokens(PAIR) == 11
+
+
+def test_packed_row_is_block_diagonal_with_restarting_positions():
+    other = TokenizedPair(8, (40,), (50, 51), (60,))
+    (mb,) = build_microbatches([PAIR, other], RowLayout("pack", pack_tokens=32), 2, PAD)
+    assert mb.input_ids_NT.shape[0] == 1 and mb.num_seqs == 4
+    blocks = mb.extras["row_blocks"][0]
+    assert blocks == [5, 6, 3, 2]
+    starts = [0, 5, 11, 14]
+    pos = mb.position_ids_NT[0].tolist()
+    for start, n in zip(starts, blocks):
+        assert pos[start:start + n] == list(range(n))
+    visible = ~mb.attention_mask_N1TT[0, 0]
+    for (s0, n0) in zip(starts, blocks):
+        for (s1, n1) in zip(starts, blocks):
+            block = visible[s0:s0 + n0, s1:s1 + n1]
+            if s0 == s1:
+                assert torch.equal(block, torch.ones(n0, n0, dtype=torch.bool).tril())
+            else:
+                assert not block.any()
+    # targets of sequence q are exactly its response tokens
+    sel = mb.loss_mask_NT[0] > 0
+    labels, seq = mb.labels_NT[0][sel].tolist(), mb.seq_index_NT[0][sel].tolist()
+    order = mb.extras["pair_index"].tolist()
+    pairs = {7: PAIR, 8: other}
+    for q in range(4):
+        pair = pairs[order[q // 2]]
+        want = list(pair.chosen_ids if q % 2 == 0 else pair.rejected_ids)
+        assert [lab for lab, s in zip(labels, seq) if s == q] == want
+
+
+@pytest.mark.parametrize("layout", [RowLayout("pad"), RowLayout("bucket"), RowLayout("pack"),
+                                    RowLayout("bucket", True), RowLayout("pack", True, pack_tokens=2048)])
+def test_every_pair_lands_whole_in_exactly_one_microbatch(layout):
+    pairs = synthetic_pairs(12, 300, chat_lengths((4, 60), (2, 60)), seed=1, eos_id=2)
+    mbs = build_microbatches(pairs, layout, 3, PAD)
+    seen = [i for mb in mbs for i in mb.extras["pair_index"].tolist()]
+    assert sorted(seen) == list(range(12))
+    assert sum(mb.extras["tokens"] for mb in mbs) == sum(data_tokens(p) for p in pairs)
+    by_index = {p.index: p for p in pairs}
+    for mb in mbs:  # both responses of every pair are scored in this micro-batch
+        lengths = mb.sequence_lengths().tolist()
+        for j, idx in enumerate(mb.extras["pair_index"].tolist()):
+            p = by_index[idx]
+            assert lengths[2 * j:2 * j + 2] == [len(p.chosen_ids), len(p.rejected_ids)]
+    if layout.batching == "pack":
+        assert all(mb.input_ids_NT.shape[0] == 1 for mb in mbs)
+        assert all(mb.input_ids_NT.shape[1] <= (layout.pack_tokens or 10**9) for mb in mbs)
+
+
+def test_bucket_groups_similar_lengths_and_pads_less():
+    pairs = synthetic_pairs(16, 300, chat_lengths((4, 200), (2, 200)), seed=2)
+    padded = lambda mbs: sum(mb.input_ids_NT.numel() for mb in mbs)  # noqa: E731
+    assert padded(build_microbatches(pairs, RowLayout("bucket"), 2, PAD)) < \
+        padded(build_microbatches(pairs, RowLayout("pad"), 2, PAD))
+
+
+def test_pad_layout_is_the_plain_collation():
+    pairs = synthetic_pairs(4, 300, fixed_lengths(5, 3), seed=0)
+    mb = build_microbatches(pairs, RowLayout("pad"), 4, PAD)[0]
+    assert mb.attention_mask_N1TT is None and mb.position_ids_NT is None and mb.seq_index_NT is None
+    assert not mb.select_logits
+
+
+def test_fixed_length_pads_every_row_and_keeps_padding_to_itself():
+    mb = build_microbatches([PAIR], RowLayout("pad", True, fixed_length=12), 1, PAD)[0]
+    assert mb.input_ids_NT.shape == (1, 12)
+    visible = ~mb.attention_mask_N1TT[0, 0]
+    assert not visible[:9, 9:].any() and not visible[9:, :9].any()
+    assert visible.diagonal().all()  # no query is ever fully masked
+
+
+def test_first_fit_decreasing():
+    assert pack_first_fit([5, 3, 4, 2], 7) == [[0, 3], [2, 1]]
+    with pytest.raises(ValueError, match="pack_tokens"):
+        pack_first_fit([9], 8)
+
+
+def test_thd_offsets_and_params():
+    real, padded = thd_offsets([[5, 6], [3, 2]], row_length=12)
+    assert real == [5, 6, 3, 2] and padded == [5, 7, 3, 9]
+    real, padded = thd_offsets([[5, 6]], row_length=20, pad_multiple=4)  # e.g. 2 * cp
+    assert real == [5, 6] and padded == [8, 12]
+    params = thd_packed_seq_params([[5, 6], [3, 2]], row_length=12)
+    assert params.qkv_format == "thd"
+    assert params.cu_seqlens_q.tolist() == [0, 5, 11, 14, 16]
+    assert params.cu_seqlens_q_padded.tolist() == [0, 5, 12, 15, 24]  # 2 rows x 12 tokens
+    assert params.cu_seqlens_q.dtype == torch.int32
+    assert params.max_seqlen_q == params.max_seqlen_kv == 9
+    with pytest.raises(ValueError, match="row_length"):
+        thd_offsets([[8, 8]], row_length=12)
+    with pytest.raises(ValueError, match="multiple of 8 needs 24"):
+        thd_offsets([[3, 3, 3]], row_length=12, pad_multiple=8)
+
+
+def test_thd_params_from_a_packed_microbatch():
+    pairs = synthetic_pairs(6, 300, chat_lengths((4, 30), (2, 30)), seed=4)
+    for mb in build_microbatches(pairs, RowLayout("pack", pack_tokens=256), 2, PAD):
+        t = mb.input_ids_NT.shape[1]
+        params = thd_packed_seq_params(mb.extras["row_blocks"], t)
+        assert int(params.cu_seqlens_q_padded[-1]) == mb.input_ids_NT.numel()
+        assert int(params.cu_seqlens_q[-1]) == mb.extras["tokens"]  # every real token, once
