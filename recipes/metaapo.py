@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from metaapo_nemo.config.cli import dry_run_report, parse, read_model_dims, world_size_from_env
-from metaapo_nemo.config.schema import Config, ConfigError, check_layout
-from metaapo_nemo.data.preference import BadRowError, ChatTemplateError
+from metaapo_nemo.config.cli import read_model_dims, world_size_from_env
+from metaapo_nemo.config.schema import Config, check_layout
 from metaapo_nemo.meta import MetaLearner, MetaSettings, MetaUpdateCallback, select_for_sampling
 from metaapo_nemo.models.policy import MegatronLM
 from metaapo_nemo.parallel.state import ParallelContext
 from metaapo_nemo.trainer import online as O
+from metaapo_nemo.trainer.entry import run_recipe
 from metaapo_nemo.trainer.callbacks import CallbackList, TrainState
 from metaapo_nemo.trainer.metrics import MetricsLogger, reduce_stats
 from metaapo_nemo.trainer.rounds import (
@@ -42,7 +42,6 @@ from metaapo_nemo.trainer.rounds import (
     sum_round_stats,
 )
 
-USER_ERRORS = (ConfigError, BadRowError, ChatTemplateError, FileNotFoundError)
 
 
 @dataclass
@@ -269,18 +268,7 @@ def finish(c: Components, st: TrainState) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse(argv, description=__doc__)
-    if args.dry_run:
-        print(dry_run_report(cfg, world_size_from_env(), read_model_dims(cfg)))
-        return 0
-    try:
-        components = setup(cfg)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    st = train(components)
-    finish(components, st)
-    return 0
+    return run_recipe(__doc__, setup, train, finish, argv)
 
 
 if __name__ == "__main__":
