@@ -164,7 +164,8 @@ def summarize(runs: list[dict[str, Any]], pairs: int) -> dict[str, Any]:
     rss, rss_r = stat([r["peak_rss_mb"] for r in runs], 0)
     cpu, _ = stat([pairs / r["cpu_s"] for r in runs], 3)
     pre, _ = stat([r["precompute_s"] for r in runs], 2)
-    return {"pairs_per_s": pps, "pairs_per_s_range": pps_r, "tokens_per_s": tps,
+    # the best run too: on a shared machine the noise only ever slows a run down
+    return {"pairs_per_s": pps, "pairs_per_s_range": pps_r, "pairs_per_s_best": pps_r[1], "tokens_per_s": tps,
             "tokens_per_s_range": tps_r, "steady_pairs_per_s": steady, "precompute_s": pre,
             "peak_rss_mb": rss, "peak_rss_mb_range": rss_r, "pairs_per_cpu_s": cpu}
 
@@ -229,6 +230,7 @@ def report(meta, kind, data, configs, runs, pairs) -> list[dict[str, Any]]:
         if cfg["framework"] == "ours" and trl[cfg["reference"]]:
             base = trl[cfg["reference"]]
             line["ratio_vs_trl"] = round(s["pairs_per_s"] / base["pairs_per_s"], 3)
+            line["ratio_vs_trl_best"] = round(s["pairs_per_s_best"] / base["pairs_per_s_best"], 3)
             line["ratio_vs_trl_steady"] = round(s["steady_pairs_per_s"] / base["steady_pairs_per_s"], 3)
             line["ratio_vs_trl_cpu"] = round(s["pairs_per_cpu_s"] / base["pairs_per_cpu_s"], 3)
             line["target"] = 1.5 if cfg["reference"] == "per_step" else 1.2

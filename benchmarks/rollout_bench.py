@@ -192,7 +192,7 @@ def bench_generation(size: str, prompts: int, k: int, new_tokens: int, repeats: 
 # ---------------------------------------------------------------------------- refit
 
 
-def bench_refit(sizes: list[str], caps_mb: list[int], repeats: int) -> list[dict]:
+def bench_refit(sizes: list[str], caps_mb: list[int], repeats: int, emit) -> None:
     from metaapo_nemo.models.arch import load_arch
     from metaapo_nemo.models.convert import iter_hf_tensors
     from metaapo_nemo.models.megatron_model import BuildOptions
@@ -245,17 +245,16 @@ def bench_refit(sizes: list[str], caps_mb: list[int], repeats: int) -> list[dict
                     **machine(),
                 }
             )
-            print(json.dumps(out[-1]), flush=True)
+            emit(out[-1])
         gen.shutdown()
         del lm
     state.destroy()
-    return out
 
 
 # ---------------------------------------------------------------------------- reward
 
 
-def bench_reward(n: int, repeats: int) -> list[dict]:
+def bench_reward(n: int, repeats: int, emit) -> None:
     from metaapo_nemo.models.tiny import TinyModelSpec
     from metaapo_nemo.reward.hf import HFRewardModel
     from metaapo_nemo.reward.rule import RuleReward
@@ -293,8 +292,7 @@ def bench_reward(n: int, repeats: int) -> list[dict]:
                 **machine(),
             }
         )
-        print(json.dumps(out[-1]), flush=True)
-    return out
+        emit(out[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,24 +310,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="append the JSON lines here (with command, date)")
     args = parser.parse_args(argv)
     only = set(args.only or ("generation", "refit", "reward"))
-    results = []
+    command = "python benchmarks/rollout_bench.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+
+    def emit(record: dict) -> None:  # printed and appended at once: a partial run is kept
+        print(json.dumps(record), flush=True)
+        if args.out is not None:
+            with args.out.open("a") as f:
+                f.write(json.dumps({**record, "command": command.strip()}) + "\n")
+
     if "generation" in only:  # first: before megatron's CPU shims exist in the process
         for size in dict.fromkeys(["tiny", args.gen_size]):
-            results.append(
-                bench_generation(size, args.prompts, args.k, args.new_tokens, args.repeats)
-            )
-            print(json.dumps(results[-1]), flush=True)
+            emit(bench_generation(size, args.prompts, args.k, args.new_tokens, args.repeats))
     if "reward" in only:
-        results += bench_reward(256, args.repeats)
+        bench_reward(256, args.repeats, emit)
     if "refit" in only:
-        results += bench_refit(args.sizes, args.caps_mb, max(1, args.repeats // 2))
-    if args.out is not None:
-        command = "python benchmarks/rollout_bench.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]
-        )
-        with args.out.open("a") as f:
-            for r in results:
-                f.write(json.dumps({**r, "command": command.strip()}) + "\n")
+        bench_refit(args.sizes, args.caps_mb, max(1, args.repeats // 2), emit)
     return 0
 
 
