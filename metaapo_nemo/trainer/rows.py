@@ -47,7 +47,8 @@ class RowLayout:
         batching: "pad", "bucket" or "pack" (module docstring).
         share_prompt: One row block per pair with the prompt computed once.
         pack_tokens: Row length for "pack"; None = the longest pair of the step (the
-            smallest row that fits every pair).
+            smallest row that fits every pair). A packed micro-batch is ONE row, so
+            `train.micro_batch_size` does not apply and the micro-batch count varies.
         fixed_length: Pad every row to this many tokens (pipeline parallelism exchanges
             fixed shapes); None = each micro-batch's own longest row.
     """
