@@ -33,6 +33,7 @@ from metaapo_nemo.trainer import online as O
 from metaapo_nemo.trainer.entry import run_recipe
 from metaapo_nemo.trainer.callbacks import CallbackList, TrainState
 from metaapo_nemo.trainer.metrics import MetricsLogger, reduce_stats
+from metaapo_nemo.trainer.preference import ReferenceCache
 from metaapo_nemo.trainer.rounds import (
     RoundItem,
     collate_round,
@@ -62,6 +63,7 @@ class Components:
     total_steps: int
     logger: MetricsLogger
     callbacks: CallbackList
+    ref_cache: ReferenceCache  # offline pairs' reference log-probs, per reference version
 
 
 def setup(cfg: Config) -> Components:
@@ -115,7 +117,8 @@ def setup(cfg: Config) -> Components:
                                  after_step=lambda: O.sync_meta_learner(learner, ctx))
     callbacks = CallbackList([meta_cb, _Log(logger), TensorBoardCallback(run_dir, ctx.is_main)])
     return Components(cfg, ctx, model_dir, run_dir, tokenizer, data.pairs, policy, reference, loss, learner,
-                      rollout, reward, SamplingSettings.from_config(cfg.rollout), steps, logger, callbacks)
+                      rollout, reward, SamplingSettings.from_config(cfg.rollout), steps, logger, callbacks,
+                      ReferenceCache())
 
 
 class _Log:
@@ -157,7 +160,7 @@ def train(c: Components) -> TrainState:
             # 1. offline margins with the current policy and reference -> w -> selection
             mbs = rank_microbatches(round_pairs, StepPlan(len(round_pairs), micro, ctx.dims.dp), ctx.dp_rank,
                                     pad_id, ctx.device)
-            margins = offline_margins(c.policy, c.reference, c.loss, mbs, ctx)
+            margins = offline_margins(c.policy, c.reference, c.loss, mbs, ctx, ref_cache=c.ref_cache)
             keys = [p.index for p in round_pairs]
             w = c.learner.weights(torch.tensor([margins[k] for k in keys], dtype=torch.float32))
             selected = select_for_sampling(w, keys, cfg.run.seed, round_idx, m.sampling)
@@ -207,7 +210,7 @@ def _train_round(c: Components, items: list[RoundItem], round_idx: int, st: Trai
         mine = batch[ctx.dp_rank * plan.per_rank:(ctx.dp_rank + 1) * plan.per_rank]
         mbs = [collate_round(mine[i:i + plan.micro_batch], pad_id, ctx.device)
                for i in range(0, len(mine), plan.micro_batch)]
-        O.attach_reference_logps(c.reference, mbs)
+        O.attach_round_reference(c.reference, c.ref_cache, mbs, ctx.is_last_stage)  # online rows only
         loss_fn = metaapo_loss_fn(c.loss, _weigher(c), G, cfg.metaapo.unselected,
                                   record=c.learner.record if ctx.is_last_stage else None)
         c.policy.zero_grad()
@@ -233,6 +236,7 @@ def _train_round(c: Components, items: list[RoundItem], round_idx: int, st: Trai
 def _end_round(c: Components, st: TrainState, rm: dict) -> None:
     if c.cfg.metaapo.reference == "per_round" and c.reference is not None:
         O.copy_policy_into_reference(c.policy, c.reference)  # the release's schedule
+        c.ref_cache.invalidate()
     st.metrics = {f"round/{k}": v for k, v in rm.items() if isinstance(v, (int, float))}
     if c.ctx.is_main:
         with open(c.run_dir / "rounds.jsonl", "a") as f:
@@ -264,6 +268,8 @@ def finish(c: Components, st: TrainState) -> None:
         print(f"  plots:       {c.run_dir / 'plots'}")
         if out is not None:
             print(f"  policy (HF checkpoint): {out}")
+    from metaapo_nemo.tasks.ifeval_eval import evaluate_run
+    evaluate_run(c.cfg, c.ctx, c.policy, c.model_dir, c.run_dir)  # no-op unless `eval` is set
     state.destroy()
 
 

@@ -81,3 +81,14 @@ def test_same_seed_same_decisions_and_losses(default_run, tmp_path):
     la = [s["loss"] for s in _jsonl(default_run / "metrics.jsonl")]
     lb = [s["loss"] for s in _jsonl(again / "metrics.jsonl")]
     assert la == pytest.approx(lb, rel=1e-6)
+
+
+def test_per_round_reference_restarts_the_margins_at_zero(tmp_path):
+    """reference=per_round: after each round the reference IS the policy, so the next round's
+    first step has every margin 0 and loss ln 2, which only holds if the cached offline
+    reference log-probs were invalidated with the copy."""
+    run = _run(tmp_path, "per_round", "metaapo.reference=per_round", "data.limit=16", "train.epochs=2",
+               config="conf/tiny_cpu_baseline_dpo.yaml")  # round 2 = the same 16 prompts (cached)
+    steps = _jsonl(run / "metrics.jsonl")
+    assert abs(steps[0]["loss"] - math.log(2)) < 1e-4 and abs(steps[2]["loss"] - math.log(2)) < 1e-4
+    assert abs(steps[1]["loss"] - math.log(2)) > 1e-4  # the policy moved within the round

@@ -110,3 +110,33 @@ def test_round_start_margins_fill_the_cache_and_match_the_uncached_pass(comps):
     for i in plain:
         assert cached[i] == pytest.approx(plain[i], rel=1e-5, abs=1e-5)
         assert again[i] == cached[i]
+
+
+def test_round_reference_runs_online_rows_only_and_equals_the_all_rows_forward(comps):
+    """MetaAPO's training steps: offline rows from the margin pass's cache, online rows fresh."""
+    from metaapo_nemo.trainer.batching import to_microbatches
+    from metaapo_nemo.trainer.online import attach_reference_logps, attach_round_reference
+    from metaapo_nemo.trainer.rounds import OnlinePair, RoundItem, collate_round, offline_margins
+
+    _, c, calls = comps
+    pad = c.tokenizer.pad_token_id
+    offline_margins(c.policy, c.reference, c.loss, to_microbatches(PAIRS, 2, pad, c.ctx.device, c.layout),
+                    c.ctx, ref_cache=c.ref_cache)
+    # online pairs for every other prompt (other pairs' responses stand in for samples)
+    items = [RoundItem(p, OnlinePair(PAIRS[-1 - i].chosen_ids, PAIRS[-1 - i].rejected_ids, 1.0, 0.0)
+                       if i % 2 == 0 else None) for i, p in enumerate(PAIRS)]
+    fresh = [collate_round(items[i:i + 4], pad, c.ctx.device) for i in range(0, len(items), 4)]
+    cached = [collate_round(items[i:i + 4], pad, c.ctx.device) for i in range(0, len(items), 4)]
+    attach_reference_logps(c.reference, fresh)
+    n = len(calls)
+    ran = attach_round_reference(c.reference, c.ref_cache, cached, on_last_stage=True)
+    assert ran == 2 * (len(PAIRS) // 2)  # two online rows per prompt with an online pair, nothing else
+    assert len(calls) - n == len(cached)
+    for f, k in zip(fresh, cached):
+        has = f.extras["has_online"].bool().repeat_interleave(4)
+        real = has | (torch.arange(len(has)) % 4 < 2)  # placeholders' values are never read
+        torch.testing.assert_close(k.extras["ref_logps_N"][real], f.extras["ref_logps_N"][real],
+                                   rtol=1e-5, atol=1e-5)
+    c.ref_cache.invalidate()
+    with pytest.raises(RuntimeError, match="margin pass"):
+        attach_round_reference(c.reference, c.ref_cache, cached, on_last_stage=True)

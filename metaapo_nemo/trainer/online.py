@@ -21,7 +21,7 @@ from metaapo_nemo.data.preference import TokenizedPair
 from metaapo_nemo.meta.learner import MetaLearner
 from metaapo_nemo.models.policy import MegatronLM, MicroBatch
 from metaapo_nemo.parallel.state import ParallelContext
-from metaapo_nemo.trainer.preference import reference_loss_fn
+from metaapo_nemo.trainer.preference import ReferenceCache, reference_loss_fn
 from metaapo_nemo.trainer.rounds import OnlinePair
 
 
@@ -113,6 +113,64 @@ def attach_reference_logps(reference: MegatronLM | None, microbatches: Sequence[
     outs = reference.run(microbatches, reference_loss_fn, forward_only=True)
     for mb, out in zip(microbatches, outs):
         mb.extras["ref_logps_N"] = out["seq_logps_N"]
+
+
+def attach_round_reference(
+    reference: MegatronLM | None,
+    cache: ReferenceCache,
+    microbatches: Sequence[MicroBatch],
+    on_last_stage: bool,
+) -> int:
+    """`ref_logps_N` of 4-row round micro-batches, running the reference on ONLINE rows only.
+
+    The offline rows' values come from `cache`, which the round's margin pass filled
+    (`rounds.offline_margins(..., ref_cache=)`); only the rows of prompts with an online
+    pair (rows 4i+2, 4i+3, trimmed to their own length) go through the reference. Equal to
+    `attach_reference_logps` on all rows (tests/test_reference_cache.py). Every pipeline
+    stage makes the same calls. Returns the number of rows the reference ran on.
+    """
+    if reference is None:
+        return 0
+    for mb in microbatches:
+        missing = [int(i) for i in mb.extras["pair_index"].tolist() if int(i) not in cache]
+        if missing:
+            raise RuntimeError(f"reference cache lacks offline pairs {missing[:5]}: run the margin pass "
+                               "with ref_cache before training the round")
+    ran = 0
+    for mb in microbatches:
+        has = mb.extras["has_online"].bool().cpu()
+        rows = [4 * i + j for i in torch.nonzero(has).flatten().tolist() for j in (2, 3)]
+        online = None
+        if rows:
+            sub = _row_subset(mb, rows)
+            online = reference.run([sub], reference_loss_fn, forward_only=True)
+            ran += len(rows)
+        if not on_last_stage:
+            continue
+        pair_idx = mb.extras["pair_index"].tolist()
+        ref = torch.zeros(4 * len(pair_idx), dtype=torch.float32, device=mb.input_ids_NT.device)
+        ref[0::4], ref[1::4] = _cached(cache, pair_idx, ref.device)
+        if online:
+            ref[torch.tensor(rows, device=ref.device)] = online[0]["seq_logps_N"].to(ref.dtype)
+        mb.extras["ref_logps_N"] = ref
+    return ran
+
+
+def _cached(cache: ReferenceCache, pair_idx: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    vals = torch.tensor([cache._value(i) for i in pair_idx], dtype=torch.float64)
+    return vals[:, 0].to(device, torch.float32), vals[:, 1].to(device, torch.float32)
+
+
+def _row_subset(mb: MicroBatch, rows: list[int]) -> MicroBatch:
+    """Plain (padded, causal) rows `rows` of `mb`, cut to their longest real length."""
+    assert mb.attention_mask_N1TT is None and mb.seq_index_NT is None, "round rows are plain"
+    sel = torch.tensor(rows, device=mb.input_ids_NT.device)
+    mask = mb.loss_mask_NT[sel]
+    cols = torch.nonzero(mask.sum(0)).flatten()
+    t = int(cols.max()) + 1 if len(cols) else 1  # inputs up to the last target position
+    t = min(t, mb.input_ids_NT.shape[1])
+    return MicroBatch(mb.input_ids_NT[sel, :t], mb.labels_NT[sel, :t], mask[:, :t],
+                      extras={"tokens": 0})
 
 
 def sync_meta_learner(learner: MetaLearner, ctx: ParallelContext) -> None:
