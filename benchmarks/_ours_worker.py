@@ -38,6 +38,7 @@ def overrides(job: dict[str, Any], tmp: str) -> list[str]:
     return [
         f"run.output_dir={tmp}", "run.name=bench", f"run.seed={job['seed']}",
         "train.progress_bar=off", "train.save_final_hf=false", "train.epochs=1", "train.max_steps=null",
+        "checkpoint.save_at_end=false", "checkpoint.resume=never",
         f"train.global_batch_size={job['global_batch']}", f"train.micro_batch_size={job['micro_batch']}",
         f"train.batching={job['batching']}", f"train.share_prompt={str(job['share_prompt']).lower()}",
         f"train.attention={job['attention']}", "data.shuffle=false",

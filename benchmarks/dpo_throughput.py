@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, [
             f"run.output_dir={tmp}", "run.name=bench", "train.progress_bar=off",
             "train.save_final_hf=false", f"train.max_steps={args.steps}", "train.epochs=100",
+            "checkpoint.save_at_end=false", "checkpoint.resume=never",
             *args.overrides,
         ])
         c = dpo.setup(cfg)

@@ -55,6 +55,7 @@ def run_layout(name: str, steps: int, workdir: Path) -> dict:
            f"run.name=bench_{name}", f"run.output_dir={workdir}",
            f"run.cache_dir={workdir / 'cache'}",
            f"train.max_steps={steps}", "train.save_final_hf=false", "train.progress_bar=off",
+           "checkpoint.save_at_end=false", "checkpoint.resume=never",
            f"data.limit={8 * steps}"]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONPATH=str(REPO))

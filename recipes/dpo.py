@@ -30,6 +30,7 @@ from metaapo_nemo.trainer.batching import StepPlan, global_batches, rank_slice, 
 from metaapo_nemo.trainer.entry import run_recipe
 from metaapo_nemo.trainer.callbacks import CallbackList, TrainState
 from metaapo_nemo.trainer.metrics import MetricsLogger, reduce_stats
+from metaapo_nemo.trainer.resume import RunGuard, build_run_guard, common_rank_state
 from metaapo_nemo.trainer.rows import RowLayout, layout_from_config
 from metaapo_nemo.trainer.preference import (
     ReferenceCache,
@@ -60,6 +61,7 @@ class Components:
     total_steps: int
     logger: MetricsLogger
     callbacks: CallbackList
+    guard: RunGuard  # checkpoints, resume, preemption, non-finite steps
 
 
 def setup(cfg: Config, pairs: list | None = None) -> Components:
@@ -108,10 +110,12 @@ def setup(cfg: Config, pairs: list | None = None) -> Components:
         print(f"data: {len(data.pairs)} pairs from {data.source} (skipped: {skipped}); "
               f"{steps} steps of {plan.global_batch} pairs = {plan.grad_accum} micro-batches "
               f"of {plan.micro_batch} x dp {ctx.dims.dp}", flush=True)
-    logger = MetricsLogger(run_dir, steps, enabled=ctx.is_main, progress=cfg.train.progress_bar)
+    guard = build_run_guard(cfg, ctx, run_dir)
+    logger = MetricsLogger(run_dir, steps, enabled=ctx.is_main, progress=cfg.train.progress_bar,
+                           resume_step=guard.resume_step)
     return Components(cfg, ctx, model_dir, run_dir, tokenizer, data.pairs, policy, reference,
                       loss, plan, layout, ReferenceCache(), steps, logger,
-                      CallbackList([logger_callback(logger)]))
+                      CallbackList([logger_callback(logger)]), guard)
 
 
 def logger_callback(logger: MetricsLogger):
@@ -136,18 +140,49 @@ def fill_reference(c: Components, pairs: list) -> None:
         c.ref_cache.fill(c.reference, mbs)
 
 
+def save_checkpoint(c: Components, st: TrainState, next_batch: int) -> None:
+    """Everything needed to continue exactly after step `st.step` (batch `next_batch` next)."""
+    trainer = {"recipe": "dpo", "epoch": st.epoch, "next_batch": next_batch, "metrics": st.metrics,
+               "scheduler": c.policy.scheduler.state_dict(), "nonfinite": c.guard.nonfinite.state_dict()}
+    rank = common_rank_state() | {"ref_cache": c.ref_cache.state_dict()}
+    c.guard.ckpt.save(st.step, c.policy, trainer, rank)
+
+
+def resume(c: Components, st: TrainState) -> int:
+    """Loads the checkpoint chosen in setup (if any); returns the next batch of `st.epoch`."""
+    from metaapo_nemo.checkpoint import set_rng_state
+
+    r = c.guard.load(c.policy)
+    if r is None:
+        return 0
+    t = r.trainer
+    st.step, st.epoch, st.metrics = int(t["step"]), int(t["epoch"]), dict(t["metrics"])
+    c.policy.scheduler.load_state_dict(t["scheduler"])
+    c.guard.nonfinite.load_state_dict(t["nonfinite"])
+    set_rng_state(r.rank["rng"])
+    if not r.rank.get("layout_changed"):  # values are per DP shard / last stage
+        c.ref_cache.load_state_dict(r.rank["ref_cache"])
+    return int(t["next_batch"])
+
+
 def train(c: Components) -> TrainState:
-    """The training loop: reference log-probs -> policy step -> metrics -> callbacks."""
+    """The training loop: reference log-probs -> policy step -> metrics -> callbacks -> checkpoint."""
     cfg, ctx = c.cfg, c.ctx
     pad_id = c.tokenizer.pad_token_id
     st = TrainState(total_steps=c.total_steps)
+    start = next_batch = resume(c, st)
+    save = lambda: save_checkpoint(c, st, next_batch)  # noqa: E731
     c.callbacks.fire("on_train_start", st)
-    for epoch in range(cfg.train.epochs):
+    for epoch in range(st.epoch, cfg.train.epochs):
+        if st.step >= c.total_steps or st.stop:
+            break
         st.epoch = epoch
         batches = list(global_batches(c.pairs, c.plan.global_batch, cfg.run.seed, epoch, cfg.data.shuffle))
         if cfg.reference.precompute:  # the whole pass up front (a no-op once cached)
             fill_reference(c, [p for b in batches for p in rank_slice(b, c.plan, ctx.dp_rank)])
-        for batch in batches:
+        for next_batch, batch in enumerate(batches, start=1):
+            if next_batch <= start:
+                continue  # done before the checkpoint this run resumed from
             t0 = time.perf_counter()
             mine = rank_slice(batch, c.plan, ctx.dp_rank)
             fill_reference(c, mine)  # per step: only pairs never seen by this reference
@@ -158,25 +193,35 @@ def train(c: Components) -> TrainState:
             c.policy.zero_grad()
             outs = c.policy.run(mbs, loss_fn, forward_only=False)
             lr = c.policy.lr  # the rate this step applies
-            ok, grad_norm = c.policy.step()
             metrics = finalize_stats(reduce_stats(sum_stats(outs), ctx))
-            if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
+            verdict = c.guard.check_step(c.policy, metrics["loss"])
+            if verdict == "stop":
+                c.guard.stop(st, metrics["loss"], save)
+            if verdict == "apply":
+                ok, grad_norm = c.policy.step()
+            else:  # skipped: no update; the KTO reference point stays the last good step's
+                ok, grad_norm = False, float("nan")
+                metrics["logratio"] = st.metrics.get("logratio", 0.0)
+            if not math.isfinite(grad_norm) and ok:
                 raise FloatingPointError(
-                    f"non-finite loss={metrics['loss']} / grad_norm={grad_norm} at step {st.step + 1}; "
-                    "lower optim.lr or check the data (nothing was exported)"
-                )
+                    f"grad_norm={grad_norm} at step {st.step + 1} after the update was applied; "
+                    "nothing from this step was checkpointed. Lower optim.lr and resume")
             dt = time.perf_counter() - t0
             tokens = sum(mb.extras["tokens"] for mb in mbs) * ctx.dims.dp
             metrics |= {"grad_norm": grad_norm, "lr": lr, "step_time": dt,
                         "pairs_per_s": c.plan.global_batch / dt, "tokens_per_s": tokens / dt,
-                        "epoch": epoch, "update_applied": ok}
+                        "epoch": epoch, "update_applied": ok,
+                        "skipped_steps": c.guard.nonfinite.skipped_total}
             st.step += 1
             st.metrics = metrics
             c.callbacks.fire("on_step_end", st)
+            c.guard.after_step(st, save)
             if st.step >= c.total_steps or st.stop:
                 break
+        start = 0
         if st.step >= c.total_steps or st.stop:
             break
+    c.guard.at_end(st, save)
     c.callbacks.fire("on_train_end", st)
     return st
 
@@ -187,7 +232,7 @@ def finish(c: Components, st: TrainState) -> None:
     from metaapo_nemo.parallel import state
 
     out = None
-    if c.cfg.train.save_final_hf:
+    if c.cfg.train.save_final_hf and st.exit_code == 0:  # preempted: the checkpoint is enough
         out = export_hf(c.policy.modules(), c.policy.arch, c.ctx, c.model_dir, c.run_dir / "hf_final")
     if c.ctx.is_main:
         last = st.metrics
@@ -198,6 +243,8 @@ def finish(c: Components, st: TrainState) -> None:
         print(f"  metrics: {c.logger.path}")
         if out is not None:
             print(f"  policy (HF checkpoint): {out}")
+    from metaapo_nemo.tasks.ifeval_eval import evaluate_run
+    evaluate_run(c.cfg, c.ctx, c.policy, c.model_dir, c.run_dir)  # no-op unless `eval` is set
     state.destroy()
 
 

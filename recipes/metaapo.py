@@ -15,11 +15,12 @@ settings of the same loop (see conf/tiny_cpu_*.yaml and MetaAPOConfig).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from metaapo_nemo.trainer import online as O
 from metaapo_nemo.trainer.entry import run_recipe
 from metaapo_nemo.trainer.callbacks import CallbackList, TrainState
 from metaapo_nemo.trainer.metrics import MetricsLogger, reduce_stats
+from metaapo_nemo.trainer.resume import RunGuard, build_run_guard, common_rank_state
 from metaapo_nemo.trainer.preference import ReferenceCache
 from metaapo_nemo.trainer.rounds import (
     RoundItem,
@@ -63,6 +65,7 @@ class Components:
     total_steps: int
     logger: MetricsLogger
     callbacks: CallbackList
+    guard: RunGuard  # checkpoints, resume, preemption, non-finite steps
     ref_cache: ReferenceCache  # offline pairs' reference log-probs, per reference version
 
 
@@ -112,13 +115,15 @@ def setup(cfg: Config) -> Components:
         print(f"data: {len(data.pairs)} prompts with offline pairs from {data.source}; "
               f"{steps} optimiser steps; sampling={m.sampling} weights={m.weights} "
               f"unselected={m.unselected} reference={m.reference}", flush=True)
-    logger = MetricsLogger(run_dir, steps, enabled=ctx.is_main, progress=cfg.train.progress_bar)
+    guard = build_run_guard(cfg, ctx, run_dir)
+    logger = MetricsLogger(run_dir, steps, enabled=ctx.is_main, progress=cfg.train.progress_bar,
+                           resume_step=guard.resume_step)
     meta_cb = MetaUpdateCallback(learner, every=m.t_meta, frozen=not m.meta_update,
                                  after_step=lambda: O.sync_meta_learner(learner, ctx))
     callbacks = CallbackList([meta_cb, _Log(logger), TensorBoardCallback(run_dir, ctx.is_main)])
     return Components(cfg, ctx, model_dir, run_dir, tokenizer, data.pairs, policy, reference, loss, learner,
                       rollout, reward, SamplingSettings.from_config(cfg.rollout), steps, logger, callbacks,
-                      ReferenceCache())
+                      guard, ReferenceCache())
 
 
 class _Log:
@@ -140,103 +145,149 @@ def _weigher(c: Components):
     return lambda m: torch.full_like(m, value)
 
 
+@dataclass
+class Position:
+    """Where the loop is: what a checkpoint must hold to continue exactly (with the models)."""
+
+    epoch: int = 0
+    round_in_epoch: int = 0  # rounds of this epoch started (the current one included)
+    round_idx: int = 0  # rounds started in the run
+    next_start: int = 0  # items of the current round already trained on
+    seen: int = 0
+    annotated: int = 0
+    counters: dict = field(default_factory=dict)  # AnnotationCounters of the run
+    round_record: dict = field(default_factory=dict)  # the current round's rounds.jsonl fields so far
+
+
 def train(c: Components) -> TrainState:
     """Rounds: margins -> w -> select -> generate + annotate -> meta-weighted training."""
-    cfg, ctx, m = c.cfg, c.ctx, c.cfg.metaapo
-    G, micro, pad_id = cfg.train.global_batch_size, cfg.train.micro_batch_size, c.tokenizer.pad_token_id
-    st = TrainState(total_steps=c.total_steps)
-    seen = annotated = 0
-    round_idx = 0
-    c.callbacks.fire("on_train_start", st)
+    cfg, m = c.cfg, c.cfg.metaapo
     from metaapo_nemo.rollout.pairs import AnnotationCounters
-    from metaapo_nemo.trainer.batching import StepPlan, rank_microbatches
+    from metaapo_nemo.trainer.batching import StepPlan
 
-    plan = StepPlan(G, micro, ctx.dims.dp)
-    total_counters = AnnotationCounters()
-    for epoch in range(cfg.train.epochs):
-        for idx in O.round_slices(len(c.pairs), m.round_size, G, cfg.run.seed, epoch, cfg.data.shuffle):
-            round_pairs = [c.pairs[i] for i in idx]
-            t_round = time.perf_counter()
-            # 1. offline margins with the current policy and reference -> w -> selection
-            mbs = rank_microbatches(round_pairs, StepPlan(len(round_pairs), micro, ctx.dims.dp), ctx.dp_rank,
-                                    pad_id, ctx.device)
-            margins = offline_margins(c.policy, c.reference, c.loss, mbs, ctx, ref_cache=c.ref_cache)
-            keys = [p.index for p in round_pairs]
-            w = c.learner.weights(torch.tensor([margins[k] for k in keys], dtype=torch.float32))
-            selected = select_for_sampling(w, keys, cfg.run.seed, round_idx, m.sampling)
-            chosen = [p for p, s in zip(round_pairs, selected.tolist()) if s]
-            # 2. refit + K samples + reward model -> online pairs
-            report = O.online_pairs(chosen, c.rollout, c.reward, c.policy, c.sampling, cfg, round_idx,
-                                    st.step, ctx)
-            total_counters.add(report.counters)
-            items = [RoundItem(p, report.pairs.get(p.index)) for p in round_pairs]
-            if m.unselected == "drop":
-                items = [it for it in items if it.online is not None]
-            seen += len(round_pairs)
-            annotated += len(chosen)
-            # 3. train over the round's items with meta-weighted losses
-            st = _train_round(c, items, round_idx, st, plan)
-            rm = {"round": round_idx, "epoch": epoch, "step": st.step, "prompts": len(round_pairs),
-                  "sampled": len(chosen), "sample_ratio": len(chosen) / len(round_pairs),
-                  "online_pairs": len(report.pairs), "trained_prompts": len(items),
-                  "ties": report.counters.ties_all_equal + report.counters.ties_same_text,
-                  "too_few_candidates": report.counters.too_few_candidates,
-                  "annotation_ratio": annotated / seen, "samples_scored_total": total_counters.samples_scored,
-                  "rm_chosen_mean": report.rm_chosen_mean, "rm_rejected_mean": report.rm_rejected_mean,
-                  "refit_s": report.refit_s, "generate_s": report.generate_s, "score_s": report.score_s,
-                  "gen_tokens_per_s": report.generated_tokens / report.generate_s if report.generate_s else 0.0,
-                  "round_s": time.perf_counter() - t_round, "w_mean": float(w.mean())}
-            rm |= {f"w_q{int(q * 100)}": float(torch.quantile(w.double(), q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
-            _end_round(c, st, rm)
-            round_idx += 1
+    st = TrainState(total_steps=c.total_steps)
+    plan = StepPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, c.ctx.dims.dp)
+    pos, items = _resume(c, st)  # items: the round a checkpoint stopped inside, else None
+    totals = AnnotationCounters(**pos.counters)
+    c.callbacks.fire("on_train_start", st)
+    for epoch in range(pos.epoch, cfg.train.epochs):
+        rounds = O.round_slices(len(c.pairs), m.round_size, plan.global_batch, cfg.run.seed, epoch,
+                                cfg.data.shuffle)
+        # a round restored mid-way is round_in_epoch - 1 of the saved epoch
+        first = (pos.round_in_epoch - (items is not None)) if epoch == pos.epoch else 0
+        for r in range(first, len(rounds)):
             if st.step >= c.total_steps or st.stop:
                 break
+            if items is None:  # a new round: margins, selection, online pairs
+                pos.epoch, pos.round_in_epoch, pos.next_start = epoch, r + 1, 0
+                items, pos.round_record = _start_round(c, [c.pairs[i] for i in rounds[r]], pos, totals, st)
+            st = _train_round(c, items, pos, st, plan)
+            if st.stop:  # preempted: the checkpoint holds the round; nothing else happens
+                break
+            _end_round(c, st, pos)
+            items = None
+            pos.round_idx += 1
         if st.step >= c.total_steps or st.stop:
             break
+    c.guard.at_end(st, lambda: _save(c, st, pos, items))
     c.callbacks.fire("on_train_end", st)
     return st
 
 
-def _train_round(c: Components, items: list[RoundItem], round_idx: int, st: TrainState, plan) -> TrainState:
+def _start_round(c: Components, round_pairs: list, pos: Position, totals, st: TrainState):
+    """Margins with the current policy and reference -> w -> selection -> online pairs."""
+    cfg, ctx, m = c.cfg, c.ctx, c.cfg.metaapo
+    from metaapo_nemo.trainer.batching import StepPlan, rank_microbatches
+
+    t_round = time.perf_counter()
+    micro, pad_id = cfg.train.micro_batch_size, c.tokenizer.pad_token_id
+    mbs = rank_microbatches(round_pairs, StepPlan(len(round_pairs), micro, ctx.dims.dp), ctx.dp_rank,
+                            pad_id, ctx.device)
+    margins = offline_margins(c.policy, c.reference, c.loss, mbs, ctx, ref_cache=c.ref_cache)
+    keys = [p.index for p in round_pairs]
+    w = c.learner.weights(torch.tensor([margins[k] for k in keys], dtype=torch.float32))
+    selected = select_for_sampling(w, keys, cfg.run.seed, pos.round_idx, m.sampling)
+    chosen = [p for p, s in zip(round_pairs, selected.tolist()) if s]
+    report = O.online_pairs(chosen, c.rollout, c.reward, c.policy, c.sampling, cfg, pos.round_idx, st.step, ctx)
+    totals.add(report.counters)
+    pos.counters = totals.as_dict()
+    items = [RoundItem(p, report.pairs.get(p.index)) for p in round_pairs]
+    if m.unselected == "drop":
+        items = [it for it in items if it.online is not None]
+    pos.seen += len(round_pairs)
+    pos.annotated += len(chosen)
+    rm = {"round": pos.round_idx, "epoch": pos.epoch, "prompts": len(round_pairs),
+          "sampled": len(chosen), "sample_ratio": len(chosen) / len(round_pairs),
+          "online_pairs": len(report.pairs), "trained_prompts": len(items),
+          "ties": report.counters.ties_all_equal + report.counters.ties_same_text,
+          "too_few_candidates": report.counters.too_few_candidates,
+          "annotation_ratio": pos.annotated / pos.seen, "samples_scored_total": totals.samples_scored,
+          "rm_chosen_mean": report.rm_chosen_mean, "rm_rejected_mean": report.rm_rejected_mean,
+          "refit_s": report.refit_s, "generate_s": report.generate_s, "score_s": report.score_s,
+          "gen_tokens_per_s": report.generated_tokens / report.generate_s if report.generate_s else 0.0,
+          "prepare_s": time.perf_counter() - t_round, "w_mean": float(w.mean())}
+    rm |= {f"w_q{int(q * 100)}": float(torch.quantile(w.double(), q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
+    return items, rm
+
+
+def _train_round(c: Components, items: list[RoundItem], pos: Position, st: TrainState, plan) -> TrainState:
     cfg, ctx = c.cfg, c.ctx
     G, pad_id = plan.global_batch, c.tokenizer.pad_token_id
     from metaapo_nemo.data.collate import epoch_order
 
-    order = epoch_order(len(items), cfg.run.seed + 1, round_idx) if cfg.data.shuffle else range(len(items))
-    items = [items[i] for i in order]
-    for start in range(0, len(items) - len(items) % G, G):
+    t_train = time.perf_counter()
+    order = epoch_order(len(items), cfg.run.seed + 1, pos.round_idx) if cfg.data.shuffle else range(len(items))
+    ordered = [items[i] for i in order]
+    save = lambda: _save(c, st, pos, items)  # noqa: E731  (items in round order: resume reshuffles)
+    for start in range(pos.next_start, len(ordered) - len(ordered) % G, G):
+        if st.step >= c.total_steps:
+            break
         t0 = time.perf_counter()
-        batch = items[start:start + G]
+        batch = ordered[start:start + G]
         mine = batch[ctx.dp_rank * plan.per_rank:(ctx.dp_rank + 1) * plan.per_rank]
         mbs = [collate_round(mine[i:i + plan.micro_batch], pad_id, ctx.device)
                for i in range(0, len(mine), plan.micro_batch)]
         O.attach_round_reference(c.reference, c.ref_cache, mbs, ctx.is_last_stage)  # online rows only
+        mark = c.learner.buffer.mark()
         loss_fn = metaapo_loss_fn(c.loss, _weigher(c), G, cfg.metaapo.unselected,
                                   record=c.learner.record if ctx.is_last_stage else None)
         c.policy.zero_grad()
         outs = c.policy.run(mbs, loss_fn, forward_only=False)
         lr = c.policy.lr
-        ok, grad_norm = c.policy.step()
         metrics = finalize_round_stats(reduce_stats(sum_round_stats(outs), ctx), G)
-        if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
+        verdict = c.guard.check_step(c.policy, metrics["loss"])
+        if verdict == "stop":
+            c.guard.stop(st, metrics["loss"], save)
+        if verdict == "apply":
+            ok, grad_norm = c.policy.step()
+        else:  # skipped: no update, and the step's meta records are dropped
+            ok, grad_norm = False, float("nan")
+            c.learner.buffer.rollback(mark)
+        if ok and not math.isfinite(grad_norm):
             raise FloatingPointError(
-                f"non-finite loss={metrics['loss']} / grad_norm={grad_norm} at step {st.step + 1} "
-                f"(round {round_idx}); lower optim.lr or check the data")
+                f"grad_norm={grad_norm} at step {st.step + 1} (round {pos.round_idx}) after the update "
+                "was applied; nothing from this step was checkpointed. Lower optim.lr and resume")
         dt = time.perf_counter() - t0
         tokens = sum(mb.extras["tokens"] for mb in mbs) * ctx.dims.dp
         st.step += 1
-        st.metrics = metrics | {"grad_norm": grad_norm, "lr": lr, "round": round_idx, "step_time": dt,
-                                "pairs_per_s": G / dt, "tokens_per_s": tokens / dt, "update_applied": ok}
+        pos.next_start = start + G
+        st.metrics = metrics | {"grad_norm": grad_norm, "lr": lr, "round": pos.round_idx, "step_time": dt,
+                                "pairs_per_s": G / dt, "tokens_per_s": tokens / dt, "update_applied": ok,
+                                "skipped_steps": c.guard.nonfinite.skipped_total}
         c.callbacks.fire("on_step_end", st)
-        if st.step >= c.total_steps or st.stop:
+        c.guard.after_step(st, save)
+        if st.stop:
             break
+    pos.round_record["train_s"] = pos.round_record.get("train_s", 0.0) + time.perf_counter() - t_train
     return st
 
 
-def _end_round(c: Components, st: TrainState, rm: dict) -> None:
+def _end_round(c: Components, st: TrainState, pos: Position) -> None:
     if c.cfg.metaapo.reference == "per_round" and c.reference is not None:
         O.copy_policy_into_reference(c.policy, c.reference)  # the release's schedule
         c.ref_cache.invalidate()
+    rm = pos.round_record | {"step": st.step}
+    rm["round_s"] = rm["prepare_s"] + rm["train_s"]
     st.metrics = {f"round/{k}": v for k, v in rm.items() if isinstance(v, (int, float))}
     if c.ctx.is_main:
         with open(c.run_dir / "rounds.jsonl", "a") as f:
@@ -245,6 +296,51 @@ def _end_round(c: Components, st: TrainState, rm: dict) -> None:
               f"{rm['online_pairs']} online pairs, {rm['ties']} ties, annotation ratio "
               f"{rm['annotation_ratio']:.3f}", flush=True)
     c.callbacks.fire("on_round_end", st)
+
+
+# ----------------------------------------------------------------- checkpoint / resume
+
+
+def _save(c: Components, st: TrainState, pos: Position, items: list[RoundItem] | None) -> None:
+    """Models + position + the current round's items (so a resumed round needs no rollout)."""
+    trainer = {"recipe": "metaapo", "position": dataclasses.asdict(pos), "metrics": st.metrics,
+               "scheduler": c.policy.scheduler.state_dict(), "nonfinite": c.guard.nonfinite.state_dict()}
+    round_items = None if items is None else [(it.pair.index, it.online) for it in items]
+    rank = common_rank_state() | {"learner": c.learner.state_dict(), "ref_cache": c.ref_cache.state_dict()}
+    moving_ref = c.reference if c.cfg.metaapo.reference == "per_round" else None
+    c.guard.ckpt.save(st.step, c.policy, trainer, rank, shared={"round_items": round_items}, reference=moving_ref)
+
+
+def _resume(c: Components, st: TrainState) -> tuple[Position, list[RoundItem] | None]:
+    from metaapo_nemo.checkpoint import set_rng_state, truncate_jsonl
+
+    r = c.guard.load(c.policy, c.reference)
+    if r is None:
+        return Position(), None
+    t = r.trainer
+    pos = Position(**t["position"])
+    st.step, st.metrics = int(t["step"]), dict(t["metrics"])
+    c.policy.scheduler.load_state_dict(t["scheduler"])
+    c.guard.nonfinite.load_state_dict(t["nonfinite"])
+    set_rng_state(r.rank["rng"])
+    c.learner.load_state_dict(r.rank["learner"])
+    if not r.rank.get("layout_changed"):
+        c.ref_cache.load_state_dict(r.rank["ref_cache"])
+    if c.ctx.is_main:  # rounds finished after this checkpoint by the interrupted run are redone
+        truncate_jsonl(c.run_dir / "rounds.jsonl", lambda rec: rec["round"] < pos.round_idx)
+    saved = r.shared["round_items"]
+    if saved is None:
+        return pos, None
+    by_index = {p.index: p for p in c.pairs}
+    items = [RoundItem(by_index[i], online) for i, online in saved]
+    if r.rank.get("layout_changed") and c.reference is not None:  # per-rank cache: a new pass
+        from metaapo_nemo.trainer.batching import StepPlan, rank_microbatches
+
+        pairs = [it.pair for it in items]
+        mbs = rank_microbatches(pairs, StepPlan(len(pairs), c.cfg.train.micro_batch_size, c.ctx.dims.dp),
+                                c.ctx.dp_rank, c.tokenizer.pad_token_id, c.ctx.device)
+        c.ref_cache.fill(c.reference, mbs)
+    return pos, items
 
 
 def finish(c: Components, st: TrainState) -> None:
@@ -256,7 +352,7 @@ def finish(c: Components, st: TrainState) -> None:
     if c.rollout is not None:
         c.rollout.shutdown()
     out = None
-    if c.cfg.train.save_final_hf:
+    if c.cfg.train.save_final_hf and st.exit_code == 0:  # preempted: the checkpoint is enough
         out = export_hf(c.policy.modules(), c.policy.arch, c.ctx, c.model_dir, c.run_dir / "hf_final")
     if c.ctx.is_main:
         summary = write_summary(c.run_dir, title=f"MetaAPO run {c.cfg.run.name}")

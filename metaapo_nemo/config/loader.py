@@ -264,8 +264,10 @@ def _apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str
             raise ConfigError(f"override '{item}' must look like key=value, e.g. optim.lr=1e-4")
         try:
             parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"cannot parse override '{item}': {exc}") from None
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:  # e.g. a value starting with '@'
+            why = str(exc).splitlines()[0]
+            raise ConfigError(f"cannot parse override '{item}': {why}; quote the value, e.g. "
+                              f"{key}='\"...\"'") from None
         check_keys(parsed, f"from override '{item}'")
         conf.merge_with_dotlist([item])
     try:

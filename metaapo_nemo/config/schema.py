@@ -338,12 +338,49 @@ class RewardConfig(_Section):
         return self
 
 
+class CheckpointConfig(_Section):
+    """Checkpoints, resume, preemption and non-finite guards (metaapo_nemo/checkpoint.py).
+
+    A checkpoint is a directory run_dir/checkpoints/step_<N>: the policy (and optimiser,
+    scheduler) as a megatron distributed checkpoint that loads onto any TP/PP layout, the
+    per-round reference when it moves, every rank's meta-learner/RNG/cache state, the
+    trainer position, and a manifest with every file's size and SHA-256, written last;
+    the directory is renamed into place and `latest` updated only after that.
+    """
+
+    every_steps: int | None = Field(None, gt=0)  # None: only on preemption / at the end
+    keep_last: int = Field(2, gt=0)  # older checkpoints are deleted once a newer one is good
+    save_at_end: bool = True
+    resume: str = "auto"  # auto: the newest good checkpoint of this run dir; never; or a path
+    verify: Literal["checksum", "size"] = "checksum"  # what loading checks against the manifest
+    # A non-finite loss or gradient norm: skip the update (counted, logged; stop after
+    # max_skips in a row) or stop at once. Either way the bad state is never saved.
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    max_skips: int = Field(3, gt=0)
+    requeue_exit_code: int = Field(85, ge=1, le=255)  # SIGTERM/SIGUSR1: save, exit with this
+
+
 class PlannerConfig(_Section):
     """Per-GPU memory check (metaapo_nemo/planner.py): printed by --dry-run, enforced at
     start-up on GPU machines."""
 
     gpu_memory_gib: float = Field(80.0, gt=0)  # H100 80GB
     on_exceed: Literal["error", "warn"] = "error"
+
+
+class EvalConfig(_Section):
+    """Held-out gold-score evaluation before/after training (metaapo_nemo/tasks/ifeval_eval.py):
+    greedy + sampled responses to IFEval-style prompts scored by the IFEval checkers."""
+
+    task: Literal["ifeval"] = "ifeval"
+    num_prompts: int = Field(64, gt=0)  # held-out prompts (templates and topics unseen in training)
+    seed: int = 0  # prompt generation and sampling seed
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)  # the sampled evaluation (greedy always runs too)
+    top_p: float = Field(1.0, gt=0, le=1)
+    samples_per_prompt: int = Field(2, gt=0)
+    examples: int = Field(5, ge=0)  # prompts shown with responses before/after in summary.md
+    cache_before: bool = True  # reuse the initial checkpoint's scores (run.cache_dir/ifeval_eval)
 
 
 class Config(BaseModel):
@@ -363,6 +400,8 @@ class Config(BaseModel):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     planner: PlannerConfig = Field(default_factory=PlannerConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig | None = None  # null: no evaluation at the end of training
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:

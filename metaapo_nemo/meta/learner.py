@@ -93,6 +93,15 @@ class MetaBuffer:
         cat = lambda xs: torch.cat(xs) if xs else empty  # noqa: E731
         return cat(self.x), cat(self.loss_off), cat(self.loss_on)
 
+    def mark(self) -> int:
+        """A position to `rollback` to (e.g. before a step that may be skipped)."""
+        return len(self.x)
+
+    def rollback(self, mark: int) -> None:
+        """Drops everything recorded after `mark` (a skipped step's records)."""
+        for store in (self.x, self.loss_off, self.loss_on):
+            del store[mark:]
+
     def clear(self) -> None:
         self.x.clear()
         self.loss_off.clear()

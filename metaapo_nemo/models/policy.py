@@ -275,6 +275,20 @@ class MegatronLM:
             self.scheduler.step(increment=1)
         return ok, float("nan") if grad_norm is None else grad_norm
 
+    def grads_finite(self) -> bool:
+        """True if every accumulated gradient on EVERY rank is finite (call after `run`).
+
+        Checked before `step()` so a non-finite gradient can be skipped: megatron's
+        fp32/bf16 optimisers would otherwise apply it (only fp16 has a found-inf check).
+        """
+        grads = [g for g in (getattr(p, "main_grad", None) for c in self.chunks for p in c.parameters())
+                 if g is not None]
+        ok = torch.stack([g.isfinite().all() for g in grads]).all() if grads else torch.tensor(True)
+        bad = (~ok).float().reshape(1).to(self.ctx.device)
+        if torch.distributed.is_initialized() and self.ctx.dims.world_size > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return bool(bad.item() == 0)
+
     def main_grads(self) -> dict[str, torch.Tensor]:
         """Accumulated (DP-reduced) gradients by parameter name, after `run` (tests, debugging)."""
         grads = {}

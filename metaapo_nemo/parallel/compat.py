@@ -153,3 +153,30 @@ def optimizer_step(optimizer) -> tuple[bool, float | None]:
     else:
         ok, norm = bool(out), None
     return ok, None if norm is None else float(norm)
+
+
+def keep_adam_step_on_reshardable_load(optimizer) -> None:
+    """Works around megatron-core 0.16's fully-reshardable distributed-optimiser load on the
+    torch-Adam path (no TE/Apex): it copies every Adam state key of a parameter, `step`
+    included, from a source that drops `step` (KeyError: 'step'). `load_state_dict` has
+    already set `step` from the param groups; feed that value back so the copy is a no-op.
+    Applied per instance; other optimisers and versions are left alone.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or getattr(opt, "_keeps_step", False):
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, _opt=opt, _original=original):
+            if "step" not in tensors:
+                group, order = _opt.model_param_group_index_map[model_param]
+                main = _opt.optimizer.param_groups[group]["params"][order]
+                step = _opt.optimizer.state.get(main, {}).get("step")
+                if step is not None:
+                    tensors = {**tensors, "step": step.clone()}
+            return _original(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
+        opt._keeps_step = True

@@ -25,6 +25,7 @@ class TrainState:
     total_steps: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)  # the latest step's metrics
     stop: bool = False  # a callback may request a clean stop
+    exit_code: int = 0  # the process exit status (e.g. 85 after a preemption checkpoint)
 
 
 class Callback(Protocol):

@@ -10,11 +10,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from metaapo_nemo.checkpoint import CheckpointError
 from metaapo_nemo.config.cli import dry_run_report, parse, read_model_dims, world_size_from_env
 from metaapo_nemo.config.schema import Config, ConfigError
 from metaapo_nemo.data.preference import BadRowError, ChatTemplateError
+from metaapo_nemo.trainer.resilience import NonFiniteError
 
-USER_ERRORS = (ConfigError, BadRowError, ChatTemplateError, FileNotFoundError)
+USER_ERRORS = (ConfigError, BadRowError, ChatTemplateError, FileNotFoundError, CheckpointError)
+NONFINITE_EXIT = 3  # stopped on a non-finite loss/gradient after saving the last good state
 
 
 def run_recipe(
@@ -34,6 +37,24 @@ def run_recipe(
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    state = train(components)
+    try:
+        state = train(components)
+    except NonFiniteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        _close(components)
+        return NONFINITE_EXIT
     finish(components, state)
-    return 0
+    return state.exit_code
+
+
+def _close(components: Any) -> None:
+    """Releases what a run holds (engines, files, process groups) after an early stop."""
+    from metaapo_nemo.parallel import state
+
+    rollout = getattr(components, "rollout", None)
+    if rollout is not None:
+        rollout.shutdown()
+    logger = getattr(components, "logger", None)
+    if logger is not None:
+        logger.close()
+    state.destroy()

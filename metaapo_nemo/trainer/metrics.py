@@ -38,11 +38,18 @@ class MetricsLogger:
     Only the main rank writes; other ranks construct it with `enabled=False`.
     """
 
-    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, progress: str = "auto"):
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, progress: str = "auto",
+                 resume_step: int | None = None):
+        """`resume_step`: a resumed run keeps the records of steps <= resume_step (lines
+        written after the checkpoint by the interrupted run are dropped) and appends."""
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        # A fresh run starts a fresh file (resume appends: the reliability issue).
-        self._file = open(self.path, "w", buffering=1) if enabled else None
+        if enabled and resume_step is not None:
+            from metaapo_nemo.checkpoint import truncate_jsonl
+
+            truncate_jsonl(self.path, lambda r: r.get("step", 0) <= resume_step)
+        mode = "w" if resume_step is None else "a"
+        self._file = open(self.path, mode, buffering=1) if enabled else None
         show = {"on": True, "off": False, "auto": sys.stderr.isatty()}[progress]
         self._bar = None
         if enabled and show:
@@ -50,6 +57,8 @@ class MetricsLogger:
 
             self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
         self._t0 = time.perf_counter()
+        if self._bar is not None and resume_step:
+            self._bar.update(resume_step)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

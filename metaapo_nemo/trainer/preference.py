@@ -70,6 +70,13 @@ class ReferenceCache:
         """Alias of `invalidate` (kept for callers of the per-step cache)."""
         self.invalidate()
 
+    def state_dict(self) -> dict:
+        return {"store": dict(self._store), "version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._store = dict(state["store"])
+        self.version = int(state["version"])
+
     def missing(self, pairs: Sequence) -> list:
         """The pairs (objects with `.index`) whose reference values are not cached."""
         return [p for p in pairs if p.index not in self._store]

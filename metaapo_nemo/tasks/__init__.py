@@ -1,0 +1,1 @@
+"""Bundled synthetic tasks with a known (gold) reward, used by benchmarks and tests."""

@@ -1,0 +1,94 @@
+"""Preemption signals and non-finite guards for the training loops.
+
+- `Preemption`: SIGTERM / SIGUSR1 (SLURM's `--signal=USR1@<s>` and scancel/preemption) set
+  a flag; the loop asks `requested()` after each optimiser step (a MAX over all ranks, so a
+  signal seen by any rank stops every rank at the same step), saves a checkpoint and exits
+  with `checkpoint.requeue_exit_code` (85), which slurm/launch.sh turns into a requeue.
+- `NonFiniteGuard`: a non-finite loss or gradient is caught BEFORE the optimiser applies
+  it; per config the update is skipped (counted; `max_skips` in a row stop the run) or
+  the run stops. The parameters never hold a non-finite update, so the state saved on
+  stop is the last good one.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+from metaapo_nemo.parallel.state import ParallelContext
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped on a non-finite loss/gradient; the message says what was saved."""
+
+
+class Preemption:
+    """Installs SIGTERM/SIGUSR1 handlers that only set a flag (the step always finishes)."""
+
+    def __init__(self, signals=PREEMPT_SIGNALS):
+        self.signal_name: str | None = None
+        self._previous = {}
+        for sig in signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners): no handler
+                pass
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name} received: finishing this optimiser step, then checkpoint and exit",
+              file=sys.stderr, flush=True)
+
+    def requested(self, ctx: ParallelContext) -> bool:
+        """True on every rank if any rank got a signal (one tiny all-reduce per step)."""
+        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=ctx.device)
+        if dist.is_initialized() and ctx.dims.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def restore(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+
+class NonFiniteGuard:
+    """Decides per step: apply the update, skip it, or stop (see module docstring)."""
+
+    def __init__(self, mode: str = "skip", max_skips: int = 3):
+        if mode not in ("skip", "stop"):
+            raise ValueError(f"checkpoint.on_nonfinite={mode!r}: use skip or stop")
+        self.mode, self.max_skips = mode, max_skips
+        self.skipped_total = 0
+        self.skipped_in_row = 0
+
+    def check(self, loss: float, grads_finite: bool) -> str:
+        """'apply', 'skip' or 'stop' for a step with this reduced loss and gradient check."""
+        if math.isfinite(loss) and grads_finite:
+            self.skipped_in_row = 0
+            return "apply"
+        if self.mode == "stop" or self.skipped_in_row + 1 > self.max_skips:
+            return "stop"
+        self.skipped_in_row += 1
+        self.skipped_total += 1
+        return "skip"
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped_total": self.skipped_total, "skipped_in_row": self.skipped_in_row}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped_total = int(state["skipped_total"])
+        self.skipped_in_row = int(state["skipped_in_row"])
+
+    def stop_message(self, step: int, loss: float, saved: str) -> str:
+        why = ("checkpoint.on_nonfinite=stop" if self.mode == "stop"
+               else f"{self.max_skips} skipped steps in a row (checkpoint.max_skips)")
+        return (f"non-finite loss or gradient at step {step} (loss={loss}); stopping after {why}. "
+                f"{saved} Lower optim.lr, raise optim.clip_grad's effect, or check the data "
+                "around this step; resume with the same command.")
