@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-dpo test test-all venv dry-run bench bench-trl smollm2 clean
+.PHONY: demo demo-dpo test test-all venv dry-run bench bench-trl smollm2 generate clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,3 +53,9 @@ smollm2: $(BENCH_STAMP)
 bench-trl: smollm2
 	$(PY) benchmarks/dpo_step_vs_trl.py --profile
 	$(PY) benchmarks/dpo_step_vs_trl.py --model smollm2 --profile
+
+# AlpacaEval-format answers with vLLM from any HF checkpoint (MT-Bench: see recipes/generate.py).
+MODEL ?= .cache/smollm2/hf
+generate: $(STAMP)
+	$(PY) recipes/generate.py --model $(MODEL) --format alpaca_eval \
+		--prompts metaapo_nemo/data/samples/eval_alpaca.json --out runs/eval/model_outputs.json
