@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -27,8 +26,10 @@ def _bench():
 
 
 def _run(tmp_path, *args: str, cuda: bool = False) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(REPO_ROOT), PYTHONWARNINGS="ignore")
+    from metaapo_nemo.parallel.state import independent_env
+
+    env = independent_env(OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+                          PYTHONPATH=str(REPO_ROOT), PYTHONWARNINGS="ignore")
     if not cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, str(SCRIPT), "--cache-dir", str(tmp_path / "models"), *args]

@@ -49,7 +49,9 @@ def test_benchmark_quick_end_to_end(tmp_path):
     out = tmp_path / "results"
     cmd = [sys.executable, "benchmarks/toy_alignment/run.py", "--quick", "--seeds", "1",
            "--methods", "dpo,metaapo", "--work", str(tmp_path / "work"), "--out", str(out), "--prefix", "ci"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    from metaapo_nemo.parallel.state import independent_env
+
+    proc = subprocess.run(cmd, cwd=ROOT, env=independent_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "ci.json").read_text())
     runs = {r["method"]: r for r in data["runs"]}

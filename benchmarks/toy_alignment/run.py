@@ -195,7 +195,9 @@ def train_one(work: Path, name: str, seed: int, sizes: Sizes) -> dict:
     if done.is_file():
         return json.loads(done.read_text())
     cmd = run_command(work, config, slug, seed, sizes)
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    from metaapo_nemo.parallel.state import independent_env
+
+    env = independent_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     log(f"train {name} seed {seed}")
     t0 = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -181,3 +181,19 @@ def destroy() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                   "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def independent_env(**extra: str) -> dict[str, str]:
+    """os.environ without the rendezvous variables, plus `extra`: the environment for
+    launching a SEPARATE job (subprocess) from a process that initialised torch.distributed.
+
+    A single process sets MASTER_PORT for itself (`initialize`); a child inheriting it would
+    try to bind the same port (EADDRINUSE) while the parent's store still holds it.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    env.update(extra)
+    return env

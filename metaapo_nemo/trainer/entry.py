@@ -36,6 +36,9 @@ def run_recipe(
         components = setup(cfg)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
+        from metaapo_nemo.parallel import state
+
+        state.destroy()  # setup may have initialised the process groups before the bad input
         return 2
     try:
         state = train(components)
