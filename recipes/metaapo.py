@@ -316,6 +316,8 @@ def _resume(c: Components, st: TrainState) -> tuple[Position, list[RoundItem] | 
 
     r = c.guard.load(c.policy, c.reference)
     if r is None:
+        if c.ctx.is_main:  # a fresh run in an existing run dir starts a fresh record
+            (c.run_dir / "rounds.jsonl").unlink(missing_ok=True)
         return Position(), None
     t = r.trainer
     pos = Position(**t["position"])
