@@ -30,7 +30,7 @@ from metaapo_nemo.trainer.batching import StepPlan, global_batches, rank_slice, 
 from metaapo_nemo.trainer.entry import run_recipe
 from metaapo_nemo.trainer.callbacks import CallbackList, TrainState
 from metaapo_nemo.trainer.metrics import MetricsLogger, reduce_stats
-from metaapo_nemo.trainer.resume import RunGuard, build_run_guard, common_rank_state
+from metaapo_nemo.trainer.resume import RunGuard, build_run_guard
 from metaapo_nemo.trainer.rows import RowLayout, layout_from_config
 from metaapo_nemo.trainer.preference import (
     ReferenceCache,
@@ -142,27 +142,16 @@ def fill_reference(c: Components, pairs: list) -> None:
 
 def save_checkpoint(c: Components, st: TrainState, next_batch: int) -> None:
     """Everything needed to continue exactly after step `st.step` (batch `next_batch` next)."""
-    trainer = {"recipe": "dpo", "epoch": st.epoch, "next_batch": next_batch, "metrics": st.metrics,
-               "scheduler": c.policy.scheduler.state_dict(), "nonfinite": c.guard.nonfinite.state_dict()}
-    rank = common_rank_state() | {"ref_cache": c.ref_cache.state_dict()}
-    c.guard.ckpt.save(st.step, c.policy, trainer, rank)
+    c.guard.save(st, c.policy, c.ref_cache, {"recipe": "dpo", "epoch": st.epoch, "next_batch": next_batch})
 
 
 def resume(c: Components, st: TrainState) -> int:
     """Loads the checkpoint chosen in setup (if any); returns the next batch of `st.epoch`."""
-    from metaapo_nemo.checkpoint import set_rng_state
-
-    r = c.guard.load(c.policy)
+    r = c.guard.restore(st, c.policy, c.ref_cache)
     if r is None:
         return 0
-    t = r.trainer
-    st.step, st.epoch, st.metrics = int(t["step"]), int(t["epoch"]), dict(t["metrics"])
-    c.policy.scheduler.load_state_dict(t["scheduler"])
-    c.guard.nonfinite.load_state_dict(t["nonfinite"])
-    set_rng_state(r.rank["rng"])
-    if not r.rank.get("layout_changed"):  # values are per DP shard / last stage
-        c.ref_cache.load_state_dict(r.rank["ref_cache"])
-    return int(t["next_batch"])
+    st.epoch = int(r.trainer["epoch"])
+    return int(r.trainer["next_batch"])
 
 
 def train(c: Components) -> TrainState:

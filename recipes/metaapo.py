@@ -34,7 +34,7 @@ from metaapo_nemo.trainer import online as O
 from metaapo_nemo.trainer.entry import run_recipe
 from metaapo_nemo.trainer.callbacks import CallbackList, TrainState
 from metaapo_nemo.trainer.metrics import MetricsLogger, reduce_stats
-from metaapo_nemo.trainer.resume import RunGuard, build_run_guard, common_rank_state
+from metaapo_nemo.trainer.resume import RunGuard, build_run_guard
 from metaapo_nemo.trainer.preference import ReferenceCache
 from metaapo_nemo.trainer.rounds import (
     RoundItem,
@@ -303,31 +303,23 @@ def _end_round(c: Components, st: TrainState, pos: Position) -> None:
 
 def _save(c: Components, st: TrainState, pos: Position, items: list[RoundItem] | None) -> None:
     """Models + position + the current round's items (so a resumed round needs no rollout)."""
-    trainer = {"recipe": "metaapo", "position": dataclasses.asdict(pos), "metrics": st.metrics,
-               "scheduler": c.policy.scheduler.state_dict(), "nonfinite": c.guard.nonfinite.state_dict()}
     round_items = None if items is None else [(it.pair.index, it.online) for it in items]
-    rank = common_rank_state() | {"learner": c.learner.state_dict(), "ref_cache": c.ref_cache.state_dict()}
     moving_ref = c.reference if c.cfg.metaapo.reference == "per_round" else None
-    c.guard.ckpt.save(st.step, c.policy, trainer, rank, shared={"round_items": round_items}, reference=moving_ref)
+    c.guard.save(st, c.policy, c.ref_cache, {"recipe": "metaapo", "position": dataclasses.asdict(pos)},
+                 rank={"learner": c.learner.state_dict()}, shared={"round_items": round_items},
+                 reference=moving_ref)
 
 
 def _resume(c: Components, st: TrainState) -> tuple[Position, list[RoundItem] | None]:
-    from metaapo_nemo.checkpoint import set_rng_state, truncate_jsonl
+    from metaapo_nemo.checkpoint import truncate_jsonl
 
-    r = c.guard.load(c.policy, c.reference)
+    r = c.guard.restore(st, c.policy, c.ref_cache, c.reference)
     if r is None:
         if c.ctx.is_main:  # a fresh run in an existing run dir starts a fresh record
             (c.run_dir / "rounds.jsonl").unlink(missing_ok=True)
         return Position(), None
-    t = r.trainer
-    pos = Position(**t["position"])
-    st.step, st.metrics = int(t["step"]), dict(t["metrics"])
-    c.policy.scheduler.load_state_dict(t["scheduler"])
-    c.guard.nonfinite.load_state_dict(t["nonfinite"])
-    set_rng_state(r.rank["rng"])
+    pos = Position(**r.trainer["position"])
     c.learner.load_state_dict(r.rank["learner"])
-    if not r.rank.get("layout_changed"):
-        c.ref_cache.load_state_dict(r.rank["ref_cache"])
     if c.ctx.is_main:  # rounds finished after this checkpoint by the interrupted run are redone
         truncate_jsonl(c.run_dir / "rounds.jsonl", lambda rec: rec["round"] < pos.round_idx)
     saved = r.shared["round_items"]

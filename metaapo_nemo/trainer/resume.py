@@ -8,7 +8,8 @@ The loop calls, per optimiser step:
     guard.after_step(st, save)                   # checkpoint if due or preempted
 
 and `guard.at_end(st, save)` once after the loop; `save` is the recipe's own function that
-gathers its state and calls `Checkpointer.save` (recipes know what their state is).
+passes its own state (position, meta-learner, ...) to `guard.save`, which adds what every
+recipe has; `guard.restore` loads both back.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from metaapo_nemo.checkpoint import Checkpointer, Restored, rng_state, step_of
+from metaapo_nemo.checkpoint import Checkpointer, Restored, rng_state, set_rng_state, step_of
 from metaapo_nemo.config.schema import Config
 from metaapo_nemo.parallel.state import ParallelContext
 from metaapo_nemo.trainer.callbacks import TrainState
@@ -67,13 +68,31 @@ class RunGuard:
             save()
         self.preemption.restore()
 
-    def load(self, policy, reference=None) -> Restored | None:
+    def save(self, st: TrainState, policy, ref_cache, trainer: dict, rank: dict | None = None,
+             shared: dict | None = None, reference=None) -> None:
+        """Checkpoints step `st.step`: the recipe's own `trainer`/`rank`/`shared` state plus what
+        every recipe has (last metrics, scheduler, non-finite counters, RNG, reference cache)."""
+        trainer = trainer | {"metrics": st.metrics, "scheduler": policy.scheduler.state_dict(),
+                             "nonfinite": self.nonfinite.state_dict()}
+        rank = (rank or {}) | {"rng": rng_state(), "ref_cache": ref_cache.state_dict()}
+        self.ckpt.save(st.step, policy, trainer, rank, shared=shared, reference=reference)
+
+    def restore(self, st: TrainState, policy, ref_cache, reference=None) -> Restored | None:
+        """Loads the checkpoint chosen at set-up (if any) into the models and the common state;
+        returns it for the recipe's own fields, or None for a fresh run."""
         if self.resume_from is None:
             return None
-        restored = self.ckpt.load(self.resume_from, policy, reference)
+        r = self.ckpt.load(self.resume_from, policy, reference)
         if self.ctx.is_main:
-            print(f"resumed from {self.resume_from} (step {restored.trainer['step']})", flush=True)
-        return restored
+            print(f"resumed from {self.resume_from} (step {r.trainer['step']})", flush=True)
+        t = r.trainer
+        st.step, st.metrics = int(t["step"]), dict(t["metrics"])
+        policy.scheduler.load_state_dict(t["scheduler"])
+        self.nonfinite.load_state_dict(t["nonfinite"])
+        set_rng_state(r.rank["rng"])
+        if not r.rank.get("layout_changed"):  # values are per DP shard / last stage
+            ref_cache.load_state_dict(r.rank["ref_cache"])
+        return r
 
 
 def build_run_guard(cfg: Config, ctx: ParallelContext, run_dir: Path) -> RunGuard:
@@ -83,7 +102,3 @@ def build_run_guard(cfg: Config, ctx: ParallelContext, run_dir: Path) -> RunGuar
     ckpt = Checkpointer(run_dir, ctx, keep_last=c.keep_last, verify=c.verify, config_yaml=to_yaml(cfg))
     resume_from = None if c.resume == "never" else ckpt.find(None if c.resume == "auto" else c.resume)
     return RunGuard(cfg, ctx, ckpt, Preemption(), NonFiniteGuard(c.on_nonfinite, c.max_skips), resume_from)
-
-
-def common_rank_state() -> dict:
-    return {"rng": rng_state()}
