@@ -84,7 +84,7 @@ def test_tiny_cpu_end_to_end_with_record(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16, CUDA memory figures)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16, CUDA memory figures): runs on a GPU machine with `pytest -m gpu`")
 def test_tiny_cuda_bf16_step(tmp_path):
     out = _run(tmp_path, "--preset", "tiny", "--device", "cuda", "--steps", "2", "--warmup", "1",
                cuda=True)

