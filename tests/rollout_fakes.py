@@ -1,16 +1,21 @@
-"""A CPU stand-in `Generator` for unit tests (never shipped as an implementation).
+"""CPU stand-ins for unit tests (never shipped as an implementation).
 
-It "samples" deterministic token ids from each sample's derived seed, records every bucket
-it receives (names and bytes), and can be told to fail at a given bucket of a push.
+- `FakeGenerator`: a `Generator` that "samples" deterministic token ids from each sample's
+  derived seed, records every bucket it receives (names and bytes), and can be told to
+  fail at a given bucket of a push.
+- `recording_llm`: a stand-in for ``vllm.LLM`` (same signatures as vLLM 0.32's) that
+  records, in order, every call `VllmGenerator` makes on the engine, so the sleep / wake /
+  push order can be checked without a GPU.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from types import SimpleNamespace
+from typing import Any
 
 from metaapo_nemo.rollout.generator import (
-    GenerationError,
     PromptBatch,
     PromptSamples,
     RefitError,
@@ -50,8 +55,7 @@ class FakeGenerator:
     def generate(
         self, batch: PromptBatch, settings: SamplingSettings, policy_step: int
     ) -> list[PromptSamples]:
-        if self.asleep:
-            raise GenerationError("asleep")
+        self.asleep = False  # like VllmGenerator: generating wakes what it needs
         check_fresh(self._step, self._stale_reason, policy_step, batch.describe())
         self.generate_calls += 1
         out = []
@@ -95,3 +99,68 @@ class FakeGenerator:
 
     def shutdown(self) -> None:
         self.closed = True
+
+
+def recording_llm(events: list[str], reset_result: bool | None = True, blocks: int = 64) -> type:
+    """A ``vllm.LLM`` stand-in class whose instances append their calls to `events`.
+
+    Args:
+        events: Receives "build", "sleep(level=1)", "wake_up(['weights'])",
+            "reload_weights", "reset_prefix_cache", "generate(N)", "shutdown", ...
+        reset_result: What ``reset_prefix_cache`` returns (None: older V1 engines).
+        blocks: KV blocks reported by the cache config.
+    """
+
+    class RecordingLLM:
+        def __init__(self, model: str, **kwargs: Any) -> None:
+            self.kwargs = dict(model=model, **kwargs)
+            cache = SimpleNamespace(num_gpu_blocks=blocks, block_size=16)
+            self.llm_engine = SimpleNamespace(
+                vllm_config=SimpleNamespace(cache_config=cache),
+                engine_core=SimpleNamespace(shutdown=lambda: events.append("shutdown")),
+            )
+            events.append("build")
+
+        def generate(
+            self,
+            prompts: Sequence[Any],
+            sampling_params: Sequence[Any] | None = None,
+            *,
+            use_tqdm: bool = True,
+        ) -> list[Any]:
+            events.append(f"generate({len(prompts)})")
+            out = []
+            for params in sampling_params:
+                ids = [5] * params.max_tokens
+                lps = [{5: SimpleNamespace(logprob=-0.5)} for _ in ids]
+                sample = SimpleNamespace(
+                    token_ids=ids, text="x", finish_reason="length", logprobs=lps
+                )
+                out.append(SimpleNamespace(outputs=[sample]))
+            return out
+
+        def collective_rpc(
+            self,
+            method: str | Callable[..., Any],
+            timeout: float | None = None,
+            args: tuple = (),
+            kwargs: dict[str, Any] | None = None,
+        ) -> list[Any]:
+            name = method if isinstance(method, str) else method.__name__
+            events.append(name.lstrip("_"))
+            return [name == "_reload_supports_iterator"]
+
+        def reset_prefix_cache(
+            self, reset_running_requests: bool = False, reset_connector: bool = False
+        ) -> bool | None:
+            events.append("reset_prefix_cache")
+            return reset_result
+
+        def sleep(self, level: int = 1, mode: str = "abort") -> None:
+            events.append(f"sleep(level={level})")
+
+        def wake_up(self, tags: list[str] | None = None) -> bool:
+            events.append(f"wake_up({tags})")
+            return True
+
+    return RecordingLLM

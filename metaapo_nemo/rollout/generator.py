@@ -261,11 +261,15 @@ class Generator(Protocol):
         ...
 
     def sleep(self) -> None:
-        """Frees accelerator memory (weights offloaded, KV cache dropped) while training."""
+        """Frees accelerator memory (weights offloaded, KV cache dropped) while training.
+
+        Engines start asleep. `load_weights` and `generate` wake what they need in the
+        order weights -> push -> KV cache, so a caller cannot wake them in the wrong order.
+        """
         ...
 
     def wake(self) -> None:
-        """Re-allocates what `sleep` freed."""
+        """Brings the weights back (before a push); the KV cache follows on `generate`."""
         ...
 
     def shutdown(self) -> None:

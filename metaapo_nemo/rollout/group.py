@@ -232,12 +232,16 @@ class RolloutGroup:
 
     # ------------------------------------------------------------------ memory
     def sleep(self) -> None:
-        """Engines release accelerator memory (call before training)."""
+        """Engines release accelerator memory (call after generating, before training)."""
         if self.generator is not None:
             self.generator.sleep()
 
     def wake(self) -> None:
-        """Engines re-allocate memory (call before pushing weights and generating)."""
+        """Engines bring their weights back before a push (optional: the push does it too).
+
+        The KV cache is re-allocated by the next `generate`, after the push: the order is
+        weights -> push -> KV cache, so the push never runs beside a KV cache.
+        """
         if self.generator is not None:
             self.generator.wake()
 

