@@ -8,6 +8,8 @@ by `metaapo_nemo.models.convert`.
 
 from __future__ import annotations
 
+import functools
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +56,26 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // tp) * tp
 
 
+# The CUDA extensions megatron's FusedScaleMaskSoftmax imports (fused_softmax.py). They are
+# built by Megatron-LM's setup or the NGC container, NOT shipped in the megatron-core wheel.
+FUSED_SOFTMAX_KERNELS = (
+    "scaled_masked_softmax_cuda",
+    "scaled_upper_triang_masked_softmax_cuda",
+    "scaled_softmax_cuda",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def fused_softmax_available() -> bool:
+    """Whether every fused-softmax kernel megatron may pick imports on this machine."""
+    for name in FUSED_SOFTMAX_KERNELS:
+        try:
+            importlib.import_module(name)
+        except (ImportError, OSError):  # absent, or built against another torch / driver
+            return False
+    return True
+
+
 def transformer_config(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions):
     """The TransformerConfig equivalent of an HF Llama/Qwen2/Mistral config."""
     from megatron.core.transformer import TransformerConfig
@@ -95,9 +117,10 @@ def transformer_config(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions
         pipeline_dtype=dtype,
         use_cpu_initialization=on_cpu,
         perform_initialization=False,
-        # Fusions need CUDA kernels; off on CPU (measured: notes/megatron-on-cpu.md).
+        # Fusions need CUDA kernels; off on CPU (measured: notes/megatron-on-cpu.md). The
+        # local spec's fused softmax only where its kernel imports (the wheel has none).
         gradient_accumulation_fusion=False,
-        masked_softmax_fusion=not on_cpu,
+        masked_softmax_fusion=not on_cpu and fused_softmax_available(),
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
