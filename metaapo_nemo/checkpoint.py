@@ -189,10 +189,14 @@ def _load_model(model, directory: Path, with_optimizer: bool) -> None:
     for i, m in enumerate(model.modules()):
         m.load_state_dict(loaded[f"model{i}"])
     if with_optimizer:
-        from metaapo_nemo.parallel.compat import keep_adam_step_on_reshardable_load
+        from metaapo_nemo.parallel.compat import (
+            keep_adam_step_on_reshardable_load,
+            untie_adam_steps_after_load,
+        )
 
         keep_adam_step_on_reshardable_load(model.optimizer)
         model.optimizer.load_state_dict(loaded["optimizer"])
+        untie_adam_steps_after_load(model.optimizer)  # else a resume is not bitwise
 
 
 # ----------------------------------------------------------------- the manager

@@ -17,6 +17,14 @@ Known differences handled here:
 - Gloo data-parallel groups: created by default by `initialize_model_parallel` in 0.16
   (`create_gloo_process_groups=True`); requested explicitly where the keyword exists and
   read back as None where a release stops creating them.
+- Distributed-optimiser load without Apex/TE (torch Adam: CPU, or a GPU container without
+  TE): 0.16's `DistributedOptimizer.load_state_dict` gives EVERY parameter's Adam state the
+  SAME `step` tensor (`s["step"] = step`, no clone); torch's Adam then increments it once per
+  parameter per step, so after a resume the bias correction sees step + n_params, + 2
+  n_params, ... and the moments drift (~1e-3 relative after two steps on the tiny model).
+  `untie_adam_steps_after_load` gives each parameter its own copy (detected by identity,
+  not by version). 0.16's `_set_main_param_and_optimizer_states` on the fully-reshardable
+  path also expects a `step` the source lacks: `keep_adam_step_on_reshardable_load`.
 - CUDA-only calls inside megatron (streams in 0.19's grad sync, device="cuda" tensors) are
   CPU shims, not version differences: see `cpu_compat`.
 """
@@ -29,6 +37,8 @@ import warnings
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
+
+import torch
 
 # Oldest release the code runs on, and the newest one it is written against.
 MIN_VERSION = (0, 16)
@@ -180,3 +190,27 @@ def keep_adam_step_on_reshardable_load(optimizer) -> None:
 
         opt._set_main_param_and_optimizer_states = set_states
         opt._keeps_step = True
+
+
+def untie_adam_steps_after_load(optimizer) -> int:
+    """Gives every parameter its own Adam `step` tensor after a distributed-optimiser load.
+
+    megatron-core 0.16 (torch-Adam path) assigns one shared `step` tensor to all parameters
+    on load; torch's Adam increments `state["step"]` in place per parameter, so a shared
+    tensor advances n_params times per optimiser step and every later bias correction is
+    wrong. Cloning restores the per-parameter counters a fresh optimiser has (same value).
+    Returns how many states were untied (0 where nothing was shared).
+    """
+    untied = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        seen: set[int] = set()
+        for state in getattr(inner, "state", {}).values():
+            step = state.get("step") if isinstance(state, dict) else None
+            if not isinstance(step, torch.Tensor):
+                continue
+            if id(step) in seen:
+                state["step"] = step.clone()
+                untied += 1
+            seen.add(id(step))
+    return untied
