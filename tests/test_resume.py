@@ -357,10 +357,9 @@ def test_dp2_distributed_optimizer_checkpoint_restores_the_weights(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="megatron-core 0.16's fully-reshardable distributed-optimiser "
-                   "load on the torch-Adam path (no TE/Apex, i.e. CPU) does not restore the Adam moments "
-                   "exactly: step 8 after a resume at 6 differs by ~1e-3 relative. Open; GPU+TE path unverified")
 def test_dp2_distributed_optimizer_resume_is_bitwise(tmp_path):
+    """Was a strict xfail: megatron 0.16's torch-Adam load shared one `step` tensor between
+    all parameters (compat.untie_adam_steps_after_load; tests/test_distopt_checkpoint.py)."""
     a, b = _dp2_distopt_runs(tmp_path)
     wa, wb = _weights(a), _weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -13,8 +13,8 @@ gradients, and the weights and Adam state after them. Writes the mismatches (max
 from __future__ import annotations
 
 import json
-import zlib
 import sys
+import zlib
 from pathlib import Path
 
 import torch
