@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 
 from metaapo_nemo.config.loader import (
@@ -82,15 +81,14 @@ def parse(
 
 
 def world_size_from_env() -> int:
-    """``WORLD_SIZE`` as set by torchrun / SLURM launchers; 1 when unset."""
-    raw = os.environ.get("WORLD_SIZE", "1")
+    """The world size torchrun or srun launched (``parallel.launch.launch_info``); 1 when
+    neither did."""
+    from metaapo_nemo.parallel.launch import LaunchEnvError, launch_info
+
     try:
-        size = int(raw)
-    except ValueError:
-        raise ConfigError(f"environment WORLD_SIZE={raw!r} is not an integer") from None
-    if size < 1:
-        raise ConfigError(f"environment WORLD_SIZE={size} must be >= 1")
-    return size
+        return launch_info().world_size
+    except LaunchEnvError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def read_model_dims(cfg: Config) -> dict | None:

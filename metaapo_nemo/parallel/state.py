@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from metaapo_nemo.parallel import compat, cpu_compat
 from metaapo_nemo.parallel.dims import ParallelDims
+from metaapo_nemo.parallel.launch import SLURM_RANK_VARS, export_launch_env, launch_info
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,6 @@ class ParallelContext:
         return self.rank == 0
 
 
-def _env_int(*names: str, default: int | None = None) -> int | None:
-    for name in names:
-        if name in os.environ:
-            return int(os.environ[name])
-    return default
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -70,12 +64,10 @@ def _free_port() -> int:
 
 
 def launch_env() -> tuple[int, int, int]:
-    """Returns (rank, world_size, local_rank) from torchrun or SLURM variables (or 0, 1, 0)."""
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
-    assert rank is not None and world is not None and local is not None
-    return rank, world, local
+    """Returns (rank, world_size, local_rank) from torchrun or SLURM variables (or 0, 1, 0);
+    see `parallel.launch.launch_info`."""
+    info = launch_info()
+    return info.rank, info.world_size, info.local_rank
 
 
 def resolve_backend(requested: str) -> str:
@@ -118,7 +110,10 @@ def initialize(
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    rank, world, local_rank = launch_env()
+    # srun sets no RANK/WORLD_SIZE/LOCAL_RANK: write them (and the rendezvous) for env://
+    # and for vLLM's external launcher, which reads os.environ["RANK"] / ["LOCAL_RANK"].
+    info = export_launch_env()
+    rank, world, local_rank = info.rank, info.world_size, info.local_rank
     dims = ParallelDims(world_size=world, tp=tp, pp=pp, cp=cp, vpp=vpp)
     dims.validate()
     backend = resolve_backend(backend)
@@ -184,7 +179,7 @@ def destroy() -> None:
 
 
 RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                   "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+                   "GROUP_RANK", "TORCHELASTIC_RUN_ID", *SLURM_RANK_VARS)
 
 
 def independent_env(**extra: str) -> dict[str, str]:
