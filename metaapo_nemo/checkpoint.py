@@ -10,24 +10,34 @@ Layout of run_dir/checkpoints/:
         shared.pt          rank-independent tensors (e.g. the current round's online pairs)
         rank_00000.pt ...  per-rank state: RNG states, meta-learner buffer, reference cache
         config.yaml        the resolved config of the run that wrote it
-        manifest.json      size + SHA-256 of every file above; written LAST
+        manifest.json      size + checksum (checkpoint.checksum, SHA-256 by default) of every
+                           file above, each hashed by the rank that wrote it; written LAST
     latest                 the name of the newest good checkpoint; updated after the rename
 
 Writing: every file goes into `.tmp-step_N/`, is flushed and fsynced, the manifest is
 written, the directory is renamed to `step_N/` and only then `latest` is replaced (atomic
 rename). A crash at any point leaves either the previous `latest` or the new one, never a
-half checkpoint under a final name. Loading verifies the manifest (sizes always; SHA-256
-with `checkpoint.verify=checksum`, the files split over all ranks) and falls back to the
-previous good checkpoint with a message naming the bad file.
+half checkpoint under a final name. Loading verifies the manifest (sizes always; checksums
+with `checkpoint.verify=checksum`, the files split over all ranks by bytes) and falls back to
+the previous good checkpoint with a message naming the bad file.
+
+Scale (70B: ~1.1 TB per checkpoint, docs/checkpoint_sizing.md): every rank writes a share
+(replicated shards spread over DP, `_parallel_save_strategy`), then fsyncs and hashes the
+files IT wrote, in parallel (`owner_rank`); rank 0 only merges the per-rank entries. The
+barriers of a save are gloo `monitored_barrier`s whose timeout is
+`checkpoint.barrier_timeout_s`, or, when that is null, sized from the largest per-rank
+state and `checkpoint.fs_write_gbps` (`barrier_timeout`); a rank that misses it is named.
 """
 
 from __future__ import annotations
 
-import hashlib
+import datetime
 import json
 import os
 import random
+import re
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from metaapo_nemo import checksum as _checksum
 from metaapo_nemo.parallel.state import ParallelContext
 
 MANIFEST = "manifest.json"
@@ -93,11 +104,91 @@ def _torch_save(obj: Any, path: Path) -> None:
 
 
 def sha256(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return _checksum.file_checksum(path, "sha256", chunk)
+
+
+# ----------------------------------------------------------------- parallel hashing, timeouts
+
+# Conservative single-core checksum rates (GB/s), about half of what
+# benchmarks/results/checksum_bench.json measured on a shared 2-core CPU machine.
+HASH_GBPS = {"sha256": 0.45, "blake2b": 0.24, "crc32": 0.95, "adler32": 0.7}
+MIN_BARRIER_TIMEOUT_S = 600.0
+_DCP_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
+_RANK_FILE = re.compile(r"rank_(\d+)\.pt$")
+
+
+def owner_rank(relpath: str, world: int) -> int:
+    """The rank that wrote a checkpoint file, hence hashes it at save time.
+
+    torch DCP names its data files ``__<global rank>_<n>.distcp`` and we name per-rank state
+    ``rank_<r>.pt``; everything else (DCP ``.metadata``, megatron's ``common.pt`` and
+    ``metadata.json``, trainer.json, shared.pt, config.yaml) is written by rank 0.
+    """
+    name = relpath.rsplit("/", 1)[-1]
+    m = _DCP_FILE.search(name) or _RANK_FILE.search(name)
+    rank = int(m.group(1)) if m else 0
+    return rank if rank < world else 0
+
+
+def assign_by_bytes(sizes: dict[str, int], world: int) -> dict[str, int]:
+    """Files -> rank for verification at load: largest first onto the least-loaded rank
+    (deterministic, so every rank derives the same split from the same manifest)."""
+    load = [0] * world
+    out = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        out[name] = r
+        load[r] += sizes[name]
+    return out
+
+
+def barrier_timeout(rank_bytes: int, fs_write_gbps: float, checksum: str) -> float:
+    """Seconds a save's barriers wait: 3x (write + fsync-free hash) of the largest rank share.
+
+    timeout = max(600, 3 * (B / W + B / H)) with B the largest per-rank bytes, W the stated
+    per-rank file-system write bandwidth (`checkpoint.fs_write_gbps`) and H the checksum's
+    single-core rate (`HASH_GBPS`). Example 70B (B = 22 GB, W = 0.5, SHA-256): 3 x (44 + 49)
+    = 279 s -> 600 s floor; at W = 0.1 GB/s: 3 x (220 + 49) = 807 s.
+    """
+    gb = rank_bytes / 1e9
+    return max(MIN_BARRIER_TIMEOUT_S, 3.0 * (gb / fs_write_gbps + gb / HASH_GBPS[checksum]))
+
+
+def state_bytes(model) -> int:
+    """Bytes of this rank's model parameters plus its optimiser state (an upper bound of
+    what it writes: replicated shards are counted on every replica)."""
+    if model is None:
+        return 0
+    total = sum(p.numel() * p.element_size() for m in model.modules() for p in m.parameters())
+    optimizer = getattr(model, "optimizer", None)
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer] if optimizer else []):
+        inner = getattr(opt, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            total += sum(p.numel() * p.element_size() for p in group["params"])
+        for st in getattr(inner, "state", {}).values():
+            total += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
+    return total
+
+
+def hash_own_files(directory: Path, rank: int, world: int, algorithm: str) -> dict[str, dict]:
+    """fsync + size + checksum of the files of `directory` this rank wrote (`owner_rank`)."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(directory))
+        if rel == MANIFEST or owner_rank(rel, world) != rank:
+            continue
+        _fsync_file(path)
+        files[rel] = {"bytes": path.stat().st_size, algorithm: _checksum.file_checksum(path, algorithm),
+                      "hashed_by": rank}
+    return files
+
+
+def _entry_checksum(meta: dict) -> tuple[str, str] | None:
+    """(algorithm, hex) recorded for a manifest entry (old manifests: sha256)."""
+    for name in _checksum.ALGORITHMS:
+        if name in meta:
+            return name, meta[name]
+    return None
 
 
 def rng_state() -> dict[str, Any]:
@@ -164,7 +255,25 @@ def _save_model(model, directory: Path, with_optimizer: bool) -> None:
     sd = _model_sharded(model)
     if with_optimizer:
         sd["optimizer"] = model.optimizer.sharded_state_dict(sd, metadata=OPTIMIZER_METADATA)
-    dist_checkpointing.save(sd, str(directory))
+    dist_checkpointing.save(sd, str(directory), sharded_strategy=_parallel_save_strategy())
+
+
+def _parallel_save_strategy():
+    """megatron's default writer, with replicated shards spread over the DP ranks.
+
+    Without the wrapper only the first replica of every shard writes it: with the
+    fully-reshardable optimiser (gathered to every DP rank before the save) DP rank 0 of
+    each TP x PP position wrote the whole checkpoint (measured DP2: rank 1 wrote no file),
+    i.e. 64 GB on each of 2 ranks for the 8B recipe instead of 16 GB on each of 8.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
 
 
 def _materialise_optimizer_state(optimizer) -> None:
@@ -206,10 +315,22 @@ class Checkpointer:
     """Saves and finds checkpoints of one run directory; every method is collective."""
 
     def __init__(self, run_dir: Path, ctx: ParallelContext, keep_last: int = 2, verify: str = "checksum",
-                 config_yaml: str = ""):
+                 config_yaml: str = "", checksum: str = "sha256", barrier_timeout_s: float | None = None,
+                 fs_write_gbps: float = 0.5):
+        """
+        Args:
+            checksum: Manifest checksum (`checkpoint.checksum`).
+            barrier_timeout_s: Save barrier timeout (`checkpoint.barrier_timeout_s`); None:
+                sized from the checkpoint (`barrier_timeout`).
+            fs_write_gbps: Stated per-rank write bandwidth (`checkpoint.fs_write_gbps`).
+        """
         self.root = Path(run_dir) / "checkpoints"
         self.ctx, self.keep_last, self.verify, self.config_yaml = ctx, keep_last, verify, config_yaml
+        _checksum.new(checksum)  # unknown names fail here, not at the first save
+        self.checksum, self.barrier_timeout_s, self.fs_write_gbps = checksum, barrier_timeout_s, fs_write_gbps
         self.last_saved_step: int | None = None
+        self.last_save_timings: dict[str, float] = {}
+        self._gloo: Any = None
 
     # ------------------------------------------------------------- save
     def save(self, step: int, policy, trainer: dict[str, Any], rank: dict[str, Any],
@@ -230,14 +351,15 @@ class Checkpointer:
         if reference is not None:
             _save_model(reference, tmp / "reference", with_optimizer=False)
         _torch_save(rank, tmp / f"rank_{dist.get_rank() if dist.is_initialized() else 0:05d}.pt")
-        _barrier(ctx)
+        self._timed_barrier("writing its share of the checkpoint", policy, reference)
         if ctx.is_main:
             body = {"format": FORMAT, "step": step, "world_size": ctx.dims.world_size,
                     "layout": {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp}, **trainer}
             _write_bytes(tmp / "trainer.json", json.dumps(body, indent=1).encode())
             _torch_save(shared or {}, tmp / "shared.pt")
             _write_bytes(tmp / "config.yaml", self.config_yaml.encode())
-            self._write_manifest(tmp, step)
+        self._write_manifest(tmp, step)  # collective: every rank hashes the files it wrote
+        if ctx.is_main:
             if final.exists():  # the same step saved again (e.g. end after a preemption save)
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -252,12 +374,67 @@ class Checkpointer:
         return final
 
     def _write_manifest(self, directory: Path, step: int) -> None:
-        files = {}
-        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-            _fsync_file(path)
-            files[str(path.relative_to(directory))] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
-        _write_bytes(directory / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files},
-                                                      indent=1).encode())
+        """Every rank fsyncs + hashes the files it wrote (in parallel); rank 0 writes the
+        merged manifest. Raises CheckpointError on every rank if any rank failed."""
+        rank, world = _rank_world()
+        t0 = time.perf_counter()
+        try:
+            mine, error = hash_own_files(directory, rank, world, self.checksum), None
+        except OSError as exc:
+            mine, error = {}, f"rank {rank}: {exc}"
+        seconds = time.perf_counter() - t0
+        parts = [(mine, error, seconds)]
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, (mine, error, seconds), group=self._gloo_group())
+        errors = [e for _, e, _ in parts if e]
+        if errors:
+            raise CheckpointError(f"hashing {directory} failed: " + "; ".join(errors))
+        self.last_save_timings["hash_s_max"] = max(t for _, _, t in parts)
+        if not self.ctx.is_main:
+            return
+        files = {name: meta for part, _, _ in parts for name, meta in part.items()}
+        body = {"format": FORMAT, "step": step, "checksum": self.checksum, "hashed_by_ranks": world,
+                "files": dict(sorted(files.items()))}
+        _write_bytes(directory / MANIFEST, json.dumps(body, indent=1).encode())
+
+    def _gloo_group(self):
+        """A gloo group over the world (created once, collectively): the checkpoint's object
+        gathers and monitored barriers run on the CPU, never staging through GPU memory."""
+        if self._gloo is None:
+            if dist.get_backend() == "gloo":
+                self._gloo = dist.group.WORLD
+            else:
+                self._gloo = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))
+        return self._gloo
+
+    def save_timeout(self, policy, reference=None) -> float:
+        """The save barrier timeout: `barrier_timeout_s`, or sized from the largest rank's state
+        (collective when sized: an all-reduce MAX of every rank's bytes)."""
+        if self.barrier_timeout_s is not None:
+            return float(self.barrier_timeout_s)
+        local = state_bytes(policy) + state_bytes(reference)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([local], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._gloo_group())
+            local = int(t.item())
+        return barrier_timeout(local, self.fs_write_gbps, self.checksum)
+
+    def _timed_barrier(self, doing: str, policy, reference=None) -> None:
+        """A monitored barrier with the sized timeout; names the ranks that missed it."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        timeout = self.save_timeout(policy, reference)
+        self.last_save_timings["barrier_timeout_s"] = timeout
+        try:
+            dist.monitored_barrier(group=self._gloo_group(), timeout=datetime.timedelta(seconds=timeout),
+                                   wait_all_ranks=True)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"a checkpoint save waited {timeout:.0f} s for every rank to finish {doing}: {exc}; "
+                "raise checkpoint.barrier_timeout_s, or lower checkpoint.fs_write_gbps to the "
+                "file system's real per-rank bandwidth"
+            ) from exc
 
     def _prune(self, keep: str) -> None:
         good = sorted(p for p in self.root.glob("step_*") if p.is_dir())
@@ -311,19 +488,23 @@ class Checkpointer:
             except (json.JSONDecodeError, KeyError) as exc:
                 problem = f"{MANIFEST} is unreadable ({exc})"
             else:
-                rank = dist.get_rank() if dist.is_initialized() else 0
-                world = dist.get_world_size() if dist.is_initialized() else 1
-                for i, (name, meta) in enumerate(sorted(files.items())):
+                rank, world = _rank_world()
+                mine = assign_by_bytes({n: int(m["bytes"]) for n, m in files.items()}, world)
+                for name, meta in sorted(files.items()):
                     path = directory / name
+                    recorded = _entry_checksum(meta)
                     if not path.exists():
                         problem = problem or f"{name} is missing"
                     elif path.stat().st_size != meta["bytes"]:
                         problem = problem or f"{name} has {path.stat().st_size} bytes, the manifest says {meta['bytes']}"
-                    elif self.verify == "checksum" and i % world == rank and sha256(path) != meta["sha256"]:
-                        problem = problem or f"{name} fails its SHA-256 check (corrupted)"
+                    elif self.verify == "checksum" and mine[name] == rank and recorded is not None:
+                        algorithm, want = recorded
+                        if _checksum.file_checksum(path, algorithm) != want:
+                            problem = problem or (f"{name} fails its {_checksum.DISPLAY[algorithm]} "
+                                                  "check (corrupted)")
         if dist.is_initialized() and dist.get_world_size() > 1:
             found: list[str | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(found, problem)
+            dist.all_gather_object(found, problem, group=self._gloo_group())
             problem = next((p for p in found if p is not None), None)
         return problem
 
@@ -347,6 +528,12 @@ class Checkpointer:
             rank_state["layout_changed"] = True
         self.last_saved_step = int(trainer["step"])
         return Restored(directory, trainer, shared, rank_state)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _barrier(ctx: ParallelContext) -> None:

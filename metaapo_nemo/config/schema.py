@@ -358,6 +358,14 @@ class CheckpointConfig(_Section):
     on_nonfinite: Literal["skip", "stop"] = "skip"
     max_skips: int = Field(3, gt=0)
     requeue_exit_code: int = Field(85, ge=1, le=255)  # SIGTERM/SIGUSR1: save, exit with this
+    # Manifest checksum; every rank hashes the files it wrote (benchmarks/checksum_bench.py).
+    checksum: Literal["sha256", "blake2b", "crc32", "adler32"] = "sha256"
+    # Save barrier timeout in seconds; null: sized from the largest rank's share and
+    # fs_write_gbps (checkpoint.barrier_timeout: max(600, 3 x (write + hash time))).
+    barrier_timeout_s: float | None = Field(None, gt=0)
+    # Stated per-rank write bandwidth of the checkpoint file system (GB/s); also what the
+    # sbatch USR1 lead time is derived from (docs/checkpoint_sizing.md).
+    fs_write_gbps: float = Field(0.5, gt=0)
 
 
 class PlannerConfig(_Section):

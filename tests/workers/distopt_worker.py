@@ -7,7 +7,8 @@ distributed optimiser, takes `steps` Adam steps on seeded synthetic gradients, s
 `checkpoint._save_model`, builds a FRESH policy, loads it with `checkpoint._load_model`, and
 compares on every rank, bitwise: the fp32 main parameters, each Adam state tensor (exp_avg,
 exp_avg_sq, step) and the model weights; then two more steps on both with the same
-gradients, and the weights and Adam state after them. Writes the mismatches (max |diff|) to ``out``.
+gradients, and the weights and Adam state after them. With ``"run_dir"`` also a whole
+`Checkpointer.save` + `find` (per-rank hashing, sized barrier, verification). Writes the mismatches (max |diff|) to ``out``.
 """
 
 from __future__ import annotations
@@ -99,6 +100,13 @@ def main() -> None:
     result["after_steps"] = _diff(_weights(a), _weights(b))
     result["state_after_steps"] = _diff(_adam_states(a), _adam_states(b))
     result["num_state_tensors"] = len(_adam_states(a))
+    if spec.get("run_dir"):  # the whole Checkpointer: per-rank hashing, sized barrier, verify
+        ck = checkpoint.Checkpointer(Path(spec["run_dir"]), ctx, checksum=spec.get("checksum", "sha256"))
+        saved = ck.save(5, a, {"scheduler": {}}, {"rank": dist.get_rank()})
+        result["found"] = str(ck.find())
+        result["saved"] = str(saved)
+        result["timings"] = ck.last_save_timings
+        result["manifest"] = json.loads((saved / checkpoint.MANIFEST).read_text())
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, result)
     if ctx.is_main:
