@@ -1,15 +1,22 @@
 """Per-GPU memory planner for a training layout (plain Python: runs on a login node).
 
-Estimates the peak bytes on the most loaded GPU in the two phases of a MetaAPO round:
+Estimates the peak bytes on the most loaded GPU in each phase of a MetaAPO round, with the
+vLLM engine colocated in the same process:
 
-- train:    policy weights + gradient buffer + optimiser state + activations (by recompute
-            mode, 1F1B in-flight micro-batches) + last-stage logits + reference weights
-            (unless offloaded) + vLLM's sleeping footprint.
-- generate: policy weights + gradient buffer + optimiser state stay resident (colocated),
-            plus vLLM's weights (at its own TP) and its KV cache, plus the reward model.
+- margins:  the round's forward-only margin pass (policy + reference log-probs) at round
+            start and right after a resume: resident training state + forward working set
+            + logits, beside a SLEEPING engine (it sleeps as soon as it is built,
+            rollout/vllm_backend.py; `vllm_sleeps_after_build=False` shows the awake case).
+- train:    resident state + activations (by recompute mode, 1F1B in-flight micro-batches)
+            + last-stage logits + reference (unless offloaded) + the sleeping engine.
+- generate: resident state (colocated) + the awake engine (its weights at its own TP, KV
+            cache, profiling reserve: all of `gpu_memory_utilization` x GPU).
+- score:    resident state + the reward model + the sleeping engine + the pairs gather.
+Every phase also holds the CUDA context and two sets of NCCL communicators (Megatron's and
+vLLM's).
 
 Formulas (bytes; s = sequence length, b = micro-batch rows, h = hidden, a = heads,
-L = layers, t = TP, p = PP, d = DP, V = vocabulary):
+L = layers, t = TP, p = PP, d = DP, V = vocabulary, I = MLP width):
 - parameters per rank: transformer layers L/p x per-layer/t, plus the embedding (V h / t)
   on the first stage and the output layer (V h / t, unless tied and p == 1) on the last.
 - weights: params x bytes(dtype); megatron's DDP keeps fp32 gradient buffers (4 B/param);
@@ -22,7 +29,25 @@ L = layers, t = TP, p = PP, d = DP, V = vocabulary):
   1F1B holds up to p micro-batches in flight on the first stage, so the first stage holds
   activations of L/p layers x min(p, micro-batches) micro-batches.
 - logits on the last stage: s b V / t x 4 B (fp32 for the vocab-parallel cross entropy),
-  twice (logits and their gradient).
+  twice in training (logits and their gradient), once in the forward-only margin pass.
+- margin-pass working set: one layer's activations without recompute (nothing is kept
+  for a backward), i.e. `activation_bytes_per_layer(recompute=None)`.
+- CUDA context: `cuda_context_gib` per process (one: vLLM runs in the trainer's process).
+- NCCL: `nccl_gib_per_comm` per communicator; Megatron's set = TP, DP, world (each if its
+  size > 1) + 2 pipeline peers (p > 1); vLLM's set = its TP group (vllm_tp > 1).
+- vLLM (awake): util x GPU in all. Of it, the KV cache gets what is left after its weights
+  (N_params x 2 B / vllm_tp) and its profiling reserve: the dummy forward of
+  max_num_batched_tokens T tokens, T (3 I / vllm_tp + 4 h) x 2 B; the dummy sampler,
+  3 x max_num_seqs x V x 4 B (fp32 logits, log-probs, probabilities); CUDA graphs
+  (`vllm_cudagraph_gib` unless enforce_eager); its NCCL communicators. The plan fails if
+  that KV cache cannot hold one request of max_model_len tokens.
+- pairs gather: the trainer's `all_gather_object` of the round's online pairs stages
+  (world + 1) x the largest rank's pickled pairs on the GPU under NCCL:
+  prompts / world x 2 samples x max_new_tokens x `pickle_bytes_per_token` (18 B: token id
+  3-5 B, log-prob 9 B, text ~4 B). The samples gather of `RolloutGroup.generate` runs
+  on a gloo group (host memory, reported, not in the GPU peak).
+- checkpoint: policy weights (dtype) + fp32 master + Adam m, v (12 B/param) + the moving
+  reference (dtype), spread evenly over the ranks (`checkpoint_bytes`).
 """
 
 from __future__ import annotations
@@ -50,19 +75,41 @@ class PlanInput:
     reference_offloaded: bool = False
     reference_resident: bool = True  # False for reference-free losses (SimPO)
     vllm_tp: int = 1
-    vllm_kv_cache_gib: float = 0.0
+    vllm_kv_cache_gib: float = 0.0  # an explicit KV budget (used when utilization is None)
+    vllm_gpu_memory_utilization: float | None = None  # vLLM's share of the GPU while awake
+    vllm_max_num_batched_tokens: int = 16384
+    vllm_max_num_seqs: int = 1024  # vLLM's offline default on H100/H200
+    vllm_max_model_len: int = 4096
+    vllm_enforce_eager: bool = False
+    vllm_cudagraph_gib: float = 1.0  # CUDA graph pool (assumption; 0 with enforce_eager)
     vllm_sleep_level: int = 1  # 1: weights offloaded to CPU and KV freed while training
-    vllm_overhead_gib: float = 1.0  # CUDA context / allocator reserve
+    vllm_sleeps_after_build: bool = True  # rollout/vllm_backend.py: asleep before round 0
+    vllm_overhead_gib: float = 0.25  # what a sleeping engine keeps (allocator pools, buffers)
     rollout: bool = True  # False: no vLLM engine (offline DPO), no generate phase
     reward_arch: ModelArch | None = None
     reward_offloaded: bool = True
     gpu_memory_gib: float = 80.0
+    cuda_context_gib: float = 0.75  # CUDA context + cuBLAS/cuDNN workspaces, one process
+    nccl_gib_per_comm: float = 0.5  # ring + tree buffers at ~32 channels, NVLS off
+    round_prompts: int = 0  # prompts sampled online per round (pairs gathered); 0: none
+    max_new_tokens: int = 0
+    samples_per_prompt: int = 8
+    pickle_bytes_per_token: float = 18.0
+    pairs_gather_on_gpu: bool = True  # the trainer gathers pairs on the default (NCCL) group
+    checkpoint_reference: bool = False  # a moving (per-round) reference is checkpointed
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
 
 
 @dataclass
 class Plan:
     per_phase: dict[str, dict[str, float]] = field(default_factory=dict)  # GiB
     params_per_rank: int = 0
+    assumptions: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # fails regardless of the GPU size
+    terms: dict[str, float] = field(default_factory=dict)  # named intermediate figures (GiB)
 
     def peak(self, phase: str) -> float:
         return sum(self.per_phase[phase].values())
@@ -78,8 +125,13 @@ class Plan:
             body = ", ".join(f"{k} {v:.2f}" for k, v in parts.items() if v)
             lines.append(f"  {phase:8s} {self.peak(phase):7.2f} GiB = {body}")
         phase, peak = self.worst
-        verdict = "fits" if peak <= gpu_gib else "DOES NOT FIT"
+        verdict = "fits" if peak <= gpu_gib and not self.problems else "DOES NOT FIT"
         lines.append(f"  peak {peak:.2f} GiB ({phase}) vs {gpu_gib:.0f} GiB per GPU: {verdict}")
+        lines.append("  headroom: " + ", ".join(f"{p} {gpu_gib - self.peak(p):.2f} GiB" for p in self.per_phase))
+        lines += [f"  problem: {p}" for p in self.problems]
+        if self.assumptions:
+            lines.append("  assumptions:")
+            lines += [f"    - {a}" for a in self.assumptions]
         return "\n".join(lines)
 
 
@@ -113,6 +165,54 @@ def activation_bytes_per_layer(arch: ModelArch, seq: int, rows: int, tp: int, re
     return per
 
 
+def nccl_communicators(x: PlanInput) -> tuple[int, int]:
+    """(Megatron's, vLLM's) NCCL communicators on one rank."""
+    train = int(x.tp > 1) + int(x.dp > 1) + int(x.world > 1) + (2 if x.pp > 1 else 0)
+    return train, int(x.rollout and x.vllm_tp > 1)
+
+
+def vllm_profile_reserve_bytes(x: PlanInput) -> dict[str, float]:
+    """What vLLM's start-up profiling takes out of util x GPU before sizing its KV cache."""
+    a = x.arch
+    t = x.vllm_max_num_batched_tokens
+    return {
+        "forward": t * (3 * a.intermediate_size / x.vllm_tp + 4 * a.hidden_size) * 2.0,
+        "sampler": 3.0 * x.vllm_max_num_seqs * a.vocab_size * 4,
+        "cudagraphs": 0.0 if x.vllm_enforce_eager else x.vllm_cudagraph_gib * GiB,
+        "nccl": nccl_communicators(x)[1] * x.nccl_gib_per_comm * GiB,
+    }
+
+
+def kv_bytes_per_token(arch: ModelArch, vllm_tp: int) -> float:
+    """bf16 K and V of every layer for one token on one vLLM TP rank."""
+    kv_heads = max(1, arch.num_kv_heads // vllm_tp)
+    return 2.0 * arch.num_layers * kv_heads * arch.head_dim * 2
+
+
+def pairs_gather_bytes(x: PlanInput) -> float:
+    """GPU staging of the trainer's all_gather_object of a round's pairs: (world + 1) x max."""
+    if x.round_prompts <= 0 or x.world == 1:
+        return 0.0
+    per_rank = -(-x.round_prompts // x.world) * 2 * x.max_new_tokens * x.pickle_bytes_per_token
+    return (x.world + 1) * per_rank
+
+
+def samples_gather_host_bytes(x: PlanInput) -> float:
+    """Host staging of RolloutGroup.generate's gather (gloo): (world + 1) x one engine's samples."""
+    if x.round_prompts <= 0 or x.world == 1:
+        return 0.0
+    engines = max(1, x.world // x.vllm_tp)
+    per_engine = -(-x.round_prompts // engines) * x.samples_per_prompt * x.max_new_tokens
+    return (x.world + 1) * per_engine * x.pickle_bytes_per_token
+
+
+def checkpoint_bytes(arch: ModelArch, dtype: str, with_reference: bool) -> float:
+    """Bytes of one checkpoint: weights + fp32 master + Adam m, v (+ the moving reference)."""
+    w = _BYTES["bfloat16" if dtype == "fp8" else dtype]
+    per_param = w + 12 + (w if with_reference else 0)
+    return float(arch.num_parameters) * per_param
+
+
 def plan_memory(x: PlanInput) -> Plan:
     a = x.arch
     n = params_per_rank(a, x.tp, x.pp)
@@ -124,43 +224,136 @@ def plan_memory(x: PlanInput) -> Plan:
     layers_here = -(-a.num_layers // x.pp)
     acts = activation_bytes_per_layer(a, x.seq_length, x.micro_batch_rows, x.tp, x.recompute)
     acts *= layers_here * in_flight * (wbytes / 2)  # the formula counts bf16 bytes
-    logits = 2 * x.seq_length * x.micro_batch_rows * (-(-a.vocab_size // x.tp)) * 4
+    one_logits = x.seq_length * x.micro_batch_rows * (-(-a.vocab_size // x.tp)) * 4
+    forward_ws = activation_bytes_per_layer(a, x.seq_length, x.micro_batch_rows, x.tp, None) * (wbytes / 2)
     reference = 0.0 if (x.reference_offloaded or not x.reference_resident) else n * wbytes
     vllm_weights = a.num_parameters * _BYTES["bfloat16"] / x.vllm_tp
     reward = 0.0
     if x.reward_arch is not None:
         reward = x.reward_arch.num_parameters * _BYTES["bfloat16"]
     g = lambda v: v / GiB  # noqa: E731
-    resident = {"weights": g(n * wbytes), "grads": g(4 * n), "optimizer": g(opt_bytes)}
+    train_comms, vllm_comms = nccl_communicators(x)
+    fixed = {"cuda_context": x.cuda_context_gib,
+             "nccl": (train_comms + vllm_comms) * x.nccl_gib_per_comm}
+    resident = {"weights": g(n * wbytes), "grads": g(4 * n), "optimizer": g(opt_bytes)} | fixed
     plan = Plan(params_per_rank=n)
+    asleep = x.vllm_overhead_gib if x.rollout else 0.0
+    plan.assumptions += [
+        f"CUDA context + library workspaces {x.cuda_context_gib:.2f} GiB (one process: vLLM runs in it)",
+        f"NCCL {x.nccl_gib_per_comm:.2f} GiB per communicator x ({train_comms} Megatron: TP/DP/world/PP "
+        f"peers of size > 1, + {vllm_comms} vLLM TP)",
+    ]
+    vllm_awake = 0.0
+    if x.rollout:
+        reserve = vllm_profile_reserve_bytes(x)
+        if x.vllm_gpu_memory_utilization is not None:
+            pool = x.vllm_gpu_memory_utilization * x.gpu_memory_gib
+            naive_kv = pool - g(vllm_weights)
+            kv = naive_kv - g(sum(reserve.values()))
+        else:
+            naive_kv = kv = x.vllm_kv_cache_gib
+            pool = g(vllm_weights) + kv + g(sum(reserve.values()))
+        vllm_awake = pool
+        per_tok = kv_bytes_per_token(a, x.vllm_tp)
+        kv_tokens = max(0.0, kv) * GiB / per_tok
+        plan.terms |= {"vllm_weights": g(vllm_weights), "vllm_kv": kv, "vllm_kv_naive": naive_kv,
+                       "vllm_kv_tokens": kv_tokens} | {f"vllm_reserve_{k}": g(v) for k, v in reserve.items()}
+        plan.assumptions.append(
+            f"vLLM awake = {pool:.2f} GiB: weights {g(vllm_weights):.2f} (TP{x.vllm_tp}), profiling reserve "
+            + ", ".join(f"{k} {g(v):.2f}" for k, v in reserve.items())
+            + f" (T={x.vllm_max_num_batched_tokens}, max_num_seqs={x.vllm_max_num_seqs}), KV {kv:.2f} GiB "
+            f"(util x GPU - weights alone would say {naive_kv:.2f}) = {kv_tokens:,.0f} tokens = "
+            f"{kv_tokens / x.vllm_max_model_len:.1f} requests of max_model_len {x.vllm_max_model_len}"
+        )
+        if kv_tokens < x.vllm_max_model_len:
+            plan.problems.append(
+                f"vLLM's KV cache ({kv:.2f} GiB = {kv_tokens:,.0f} tokens) cannot hold one request of "
+                f"{x.vllm_max_model_len} tokens: raise rollout.gpu_memory_utilization or rollout.tp, or "
+                "lower rollout.max_num_batched_tokens"
+            )
+        plan.assumptions.append(
+            "the engine sleeps (level 1) right after it is built and after each generation; it keeps "
+            f"{x.vllm_overhead_gib:.2f} GiB asleep"
+            + ("" if x.vllm_sleeps_after_build else " (vllm_sleeps_after_build=False: the margin pass "
+               "runs beside the awake engine)")
+        )
+    margin_vllm = asleep if (x.vllm_sleeps_after_build or not x.rollout) else vllm_awake
+    plan.per_phase["margins"] = resident | {
+        "activations": g(forward_ws),
+        "logits": g(one_logits),
+        "reference": g(reference),
+        "vllm": margin_vllm,
+    }
     plan.per_phase["train"] = resident | {
         "activations": g(acts),
-        "logits": g(logits),
+        "logits": g(2 * one_logits),
         "reference": g(reference),
         "reward": 0.0 if x.reward_offloaded else g(reward),
-        "vllm": x.vllm_overhead_gib + (0.0 if x.vllm_sleep_level >= 1 else g(vllm_weights) + x.vllm_kv_cache_gib),
+        "vllm": asleep if x.vllm_sleep_level >= 1 else vllm_awake,
     }
     if not x.rollout:
-        plan.per_phase["train"]["vllm"] = 0.0
         return plan
-    plan.per_phase["generate"] = resident | {
-        "reference": g(reference),
-        "vllm": x.vllm_overhead_gib + g(vllm_weights) + x.vllm_kv_cache_gib,
-        "reward": g(reward),
+    pairs = pairs_gather_bytes(x) if x.pairs_gather_on_gpu else 0.0
+    host_samples = samples_gather_host_bytes(x)
+    if x.round_prompts:
+        plan.assumptions.append(
+            f"gathers: pairs {g(pairs_gather_bytes(x)):.2f} GiB ({'GPU, NCCL' if x.pairs_gather_on_gpu else 'host'}; "
+            f"{x.round_prompts} prompts / {x.world} ranks x 2 x {x.max_new_tokens} tokens x "
+            f"{x.pickle_bytes_per_token:g} B x (world + 1)); samples {g(host_samples):.2f} GiB on the host (gloo)"
+        )
+    plan.terms |= {"pairs_gather": g(pairs_gather_bytes(x)), "samples_gather_host": g(host_samples)}
+    plan.per_phase["generate"] = resident | {"reference": g(reference), "vllm": vllm_awake}
+    plan.per_phase["score"] = resident | {
+        "reference": g(reference), "reward": g(reward), "vllm": asleep, "pairs_gather": g(pairs),
     }
     return plan
+
+
+def checkpoint_report(x: PlanInput, fs_write_gbps: float, hash_gbps: float, step_s: float = 0.0) -> str:
+    """One line: checkpoint size, per-rank share, and the write + hash seconds of a save."""
+    total = checkpoint_bytes(x.arch, x.dtype, x.checkpoint_reference)
+    share = total / x.world / 1e9
+    save_s = share / fs_write_gbps + share / hash_gbps
+    return (f"checkpoint: {total / 1e9:,.1f} GB, {share:.1f} GB per rank over {x.world}; write at "
+            f"{fs_write_gbps:g} GB/s + hash at {hash_gbps:g} GB/s = {save_s:.0f} s per save")
 
 
 def check_fits(plan: Plan, gpu_gib: float, on_exceed: str = "error") -> str | None:
     """None if it fits; else the message (raised by the caller for on_exceed='error')."""
     phase, peak = plan.worst
-    if peak <= gpu_gib:
+    if peak <= gpu_gib and not plan.problems:
         return None
+    head = (f"the {phase} phase needs {peak:.1f} GiB per GPU > {gpu_gib:.0f} GiB available:\n"
+            if peak > gpu_gib else "the plan has a problem:\n")
     return (
-        f"the {phase} phase needs {peak:.1f} GiB per GPU > {gpu_gib:.0f} GiB available:\n"
-        f"{plan.report(gpu_gib)}\n"
+        head + f"{plan.report(gpu_gib)}\n"
         "fix: raise parallel.tp / parallel.pp, enable parallel.distributed_optimizer, set "
         "parallel.recompute=selective|full, lower train.micro_batch_size or data.max_length, "
         "offload the reference (reference.offload_to_cpu=true), or lower the vLLM KV cache"
         + ("" if on_exceed == "error" else " (planner.on_exceed=warn: continuing)")
+    )
+
+
+def plan_input_from_config(cfg, arch: ModelArch, tp: int, pp: int, dp: int, accum: int) -> PlanInput:
+    """Every planner input a validated `Config` determines (config.cli's --dry-run calls it).
+
+    The online prompts per round are bounded by ``metaapo.round_size`` (every prompt of the
+    round selected: the worst case for the pairs gather).
+    """
+    sampling = cfg.metaapo.sampling != "none"
+    r = cfg.rollout
+    return PlanInput(
+        arch=arch, tp=tp, pp=pp, dp=dp, dtype=cfg.model.dtype if cfg.model.fp8 is None else "bfloat16",
+        distributed_optimizer=cfg.parallel.distributed_optimizer, recompute=cfg.parallel.recompute,
+        seq_length=cfg.data.max_length, micro_batch_rows=cfg.train.micro_batch_size * (4 if sampling else 2),
+        num_microbatches=accum, reference_offloaded=cfg.reference.offload_to_cpu,
+        reference_resident=cfg.loss.name != "simpo", vllm_tp=r.tp,
+        vllm_gpu_memory_utilization=r.gpu_memory_utilization if sampling else None,
+        vllm_max_num_batched_tokens=r.max_num_batched_tokens,
+        vllm_max_model_len=min(cfg.data.max_prompt_length + r.max_new_tokens, arch.max_position_embeddings),
+        vllm_enforce_eager=r.enforce_eager, rollout=sampling, reward_offloaded=cfg.reward.offload_to_cpu,
+        gpu_memory_gib=cfg.planner.gpu_memory_gib,
+        round_prompts=cfg.metaapo.round_size if sampling else 0, max_new_tokens=r.max_new_tokens,
+        samples_per_prompt=r.samples_per_prompt,
+        checkpoint_reference=sampling and cfg.metaapo.reference == "per_round",
     )

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from metaapo_nemo.models.arch import arch_from_hf_dict
-from metaapo_nemo.planner import GiB, PlanInput, check_fits, params_per_rank, plan_memory
+from metaapo_nemo.planner import (
+    GiB,
+    PlanInput,
+    check_fits,
+    checkpoint_bytes,
+    checkpoint_report,
+    params_per_rank,
+    plan_input_from_config,
+    plan_memory,
+)
 
 LLAMA31 = dict(model_type="llama", vocab_size=128256, num_attention_heads=32 // 1, num_key_value_heads=8,
                rope_theta=5e5, max_position_embeddings=131072, tie_word_embeddings=False,
@@ -37,7 +46,9 @@ def test_8b_tp8_one_node_hand_computed():
     assert t["activations"] == pytest.approx(4096 * 4 * 4096 * 13 * 32 / GiB)
     assert t["logits"] == pytest.approx(2 * 4096 * 4 * 16032 * 4 / GiB)
     g = plan.per_phase["generate"]
-    assert g["vllm"] == pytest.approx(1.0 + 8_030_261_248 * 2 / 8 / GiB + 10.0)
+    # an explicit 10 GiB KV budget: vLLM = weights + KV + its profiling reserve
+    reserve = sum(v for k, v in plan.terms.items() if k.startswith("vllm_reserve_"))
+    assert g["vllm"] == pytest.approx(8_030_261_248 * 2 / 8 / GiB + 10.0 + reserve)
     assert check_fits(plan, 80.0) is None
 
 
@@ -65,3 +76,96 @@ def test_layout_that_does_not_fit_is_refused_with_the_arithmetic():
     msg = check_fits(plan, 80.0)
     assert msg is not None and "GiB per GPU > 80 GiB" in msg and "parallel.tp" in msg
     assert "weights" in msg and "optimizer" in msg
+
+
+# ----------------------------------------------------------------- the shipped recipes
+# Each term of finding 5 (issue 19) by hand for conf/llama31_8b_metaapo.yaml on 8 GPUs and
+# conf/llama31_70b_metaapo.yaml on 64, through the same inputs --dry-run builds.
+
+
+def _recipe_plan(conf: str, world: int):
+    from metaapo_nemo.config.cli import read_arch_json
+    from metaapo_nemo.config.loader import load_config
+
+    cfg = load_config(conf, [])
+    arch = arch_from_hf_dict(read_arch_json(cfg))
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    dp = world // (tp * pp)
+    x = plan_input_from_config(cfg, arch, tp, pp, dp, cfg.train.micro_batches_per_step(dp))
+    return x, plan_memory(x)
+
+
+def test_llama31_8b_metaapo_recipe_every_term_by_hand():
+    x, plan = _recipe_plan("conf/llama31_8b_metaapo.yaml", 8)  # TP2 x DP4, full recompute
+    n = 4_015_132_672  # 32 layers x 218,112,000 / 2 + 2 x 64128 x 4096 + 4096
+    assert plan.params_per_rank == n
+    m, t, g, sc = (plan.per_phase[k] for k in ("margins", "train", "generate", "score"))
+    for phase in (m, t, g, sc):
+        assert phase["weights"] == pytest.approx(2 * n / GiB)
+        assert phase["optimizer"] == pytest.approx(12 * n / 4 / GiB)  # distributed over DP4
+        assert phase["cuda_context"] == 0.75
+        assert phase["nccl"] == pytest.approx(0.5 * (3 + 1))  # TP, DP, world + vLLM TP2
+    # margin pass: one layer's forward working set, 10 + 24/2 + 5*32*4096/(4096*2) = 102
+    assert m["activations"] == pytest.approx(4096 * 4 * 4096 * 102 / GiB)
+    assert m["logits"] == pytest.approx(4096 * 4 * 64128 * 4 / GiB)  # once, forward only
+    assert m["vllm"] == 0.25  # asleep since it was built
+    assert t["activations"] == pytest.approx(2 * 4096 * 4 * 4096 * 32 / GiB)  # full recompute
+    assert t["logits"] == pytest.approx(2 * m["logits"])
+    assert g["vllm"] == pytest.approx(0.35 * 80)
+    # vLLM's profiling reserve: forward of 16384 tokens, sampler over 1024 seqs, graphs, NCCL
+    assert plan.terms["vllm_reserve_forward"] == pytest.approx(16384 * (3 * 14336 / 2 + 4 * 4096) * 2 / GiB)
+    assert plan.terms["vllm_reserve_sampler"] == pytest.approx(3 * 1024 * 128256 * 4 / GiB)
+    assert plan.terms["vllm_reserve_cudagraphs"] == 1.0 and plan.terms["vllm_reserve_nccl"] == 0.5
+    weights = 8_030_261_248 * 2 / 2 / GiB
+    reserve = (16384 * 37888 * 2 + 3 * 1024 * 128256 * 4) / GiB + 1.5
+    assert plan.terms["vllm_kv"] == pytest.approx(28.0 - weights - reserve)  # 16.40 GiB
+    assert plan.terms["vllm_kv_naive"] == pytest.approx(28.0 - weights)  # 20.52 GiB
+    assert plan.terms["vllm_kv_tokens"] == pytest.approx((28.0 - weights - reserve) * GiB / (2 * 32 * 4 * 128 * 2))
+    # pairs gather: ceil(20352 / 8) prompts x 2 samples x 2048 tokens x 18 B x (8 + 1)
+    assert sc["pairs_gather"] == pytest.approx(2544 * 2 * 2048 * 18 * 9 / GiB)
+    assert plan.terms["samples_gather_host"] == pytest.approx(5088 * 8 * 2048 * 18 * 9 / GiB)
+    assert checkpoint_bytes(x.arch, x.dtype, x.checkpoint_reference) == 8_030_261_248 * 16
+    assert plan.worst[0] == "generate" and check_fits(plan, 80.0) is None
+    report = plan.report(80.0)
+    assert "headroom:" in report and "assumptions:" in report and "profiling reserve" in report
+
+
+def test_llama31_70b_metaapo_recipe_every_term_by_hand():
+    x, plan = _recipe_plan("conf/llama31_70b_metaapo.yaml", 64)  # TP8 x PP4 x DP2, FP8
+    n = 20 * 855_654_400 // 8 + 8192 + 16032 * 8192  # the last stage (untied head + norm)
+    assert plan.params_per_rank == n
+    m, t, g, sc = (plan.per_phase[k] for k in ("margins", "train", "generate", "score"))
+    assert t["optimizer"] == pytest.approx(12 * n / 2 / GiB)
+    assert t["nccl"] == pytest.approx(0.5 * (5 + 1))  # TP, DP, world, 2 PP peers + vLLM TP8
+    assert m["activations"] == pytest.approx(4096 * 4 * 8192 * (10 + 3 + 20) / GiB)
+    assert t["activations"] == pytest.approx(2 * 4096 * 4 * 8192 * 20 * 4 / GiB)  # 4 in flight
+    assert t["reference"] == 0.0 and m["vllm"] == 0.25
+    weights = 70_553_706_496 * 2 / 8 / GiB  # 16.43 GiB
+    reserve = (16384 * (3 * 28672 / 8 + 4 * 8192) * 2 + 3 * 1024 * 128256 * 4) / GiB + 1.5
+    assert g["vllm"] == pytest.approx(0.3 * 80)
+    assert plan.terms["vllm_kv"] == pytest.approx(24.0 - weights - reserve)  # 3.28 GiB
+    # the KV cache vLLM will really get is less than half of util x GPU - weights (7.57 GiB)
+    assert plan.terms["vllm_kv_naive"] / plan.terms["vllm_kv"] == pytest.approx(2.31, abs=0.01)
+    assert plan.terms["vllm_kv_tokens"] == pytest.approx((24.0 - weights - reserve) * GiB / 40960)
+    assert sc["pairs_gather"] == pytest.approx(318 * 2 * 2048 * 18 * 65 / GiB)
+    assert checkpoint_bytes(x.arch, x.dtype, True) == pytest.approx(1.1289e12, rel=1e-4)
+    assert "1,128.9 GB, 17.6 GB per rank over 64" in checkpoint_report(x, 0.5, 0.45)
+    assert check_fits(plan, 80.0) is None
+
+
+def test_margin_pass_beside_an_awake_engine_is_shown():
+    x, _ = _recipe_plan("conf/llama31_8b_metaapo.yaml", 8)
+    from dataclasses import replace
+
+    awake = plan_memory(replace(x, vllm_sleeps_after_build=False))
+    assert awake.per_phase["margins"]["vllm"] == pytest.approx(28.0)  # the whole allocation
+    assert "runs beside the awake engine" in awake.report(80.0)
+
+
+def test_a_kv_cache_below_one_request_is_refused():
+    x, _ = _recipe_plan("conf/llama31_70b_metaapo.yaml", 64)
+    from dataclasses import replace
+
+    plan = plan_memory(replace(x, vllm_gpu_memory_utilization=0.25))  # 20 GiB < weights + reserve
+    msg = check_fits(plan, 80.0)
+    assert msg is not None and "cannot hold one request of 4096 tokens" in msg
