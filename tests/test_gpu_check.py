@@ -1,0 +1,31 @@
+"""benchmarks/gpu_check.py --cpu-dry: the prepared GPU check runs end to end at toy size
+(every section, no errors), so it is ready when a session has a GPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from metaapo_nemo.config.loader import REPO_ROOT
+
+
+def test_gpu_check_cpu_dry_runs_every_section(tmp_path):
+    from metaapo_nemo.parallel.state import independent_env
+
+    env = independent_env(OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+                          PYTHONPATH=str(REPO_ROOT), PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--cpu-dry",
+                           "--out", str(out)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for section in ("cuda_context", "smoke", "dpo_step", "planner", "attention"):
+        assert section in r and "error" not in r[section], (section, r.get(section))
+    assert r["smoke"]["logprob_ok"] and r["smoke"]["export_bitwise"]
+    assert r["dpo_step"]["tokens_per_s"] > 0 and r["dpo_step"]["layer_spec"] == "local"
+    assert r["attention"]["sdpa"]["tokens_per_s"] and r["attention"]["megatron_local"]["tokens_per_s"]
+    # per layer (full recompute, fp32): 2 s b h x 2 = 2 * 64 * 4 * 128 * 2 bytes
+    assert r["planner"]["planner_per_layer_gib"] * 2**30 == 2 * 64 * 4 * 128 * 2
+    assert r["planner"]["planner_logits_gib"] * 2**30 == 2 * 64 * 4 * 512 * 4
