@@ -202,3 +202,27 @@ def test_engine_build_refuses_a_drifted_vllm(monkeypatch):
     with pytest.raises(vllm_api.VllmApiError, match="vllm 0.9.2"):
         vllm_backend.VllmGenerator(vllm_backend.EngineSettings("unused"))
     assert events == []  # nothing was built
+
+
+def test_samples_gather_runs_on_a_gloo_group_under_nccl(monkeypatch):
+    """RolloutGroup.generate's all_gather_object never stages a round's samples on the GPU."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from tests.rollout_fakes import FakeGenerator
+
+    calls: list = []
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(dist, "new_group", lambda **kw: calls.append(("new_group", kw)) or "GLOO")
+
+    def gather(out, obj, group=None):
+        calls.append(("gather", group))
+        out[0], out[1] = obj, None
+
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    ctx = SimpleNamespace(dims=SimpleNamespace(world_size=2), rank=0)
+    group = RolloutGroup(FakeGenerator(), EnginePlacement("spmd", True, True, 0, 1), ctx)
+    for _ in range(2):
+        assert len(group.generate(BATCH, SETTINGS, policy_step=0)) == 2
+    assert calls == [("new_group", {"backend": "gloo"}), ("gather", "GLOO"), ("gather", "GLOO")]

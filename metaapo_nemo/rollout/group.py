@@ -137,10 +137,24 @@ class RolloutGroup:
         self.stale_reason = None if initial_step is not None else "no weights pushed yet"
         self._on_shutdown = on_shutdown
         self._closed = False
+        self._gloo: Any = None
 
     @property
     def _distributed(self) -> bool:
         return self.ctx is not None and self.ctx.dims.world_size > 1
+
+    def _object_group(self) -> Any:
+        """A gloo group for the samples gather (created once, on every rank together).
+
+        `all_gather_object` pads every rank's pickle to the largest and, on an NCCL group,
+        stages (world + 1) x that on the GPU: a round's samples at 70B would need ~45 GiB
+        (planner: `samples_gather_host_bytes`). On gloo the staging is host memory.
+        """
+        if self._gloo is None:
+            self._gloo = (
+                dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            )
+        return self._gloo
 
     # ------------------------------------------------------------------ weights
     def push(
@@ -218,7 +232,9 @@ class RolloutGroup:
         reports = [result if p.leader else None]
         if self._distributed:
             reports = [None] * self.ctx.dims.world_size
-            dist.all_gather_object(reports, result if p.leader else None)
+            dist.all_gather_object(
+                reports, result if p.leader else None, group=self._object_group()
+            )
         errors = [r[1] for r in reports if r is not None and r[0] == "error"]
         if errors:
             raise GenerationError(
