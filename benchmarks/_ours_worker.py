@@ -1,4 +1,4 @@
-"""Our side of `dpo_step_vs_trl.py`: one pass of recipes/dpo.py over the benchmark pairs.
+"""Our side of `dpo_step_vs_trl.py`: one pass of the DPO training path (metaapo_nemo.run, what recipes/dpo.py runs) over the benchmark pairs.
 
 The real recipe path: `setup()` (Megatron-Core policy + frozen reference from the same HF
 checkpoint, megatron optimiser) and `train()` (reference cache, megatron schedule), with
@@ -9,7 +9,6 @@ policy.schedule (forward + backward), reference.*, optimizer.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import tempfile
 import time
@@ -22,13 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 PHASES = ("data", "policy.forward", "policy.logprobs", "policy.schedule", "reference.forward",
           "reference.logprobs", "reference.schedule", "optimizer")
 
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("recipe_dpo", REPO / "recipes" / "dpo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_dpo"] = mod
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
 
 
 def overrides(job: dict[str, Any], tmp: str) -> list[str]:
@@ -54,7 +46,7 @@ def run_ours(job: dict[str, Any], pairs: list) -> dict[str, Any]:
     from metaapo_nemo.config.loader import load_config
     from metaapo_nemo.parallel import state
 
-    dpo = _recipe()
+    from metaapo_nemo import run as R
     step_times: list[float] = []
 
     class _Collect:
@@ -64,7 +56,7 @@ def run_ours(job: dict[str, Any], pairs: list) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(job.get("config"), overrides(job, tmp))
         t0 = time.perf_counter()
-        c = dpo.setup(cfg, pairs=pairs)
+        c = R.build(cfg, "dpo", pairs=pairs)
         init_s = time.perf_counter() - t0
         c.logger.enabled = False
         c.callbacks.callbacks.append(_Collect())
@@ -74,11 +66,11 @@ def run_ours(job: dict[str, Any], pairs: list) -> dict[str, Any]:
             from torch.profiler import ProfilerActivity, profile as torch_profile
 
             with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-                dpo.train(c)
+                R.fit(c)
             pass_s = time.perf_counter() - t1
             profile = breakdown(prof, pass_s, len(step_times))
         else:
-            dpo.train(c)
+            R.fit(c)
             pass_s = time.perf_counter() - t1
         cpu_s = time.process_time() - cpu1
         c.logger.close()

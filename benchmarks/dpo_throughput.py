@@ -1,6 +1,6 @@
 """Tiny-model CPU DPO throughput: the baseline every later optimisation is measured against.
 
-Runs the real recipe (recipes/dpo.py: Megatron-Core policy + frozen reference, megatron
+Runs the real training path (metaapo_nemo.run, what recipes/dpo.py runs: Megatron-Core policy + frozen reference, megatron
 schedule, megatron optimiser) on the tiny CPU default for a few steps and prints ONE line
 of JSON: median pairs/s and tokens/s over the steps after warm-up, with the machine facts.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -26,13 +25,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("recipe_dpo", REPO / "recipes" / "dpo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_dpo"] = mod
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from metaapo_nemo.config.loader import load_config
 
-    dpo = _recipe()
+    from metaapo_nemo import run as R
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(args.config, [
             f"run.output_dir={tmp}", "run.name=bench", "train.progress_bar=off",
@@ -54,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint.save_at_end=false", "checkpoint.resume=never",
             *args.overrides,
         ])
-        c = dpo.setup(cfg)
+        c = R.build(cfg, "dpo")
         c.logger.enabled = False  # timing only; nothing printed per step
         times, pairs, tokens = [], [], []
 
@@ -65,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 tokens.append(st.metrics["tokens_per_s"])
 
         c.callbacks.callbacks.append(_Collect())
-        dpo.train(c)
+        R.fit(c)
         from metaapo_nemo.parallel import state
 
         state.destroy()

@@ -1,6 +1,6 @@
 """One-GPU bf16 DPO step on Megatron-Core: tokens/s, MFU and peak memory (issue 6 item 5).
 
-Times OUR training path: recipes/dpo.py's `setup(cfg, pairs=...)` and `train()` (Megatron-Core
+Times OUR training path: `metaapo_nemo.run.build(cfg, "dpo", pairs=...)` and `fit()` (what recipes/dpo.py runs) (Megatron-Core
 policy + frozen reference, megatron schedule and optimiser, sigmoid DPO) on a random-init
 Llama built locally in HF format (nothing downloaded), with fixed-length synthetic pairs so
 the token count of a step is exact. Prints ONE JSON line; `--record` appends it to a JSONL.
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -160,7 +159,7 @@ def run_steps(args: argparse.Namespace, model_dir: Path) -> tuple[list[float], s
     from metaapo_nemo.data.synthetic import fixed_lengths, synthetic_pairs
     from metaapo_nemo.parallel import state
 
-    dpo = _recipe()
+    from metaapo_nemo import run as R
     prompt = args.seq_len // 4
     vocab = PRESETS[args.preset][0]["vocab_size"]
     pairs = synthetic_pairs(args.global_batch * (args.warmup + args.steps), vocab,
@@ -175,25 +174,18 @@ def run_steps(args: argparse.Namespace, model_dir: Path) -> tuple[list[float], s
             times.append(m["step_time"])
 
     with tempfile.TemporaryDirectory(prefix="gpu_dpo_step_") as tmp:
-        c = dpo.setup(recipe_config(args, model_dir, tmp), pairs=pairs)
+        c = R.build(recipe_config(args, model_dir, tmp), "dpo", pairs=pairs)
         try:
             c.logger.enabled = False
             c.callbacks.callbacks.append(_Collect())
             if c.ctx.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            dpo.train(c)
+            R.fit(c)
             impl = c.policy.build.spec_choice(on_gpu=c.ctx.device.type == "cuda").impl
         finally:
             state.destroy()
     return times, impl
 
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("recipe_dpo", REPO / "recipes" / "dpo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_dpo"] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
 
 
 def device_name(device: str) -> str:

@@ -97,22 +97,16 @@ def test_any_override_validates_or_names_the_key(key, val):
 
 @pytest.mark.parametrize("case", ["bad_row", "missing_file", "bad_key"])
 def test_refused_input_leaves_no_run_directory(tmp_path, case, capsys):
-    import importlib.util
-    import sys
-
+    from metaapo_nemo import run as R
     from metaapo_nemo.config.loader import REPO_ROOT
 
-    spec = importlib.util.spec_from_file_location("recipe_dpo_bad", REPO_ROOT / "recipes" / "dpo.py")
-    dpo = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_dpo_bad"] = dpo
-    spec.loader.exec_module(dpo)  # type: ignore[union-attr]
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "hi", "chosen": [{"role": "user"}], "rejected": 3}\n')
     extra = {"bad_row": [f"data.path={data}"], "missing_file": [f"data.path={tmp_path / 'none.jsonl'}"],
              "bad_key": ["train.global_batch_sise=8"]}[case]
     out = tmp_path / "runs"
     try:
-        rc = dpo.main([f"run.output_dir={out}", f"run.cache_dir={REPO_ROOT / '.cache'}", *extra])
+        rc = R.main([f"run.output_dir={out}", f"run.cache_dir={REPO_ROOT / '.cache'}", *extra], method="dpo")
     except SystemExit as e:  # argparse-level config errors exit from parse()
         rc = e.code
     assert rc == 2

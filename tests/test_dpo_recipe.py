@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
+from metaapo_nemo import run as R
 from metaapo_nemo.config.loader import REPO_ROOT, load_config
 
-RECIPE = REPO_ROOT / "recipes" / "dpo.py"
-
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("recipe_dpo", RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_dpo"] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
+_main = partial(R.main, method="dpo")
 
 
 def _overrides(tmp_path: Path, *extra: str) -> list[str]:
@@ -34,8 +26,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def test_default_recipe_trains_and_exports(tmp_path, capsys):
-    dpo = _recipe()
-    assert dpo.main(_overrides(tmp_path, "train.max_steps=12")) == 0
+    assert _main(_overrides(tmp_path, "train.max_steps=12")) == 0
     cfg = load_config(None)
     run_dir = tmp_path / cfg.run.name
     rows = _metrics(run_dir)
@@ -62,9 +53,8 @@ def test_default_recipe_trains_and_exports(tmp_path, capsys):
 
 
 def _components(tmp_path, *extra):
-    dpo = _recipe()
     cfg = load_config(None, _overrides(tmp_path, *extra))
-    return dpo, dpo.setup(cfg)
+    return R.build(cfg, "dpo")
 
 
 def _first_step_grads(tmp_path, micro: int) -> dict[str, torch.Tensor]:
@@ -72,7 +62,7 @@ def _first_step_grads(tmp_path, micro: int) -> dict[str, torch.Tensor]:
     from metaapo_nemo.trainer.batching import global_batches, rank_microbatches
     from metaapo_nemo.trainer.preference import ReferenceCache, policy_loss_fn
 
-    _, c = _components(tmp_path, "train.global_batch_size=4", f"train.micro_batch_size={micro}",
+    c = _components(tmp_path, "train.global_batch_size=4", f"train.micro_batch_size={micro}",
                        f"run.name=accum{micro}")
     try:
         batch = next(global_batches(c.pairs, 4, c.cfg.run.seed, 0, True))
@@ -101,10 +91,9 @@ def test_microbatch_times_grad_accum_invariance(tmp_path):
 
 
 def test_precomputed_reference_equals_per_step_reference(tmp_path):
-    dpo = _recipe()
     common = ("train.max_steps=3",)
-    assert dpo.main(_overrides(tmp_path, *common, "run.name=ref_step")) == 0
-    assert dpo.main(_overrides(tmp_path, *common, "run.name=ref_pre", "reference.precompute=true")) == 0
+    assert _main(_overrides(tmp_path, *common, "run.name=ref_step")) == 0
+    assert _main(_overrides(tmp_path, *common, "run.name=ref_pre", "reference.precompute=true")) == 0
     a, b = _metrics(tmp_path / "ref_step"), _metrics(tmp_path / "ref_pre")
     for ra, rb in zip(a, b):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-7)
@@ -113,28 +102,25 @@ def test_precomputed_reference_equals_per_step_reference(tmp_path):
 
 @pytest.mark.parametrize("recipe", ["tiny_cpu_qwen2", "tiny_cpu_ipo", "tiny_cpu_simpo", "tiny_cpu_kto"])
 def test_every_tiny_recipe_runs_two_steps(recipe, tmp_path):
-    dpo = _recipe()
     args = ["--config", f"conf/{recipe}.yaml", *_overrides(tmp_path, "train.max_steps=2",
                                                            "train.save_final_hf=false")]
-    assert dpo.main(args) == 0
+    assert _main(args) == 0
     cfg = load_config(f"conf/{recipe}.yaml")
     rows = _metrics(tmp_path / cfg.run.name)
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
 
 
 def test_dry_run_prints_config_and_layout_without_building(tmp_path, capsys, monkeypatch):
-    dpo = _recipe()
-    monkeypatch.setattr(dpo, "setup", lambda cfg: pytest.fail("dry run must not build anything"))
-    assert dpo.main(["--dry-run", *_overrides(tmp_path)]) == 0
+    monkeypatch.setattr(R, "build", lambda *a, **k: pytest.fail("dry run must not build anything"))
+    assert _main(["--dry-run", *_overrides(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "global_batch_size" in out and "tp" in out and "dp" in out
     assert not (tmp_path / "tiny_cpu").exists()
 
 
 def test_config_errors_exit_cleanly(tmp_path, capsys):
-    dpo = _recipe()
     with pytest.raises(SystemExit) as exc:
-        dpo.main(_overrides(tmp_path, "train.lr=1e-3"))
+        _main(_overrides(tmp_path, "train.lr=1e-3"))
     assert exc.value.code == 2
     assert "optim.lr" in capsys.readouterr().err
 
@@ -144,14 +130,12 @@ def test_bad_data_row_stops_before_training_with_file_row_field(tmp_path, capsys
     bad = dict(good, rejected=good["chosen"])  # chosen == rejected
     data = tmp_path / "prefs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in [good] * 20 + [bad]) + "\n")
-    dpo = _recipe()
-    assert dpo.main(_overrides(tmp_path, f"data.path={data}")) == 2
+    assert _main(_overrides(tmp_path, f"data.path={data}")) == 2
     err = capsys.readouterr().err
     assert "prefs.jsonl" in err and "row 20" in err and "on_bad_row=skip" in err
     assert not (tmp_path / "tiny_cpu").exists()  # no half-made run directory
 
 
 def test_missing_data_file_is_a_clear_error(tmp_path, capsys):
-    dpo = _recipe()
-    assert dpo.main(_overrides(tmp_path, f"data.path={tmp_path / 'nope.jsonl'}")) == 2
+    assert _main(_overrides(tmp_path, f"data.path={tmp_path / 'nope.jsonl'}")) == 2
     assert "nope.jsonl" in capsys.readouterr().err

@@ -9,7 +9,6 @@ sampling, and the input errors (exit status 2, naming the file, row and field). 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -26,17 +25,7 @@ MTBENCH = REPO / "metaapo_nemo" / "data" / "samples" / "eval_mtbench.jsonl"
 NEW = 12
 
 
-def _recipe():
-    spec = importlib.util.spec_from_file_location(
-        "recipe_generate", REPO / "recipes" / "generate.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_generate"] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
-
-
-gen = _recipe()
+from metaapo_nemo import generate as gen  # noqa: E402  (what recipes/generate.py runs)
 
 
 def _hf_greedy(model_dir: Path, messages: list[dict], new_tokens: int) -> str:

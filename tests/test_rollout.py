@@ -9,7 +9,6 @@ push on purpose runs last for each model.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -40,13 +39,6 @@ NEW_TOKENS = 16
 CAP = 300 << 10  # forces several buckets on the tiny models (largest fusion group 256 KiB)
 TIE = 1e-4  # top-2 logit gap below which two fp32 engines may disagree on the argmax
 
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("recipe_dpo", REPO / "recipes" / "dpo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_dpo"] = mod
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
 
 
 def prompt_batch(tokenizer, questions=QUESTIONS, round=0) -> PromptBatch:
@@ -81,7 +73,8 @@ def trained(request, tmp_path_factory):
     model_dir = request.getfixturevalue(f"tiny_{arch}")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         os.environ.pop(var, None)
-    dpo = _recipe()
+    from metaapo_nemo import run as R
+
     cfg = load_config(
         None,
         [
@@ -96,12 +89,12 @@ def trained(request, tmp_path_factory):
             "rollout.kv_cache_memory_mb=64",
         ],
     )
-    c = dpo.setup(cfg)
+    c = R.build(cfg, "dpo")
     group = build_rollout_group(cfg, str(model_dir), c.ctx)
     batch = prompt_batch(c.tokenizer)
     sample = SamplingSettings(n=3, temperature=1.0, max_new_tokens=NEW_TOKENS, seed=5)
     before = group.generate(batch, sample, policy_step=0)
-    st = dpo.train(c)
+    st = R.fit(c)
     stats = group.push_megatron(c.policy.modules(), c.policy.arch, st.step, CAP)
     yield SimpleNamespace(
         arch=arch,

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 
 import pytest
 import torch
 
-from metaapo_nemo.config.loader import REPO_ROOT, load_config
+from metaapo_nemo import run as R
+from metaapo_nemo.algorithms.rounds import OnlinePair, RoundItem, collate_round, metaapo_loss_fn, offline_margins
+from metaapo_nemo.config.loader import load_config
 from metaapo_nemo.trainer.preference import ReferenceCache, pair_logps, policy_loss_fn
-from metaapo_nemo.trainer.rounds import OnlinePair, RoundItem, collate_round, metaapo_loss_fn, offline_margins
 
 
 @pytest.fixture
 def comps(tmp_path):
-    spec = importlib.util.spec_from_file_location("recipe_dpo", REPO_ROOT / "recipes" / "dpo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_dpo"] = mod
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
     cfg = load_config(None, [f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path / 'c'}",
                              "train.progress_bar=off", "train.global_batch_size=4", "train.micro_batch_size=2"])
-    c = mod.setup(cfg)
+    c = R.build(cfg, "dpo")
     yield c
     c.logger.close()
     from metaapo_nemo.parallel import state

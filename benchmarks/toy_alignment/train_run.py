@@ -1,28 +1,17 @@
-"""`recipes/metaapo.py`, unchanged, plus an HF export of the policy after every round.
+"""The MetaAPO training path (`recipes/metaapo.py`, unchanged) plus an HF export of the policy
+after every round.
 
 The toy-alignment benchmark needs the policy at intermediate steps (gold reward vs steps,
-vs annotations spent). This wrapper runs the recipe's own ``setup``/``train``/``finish``
-(same command line, same config, same loop) and only adds one callback that writes
-``<run_dir>/snapshots/step_XXXXX/`` (an HF checkpoint) at the end of each round.
+vs annotations spent). This wrapper runs the library entry the recipe runs
+(`metaapo_nemo.run.main`: same command line, same config, same loop) and only adds one
+callback that writes ``<run_dir>/snapshots/step_XXXXX/`` (an HF checkpoint) at each round end.
 
     python benchmarks/toy_alignment/train_run.py --config conf/tiny_cpu.yaml [a.b=c ...]
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("metaapo_recipe", ROOT / "recipes" / "metaapo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 class SnapshotCallback:
@@ -40,16 +29,10 @@ class SnapshotCallback:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from metaapo_nemo.trainer.entry import run_recipe
+    from metaapo_nemo.run import main as run_main
 
-    recipe = _load_recipe()
-
-    def setup(cfg):
-        c = recipe.setup(cfg)
-        c.callbacks.callbacks.append(SnapshotCallback(c))
-        return c
-
-    return run_recipe(recipe.__doc__, setup, recipe.train, recipe.finish, argv)
+    return run_main(argv, method="metaapo", doc=__doc__,
+                    extend=lambda run: run.callbacks.callbacks.append(SnapshotCallback(run)))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from metaapo_nemo.meta.learner import MetaLearner
-from metaapo_nemo.trainer.callbacks import TrainState
 
 
 class MetaUpdateCallback:
@@ -24,7 +24,8 @@ class MetaUpdateCallback:
         self.after_step = after_step
         self.last: dict[str, float] = {}
 
-    def on_step_end(self, state: TrainState) -> None:
+    def on_step_end(self, state: Any) -> None:
+        """`state`: the loop's TrainState (step, metrics); duck-typed so meta/ needs no trainer import."""
         if state.step % self.every:
             return
         if self.frozen:

@@ -77,6 +77,14 @@ class ReferenceCache:
         self._store = dict(state["store"])
         self.version = int(state["version"])
 
+    def entries(self, keys: Sequence[int]) -> dict[int, tuple[float, float] | None]:
+        """The stored values of `keys` (None off the last stage), e.g. to share them."""
+        return {int(k): self._store[int(k)] for k in keys}
+
+    def update(self, entries: dict[int, tuple[float, float] | None]) -> None:
+        """Adds values computed elsewhere (another DP rank's share of the same reference)."""
+        self._store.update(entries)
+
     def missing(self, pairs: Sequence) -> list:
         """The pairs (objects with `.index`) whose reference values are not cached."""
         return [p for p in pairs if p.index not in self._store]
@@ -128,6 +136,33 @@ def reference_on_device(
         yield reference
     finally:
         reference.offload("cpu")
+
+
+class FrozenReference:
+    """The frozen reference model of a run, with `reference.offload_to_cpu` honoured in ONE
+    place: every forward of every method (DPO fills, MetaAPO's margin pass and online rows)
+    goes through `run`, which brings an offloaded reference to the device and back.
+
+    It answers the parts of `MegatronLM` that callers use (`run`, `modules`, `arch`,
+    `offload`), so checkpoints and the per-round reference copy see the same model.
+    """
+
+    def __init__(self, model: MegatronLM, device: torch.device, offload: bool):
+        self.model, self.device, self.offloaded = model, device, offload
+        self.arch = model.arch
+        if offload:
+            model.offload("cpu")  # lives on the CPU between uses
+
+    def run(self, microbatches: Sequence[MicroBatch], loss_fn: LossFn, forward_only: bool = True):
+        assert forward_only, "the reference is frozen"
+        with reference_on_device(self.model, self.device, self.offloaded):
+            return self.model.run(microbatches, loss_fn, forward_only=True)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return self.model.modules()
+
+    def offload(self, device) -> None:
+        self.model.offload(device)
 
 
 def pair_logps(mb: MicroBatch, logps_NT: torch.Tensor) -> PairLogps:

@@ -1,29 +1,33 @@
-"""What every recipe's loop needs to survive a week-long run: checkpoints, resume, signals,
-non-finite guards, bundled as one `RunGuard` built in `setup()`.
+"""What the training loop needs to survive a week-long run: checkpoints, resume, signals,
+non-finite guards, bundled as one `RunGuard` built with the run.
 
-The loop calls, per optimiser step:
+Stateful parts (data position, round, meta-learner, reference cache, ...) are registered
+ONCE with `guard.register(name, where, obj)`; `guard.save` / `guard.restore` handle all of
+them plus what every run has (metrics, scheduler, non-finite counters, RNG). The loop
+(`trainer.loop.Trainer`) calls, per optimiser step:
 
     verdict = guard.check_step(policy, loss)     # before policy.step(): apply / skip / stop
     ...
     guard.after_step(st, save)                   # checkpoint if due or preempted
 
-and `guard.at_end(st, save)` once after the loop; `save` is the recipe's own function that
-passes its own state (position, meta-learner, ...) to `guard.save`, which adds what every
-recipe has; `guard.restore` loads both back.
+and `guard.at_end(st, save)` once after the loop, with `save = lambda: guard.save(st, policy)`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from metaapo_nemo.checkpoint import Checkpointer, Restored, rng_state, set_rng_state, step_of
+from metaapo_nemo.checkpoint import Checkpointer, rng_state, set_rng_state, step_of
 from metaapo_nemo.config.schema import Config
 from metaapo_nemo.parallel.state import ParallelContext
 from metaapo_nemo.trainer.callbacks import TrainState
 from metaapo_nemo.trainer.resilience import NonFiniteError, NonFiniteGuard, Preemption
+
+WHERE = ("trainer", "rank", "shared")
+RESERVED = ("metrics", "scheduler", "nonfinite", "rng", "step", "format", "world_size", "layout")
 
 
 @dataclass
@@ -34,6 +38,8 @@ class RunGuard:
     preemption: Preemption
     nonfinite: NonFiniteGuard
     resume_from: Path | None  # the checkpoint this run continues from (verified), or None
+    states: dict = field(default_factory=dict)  # name -> (where, object, layout_bound)
+    moving_reference: object | None = None  # a reference that changes during the run (saved)
 
     @property
     def resume_step(self) -> int | None:
@@ -68,21 +74,34 @@ class RunGuard:
             save()
         self.preemption.restore()
 
-    def save(self, st: TrainState, policy, ref_cache, trainer: dict, rank: dict | None = None,
-             shared: dict | None = None, reference=None) -> None:
-        """Checkpoints step `st.step`: the recipe's own `trainer`/`rank`/`shared` state plus what
-        every recipe has (last metrics, scheduler, non-finite counters, RNG, reference cache)."""
-        trainer = trainer | {"metrics": st.metrics, "scheduler": policy.scheduler.state_dict(),
-                             "nonfinite": self.nonfinite.state_dict()}
-        rank = (rank or {}) | {"rng": rng_state(), "ref_cache": ref_cache.state_dict()}
-        self.ckpt.save(st.step, policy, trainer, rank, shared=shared, reference=reference)
+    def register(self, name: str, where: str, obj, layout_bound: bool = False) -> None:
+        """Registers a stateful object (state_dict / load_state_dict) ONCE: every checkpoint
+        saves it and a resume loads it. `where`: "trainer" (JSON), "rank" (one file per rank)
+        or "shared" (one copy). `layout_bound` rank state (values that belong to this rank's
+        DP shard / pipeline stage) is not loaded into another layout."""
+        if where not in WHERE:
+            raise ValueError(f"where={where!r}; use one of {WHERE}")
+        if name in self.states or name in RESERVED:
+            raise ValueError(f"state {name!r} is registered already (or reserved: {RESERVED})")
+        self.states[name] = (where, obj, layout_bound)
 
-    def restore(self, st: TrainState, policy, ref_cache, reference=None) -> Restored | None:
-        """Loads the checkpoint chosen at set-up (if any) into the models and the common state;
-        returns it for the recipe's own fields, or None for a fresh run."""
+    def save(self, st: TrainState, policy) -> None:
+        """Checkpoints step `st.step`: every registered state plus what every run has (last
+        metrics, scheduler, non-finite counters, RNG) and the moving reference, if any."""
+        parts: dict[str, dict] = {w: {} for w in WHERE}
+        for name, (where, obj, _) in self.states.items():
+            parts[where][name] = obj.state_dict()
+        trainer = parts["trainer"] | {"metrics": st.metrics, "scheduler": policy.scheduler.state_dict(),
+                                      "nonfinite": self.nonfinite.state_dict()}
+        rank = parts["rank"] | {"rng": rng_state()}
+        self.ckpt.save(st.step, policy, trainer, rank, shared=parts["shared"], reference=self.moving_reference)
+
+    def restore(self, st: TrainState, policy) -> bool:
+        """Loads the checkpoint chosen at set-up (if any) into the models and every registered
+        state; False for a fresh run."""
         if self.resume_from is None:
-            return None
-        r = self.ckpt.load(self.resume_from, policy, reference)
+            return False
+        r = self.ckpt.load(self.resume_from, policy, self.moving_reference)
         if self.ctx.is_main:
             print(f"resumed from {self.resume_from} (step {r.trainer['step']})", flush=True)
         t = r.trainer
@@ -90,9 +109,13 @@ class RunGuard:
         policy.scheduler.load_state_dict(t["scheduler"])
         self.nonfinite.load_state_dict(t["nonfinite"])
         set_rng_state(r.rank["rng"])
-        if not r.rank.get("layout_changed"):  # values are per DP shard / last stage
-            ref_cache.load_state_dict(r.rank["ref_cache"])
-        return r
+        changed = bool(r.rank.get("layout_changed"))
+        sources = {"trainer": r.trainer, "rank": r.rank, "shared": r.shared}
+        for name, (where, obj, layout_bound) in self.states.items():
+            if layout_bound and changed:
+                continue  # e.g. reference values of another DP shard: recomputed when needed
+            obj.load_state_dict(sources[where][name])
+        return True
 
 
 def build_run_guard(cfg: Config, ctx: ParallelContext, run_dir: Path) -> RunGuard:

@@ -6,7 +6,7 @@ SPEC.json is ``{"jobs": [job, ...]}``; the jobs run one after the other in the s
 (each initialises and tears down its own process groups, which saves the interpreter and
 import start-up per layout). Kinds:
 
-- ``train``: the offline DPO recipe (``recipes/dpo.py`` setup/train/finish) with
+- ``train``: the offline DPO method (``metaapo_nemo.run`` build/fit/finish, what ``recipes/dpo.py`` runs) with
   ``{"config": path, "overrides": [...]}``. Results are the recipe's own files:
   ``<run.output_dir>/<run.name>/metrics.jsonl`` and ``hf_final/``.
 - ``roundtrip``: HF -> Megatron (``tp``, ``pp``, ``vpp``) -> HF with ``{"hf_dir", "out"}``;
@@ -19,7 +19,6 @@ Everything a test asserts on is written to files; the exit status is non-zero on
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -31,22 +30,14 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 
-def _recipe():
-    spec = importlib.util.spec_from_file_location("recipe_dpo", REPO / "recipes" / "dpo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_dpo"] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
-
-
 def run_train(job: dict) -> None:
+    from metaapo_nemo import run as R
     from metaapo_nemo.config.loader import load_config
 
-    dpo = _recipe()
     cfg = load_config(job.get("config"), job["overrides"])
-    components = dpo.setup(cfg)
-    st = dpo.train(components)
-    dpo.finish(components, st)  # exports hf_final and destroys the process groups
+    components = R.build(cfg, job.get("method", "dpo"))
+    st = R.fit(components)
+    R.finish(components, st)  # exports hf_final and destroys the process groups
 
 
 def _gather_checks(local: dict, ctx) -> list[dict]:

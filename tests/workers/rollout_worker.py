@@ -3,7 +3,7 @@
     torchrun --standalone --nproc-per-node 2 tests/workers/rollout_worker.py SPEC.json
 
 SPEC.json: ``{"model_dir", "out", "runs", "cap", "layouts": [[tp, pp], ...]}``. For each
-training layout, in the same processes: one DPO step (recipes/dpo.py setup/train), a
+training layout, in the same processes: one DPO step (metaapo_nemo.run build/fit), a
 check that generating before the push raises, a bucketed push of the Megatron shards
 (TP gather + PP broadcast on both ranks) into the ONE vLLM engine on rank 0, then vLLM's
 greedy tokens vs `greedy_decode` and vLLM's sampled-token log-probs vs `sampled_logprobs`
@@ -13,7 +13,6 @@ built once (first layout) and reused; rank 0 writes the measurements to ``out``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -32,13 +31,6 @@ QUESTIONS = [
 NEW_TOKENS = 16
 TIE = 1e-4
 
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("recipe_dpo", REPO / "recipes" / "dpo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_dpo"] = mod
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
 
 
 def _keep_default_group() -> None:
@@ -74,7 +66,8 @@ def _compared(engine: list[int], megatron: list[int], gaps: list[float]) -> int:
     return len(engine)
 
 
-def run_layout(spec: dict, tp: int, pp: int, dpo, first_group):
+def run_layout(spec: dict, tp: int, pp: int, first_group):
+    from metaapo_nemo import run as R
     from metaapo_nemo.config.loader import load_config
     from metaapo_nemo.models.decode import greedy_decode, sampled_logprobs
     from metaapo_nemo.rollout.generator import SamplingSettings, StaleWeightsError
@@ -96,14 +89,14 @@ def run_layout(spec: dict, tp: int, pp: int, dpo, first_group):
             "rollout.kv_cache_memory_mb=64",
         ],
     )
-    c = dpo.setup(cfg)
+    c = R.build(cfg, "dpo")
     if first_group is None:
         group = build_rollout_group(cfg, spec["model_dir"], c.ctx)
     else:  # reuse the engine; its weights are another job's until the push
         group = RolloutGroup(
             first_group.generator, EnginePlacement.for_context(c.ctx), c.ctx, initial_step=None
         )
-    st = dpo.train(c)
+    st = R.fit(c)
     batch = _batch(c.tokenizer)
     sample = SamplingSettings(n=3, temperature=1.0, max_new_tokens=NEW_TOKENS, seed=3)
     try:
@@ -159,10 +152,9 @@ def dpo_state_destroy() -> None:
 def main() -> int:
     spec = json.loads(Path(sys.argv[1]).read_text())
     _keep_default_group()
-    dpo = _recipe()
     results, first = [], None
     for tp, pp in spec["layouts"]:
-        result, group = run_layout(spec, tp, pp, dpo, first)
+        result, group = run_layout(spec, tp, pp, first)
         first = first or group
         results.append(result)
         dist.barrier()

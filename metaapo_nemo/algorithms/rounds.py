@@ -211,6 +211,7 @@ def offline_margins(
         if todo:  # the same micro-batches on every pipeline stage
             ref_cache.fill(reference, todo)
         ref_cache.attach(microbatches, ctx.is_last_stage)
+        share_reference_values(ref_cache, microbatches, ctx)
         ref = [None] * len(pol)
     elif reference is not None:
         ref = reference.run(microbatches, reference_loss_fn, forward_only=True)
@@ -225,6 +226,24 @@ def offline_margins(
         for idx, value in zip(mb.extras["pair_index"].tolist(), m.tolist()):
             local[idx] = float(value)
     return _gather_to_all(local, ctx)
+
+
+def share_reference_values(cache: ReferenceCache, microbatches: Sequence[MicroBatch],
+                           ctx: ParallelContext) -> None:
+    """Every DP rank of a stage gets the reference values of the WHOLE round.
+
+    The margin pass computes one DP shard of the round per rank, but the round's training
+    steps deal the prompts out in another order, so a rank trains on pairs of other shards:
+    without this, DP > 1 stopped at the first step ("reference cache lacks offline pairs").
+    Two floats per pair; values exist on the last stage, keys on every stage.
+    """
+    if ctx.dims.dp == 1:
+        return
+    keys = [int(i) for mb in microbatches for i in mb.extras["pair_index"].tolist()]
+    parts: list[dict] = [{} for _ in range(ctx.dims.dp)]
+    dist.all_gather_object(parts, cache.entries(keys), group=ctx.dp_group_gloo)
+    for part in parts:
+        cache.update(part)
 
 
 def _pairs_from_seq(mb: MicroBatch, seq_N: torch.Tensor) -> PairLogps:

@@ -22,7 +22,7 @@ from metaapo_nemo.meta.learner import MetaLearner
 from metaapo_nemo.models.policy import MegatronLM, MicroBatch
 from metaapo_nemo.parallel.state import ParallelContext
 from metaapo_nemo.trainer.preference import ReferenceCache, reference_loss_fn
-from metaapo_nemo.trainer.rounds import OnlinePair
+from metaapo_nemo.algorithms.rounds import OnlinePair
 
 
 def round_slices(num_pairs: int, round_size: int, global_batch: int, seed: int, epoch: int,

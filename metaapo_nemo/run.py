@@ -1,0 +1,231 @@
+"""A training run of any method: build once -> `Trainer.fit` -> finish.
+
+    run = build(cfg)          # process groups, model, data, policy, reference, algorithm, guard
+    state = fit(run)          # the one loop (metaapo_nemo.trainer.loop)
+    finish(run, state)        # HF export, summary, evaluation, teardown
+
+`main(argv)` is what the recipes call: parse -> --dry-run report, or build -> fit -> finish,
+with configuration / data errors as one message and exit status 2. The method comes from
+the config (`method`); its algorithm class is looked up in `ALGORITHMS` by name.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metaapo_nemo.config.schema import Config
+from metaapo_nemo.losses import PreferenceLoss
+from metaapo_nemo.models.policy import MegatronLM
+from metaapo_nemo.parallel.state import ParallelContext
+from metaapo_nemo.trainer.batching import StepPlan
+from metaapo_nemo.trainer.callbacks import CallbackList, TrainState
+from metaapo_nemo.trainer.metrics import MetricsLogger
+from metaapo_nemo.trainer.preference import FrozenReference, ReferenceCache
+from metaapo_nemo.trainer.resume import RunGuard
+from metaapo_nemo.trainer.rows import RowLayout
+
+
+def _algorithms() -> dict[str, tuple[Any, Any]]:
+    """method name -> (algorithm class, total_steps(num_pairs, cfg))."""
+    from metaapo_nemo.algorithms import dpo, metaapo
+
+    return {"dpo": (dpo.OfflinePreference, dpo.total_steps), "metaapo": (metaapo.MetaAPO, metaapo.total_steps)}
+
+
+@dataclass
+class Run:
+    """Everything a run holds; the algorithm reads what it needs from here."""
+
+    cfg: Config
+    ctx: ParallelContext
+    model_dir: Path
+    run_dir: Path
+    tokenizer: Any
+    pairs: list
+    policy: MegatronLM
+    reference: FrozenReference | None
+    loss: PreferenceLoss
+    plan: StepPlan
+    layout: RowLayout
+    ref_cache: ReferenceCache  # lives with the data: one reference pass per pair per version
+    total_steps: int
+    logger: MetricsLogger
+    callbacks: CallbackList
+    guard: RunGuard  # checkpoints (every registered state), resume, preemption, non-finite steps
+    algorithm: Any = None
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+
+def build(cfg: Config, method: str, pairs: list | None = None) -> Run:
+    """Builds a run: process groups, model source, data, policy, reference, the algorithm.
+
+    Args:
+        cfg: The validated config.
+        method: "dpo" (the offline family: the loss is `loss.name`) or "metaapo".
+        pairs: Already tokenised pairs to train on instead of `data.path` (benchmarks,
+            tests); None loads and validates the configured data.
+    """
+    from transformers import AutoTokenizer
+
+    from metaapo_nemo.config.cli import read_model_dims, world_size_from_env
+    from metaapo_nemo.config.schema import check_layout
+    from metaapo_nemo.data.preference import DataSpec, PreferenceData, load_preference_data
+    from metaapo_nemo.models.arch import load_arch
+    from metaapo_nemo.parallel import state
+    from metaapo_nemo.trainer import setup as S
+    from metaapo_nemo.trainer.resume import build_run_guard
+    from metaapo_nemo.trainer.rows import layout_from_config
+    from metaapo_nemo.trainer.summary import TensorBoardCallback
+
+    algorithm_cls, plan_steps = _algorithms()[method]
+    check_layout(cfg, world_size_from_env(), read_model_dims(cfg))
+    p = cfg.parallel
+    build_opts = S.build_options(cfg)  # layer spec / FP8 / SP checked before anything starts
+    ctx = state.initialize(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, backend=p.backend, seed=cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    model_dir = S.resolve_model_dir(cfg, ctx)
+    arch = load_arch(model_dir)
+    check_layout(cfg, ctx.dims.world_size, arch.to_dict() | {"num_layers": arch.num_layers})
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    d = cfg.data
+    if pairs is None:
+        spec = DataSpec(S.data_source(d.path), d.split, d.max_length, d.max_prompt_length, d.on_bad_row, d.limit)
+        data = load_preference_data(spec, tokenizer)
+    else:
+        data = PreferenceData(list(pairs), {}, f"{len(pairs)} given pairs")
+    steps = plan_steps(len(data.pairs), cfg)
+    run_dir = S.make_run_dir(cfg, ctx)  # only once the data is known to be good
+    plan = StepPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, ctx.dims.dp)
+    plan.validate()
+    layout = layout_from_config(cfg, build_opts.spec_choice(on_gpu=ctx.device.type == "cuda").impl)
+    pad_id = tokenizer.pad_token_id
+    policy = MegatronLM(arch, ctx, model_dir, build_opts, S.optim_settings(cfg, steps), pad_id=pad_id)
+    loss = S.loss_from_config(cfg)
+    reference = None
+    if loss.needs_reference:
+        reference = FrozenReference(MegatronLM(arch, ctx, model_dir, build_opts, pad_id=pad_id), ctx.device,
+                                    cfg.reference.offload_to_cpu)
+    guard = build_run_guard(cfg, ctx, run_dir)
+    logger = MetricsLogger(run_dir, steps, enabled=ctx.is_main, progress=cfg.train.progress_bar,
+                           resume_step=guard.resume_step)
+    run = Run(cfg, ctx, model_dir, run_dir, tokenizer, data.pairs, policy, reference, loss, plan, layout,
+              ReferenceCache(), steps, logger, CallbackList(), guard)
+    run.algorithm = algorithm = algorithm_cls(run)
+    # layout-bound: the values belong to this rank's DP shard / last stage
+    guard.register("ref_cache", "rank", run.ref_cache, layout_bound=True)
+    for name, (where, obj) in algorithm.stateful().items():
+        guard.register(name, where, obj)
+    run.callbacks = CallbackList([*algorithm.callbacks(), _LogCallback(logger),
+                                  TensorBoardCallback(run_dir, ctx.is_main)])
+    if ctx.is_main:
+        _print_setup(run, data)
+    return run
+
+
+def _print_setup(run: Run, data) -> None:
+    cfg, plan = run.cfg, run.plan
+    skipped = ", ".join(f"{k}={v}" for k, v in data.skipped.items()) or "none"
+    line = (f"data: {len(data.pairs)} pairs from {data.source} (skipped: {skipped}); {run.total_steps} steps "
+            f"of {plan.global_batch} pairs = {plan.grad_accum} micro-batches of {plan.micro_batch} x dp "
+            f"{run.ctx.dims.dp}")
+    if run.algorithm.name == "metaapo":
+        m = cfg.metaapo
+        line += (f"; sampling={m.sampling} weights={m.weights} unselected={m.unselected} "
+                 f"reference={m.reference}")
+    print(line, flush=True)
+
+
+class _LogCallback:
+    def __init__(self, logger: MetricsLogger):
+        self.logger = logger
+
+    def on_step_end(self, state: TrainState) -> None:
+        self.logger.log(state.step, state.metrics)
+
+    def on_train_end(self, state: TrainState) -> None:
+        self.logger.close()
+
+
+def fit(run: Run) -> TrainState:
+    """The one training loop over the run's algorithm."""
+    from metaapo_nemo.trainer.loop import Trainer
+
+    return Trainer(run.algorithm, run.policy, run.ctx, run.guard, run.callbacks, run.total_steps).fit()
+
+
+def finish(run: Run, st: TrainState) -> None:
+    """Exports the policy, writes the summary, evaluates (if configured), prints where things are."""
+    from metaapo_nemo.models.convert import export_hf
+    from metaapo_nemo.parallel import state
+    from metaapo_nemo.trainer.summary import write_summary
+
+    run.algorithm.close()
+    out = None
+    if run.cfg.train.save_final_hf and st.exit_code == 0:  # preempted: the checkpoint is enough
+        out = export_hf(run.policy.modules(), run.policy.arch, run.ctx, run.model_dir, run.run_dir / "hf_final")
+    if run.ctx.is_main:
+        d = run.run_dir
+        summary = write_summary(d, title=f"{run.algorithm.name} run {run.cfg.run.name}")
+        last = st.metrics
+        print(f"done: {st.step} steps; final loss {last.get('loss', float('nan')):.4f}; summary: {summary}")
+        print(f"run directory: {d}")
+        print(f"  config:      {d / 'config.yaml'}")
+        rounds = f", {d / 'rounds.jsonl'} (rounds)" if (d / "rounds.jsonl").exists() else ""
+        print(f"  metrics:     {d / 'metrics.jsonl'} (steps){rounds}")
+        print(f"  tensorboard: {d / 'tensorboard'}")
+        if out is not None:
+            print(f"  policy (HF checkpoint): {out}")
+    from metaapo_nemo.tasks.ifeval_eval import evaluate_run
+
+    evaluate_run(run.cfg, run.ctx, run.policy, run.model_dir, run.run_dir)  # no-op unless `eval` is set
+    state.destroy()
+
+
+def main(argv: list[str] | None = None, method: str = "metaapo", doc: str | None = None,
+         extend: Callable[[Run], None] | None = None) -> int:
+    """parse -> --dry-run report, or build -> fit -> finish; returns the exit status.
+
+    `extend(run)` runs after build (e.g. benchmarks add a callback that snapshots the policy).
+    """
+    from metaapo_nemo.checkpoint import CheckpointError
+    from metaapo_nemo.config.cli import dry_run_report, parse, read_model_dims, world_size_from_env
+    from metaapo_nemo.config.schema import ConfigError
+    from metaapo_nemo.data.preference import BadRowError, ChatTemplateError
+    from metaapo_nemo.parallel import state
+    from metaapo_nemo.trainer.resilience import NonFiniteError
+
+    user_errors = (ConfigError, BadRowError, ChatTemplateError, FileNotFoundError, CheckpointError)
+    cfg, args = parse(argv, description=doc)
+    if args.dry_run:
+        print(dry_run_report(cfg, world_size_from_env(), read_model_dims(cfg)))
+        return 0
+    try:
+        run = build(cfg, method)
+        if extend is not None:
+            extend(run)
+    except user_errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        state.destroy()  # build may have initialised the process groups before the bad input
+        return 2
+    try:
+        st = fit(run)
+    except NonFiniteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        run.algorithm.close()
+        run.logger.close()
+        state.destroy()
+        return NONFINITE_EXIT
+    finish(run, st)
+    return st.exit_code
+
+
+NONFINITE_EXIT = 3  # stopped on a non-finite loss/gradient after saving the last good state
