@@ -9,8 +9,9 @@ import torch
 
 from metaapo_nemo.config.loader import load_config
 from metaapo_nemo.models.tiny import TinyModelSpec
-from metaapo_nemo.reward.base import RewardError, build_reward_model, score_batched
+from metaapo_nemo.reward.base import RewardError, score_batched
 from metaapo_nemo.reward.hf import HFRewardModel, resolve_dtype
+from metaapo_nemo.reward.registry import build_reward_model
 from metaapo_nemo.reward.rule import RuleReward, load_callable
 from metaapo_nemo.reward.tiny_rm import ensure_tiny_reward_model
 

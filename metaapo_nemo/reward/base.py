@@ -2,7 +2,7 @@
 
 Backends: `hf.HFRewardModel` (a Bradley-Terry sequence-classification checkpoint with its
 own tokenizer and chat template) and `rule.RuleReward` (a Python callable named in the
-config, for toy tasks). `build_reward_model` picks one from the `reward` config section.
+config). `registry.build_reward_model` picks one from the `reward` config section.
 
 `score_batched` is what the trainer calls: it splits the texts into ``reward.batch_size``
 chunks, checks that every score is a finite float, and turns any failure into a
@@ -85,24 +85,3 @@ def _finite(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
 
-
-def build_reward_model(cfg: Any, cache_dir: str | None = None) -> RewardModel:
-    """The configured reward model (`Config.reward`; `cache_dir` for a tiny RM)."""
-    r = cfg.reward if hasattr(cfg, "reward") else cfg
-    if r.backend == "rule":
-        from metaapo_nemo.reward.rule import RuleReward
-
-        return RuleReward(r.callable)
-    from metaapo_nemo.reward.hf import HFRewardModel
-
-    path = r.path
-    if r.tiny is not None:
-        from metaapo_nemo.models.tiny import TinyModelSpec
-        from metaapo_nemo.reward.tiny_rm import ensure_tiny_reward_model
-
-        if cache_dir is None:
-            raise ValueError("reward.tiny needs a cache directory to build the tiny RM in")
-        path = str(ensure_tiny_reward_model(TinyModelSpec(**r.tiny.model_dump()), cache_dir))
-    return HFRewardModel(
-        path, batch_size=r.batch_size, dtype=r.dtype, offload_to_cpu=r.offload_to_cpu
-    )
