@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from metaapo_nemo.models.tiny import TinyModelSpec
 from metaapo_nemo.reward.base import RewardError, score_batched
 from metaapo_nemo.reward.hf import HFRewardModel, resolve_dtype
 from metaapo_nemo.reward.registry import build_reward_model
-from metaapo_nemo.reward.rule import RuleReward, load_callable
+from metaapo_nemo.named import load_callable
+from metaapo_nemo.reward.rule import RuleReward
 from metaapo_nemo.reward.tiny_rm import ensure_tiny_reward_model
 
 PROMPTS = [
@@ -107,7 +109,19 @@ def test_toy_rule_prefers_every_bundled_chosen_answer():
 )
 def test_rule_backend_bad_names(spec, message):
     with pytest.raises(ValueError, match=message):
-        load_callable(spec)
+        load_callable(spec, "reward.callable")
+
+
+def test_rule_names_resolve_from_the_working_directory(tmp_path, monkeypatch):
+    # `python recipes/x.py` puts recipes/ on sys.path, not the cwd: a user's module beside
+    # the run (or tasks/ in the checkout) is still found by name, after sys.path
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_rules_7f3a.py").write_text("def score(messages, response):\n    return 1.5\n")
+    assert RuleReward("my_rules_7f3a:score").score(PROMPTS[:1], ["x"]) == [1.5]
+    assert sys.path[-1] == str(tmp_path)
+    with pytest.raises(ValueError, match="cannot import module 'my_rules_7f3a.sub'"):
+        load_callable("my_rules_7f3a.sub:score", "reward.callable")
 
 
 def test_build_from_config(tmp_path):
