@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from metaapo_nemo.config.schema import Config
+from metaapo_nemo.evals import get_eval
 from metaapo_nemo.losses import PreferenceLoss
 from metaapo_nemo.models.policy import MegatronLM
 from metaapo_nemo.parallel.state import ParallelContext
@@ -88,6 +89,8 @@ def build(cfg: Config, method: str, pairs: list | None = None) -> Run:
 
     algorithm_cls, plan_steps = _algorithms()[method]
     check_layout(cfg, world_size_from_env(), read_model_dims(cfg))
+    if cfg.eval is not None:
+        get_eval(cfg.eval.task)  # a bad name fails here, not after training
     p = cfg.parallel
     build_opts = S.build_options(cfg)  # layer spec / FP8 / SP checked before anything starts
     ctx = state.initialize(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, backend=p.backend, seed=cfg.run.seed)
@@ -184,9 +187,8 @@ def finish(run: Run, st: TrainState) -> None:
         print(f"  tensorboard: {d / 'tensorboard'}")
         if out is not None:
             print(f"  policy (HF checkpoint): {out}")
-    from metaapo_nemo.tasks.ifeval_eval import evaluate_run
-
-    evaluate_run(run.cfg, run.ctx, run.policy, run.model_dir, run.run_dir)  # no-op unless `eval` is set
+    if run.cfg.eval is not None:  # the task the config names (checked by build)
+        get_eval(run.cfg.eval.task)(run.cfg, run.ctx, run.policy, run.model_dir, run.run_dir)
     state.destroy()
 
 

@@ -377,10 +377,11 @@ class PlannerConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """Held-out gold-score evaluation before/after training (metaapo_nemo/tasks/ifeval_eval.py):
-    greedy + sampled responses to IFEval-style prompts scored by the IFEval checkers."""
+    """Evaluation at the end of training: the function ``task`` names (metaapo_nemo/evals.py),
+    e.g. tasks.ifeval_eval:evaluate_run (held-out IFEval-style prompts, greedy + sampled,
+    before/after), which reads the settings below."""
 
-    task: Literal["ifeval"] = "ifeval"
+    task: str  # a name given to evals.register_eval, or "module:function"
     num_prompts: int = Field(64, gt=0)  # held-out prompts (templates and topics unseen in training)
     seed: int = 0  # prompt generation and sampling seed
     max_new_tokens: int = Field(64, gt=0)
