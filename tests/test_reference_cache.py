@@ -8,7 +8,7 @@ import torch
 
 from metaapo_nemo import run as R
 from metaapo_nemo.config.loader import load_config
-from metaapo_nemo.data.synthetic import chat_lengths, synthetic_pairs
+from tasks.synthetic import chat_lengths, synthetic_pairs
 
 PAIRS = synthetic_pairs(8, 250, chat_lengths((3, 30), (2, 30)), seed=5, eos_id=2)
 
@@ -119,9 +119,9 @@ def test_round_reference_runs_online_rows_only_and_equals_the_all_rows_forward(c
     cached = [collate_round(items[i:i + 4], pad, c.ctx.device) for i in range(0, len(items), 4)]
     attach_reference_logps(c.reference, fresh)
     n = len(calls)
-    ran = attach_round_reference(c.reference, c.ref_cache, cached, on_last_stage=True)
-    assert ran == 2 * (len(PAIRS) // 2)  # two online rows per prompt with an online pair, nothing else
-    assert len(calls) - n == len(cached)
+    ran = attach_round_reference(c.reference, c.ref_cache, items, cached, c.ctx, 2, pad, c.layout)
+    assert ran == len(PAIRS) // 2  # the online pairs, nothing else
+    assert len(calls) - n == 1  # one reference pass over them (in the run's row layout)
     for f, k in zip(fresh, cached):
         has = f.extras["has_online"].bool().repeat_interleave(4)
         real = has | (torch.arange(len(has)) % 4 < 2)  # placeholders' values are never read
@@ -129,4 +129,4 @@ def test_round_reference_runs_online_rows_only_and_equals_the_all_rows_forward(c
                                    rtol=1e-5, atol=1e-5)
     c.ref_cache.invalidate()
     with pytest.raises(RuntimeError, match="margin pass"):
-        attach_round_reference(c.reference, c.ref_cache, cached, on_last_stage=True)
+        attach_round_reference(c.reference, c.ref_cache, items, cached, c.ctx, 2, pad, c.layout)

@@ -48,7 +48,8 @@ def test_collate_round_layout():
     from metaapo_nemo.data.preference import TokenizedPair
 
     p = TokenizedPair(0, (5, 6, 7), (8, 9, 3), (10, 3), False, False)
-    mb = collate_round([RoundItem(p, OnlinePair((11, 3), (12, 13, 3), 2.0, 1.0)), RoundItem(p, None)],
+    q = TokenizedPair(1, (5, 6, 7), (8, 9, 3), (10, 3), False, False)
+    mb = collate_round([RoundItem(p, OnlinePair((11, 3), (12, 13, 3), 2.0, 1.0)), RoundItem(q, None)],
                        pad_id=0, device=torch.device("cpu"))
     assert mb.input_ids_NT.shape[0] == 8
     assert mb.loss_mask_NT.sum(-1).tolist() == [3, 2, 2, 3, 3, 2, 0, 0]
@@ -115,3 +116,56 @@ def test_offline_margins_match_the_dpo_step_margins(comps):
     for k in direct:
         assert after[k] == pytest.approx(direct[k], abs=1e-4)
     assert any(abs(v) > 1e-3 for v in after.values())
+
+
+ROUND_LAYOUTS = {
+    "bucket": ("bucket", False), "pad_share": ("pad", True), "bucket_share": ("bucket", True),
+    "pack": ("pack", False), "pack_share": ("pack", True),
+}
+
+
+@pytest.mark.parametrize("name", list(ROUND_LAYOUTS))
+def test_round_rows_in_every_layout_equal_the_plain_layout(comps, name):
+    """MetaAPO rows (offline + online pair of a prompt; one prompt without online pair) go
+    through the same row layouts as DPO: per-sequence log-probs, loss and gradients equal
+    the plain padded layout (fp32)."""
+    from metaapo_nemo.algorithms.online import attach_reference_logps
+    from metaapo_nemo.algorithms.rounds import round_microbatches, split_pairs_view
+    from metaapo_nemo.trainer.rows import RowLayout
+
+    c = comps
+    items = _items(c, n=4)
+    assert any(it.online is None for it in items)
+    pad = c.tokenizer.pad_token_id
+    batching, share = ROUND_LAYOUTS[name]
+    weigher = lambda m: torch.full_like(m, 0.3)  # noqa: E731
+
+    def run(layout):
+        mbs = round_microbatches(items, 2, pad, c.ctx.device, layout)
+        attach_reference_logps(c.reference, mbs)
+        seqs: dict[int, list[float]] = {}
+        inner = metaapo_loss_fn(c.loss, weigher, num_prompts_global=4, unselected="offline")
+
+        def fn(mb, logps):
+            off, on = split_pairs_view(mb, logps)
+            for j, i in enumerate(mb.extras["pair_index"].tolist()):
+                seqs[i] = [off.policy_chosen_B[j].item(), off.policy_rejected_B[j].item(),
+                           on.policy_chosen_B[j].item(), on.policy_rejected_B[j].item()]
+            return inner(mb, logps)
+
+        c.policy.zero_grad()
+        outs = c.policy.run(mbs, fn, forward_only=False)
+        return mbs, sum(o["loss"].item() for o in outs), seqs, c.policy.main_grads()
+
+    plain_mbs, loss_a, seq_a, g_a = run(None)
+    other_mbs, loss_b, seq_b, g_b = run(RowLayout(batching, share_prompt=share))
+    assert sum(mb.extras["tokens"] for mb in plain_mbs) == sum(mb.extras["tokens"] for mb in other_mbs)
+    if share or batching == "pack":
+        assert sum(mb.input_ids_NT.numel() for mb in other_mbs) < sum(mb.input_ids_NT.numel() for mb in plain_mbs)
+    assert loss_b == pytest.approx(loss_a, rel=1e-6, abs=1e-7)
+    assert seq_a.keys() == seq_b.keys()
+    for i in seq_a:
+        assert seq_b[i] == pytest.approx(seq_a[i], rel=1e-5, abs=1e-4), i
+    for k in g_a:
+        scale = g_a[k].abs().max().item()
+        assert (g_a[k] - g_b[k]).abs().max().item() <= 1e-5 * scale + 1e-9, k

@@ -20,10 +20,10 @@ import torch
 from metaapo_nemo.algorithms import online as O
 from metaapo_nemo.algorithms.rounds import (
     RoundItem,
-    collate_round,
     finalize_round_stats,
     metaapo_loss_fn,
     offline_margins,
+    round_microbatches,
     sum_round_stats,
 )
 from metaapo_nemo.config.schema import Config
@@ -182,7 +182,8 @@ class MetaAPO:
 
         t_round = time.perf_counter()
         mbs = rank_microbatches(round_pairs, StepPlan(len(round_pairs), cfg.train.micro_batch_size,
-                                                      ctx.dims.dp), ctx.dp_rank, run.pad_id, ctx.device)
+                                                      ctx.dims.dp), ctx.dp_rank, run.pad_id, ctx.device,
+                                run.layout)
         margins = offline_margins(run.policy, run.reference, run.loss, mbs, ctx, ref_cache=run.ref_cache)
         keys = [p.index for p in round_pairs]
         w = self.learner.weights(torch.tensor([margins[k] for k in keys], dtype=torch.float32))
@@ -226,14 +227,14 @@ class MetaAPO:
         batch = order[pos.next_start:pos.next_start + G]
         pos.next_start += G  # consumed, whether the step applies or is skipped
         mine = batch[ctx.dp_rank * plan.per_rank:(ctx.dp_rank + 1) * plan.per_rank]
-        mbs = [collate_round(mine[i:i + plan.micro_batch], run.pad_id, ctx.device)
-               for i in range(0, len(mine), plan.micro_batch)]
+        mbs = round_microbatches(mine, plan.micro_batch, run.pad_id, ctx.device, run.layout)
         if run.reference is not None:
             missing = run.ref_cache.missing([it.pair for it in mine])
             if missing:  # only after a resume into another layout (the margin pass fills the round)
                 run.ref_cache.fill(run.reference, to_microbatches(missing, plan.micro_batch, run.pad_id,
-                                                                  ctx.device))
-        O.attach_round_reference(run.reference, run.ref_cache, mbs, ctx.is_last_stage)  # online rows only
+                                                                  ctx.device, run.layout))
+        O.attach_round_reference(run.reference, run.ref_cache, mine, mbs, ctx, plan.micro_batch, run.pad_id,
+                                 run.layout)  # the reference runs on the online pairs only
         mark = self.learner.buffer.mark()
         loss_fn = metaapo_loss_fn(run.loss, self._weigher(), G, run.cfg.metaapo.unselected,
                                   record=self.learner.record if ctx.is_last_stage else None)

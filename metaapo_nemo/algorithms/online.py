@@ -16,13 +16,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from metaapo_nemo.algorithms.rounds import OnlinePair, RoundItem
 from metaapo_nemo.data.collate import epoch_order
 from metaapo_nemo.data.preference import TokenizedPair
 from metaapo_nemo.meta.learner import MetaLearner
 from metaapo_nemo.models.policy import MegatronLM, MicroBatch
 from metaapo_nemo.parallel.state import ParallelContext
+from metaapo_nemo.trainer.batching import to_microbatches
 from metaapo_nemo.trainer.preference import ReferenceCache, reference_loss_fn
-from metaapo_nemo.algorithms.rounds import OnlinePair
+from metaapo_nemo.trainer.rows import RowLayout
 
 
 def round_slices(num_pairs: int, round_size: int, global_batch: int, seed: int, epoch: int,
@@ -118,59 +120,56 @@ def attach_reference_logps(reference: MegatronLM | None, microbatches: Sequence[
 def attach_round_reference(
     reference: MegatronLM | None,
     cache: ReferenceCache,
+    items: Sequence[RoundItem],
     microbatches: Sequence[MicroBatch],
-    on_last_stage: bool,
+    ctx: ParallelContext,
+    micro_pairs: int,
+    pad_id: int,
+    layout: RowLayout | None = None,
 ) -> int:
-    """`ref_logps_N` of 4-row round micro-batches, running the reference on ONLINE rows only.
+    """`ref_logps_N` [4B] of round micro-batches, running the reference on ONLINE pairs only.
 
-    The offline rows' values come from `cache`, which the round's margin pass filled
-    (`rounds.offline_margins(..., ref_cache=)`); only the rows of prompts with an online
-    pair (rows 4i+2, 4i+3, trimmed to their own length) go through the reference. Equal to
-    `attach_reference_logps` on all rows (tests/test_reference_cache.py). Every pipeline
-    stage makes the same calls. Returns the number of rows the reference ran on.
+    The offline values come from `cache`, which the round's margin pass filled
+    (`rounds.offline_margins(..., ref_cache=)`); the online pairs of `items` (this rank's
+    share of the step) go through the reference once, as DPO pairs in the same `layout`.
+    Equal to `attach_reference_logps` on all rows (tests/test_reference_cache.py). Every
+    pipeline stage makes the same calls (under PP the online pairs are padded with repeats
+    to whole micro-batches: every micro-batch of a schedule has the same rows). Returns
+    the number of online pairs the reference ran on.
     """
     if reference is None:
         return 0
+    missing = [it.index for it in items if it.index not in cache]
+    if missing:
+        raise RuntimeError(f"reference cache lacks offline pairs {missing[:5]}: run the margin pass "
+                           "with ref_cache before training the round")
+    online = [it.online_as_pair() for it in items if it.online is not None]
+    values: dict[int, torch.Tensor] = {}
+    if online:
+        run = online
+        if ctx.dims.pp > 1 and len(online) % micro_pairs:
+            run = online + [online[-1]] * (micro_pairs - len(online) % micro_pairs)
+        mbs = to_microbatches(run, micro_pairs, pad_id, ctx.device, layout)
+        for mb, out in zip(mbs, reference.run(mbs, reference_loss_fn, forward_only=True)):
+            seq = out["seq_logps_N"]
+            for j, idx in enumerate(mb.extras["pair_index"].tolist()):
+                values[idx] = seq[2 * j:2 * j + 2]
+    if not ctx.is_last_stage:
+        return len(online)
     for mb in microbatches:
-        missing = [int(i) for i in mb.extras["pair_index"].tolist() if int(i) not in cache]
-        if missing:
-            raise RuntimeError(f"reference cache lacks offline pairs {missing[:5]}: run the margin pass "
-                               "with ref_cache before training the round")
-    ran = 0
-    for mb in microbatches:
-        has = mb.extras["has_online"].bool().cpu()
-        rows = [4 * i + j for i in torch.nonzero(has).flatten().tolist() for j in (2, 3)]
-        online = None
-        if rows:
-            sub = _row_subset(mb, rows)
-            online = reference.run([sub], reference_loss_fn, forward_only=True)
-            ran += len(rows)
-        if not on_last_stage:
-            continue
         pair_idx = mb.extras["pair_index"].tolist()
         ref = torch.zeros(4 * len(pair_idx), dtype=torch.float32, device=mb.input_ids_NT.device)
         ref[0::4], ref[1::4] = _cached(cache, pair_idx, ref.device)
-        if online:
-            ref[torch.tensor(rows, device=ref.device)] = online[0]["seq_logps_N"].to(ref.dtype)
+        for j, idx in enumerate(pair_idx):
+            if idx in values:
+                ref[4 * j + 2:4 * j + 4] = values[idx].to(ref)
         mb.extras["ref_logps_N"] = ref
-    return ran
+    return len(online)
 
 
 def _cached(cache: ReferenceCache, pair_idx: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     vals = torch.tensor([cache._value(i) for i in pair_idx], dtype=torch.float64)
     return vals[:, 0].to(device, torch.float32), vals[:, 1].to(device, torch.float32)
-
-
-def _row_subset(mb: MicroBatch, rows: list[int]) -> MicroBatch:
-    """Plain (padded, causal) rows `rows` of `mb`, cut to their longest real length."""
-    assert mb.attention_mask_N1TT is None and mb.seq_index_NT is None, "round rows are plain"
-    sel = torch.tensor(rows, device=mb.input_ids_NT.device)
-    mask = mb.loss_mask_NT[sel]
-    cols = torch.nonzero(mask.sum(0)).flatten()
-    t = int(cols.max()) + 1 if len(cols) else 1  # inputs up to the last target position
-    t = min(t, mb.input_ids_NT.shape[1])
-    return MicroBatch(mb.input_ids_NT[sel, :t], mb.labels_NT[sel, :t], mask[:, :t],
-                      extras={"tokens": 0})
 
 
 def sync_meta_learner(learner: MetaLearner, ctx: ParallelContext) -> None:

@@ -1,11 +1,13 @@
 """MetaAPO round pieces: margin pass, round items, the meta-weighted training step.
 
-Legend: B prompts in a micro-batch; N = 4B rows, per prompt i:
-    row 4i   offline chosen      row 4i+1 offline rejected
-    row 4i+2 online chosen       row 4i+3 online rejected
-A prompt without an online pair gets two placeholder online rows (its prompt and one pad
-token, loss mask 0): every micro-batch has the same row count, which pipeline schedules
-need (fixed p2p shapes), and all four sequences of a prompt stay in one micro-batch.
+Legend: B prompts in a micro-batch; Q = 4B logical sequences, per prompt i:
+    sequence 4i   offline chosen      sequence 4i+1 offline rejected
+    sequence 4i+2 online chosen       sequence 4i+3 online rejected
+A round item is a row-layout unit with four responses (`trainer.rows.Unit`), so MetaAPO's
+rows go through the same layouts as DPO pairs (pad / bucket / pack / shared prompt). A
+prompt without an online pair has its two online responses absent: placeholder rows
+(prompt + one pad token, loss mask 0) in the one-sequence-per-row layouts, no tokens in
+the others. All four sequences of a prompt stay in one micro-batch.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from metaapo_nemo.losses import PairLogps, PreferenceLoss
 from metaapo_nemo.losses.meta_weighted import mix_losses
 from metaapo_nemo.models.policy import LossFn, MegatronLM, MicroBatch
 from metaapo_nemo.parallel.state import ParallelContext
+from metaapo_nemo.trainer.batching import to_microbatches
 from metaapo_nemo.trainer.preference import ReferenceCache, reference_loss_fn
+from metaapo_nemo.trainer.rows import RowLayout
 
 ROWS_PER_PROMPT = 4
 
@@ -38,41 +42,53 @@ class OnlinePair:
 
 @dataclass(frozen=True)
 class RoundItem:
+    """One prompt of a round: its offline pair and, if it was sampled, its online pair."""
+
     pair: TokenizedPair  # the offline pair; pair.index is the prompt id
     online: OnlinePair | None = None
+
+    @property
+    def index(self) -> int:
+        return self.pair.index
+
+    @property
+    def prompt_ids(self) -> tuple[int, ...]:
+        return self.pair.prompt_ids
+
+    @property
+    def responses(self) -> tuple[tuple[int, ...] | None, ...]:
+        """(offline chosen, offline rejected, online chosen, online rejected); None = absent."""
+        on = self.online
+        return (self.pair.chosen_ids, self.pair.rejected_ids,
+                None if on is None else on.chosen_ids, None if on is None else on.rejected_ids)
+
+    def online_as_pair(self) -> TokenizedPair:
+        """The online pair as a DPO pair of the same prompt (e.g. for a reference pass)."""
+        assert self.online is not None
+        return TokenizedPair(self.pair.index, self.pair.prompt_ids, self.online.chosen_ids,
+                             self.online.rejected_ids)
 
 
 # ----------------------------------------------------------------- collation
 
 
+def round_microbatches(items: Sequence[RoundItem], micro_items: int, pad_id: int, device: torch.device,
+                       layout: RowLayout | None = None) -> list[MicroBatch]:
+    """Round items of one rank -> micro-batches in `layout` (None = "pad"), with
+    ``extras["has_online"]`` [B] in each micro-batch's prompt order."""
+    online = {it.index: it.online is not None for it in items}
+    assert len(online) == len(items), "a round holds each prompt once"
+    mbs = to_microbatches(items, micro_items, pad_id, device, layout)
+    for mb in mbs:
+        mb.extras["has_online"] = torch.tensor([online[int(i)] for i in mb.extras["pair_index"].tolist()],
+                                               device=device)
+    return mbs
+
+
 def collate_round(items: Sequence[RoundItem], pad_id: int, device: torch.device) -> MicroBatch:
-    """4 rows per prompt (see module docstring) -> a right-padded MicroBatch."""
-    rows: list[tuple[tuple[int, ...], tuple[int, ...], bool]] = []
-    for it in items:
-        p = it.pair
-        rows += [(p.prompt_ids, p.chosen_ids, True), (p.prompt_ids, p.rejected_ids, True)]
-        if it.online is None:
-            rows += [(p.prompt_ids, (pad_id,), False)] * 2
-        else:
-            rows += [(p.prompt_ids, it.online.chosen_ids, True), (p.prompt_ids, it.online.rejected_ids, True)]
-    t = max(len(pr) + len(r) for pr, r, _ in rows)
-    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), t), dtype=torch.float32)
-    for i, (prompt, resp, real) in enumerate(rows):
-        ids[i, : len(prompt) + len(resp)] = torch.tensor(prompt + resp, dtype=torch.long)
-        if real:
-            mask[i, len(prompt) - 1 : len(prompt) + len(resp) - 1] = 1.0
-    labels = torch.full_like(ids, pad_id)
-    labels[:, :-1] = ids[:, 1:]
-    tokens = sum(len(pr) + len(r) for pr, r, real in rows if real)
-    return MicroBatch(
-        ids.to(device), labels.to(device), mask.to(device),
-        extras={
-            "pair_index": torch.tensor([it.pair.index for it in items], device=device),
-            "has_online": torch.tensor([it.online is not None for it in items], device=device),
-            "tokens": tokens,
-        },
-    )
+    """All `items` as ONE plain padded micro-batch (4 rows per prompt, the reference layout)."""
+    (mb,) = round_microbatches(items, len(items), pad_id, device)
+    return mb
 
 
 def split_pairs_view(mb: MicroBatch, logps_NT: torch.Tensor) -> tuple[PairLogps, PairLogps]:

@@ -128,6 +128,11 @@ class TokenizedPair:
     rejected_truncated: bool = False
     prompt_messages: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def responses(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(chosen, rejected): a pair as a row-layout unit (`trainer.rows.Unit`)."""
+        return (self.chosen_ids, self.rejected_ids)
+
     def messages(self) -> list[dict[str, str]]:
         """`prompt_messages` as chat-template dicts."""
         return [{"role": r, "content": c} for r, c in self.prompt_messages]

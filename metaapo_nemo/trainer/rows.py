@@ -1,10 +1,16 @@
 """Row layouts of preference micro-batches: padded, length-bucketed, packed, shared-prompt.
 
-Legend: N rows, T positions per row, Q logical sequences of a micro-batch (2 per pair:
-2j chosen, 2j+1 rejected of the micro-batch's j-th pair), B pairs.
+Legend: N rows, T positions per row, B units (prompts) in a micro-batch, R responses per
+unit, Q = R * B logical sequences (sequence R*j + k is response k of the j-th unit).
 
-A pair is the indivisible unit: its chosen and rejected responses always land in the same
-micro-batch (and, when packed, in the same row). Layouts (`RowLayout`):
+A unit is one prompt with its responses (`Unit`): an offline DPO pair has R = 2 (chosen,
+rejected); a MetaAPO round item has R = 4 (offline chosen, offline rejected, online chosen,
+online rejected), its online responses absent (None) when the prompt was not sampled. A
+unit is indivisible: all its responses land in the same micro-batch (and, when packed, in
+the same row), so DPO pairs and MetaAPO rows go through the SAME layouts. An absent
+response is a sequence with no scored token: a placeholder row ``[prompt | pad]`` (loss
+mask 0) in the one-sequence-per-row layouts, nothing at all in the others. Layouts
+(`RowLayout`):
 
 - ``pad``: one sequence ``[prompt | response]`` per row, pairs in data order, right-padded
   to the micro-batch's longest row (`metaapo_nemo.data.collate.collate_pairs`).
@@ -14,11 +20,11 @@ micro-batch (and, when packed, in the same row). Layouts (`RowLayout`):
 - ``pack``: pairs are packed first-fit-decreasing into rows of ``pack_tokens`` tokens (one
   row per micro-batch); the tokens of different sequences never see each other (block-
   diagonal causal mask) and every sequence has positions 0, 1, ... of its own.
-- ``share_prompt``: a pair becomes ONE sequence block
-  ``[p_1 .. p_{P-1} | p_P c_1 .. c_C | p_P r_1 .. r_R]``: the rejected branch sees the shared
-  prompt prefix and itself, never the chosen branch, and both branches restart at position
+- ``share_prompt``: a unit becomes ONE sequence block
+  ``[p_1 .. p_{P-1} | p_P c_1 .. c_C | p_P r_1 .. r_R | ...]``: each branch sees the shared
+  prompt prefix and itself, never a sibling branch, and every branch restarts at position
   P-1. The last prompt token opens each branch because its output predicts that branch's
-  first response token. P - 1 tokens per pair are computed once instead of twice.
+  first response token. P - 1 tokens per unit are computed once instead of R times.
 
 Layouts other than ``pad`` also set ``select_logits`` (the output layer runs only where a
 response token is scored), and those with several sequences or branches per row carry the
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -37,6 +44,22 @@ from metaapo_nemo.data.preference import TokenizedPair
 from metaapo_nemo.models.policy import MicroBatch
 
 BATCHINGS = ("pad", "bucket", "pack")
+
+Response = tuple[int, ...] | None  # None: absent (a MetaAPO prompt without an online pair)
+
+
+class Unit(Protocol):
+    """What a row layout needs of a unit: `TokenizedPair` (R = 2) and MetaAPO's
+    `RoundItem` (R = 4) both answer it."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def prompt_ids(self) -> tuple[int, ...]: ...
+
+    @property
+    def responses(self) -> tuple[Response, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -67,10 +90,12 @@ class RowLayout:
         """Whether rows need per-token positions (a model built with explicit positions)."""
         return self.share_prompt or self.batching == "pack"
 
-    def unit_tokens(self, pair: TokenizedPair) -> int:
-        """Row tokens one pair occupies in this layout."""
-        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
-        return p + c + r + 1 if self.share_prompt else 2 * p + c + r
+    def unit_tokens(self, unit: Unit) -> int:
+        """Row tokens one unit's present responses occupy in this layout."""
+        p, present = len(unit.prompt_ids), [r for r in unit.responses if r is not None]
+        if self.share_prompt:
+            return p - 1 + sum(len(r) + 1 for r in present)
+        return sum(p + len(r) for r in present)
 
 
 def layout_from_config(cfg, impl: str = "local") -> RowLayout:
@@ -97,9 +122,11 @@ def layout_from_config(cfg, impl: str = "local") -> RowLayout:
     return RowLayout(t.batching, share, t.pack_tokens)
 
 
-def data_tokens(pair: TokenizedPair) -> int:
-    """Tokens of the pair as two sequences (the throughput unit, whatever the layout)."""
-    return 2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+def data_tokens(unit: Unit) -> int:
+    """Tokens of the unit's present responses as separate sequences ``[prompt | response]``
+    (the throughput unit, whatever the layout)."""
+    p = len(unit.prompt_ids)
+    return sum(p + len(r) for r in unit.responses if r is not None)
 
 
 # ----------------------------------------------------------------- one pair's token blocks
@@ -123,12 +150,14 @@ def _sequence_block(prompt: Sequence[int], response: Sequence[int], seq: int, pa
     return _Block(ids, list(range(p + r)), [0] * (p + r), ids[1:] + [pad_id], targets)
 
 
-def _shared_block(pair: TokenizedPair, first_seq: int, pad_id: int) -> _Block:
-    prompt = list(pair.prompt_ids)
+def _shared_block(unit: Unit, first_seq: int, pad_id: int) -> _Block:
+    prompt = list(unit.prompt_ids)
     prefix = prompt[:-1]
     block = _Block(list(prefix), list(range(len(prefix))), [0] * len(prefix),
                    prompt[1:], [-1] * len(prefix))
-    for j, response in enumerate((pair.chosen_ids, pair.rejected_ids)):
+    for j, response in enumerate(unit.responses):
+        if response is None:  # absent: a sequence with no tokens
+            continue
         branch = [prompt[-1], *response]
         block.ids += branch
         block.pos += range(len(prefix), len(prefix) + len(branch))
@@ -138,11 +167,11 @@ def _shared_block(pair: TokenizedPair, first_seq: int, pad_id: int) -> _Block:
     return block
 
 
-def _pair_blocks(pair: TokenizedPair, first_seq: int, share: bool, pad_id: int) -> list[_Block]:
+def _unit_blocks(unit: Unit, first_seq: int, share: bool, pad_id: int) -> list[_Block]:
     if share:
-        return [_shared_block(pair, first_seq, pad_id)]
-    return [_sequence_block(pair.prompt_ids, pair.chosen_ids, first_seq, pad_id),
-            _sequence_block(pair.prompt_ids, pair.rejected_ids, first_seq + 1, pad_id)]
+        return [_shared_block(unit, first_seq, pad_id)]
+    return [_sequence_block(unit.prompt_ids, r, first_seq + j, pad_id)
+            for j, r in enumerate(unit.responses) if r is not None]
 
 
 # ----------------------------------------------------------------- rows -> MicroBatch
@@ -157,7 +186,7 @@ def _row_mask(block_T: torch.Tensor, branch_T: torch.Tensor) -> torch.Tensor:
     return ~(causal & same_block & visible_branch)
 
 
-def blocks_to_microbatch(rows: Sequence[Sequence[_Block]], pairs: Sequence[TokenizedPair],
+def blocks_to_microbatch(rows: Sequence[Sequence[_Block]], units: Sequence[Unit],
                          pad_id: int, length: int | None = None) -> MicroBatch:
     """Right-pads rows of blocks into one `MicroBatch` with mask, positions and targets.
 
@@ -189,24 +218,54 @@ def blocks_to_microbatch(rows: Sequence[Sequence[_Block]], pairs: Sequence[Token
     mask = torch.stack([_row_mask(block[i], branch[i]) for i in range(n)]).unsqueeze(1)
     return MicroBatch(
         ids, labels, (seq >= 0).float(),
-        extras=_extras(pairs, rows),
+        extras=_extras(units, rows),
         attention_mask_N1TT=mask, position_ids_NT=pos, seq_index_NT=seq.clamp(min=0),
-        num_seqs=2 * len(pairs), select_logits=True,
+        num_seqs=_responses_per_unit(units) * len(units), select_logits=True,
     )
 
 
-def _extras(pairs: Sequence[TokenizedPair], rows: Sequence[Sequence[_Block]] = ()) -> dict:
+def _responses_per_unit(units: Sequence[Unit]) -> int:
+    counts = {len(u.responses) for u in units}
+    if len(counts) != 1:
+        raise ValueError(f"units of one micro-batch have different response counts {sorted(counts)}")
+    return counts.pop()
+
+
+def _extras(units: Sequence[Unit], rows: Sequence[Sequence[_Block]] = ()) -> dict:
     return {
-        "pair_index": torch.tensor([p.index for p in pairs]),
-        "tokens": sum(data_tokens(p) for p in pairs),
+        "pair_index": torch.tensor([u.index for u in units]),
+        "tokens": sum(data_tokens(u) for u in units),
         "row_blocks": [[len(b.ids) for b in row] for row in rows],  # THD metadata (GPU)
     }
 
 
-def _padded_microbatch(pairs: Sequence[TokenizedPair], pad_id: int, length: int | None) -> MicroBatch:
-    pb = collate_pairs(pairs, pad_id=pad_id)
-    mb = MicroBatch(pb.input_ids_NT, pb.labels_NT, pb.loss_mask_NT, extras=_extras(pairs))
+def _padded_microbatch(units: Sequence[Unit], pad_id: int, length: int | None) -> MicroBatch:
+    if all(isinstance(u, TokenizedPair) for u in units):
+        pb = collate_pairs(units, pad_id=pad_id)
+        ids, labels, mask = pb.input_ids_NT, pb.labels_NT, pb.loss_mask_NT
+    else:
+        ids, labels, mask = _plain_rows(units, pad_id)
+    mb = MicroBatch(ids, labels, mask, extras=_extras(units))
     return mb if length is None else mb.padded_to(length, pad_id)
+
+
+def _plain_rows(units: Sequence[Unit], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ``[prompt | response]`` row per response, right-padded (as `collate_pairs`); an
+    absent response is a placeholder row ``[prompt | pad]`` with loss mask 0, so row n is
+    sequence n for every unit and every micro-batch has R rows per unit."""
+    _responses_per_unit(units)
+    rows = [(u.prompt_ids, r if r is not None else (pad_id,), r is not None) for u in units for r in u.responses]
+    t = max(len(p) + len(r) for p, r, _ in rows)
+    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.float32)
+    for i, (prompt, response, real) in enumerate(rows):
+        p, r = len(prompt), len(response)
+        ids[i, : p + r] = torch.tensor(prompt + response, dtype=torch.long)
+        if real:  # target at t is token t + 1: response tokens are targets at p-1 .. p+r-2
+            mask[i, p - 1 : p + r - 1] = 1.0
+    labels = torch.full_like(ids, pad_id)
+    labels[:, :-1] = ids[:, 1:]
+    return ids, labels, mask
 
 
 # ----------------------------------------------------------------- layouts
@@ -235,14 +294,15 @@ def pack_first_fit(sizes: Sequence[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def build_microbatches(pairs: Sequence[TokenizedPair], layout: RowLayout, micro_pairs: int,
+def build_microbatches(pairs: Sequence[Unit], layout: RowLayout, micro_pairs: int,
                        pad_id: int) -> list[MicroBatch]:
-    """This rank's pairs of one step -> micro-batches in the given layout (CPU tensors).
+    """This rank's units of one step -> micro-batches in the given layout (CPU tensors).
 
     Args:
-        pairs: The pairs of this rank for the step.
+        pairs: The units of this rank for the step: DPO pairs, or MetaAPO round items (one
+            response count per call).
         layout: The row layout.
-        micro_pairs: Pairs per micro-batch for "pad" and "bucket" (`train.micro_batch_size`).
+        micro_pairs: Units per micro-batch for "pad" and "bucket" (`train.micro_batch_size`).
         pad_id: Padding token id.
     """
     if not pairs:
@@ -265,8 +325,9 @@ def build_microbatches(pairs: Sequence[TokenizedPair], layout: RowLayout, micro_
     return [_rows_microbatch(g, layout, pad_id, one_row=False) for g in groups]
 
 
-def _rows_microbatch(group: Sequence[TokenizedPair], layout: RowLayout, pad_id: int,
+def _rows_microbatch(group: Sequence[Unit], layout: RowLayout, pad_id: int,
                      one_row: bool) -> MicroBatch:
-    blocks = [_pair_blocks(p, 2 * j, layout.share_prompt, pad_id) for j, p in enumerate(group)]
+    r = _responses_per_unit(group)
+    blocks = [_unit_blocks(u, r * j, layout.share_prompt, pad_id) for j, u in enumerate(group)]
     rows = [[b for bs in blocks for b in bs]] if one_row else blocks
     return blocks_to_microbatch(rows, group, pad_id, layout.fixed_length)
