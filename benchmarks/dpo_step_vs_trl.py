@@ -39,6 +39,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO))  # tasks/ (synthetic pairs) beside the package
 RESULTS = REPO / "benchmarks" / "results" / "dpo_step_vs_trl.jsonl"
 # Per model: pairs per pass, global / micro batch, variable (prompt, response) length ranges,
 # fixed (prompt, response) lengths. SmolLM2 is ~1000x the tiny model's compute per token:
@@ -76,7 +77,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_pairs(job: dict[str, Any]) -> list:
-    from metaapo_nemo.data.synthetic import chat_lengths, fixed_lengths, synthetic_pairs
+    from tasks.synthetic import chat_lengths, fixed_lengths, synthetic_pairs
 
     d = job["data"]
     lengths = chat_lengths(tuple(d["prompt"]), tuple(d["response"])) if d["kind"] == "variable" \

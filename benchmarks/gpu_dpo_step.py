@@ -41,6 +41,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tasks/ (synthetic pairs) beside the package
 RESULTS = REPO / "benchmarks" / "results" / "gpu_dpo_step.jsonl"
 H100_BF16_DENSE_TFLOPS = 989.0
 # name: (TinyModelSpec fields of a Llama, run defaults): TinyLlama-1.1B, the tests' tiny Llama.
@@ -156,7 +157,7 @@ def run_steps(args: argparse.Namespace, model_dir: Path) -> tuple[list[float], s
     """Runs warm-up + timed steps of the recipe; returns all step times and the layer spec."""
     import torch
 
-    from metaapo_nemo.data.synthetic import fixed_lengths, synthetic_pairs
+    from tasks.synthetic import fixed_lengths, synthetic_pairs
     from metaapo_nemo.parallel import state
 
     from metaapo_nemo import run as R

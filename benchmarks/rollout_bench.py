@@ -266,7 +266,7 @@ def bench_reward(n: int, repeats: int, emit) -> None:
     ]
     prompts = [r["chosen"][:-1] for r in rows][:n]
     texts = [r["chosen"][-1]["content"] for r in rows][:n]
-    models = {"rule-toy": RuleReward("metaapo_nemo.reward.toy_rules:score")}
+    models = {"rule-toy": RuleReward("tasks.toy_rules:score")}
     for size in ("tiny", "25m"):
         path = ensure_tiny_reward_model(
             TinyModelSpec(arch="llama", **SIZES[size]), REPO / ".cache" / "bench_models"

@@ -21,7 +21,7 @@ from metaapo_nemo.data import (
     load_preference_data,
     split_pairs,
 )
-from metaapo_nemo.data import toy
+from tasks import toy_prefs as toy
 
 CHATML = (
     "{%- for m in messages -%}"

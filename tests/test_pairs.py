@@ -128,7 +128,7 @@ def test_annotate_scores_only_candidates_with_the_rule_rm():
     pairs, c = annotate(
         batch,
         groups,
-        RuleReward("metaapo_nemo.reward.toy_rules:score"),
+        RuleReward("tasks.toy_rules:score"),
         "drop",
         batch_size=2,
         policy_step=9,

@@ -79,7 +79,7 @@ def test_dtype_resolution():
 
 
 def test_rule_backend_loads_by_name_and_ranks_the_toy_data():
-    rm = RuleReward("metaapo_nemo.reward.toy_rules:score")
+    rm = RuleReward("tasks.toy_rules:score")
     good = rm.score(PROMPTS, RESPONSES)
     bad = rm.score(PROMPTS, ["3 + 4 = 8.", "Here are three colours: cat, dog and fox.", "Rome."])
     assert all(g > b for g, b in zip(good, bad))
@@ -87,7 +87,7 @@ def test_rule_backend_loads_by_name_and_ranks_the_toy_data():
 
 def test_toy_rule_prefers_every_bundled_chosen_answer():
     from metaapo_nemo.config.loader import resolve_repo_path
-    from metaapo_nemo.reward.toy_rules import score
+    from tasks.toy_rules import score
 
     path = resolve_repo_path("metaapo_nemo/data/samples/toy_prefs.jsonl")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -101,10 +101,10 @@ def test_toy_rule_prefers_every_bundled_chosen_answer():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("metaapo_nemo.reward.toy_rules", "must look like 'module:function'"),
+        ("tasks.toy_rules", "must look like 'module:function'"),
         ("no_such_module_xyz:score", "cannot import module 'no_such_module_xyz'"),
-        ("metaapo_nemo.reward.toy_rules:scor", r"has no attribute 'scor'; its functions: score"),
-        ("metaapo_nemo.reward.toy_rules:_CAPITALS", "names a dict, not a function"),
+        ("tasks.toy_rules:scor", r"has no attribute 'scor'; its functions: score"),
+        ("tasks.toy_rules:_CAPITALS", "names a dict, not a function"),
     ],
 )
 def test_rule_backend_bad_names(spec, message):
@@ -126,7 +126,7 @@ def test_rule_names_resolve_from_the_working_directory(tmp_path, monkeypatch):
 
 def test_build_from_config(tmp_path):
     rule = build_reward_model(load_config(None, ["reward.backend=rule", "reward.tiny=null"]))
-    assert isinstance(rule, RuleReward) and rule.spec == "metaapo_nemo.reward.toy_rules:score"
+    assert isinstance(rule, RuleReward) and rule.spec == "tasks.toy_rules:score"
     cfg = load_config(
         None, ["reward.backend=hf", "reward.tiny={arch: llama}", "reward.batch_size=2"]
     )

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from metaapo_nemo.data.preference import TokenizedPair
-from metaapo_nemo.data.synthetic import chat_lengths, fixed_lengths, synthetic_pairs
 from metaapo_nemo.models.packed_seq import thd_offsets, thd_packed_seq_params
 from metaapo_nemo.trainer.rows import RowLayout, build_microbatches, data_tokens, pack_first_fit
+from tasks.synthetic import chat_lengths, fixed_lengths, synthetic_pairs
 
 PAD = 0
 PAIR = TokenizedPair(7, prompt_ids=(10, 11, 12), chosen_ids=(20, 21), rejected_ids=(30, 31, 32))

@@ -62,7 +62,7 @@ def test_megatron_shared_prompt_logps_match_hf(smol, single_ctx):
     HF's sequence log-probs of the two-sequence form."""
     from transformers import AutoModelForCausalLM
 
-    from metaapo_nemo.data.synthetic import chat_lengths, synthetic_pairs
+    from tasks.synthetic import chat_lengths, synthetic_pairs
     from metaapo_nemo.models.arch import load_arch
     from metaapo_nemo.models.megatron_model import BuildOptions
     from metaapo_nemo.models.policy import MegatronLM

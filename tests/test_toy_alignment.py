@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from metaapo_nemo.tasks import toy_alignment as T
+from tasks import toy_alignment as T
 
 ROOT = Path(__file__).resolve().parents[1]
 

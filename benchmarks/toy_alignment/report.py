@@ -172,7 +172,7 @@ def table(meta: dict, agg: dict) -> list[str]:
 DESIGN = """\
 ## Design (why it is built this way)
 
-- **Task with a gold reward** (`metaapo_nemo/tasks/toy_alignment.py`): "forward/reverse : item item
+- **Task with a gold reward** (`tasks/toy_alignment.py`): "forward/reverse : item item
   item" -> the items in that order, comma separated, then `done`. 80 item words + 10 chatter words;
   the locally trained BPE tokenizer makes each word one token, answers are 4-12 tokens (generation
   cap 24). The gold score is graded (presence, adjacent order, end marker, -0.5 per extra word,

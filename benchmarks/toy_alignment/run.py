@@ -1,6 +1,6 @@
 """Toy alignment benchmark: does MetaAPO reproduce the paper's claims on a task with a gold reward?
 
-Task (metaapo_nemo/tasks/toy_alignment.py): "list these items forward / in reverse"; the
+Task (tasks/toy_alignment.py): "list these items forward / in reverse"; the
 gold reward grades presence, order, extras and the end marker. Pipeline, built here:
 
 1. a tiny Llama SFT policy trained on mixed-quality demonstrations (starts mediocre);
@@ -36,8 +36,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))  # tasks/ beside the package
 
-from metaapo_nemo.tasks import toy_alignment as T  # noqa: E402
+from tasks import toy_alignment as T  # noqa: E402
 
 # name -> (slug, recipe config). All go through recipes/metaapo.py (same loop, same code).
 METHODS: dict[str, tuple[str, str]] = {
@@ -77,9 +78,9 @@ def log(msg: str) -> None:
 
 def prepare(work: Path, sizes: Sizes) -> dict:
     """SFT policy, learned RM, offline pairs and held-out prompts (cached in work/task)."""
-    from metaapo_nemo.data.toy import write_jsonl
+    from tasks.toy_prefs import write_jsonl
     from metaapo_nemo.reward.hf import HFRewardModel
-    from metaapo_nemo.tasks import toy_alignment_models as M
+    from tasks import toy_alignment_models as M
 
     task = work / "task"
     meta_path = task / "task.json"
@@ -150,7 +151,7 @@ def _demo_pairs(prompts, seed: int) -> list:
 
 def _policy_pairs(model_dir: Path, prompts, samples: int = 4, seed: int = 500) -> list:
     """Pairs of the policy's own samples with different gold scores (better first)."""
-    from metaapo_nemo.tasks import toy_alignment_models as M
+    from tasks import toy_alignment_models as M
 
     model, tok = M.load_policy(model_dir)
     outs = [M.generate(model, tok, prompts, sample=True, seed=seed + k) for k in range(samples)]
@@ -214,7 +215,7 @@ def train_one(work: Path, name: str, seed: int, sizes: Sizes) -> dict:
 
 def evaluate_run(work: Path, info: dict, meta: dict, rm) -> dict:
     """Gold reward at every round snapshot, the final policy's metrics, rounds.jsonl."""
-    from metaapo_nemo.tasks import toy_alignment_models as M
+    from tasks import toy_alignment_models as M
 
     run_dir = Path(info.get("run_dir", work / "runs" / f"{info['slug']}_s{info['seed']}"))
     cache = run_dir / "bench_eval.json"

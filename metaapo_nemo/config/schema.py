@@ -316,7 +316,7 @@ class RewardConfig(_Section):
     backend: Literal["hf", "rule"] = "rule"
     path: str | None = None  # hf: a sequence-classification checkpoint directory
     tiny: TinyModelConfig | None = None  # hf: build a tiny random RM instead (tests, demos)
-    callable: str = "metaapo_nemo.reward.toy_rules:score"  # rule: "module:function"
+    callable: str = "tasks.toy_rules:score"  # rule: "module:function"
     batch_size: int = Field(16, gt=0)  # texts per RM forward
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     offload_to_cpu: bool = True  # hf: the RM lives on the CPU between scoring calls
@@ -333,7 +333,7 @@ class RewardConfig(_Section):
         if self.backend == "rule" and ":" not in self.callable:
             raise ValueError(
                 f"reward.callable={self.callable!r} must look like 'module:function', e.g. "
-                "metaapo_nemo.reward.toy_rules:score"
+                "tasks.toy_rules:score"
             )
         return self
 

@@ -13,7 +13,7 @@ from metaapo_nemo.data.preference import (
     load_preference_data,
 )
 
-#: The committed toy sample (256 rows, written by `metaapo_nemo.data.toy`).
+#: The committed toy sample (256 rows, written by `tasks.toy_prefs`).
 TOY_SAMPLE_PATH = Path(__file__).parent / "samples" / "toy_prefs.jsonl"
 
 __all__ = [

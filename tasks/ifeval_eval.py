@@ -6,17 +6,18 @@ held-out prompts (templates and topics never seen in training), each scored by t
 checkers (`ifeval_task.gold_score`: fraction of the prompt's constraints met, strict).
 Reported: the mean gold score and the fraction of prompts with every constraint met.
 
-In a recipe (``eval`` config section set), `evaluate_run` runs at the end of training on
-every rank: a vLLM engine starts from the initial checkpoint (``model.path``), evaluates it
-("before"; cached under ``run.cache_dir/ifeval_eval`` since it depends only on the
-checkpoint and the eval settings), receives the trained policy's weights in memory (the
+In a recipe (``eval.task: tasks.ifeval_eval:evaluate_run``, see `metaapo_nemo.evals`),
+`evaluate_run` runs at the end of training on every rank: a vLLM engine starts from the
+initial checkpoint (``model.path``), evaluates it ("before"; cached under
+``run.cache_dir/ifeval_eval`` since it depends only on the checkpoint and the eval
+settings), receives the trained policy's weights in memory (the
 same push as MetaAPO's refit) and evaluates again ("after"). The main rank writes
 ``eval.json`` in the run directory and appends a section to ``summary.md`` with
 ``eval.examples`` prompts and their greedy responses before and after.
 
 Stand-alone, for any checkpoint:
 
-    python -m metaapo_nemo.tasks.ifeval_task evaluate --model .cache/smollm2/hf [--after runs/x/hf_final]
+    python -m tasks.ifeval_eval --model .cache/smollm2/hf [--after runs/x/hf_final]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metaapo_nemo.tasks.ifeval_task import TaskPrompt, gold_details, make_prompts
+from tasks.ifeval_task import TaskPrompt, gold_details, make_prompts
 
 _AFTER_STEP = 1 << 30  # the engine's policy-step tag for the pushed final weights
 
@@ -228,7 +229,7 @@ def evaluate_checkpoint(model_dir: str, s: EvalSettings, after_dir: str | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m metaapo_nemo.tasks.ifeval_task evaluate",
+    parser = argparse.ArgumentParser(prog="python -m tasks.ifeval_eval",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=".cache/smollm2/hf")
     parser.add_argument("--after", default=None, help="a trained checkpoint to compare with --model")

@@ -15,14 +15,15 @@ The constraint spec is recovered from the prompt text itself (`parse_constraints
 kind's checker description is matched by a regular expression, so a scorer needs nothing
 but the chat messages, which is what the ``rule`` reward backend passes:
 
-    reward.backend=rule reward.callable=metaapo_nemo.tasks.ifeval_task:score
+    reward.backend=rule reward.callable=tasks.ifeval_task:score
 
 Checkers that need NLTK's punkt data (sentence counts) are not used: it cannot be
 downloaded here. Word counts use NLTK's regexp tokenizer (no data files). The lowercase /
 capital checkers call ``langdetect``, whose seed is fixed below so scores are deterministic.
 
-    python -m metaapo_nemo.tasks.ifeval_task show --split heldout -n 5
-    python -m metaapo_nemo.tasks.ifeval_task build-pairs --help   # offline pairs (vLLM)
+    python -m tasks.ifeval_task --split heldout -n 5    # show prompts
+    python -m tasks.ifeval_pairs --help                 # offline pairs (vLLM)
+    python -m tasks.ifeval_eval --help                  # gold score of a checkpoint (vLLM)
 """
 
 from __future__ import annotations
@@ -284,7 +285,7 @@ def score(messages: Sequence[dict[str, str]], response: str) -> float:
     constraints = parse_constraints(text)
     if not constraints:
         raise ValueError(f"no IFEval-task constraint found in the prompt {text[:120]!r}; "
-                         "this reward scores prompts made by metaapo_nemo.tasks.ifeval_task")
+                         "this reward scores prompts made by tasks.ifeval_task")
     return gold_score(constraints, response, text)
 
 
@@ -325,29 +326,18 @@ def make_prompts(split: str, n: int, seed: int = 0) -> list[TaskPrompt]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "build-pairs":
-        from metaapo_nemo.tasks.ifeval_pairs import main as build_pairs
-
-        return build_pairs(argv[1:])
-    if argv and argv[0] == "evaluate":
-        from metaapo_nemo.tasks.ifeval_eval import main as evaluate
-
-        return evaluate(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m metaapo_nemo.tasks.ifeval_task",
-                                     description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    show = sub.add_parser("show", help="print generated prompts as JSON lines")
-    show.add_argument("--split", default="train", choices=SPLITS)
-    show.add_argument("-n", type=int, default=5)
-    show.add_argument("--seed", type=int, default=0)
-    sub.add_parser("build-pairs", help="offline preference pairs (see its --help)")
-    sub.add_parser("evaluate", help="gold score of a checkpoint on held-out prompts (see its --help)")
+    """CLI: print generated prompts as JSON lines."""
+    parser = argparse.ArgumentParser(prog="python -m tasks.ifeval_task",
+                                     description=__doc__.split("\n\n")[0],
+                                     epilog="offline pairs: python -m tasks.ifeval_pairs --help; "
+                                            "evaluation: python -m tasks.ifeval_eval --help")
+    parser.add_argument("--split", default="train", choices=SPLITS)
+    parser.add_argument("-n", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for p in make_prompts(args.split, args.n, args.seed):
         print(json.dumps(p.to_json()))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,6 @@
-"""A rule-based scorer for the bundled toy preference data (`metaapo_nemo.data.toy`).
+"""A rule-based scorer for the bundled toy preference data (`tasks.toy_prefs`).
 
-Use it as ``reward.backend=rule reward.callable=metaapo_nemo.reward.toy_rules:score``.
+Use it as ``reward.backend=rule reward.callable=tasks.toy_rules:score``.
 It reads the last user message, recognises the four toy themes and rewards what the toy
 data's chosen answers do (and penalises what its rejected ones do):
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from metaapo_nemo.data.toy import _CAPITALS, _LISTS, _TOPICS
+from tasks.toy_prefs import _CAPITALS, _LISTS, _TOPICS
 
 _ARITH = re.compile(r"What is (-?\d+) ([+\-*]) (-?\d+)\?")
 _LIST = re.compile(r"(?:List|Name) three (\w+)")

@@ -26,7 +26,7 @@ Responses come from noisy rule "demonstrators" (`demonstrate`): the ideal answer
 
 Everything is deterministic in its seed and uses private ``random.Random`` objects.
 `score` has the rule-reward signature (``reward.backend=rule``,
-``reward.callable=metaapo_nemo.tasks.toy_alignment:score``).
+``reward.callable=tasks.toy_alignment:score``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ checkers, `ifeval_task.gold_score`):
 Rows follow the UltraFeedback-binarized schema (`metaapo_nemo.data.preference`), plus the
 constraint spec and provenance (ignored by the loader):
 
-    python -m metaapo_nemo.tasks.ifeval_task build-pairs \\
+    python -m tasks.ifeval_pairs \\
         --model .cache/smollm2/hf --prompts 192 --out metaapo_nemo/data/samples/ifeval_smollm2_pairs.jsonl
 """
 
@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from metaapo_nemo.tasks.ifeval_task import TOPICS, TaskPrompt, gold_score, make_prompts
+from tasks.ifeval_task import TOPICS, TaskPrompt, gold_score, make_prompts
 
 OFFLINE_SYSTEM = ("You are a chatty, enthusiastic assistant. Answer in your own style and "
                   "share whatever you find interesting.")
@@ -154,7 +154,7 @@ def sample_offline(model_dir: str, prompts: Sequence[TaskPrompt], k: int, temper
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m metaapo_nemo.tasks.ifeval_task build-pairs",
+    parser = argparse.ArgumentParser(prog="python -m tasks.ifeval_pairs",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=".cache/smollm2/hf", help="HF checkpoint of the offline policy")
     parser.add_argument("--prompts", type=int, default=192, help="train prompts to sample")

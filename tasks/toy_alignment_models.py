@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from metaapo_nemo.tasks.toy_alignment import Prompt, demonstrate, gold_score, tokenizer_corpus
+from tasks.toy_alignment import Prompt, demonstrate, gold_score, tokenizer_corpus
 
 MAX_NEW_TOKENS = 24
 # One intra-op thread: on a small shared CPU, 2 threads of tiny matmuls spend most of their

@@ -10,7 +10,7 @@ the rejected one is worse (wrong, off topic, or rambling). Responses run from ab
 
 The committed sample ``metaapo_nemo/data/samples/toy_prefs.jsonl`` was written by::
 
-    python -m metaapo_nemo.data.toy --out metaapo_nemo/data/samples/toy_prefs.jsonl --n 256 --seed 0
+    python -m tasks.toy_prefs --out metaapo_nemo/data/samples/toy_prefs.jsonl --n 256 --seed 0
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def write_jsonl(rows: list[dict], path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m metaapo_nemo.data.toy --out FILE --n 256 --seed 0``."""
+    """CLI: ``python -m tasks.toy_prefs --out FILE --n 256 --seed 0``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output .jsonl path")
     parser.add_argument("--n", type=int, default=256, help="number of rows")

@@ -1,1 +1,0 @@
-"""Bundled synthetic tasks with a known (gold) reward, used by benchmarks and tests."""
