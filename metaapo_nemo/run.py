@@ -87,10 +87,10 @@ def build(cfg: Config, method: str, pairs: list | None = None) -> Run:
     from metaapo_nemo.trainer.rows import layout_from_config
     from metaapo_nemo.trainer.summary import TensorBoardCallback
 
+    if cfg.eval is not None:
+        get_eval(cfg.eval.task)  # a bad name fails before anything starts, not after training
     algorithm_cls, plan_steps = _algorithms()[method]
     check_layout(cfg, world_size_from_env(), read_model_dims(cfg))
-    if cfg.eval is not None:
-        get_eval(cfg.eval.task)  # a bad name fails here, not after training
     p = cfg.parallel
     build_opts = S.build_options(cfg)  # layer spec / FP8 / SP checked before anything starts
     ctx = state.initialize(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, backend=p.backend, seed=cfg.run.seed)
