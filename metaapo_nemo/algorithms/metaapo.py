@@ -10,6 +10,7 @@ meta-learner step every T_meta optimiser steps (a loop callback).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -79,6 +80,12 @@ class RoundState:
         self.items = None if saved is None else [RoundItem(self.by_index[i], on) for i, on in saved]
 
 
+def _digest(indices) -> str:
+    """A short fingerprint of a set of prompt ids (which prompts a round sampled): layouts and
+    resumes must select the same prompts, and a whole list would not fit a log line at scale."""
+    return hashlib.sha1(",".join(map(str, sorted(indices))).encode()).hexdigest()[:16]
+
+
 class MetaAPO:
     """The MetaAPO algorithm over a built `Run` (`metaapo_nemo.run.Run`)."""
 
@@ -101,7 +108,10 @@ class MetaAPO:
             from metaapo_nemo.rollout.group import build_rollout_group
 
             self.rollout = build_rollout_group(cfg, str(run.model_dir), ctx, initial_step=0)
-            self.reward = build_reward_model(cfg.reward, cache_dir=str(resolve_repo_path(cfg.run.cache_dir)))
+            from metaapo_nemo.trainer.setup import main_first
+
+            cache = str(resolve_repo_path(cfg.run.cache_dir))  # a tiny RM is built there once
+            self.reward = main_first(ctx, lambda: build_reward_model(cfg.reward, cache_dir=cache))
         self.sampling = SamplingSettings.from_config(cfg.rollout)
         self.plan = StepPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, ctx.dims.dp)
         self.pos = Position()
@@ -120,7 +130,7 @@ class MetaAPO:
     def callbacks(self) -> list[object]:
         m, ctx = self.run.cfg.metaapo, self.run.ctx
         return [MetaUpdateCallback(self.learner, every=m.t_meta, frozen=not m.meta_update,
-                                   after_step=lambda: O.sync_meta_learner(self.learner, ctx))]
+                                   after_step=lambda m: O.sync_meta_learner(self.learner, ctx, m))]
 
     def begin(self, st: TrainState, resumed: bool) -> None:
         from metaapo_nemo.checkpoint import truncate_jsonl
@@ -201,6 +211,7 @@ class MetaAPO:
         pos.annotated += len(chosen)
         rm = {"round": pos.round_idx, "epoch": pos.epoch, "prompts": len(round_pairs),
               "sampled": len(chosen), "sample_ratio": len(chosen) / len(round_pairs),
+              "selected_sha1": _digest(p.index for p in chosen),
               "online_pairs": len(report.pairs), "trained_prompts": len(items),
               "ties": report.counters.ties_all_equal + report.counters.ties_same_text,
               "too_few_candidates": report.counters.too_few_candidates,

@@ -172,15 +172,23 @@ def _cached(cache: ReferenceCache, pair_idx: list[int], device) -> tuple[torch.T
     return vals[:, 0].to(device, torch.float32), vals[:, 1].to(device, torch.float32)
 
 
-def sync_meta_learner(learner: MetaLearner, ctx: ParallelContext) -> None:
-    """Broadcasts h_phi from the last pipeline stage (which records the buffer and steps)."""
+def sync_meta_learner(learner: MetaLearner, ctx: ParallelContext,
+                      metrics: dict[str, float] | None = None) -> dict[str, float] | None:
+    """h_phi, its optimiser state and step count from the last pipeline stage (which records
+    the buffer and steps) to every stage, so every rank holds the same meta-learner (and a
+    checkpoint of any rank resumes it, in any layout). Returns the last stage's meta-step
+    `metrics` on every rank (the first stage logs them)."""
     if ctx.dims.pp == 1:
-        return
+        return metrics
     src = dist.get_process_group_ranks(ctx.pp_group)[-1]
-    for p in learner.net.parameters():
-        buf = p.data.to(ctx.device)
-        dist.broadcast(buf, src=src, group=ctx.pp_group)
-        p.data.copy_(buf.cpu())
+    box = [{"net": learner.net.state_dict(), "optimizer": learner.optimizer.state_dict(),
+            "steps": learner.steps, "metrics": metrics} if ctx.is_last_stage else None]
+    dist.broadcast_object_list(box, src=src, group=ctx.pp_group_gloo)
+    if not ctx.is_last_stage:
+        learner.net.load_state_dict(box[0]["net"])
+        learner.optimizer.load_state_dict(box[0]["optimizer"])
+        learner.steps = int(box[0]["steps"])
+    return box[0]["metrics"]
 
 
 @torch.no_grad()

@@ -195,14 +195,9 @@ def _gather_to_all(local: dict[int, float], ctx: ParallelContext) -> dict[int, f
     if ctx.dims.pp > 1:
         ranks = dist.get_process_group_ranks(ctx.pp_group)
         box = [merged]
-        dist.broadcast_object_list(box, src=ranks[-1], group=_pp_gloo(ctx))
+        dist.broadcast_object_list(box, src=ranks[-1], group=ctx.pp_group_gloo)
         merged = box[0]
     return merged
-
-
-def _pp_gloo(ctx: ParallelContext):
-    """Object collectives need a CPU-capable group; the gloo pp group on CPU runs."""
-    return ctx.pp_group if ctx.backend == "gloo" else None  # None: default (world) group
 
 
 def offline_margins(

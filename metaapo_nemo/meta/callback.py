@@ -16,8 +16,9 @@ class MetaUpdateCallback:
     """
 
     def __init__(self, learner: MetaLearner, every: int = 8, frozen: bool = False,
-                 after_step: Callable[[], None] | None = None):
-        """`after_step` runs after every meta step (e.g. sync h_phi across pipeline stages)."""
+                 after_step: Callable[[dict[str, float]], dict[str, float] | None] | None = None):
+        """`after_step(metrics)` runs after every meta step (e.g. sync h_phi across pipeline
+        stages); what it returns, if anything, replaces the step's meta metrics."""
         if every < 1:
             raise ValueError(f"metaapo.t_meta={every} must be >= 1")
         self.learner, self.every, self.frozen = learner, every, frozen
@@ -32,6 +33,6 @@ class MetaUpdateCallback:
             self.learner.buffer.clear()
             return
         self.last = self.learner.step()
-        if self.after_step is not None:
-            self.after_step()
+        if self.after_step is not None:  # may replace the metrics (e.g. by the last stage's)
+            self.last = self.after_step(self.last) or self.last
         state.metrics.update(self.last)

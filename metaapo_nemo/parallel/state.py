@@ -42,6 +42,9 @@ class ParallelContext:
     dp_group: Any  # data parallel (x context parallel) group used for loss/metric reductions
     dp_group_gloo: Any
     mp_group: Any  # model parallel group (tp x pp) for broadcasting decisions within a replica
+    # The pipeline group on gloo, for object collectives (host data such as margins or the
+    # meta-learner) that must reach the other stages whatever the training backend is.
+    pp_group_gloo: Any = None
 
     @property
     def is_first_stage(self) -> bool:
@@ -165,7 +168,30 @@ def initialize(
         dp_group=ps.get_data_parallel_group(with_context_parallel=True),
         dp_group_gloo=compat.data_parallel_group_gloo(with_context_parallel=True),
         mp_group=ps.get_model_parallel_group(),
+        pp_group_gloo=pipeline_group_gloo(ps.get_pipeline_model_parallel_group(), backend),
     )
+
+
+def pipeline_group_gloo(pp_group: Any, backend: str, always_new: bool = False) -> Any:
+    """A gloo group with the ranks of this rank's pipeline group (the group itself on gloo).
+
+    Every rank must call it (new groups are collective): the pipeline groups' rank lists are
+    all-gathered and one gloo group is made per pipeline group, in the same order on every
+    rank. Object collectives then use the SAME ranks on every backend; a broadcast over the
+    world group with a per-pipeline source (the old NCCL path) could hang or cross streams
+    at PP > 1 with DP > 1. `always_new` builds the groups on gloo too (tests of that path).
+    """
+    if backend == "gloo" and not always_new:
+        return pp_group
+    mine = dist.get_process_group_ranks(pp_group)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    found = None
+    for ranks in sorted({tuple(r) for r in everyone}):
+        group = dist.new_group(list(ranks), backend="gloo")
+        if dist.get_rank() in ranks:
+            found = group
+    return found
 
 
 def destroy() -> None:

@@ -48,6 +48,9 @@ def build_tiny_reward_model(spec: TinyModelSpec, out_dir: str | Path) -> Path:
         model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if not (out / "config.json").is_file():  # transformers >= 5 writes on distributed rank 0 only
+        raise RuntimeError(f"save_pretrained wrote no model into {out} on this rank: build tiny reward "
+                           "models on the main rank first (trainer.setup.main_first)")
     meta = {
         "format": FORMAT_VERSION,
         "rm_format": RM_FORMAT_VERSION,

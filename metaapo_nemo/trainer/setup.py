@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch.distributed as dist
 
@@ -16,10 +18,24 @@ from metaapo_nemo.models.policy import OptimSettings
 from metaapo_nemo.parallel.state import ParallelContext
 from metaapo_nemo.trainer.rows import layout_from_config
 
+T = TypeVar("T")
 
 def _barrier(ctx: ParallelContext) -> None:
     if dist.is_initialized() and ctx.dims.world_size > 1:
         dist.barrier()
+
+
+def main_first(ctx: ParallelContext, build: Callable[[], T]) -> T:
+    """`build()` on the main rank, then (after a barrier) on every other rank.
+
+    For artefacts built once into a shared cache (tiny models, tiny reward models): the
+    other ranks then find them there. Building on every rank at once is not only wasted
+    work: transformers >= 5 `save_pretrained` writes the weights on torch.distributed rank 0
+    only, so another rank's build leaves a directory without them.
+    """
+    out = build() if ctx.is_main else None
+    _barrier(ctx)
+    return out if ctx.is_main else build()
 
 
 def resolve_model_dir(cfg: Config, ctx: ParallelContext) -> Path:
@@ -40,12 +56,7 @@ def resolve_model_dir(cfg: Config, ctx: ParallelContext) -> Path:
     assert cfg.model.tiny is not None
     spec = TinyModelSpec(**cfg.model.tiny.model_dump())
     cache = resolve_repo_path(cfg.run.cache_dir) / "tiny_models"
-    if ctx.is_main:
-        out = ensure_tiny_checkpoint(spec, cache)
-    _barrier(ctx)
-    if not ctx.is_main:
-        out = ensure_tiny_checkpoint(spec, cache)  # a cache hit now
-    return out
+    return main_first(ctx, lambda: ensure_tiny_checkpoint(spec, cache))
 
 
 def data_source(path: str) -> str:

@@ -6,9 +6,11 @@ SPEC.json is ``{"jobs": [job, ...]}``; the jobs run one after the other in the s
 (each initialises and tears down its own process groups, which saves the interpreter and
 import start-up per layout). Kinds:
 
-- ``train``: the offline DPO method (``metaapo_nemo.run`` build/fit/finish, what ``recipes/dpo.py`` runs) with
-  ``{"config": path, "overrides": [...]}``. Results are the recipe's own files:
-  ``<run.output_dir>/<run.name>/metrics.jsonl`` and ``hf_final/``.
+- ``train``: a method (``metaapo_nemo.run`` build/fit/finish, what the recipes run) with
+  ``{"config": path, "overrides": [...], "method": "dpo" | "metaapo"}`` (default dpo).
+  Results are the recipe's own files: ``<run.output_dir>/<run.name>/metrics.jsonl``,
+  ``rounds.jsonl`` (MetaAPO) and ``hf_final/``; MetaAPO runs add ``meta_rank<r>.pt``, the
+  meta-learner state of every rank.
 - ``roundtrip``: HF -> Megatron (``tp``, ``pp``, ``vpp``) -> HF with ``{"hf_dir", "out"}``;
   writes ``out/`` (an HF checkpoint) and ``out/../<name>.json`` (checks seen by every rank).
 - ``logprobs``: vocab-parallel token log-probs on synthetic TP-sharded logits vs the
@@ -34,9 +36,12 @@ def run_train(job: dict) -> None:
     from metaapo_nemo import run as R
     from metaapo_nemo.config.loader import load_config
 
-    cfg = load_config(job.get("config"), job["overrides"])
+    cfg = load_config(job.get("config"), job["overrides"], method=job.get("method", "dpo"))
     components = R.build(cfg, job.get("method", "dpo"))
     st = R.fit(components)
+    learner = getattr(components.algorithm, "learner", None)
+    if learner is not None:  # MetaAPO: every rank's h_phi, to check they are identical
+        torch.save(learner.state_dict(), components.run_dir / f"meta_rank{components.ctx.rank}.pt")
     R.finish(components, st)  # exports hf_final and destroys the process groups
 
 

