@@ -54,7 +54,7 @@ def run_ours(job: dict[str, Any], pairs: list) -> dict[str, Any]:
             step_times.append(st.metrics["step_time"])
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(job.get("config"), overrides(job, tmp))
+        cfg = load_config(job.get("config"), overrides(job, tmp), method="dpo")
         t0 = time.perf_counter()
         c = R.build(cfg, "dpo", pairs=pairs)
         init_s = time.perf_counter() - t0

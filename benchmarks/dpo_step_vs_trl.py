@@ -125,7 +125,7 @@ def model_source(name: str) -> tuple[str, str]:
         from metaapo_nemo.config.loader import load_config
         from metaapo_nemo.models.tiny import TinyModelSpec, ensure_tiny_checkpoint
 
-        spec = TinyModelSpec(**load_config(None).model.tiny.model_dump())
+        spec = TinyModelSpec(**load_config(None, method="dpo").model.tiny.model_dump())
         return "tiny", str(ensure_tiny_checkpoint(spec, REPO / ".cache" / "tiny_models"))
     if name == "smollm2":
         from metaapo_nemo.models.smollm2 import ensure_smollm2

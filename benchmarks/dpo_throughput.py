@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="optimiser steps (first one is warm-up)")
-    parser.add_argument("--config", default=None, help="recipe YAML (default: conf/tiny_cpu.yaml)")
+    parser.add_argument("--config", default=None, help="recipe YAML (default: conf/tiny_cpu_dpo.yaml)")
     parser.add_argument("overrides", nargs="*", help="a.b=c config overrides")
     args = parser.parse_args(argv)
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             "train.save_final_hf=false", f"train.max_steps={args.steps}", "train.epochs=100",
             "checkpoint.save_at_end=false", "checkpoint.resume=never",
             *args.overrides,
-        ])
+        ], method="dpo")
         c = R.build(cfg, "dpo")
         c.logger.enabled = False  # timing only; nothing printed per step
         times, pairs, tokens = [], [], []

@@ -132,7 +132,7 @@ def ensure_model(name: str, cache_dir: Path) -> Path:
 
 
 def recipe_config(args: argparse.Namespace, model_dir: Path, out_dir: str):
-    """The recipe's config for this benchmark (conf/tiny_cpu.yaml + overrides)."""
+    """The recipe's config for this benchmark (conf/tiny_cpu_dpo.yaml + overrides)."""
     from metaapo_nemo.config.loader import load_config
 
     over = [
@@ -150,7 +150,7 @@ def recipe_config(args: argparse.Namespace, model_dir: Path, out_dir: str):
     ]
     if args.fp8:
         over.append(f"model.fp8={args.fp8}")
-    return load_config(None, over)
+    return load_config(None, over, method="dpo")
 
 
 def run_steps(args: argparse.Namespace, model_dir: Path) -> tuple[list[float], str]:

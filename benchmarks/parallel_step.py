@@ -6,7 +6,7 @@ vocab-parallel log-probs never materialise. Prints one JSON object per line.
     python benchmarks/parallel_step.py --bytes-only --vocab 128256 --tp 8 --rows 8 --seq 4096
 
 Each layout is a real `torchrun --standalone --nproc-per-node N recipes/dpo.py` run of the
-tiny CPU recipe (conf/tiny_cpu.yaml: 2 layers, hidden 128); the step time is the recipe's own
+tiny CPU recipe (conf/tiny_cpu_dpo.yaml: 2 layers, hidden 128); the step time is the recipe's own
 `step_time` (reference forward + policy forward/backward + optimiser step), median over the
 steps after the first (warm-up). On CPU, TP/PP add communication and split tiny matmuls, so
 they are slower than TP1: the figure measures overhead, not speed-up.
@@ -71,7 +71,7 @@ def run_layout(name: str, steps: int, workdir: Path) -> dict:
         "step_time_s_median": round(statistics.median(times), 4),
         "step_time_s_min": round(min(times), 4),
         "tokens_per_s_median": round(statistics.median(r["tokens_per_s"] for r in timed), 1),
-        "threads_per_rank": int(env["OMP_NUM_THREADS"]), "model": "tiny llama (conf/tiny_cpu.yaml)",
+        "threads_per_rank": int(env["OMP_NUM_THREADS"]), "model": "tiny llama (conf/tiny_cpu_dpo.yaml)",
     }
 
 

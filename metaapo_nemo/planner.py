@@ -1,19 +1,24 @@
 """Per-GPU memory planner for a training layout (plain Python: runs on a login node).
 
-Estimates the peak bytes on the most loaded GPU in each phase of a MetaAPO round, with the
-vLLM engine colocated in the same process:
+Estimates the peak bytes on the most loaded GPU in each phase of what the method runs
+(`plan_input_from_config`): the offline method has the first two phases only (no engine,
+no reward model); MetaAPO has all four, with the vLLM engine colocated in the same process:
 
-- margins:  the round's forward-only margin pass (policy + reference log-probs) at round
-            start and right after a resume: resident training state + forward working set
-            + logits, beside a SLEEPING engine (it sleeps as soon as it is built,
+- margins:  the forward-only reference pass: MetaAPO's margin pass (policy + reference
+            log-probs of the offline pairs) at round start and right after a resume, the
+            offline method's reference fill before a step: resident training state + the
+            reference (an offloaded one is on the GPU for its forward) + forward working
+            set + logits, beside a SLEEPING engine (it sleeps as soon as it is built,
             rollout/vllm_backend.py; `vllm_sleeps_after_build=False` shows the awake case).
 - train:    resident state + activations (by recompute mode, 1F1B in-flight micro-batches)
             + last-stage logits + reference (unless offloaded) + the sleeping engine.
 - generate: resident state (colocated) + the awake engine (its weights at its own TP, KV
             cache, profiling reserve: all of `gpu_memory_utilization` x GPU).
 - score:    resident state + the reward model + the sleeping engine + the pairs gather.
-Every phase also holds the CUDA context and two sets of NCCL communicators (Megatron's and
-vLLM's).
+- evaluate: (with `eval`) resident state + an awake evaluation engine at the end of
+            training, sized like the rollout engine (MetaAPO's is shut down by then).
+Every phase also holds the CUDA context and the NCCL communicators (Megatron's, and vLLM's
+while an engine exists).
 
 Formulas (bytes; s = sequence length, b = micro-batch rows, h = hidden, a = heads,
 L = layers, t = TP, p = PP, d = DP, V = vocabulary, I = MLP width):
@@ -71,6 +76,7 @@ class PlanInput:
     recompute: str | None = None  # None | "selective" | "full"
     seq_length: int = 4096
     micro_batch_rows: int = 4  # rows per micro-batch (2 per DPO pair, 4 per MetaAPO prompt)
+    margin_rows: int | None = None  # rows per micro-batch of the forward-only pass; None: as training
     num_microbatches: int = 8
     reference_offloaded: bool = False
     reference_resident: bool = True  # False for reference-free losses (SimPO)
@@ -87,7 +93,9 @@ class PlanInput:
     vllm_overhead_gib: float = 0.25  # what a sleeping engine keeps (allocator pools, buffers)
     rollout: bool = True  # False: no vLLM engine (offline DPO), no generate phase
     reward_arch: ModelArch | None = None
+    reward_dtype: str = "bfloat16"
     reward_offloaded: bool = True
+    eval_engine: bool = False  # an evaluation engine at the end of training (`eval`)
     gpu_memory_gib: float = 80.0
     cuda_context_gib: float = 0.75  # CUDA context + cuBLAS/cuDNN workspaces, one process
     nccl_gib_per_comm: float = 0.5  # ring + tree buffers at ~32 channels, NVLS off
@@ -168,7 +176,7 @@ def activation_bytes_per_layer(arch: ModelArch, seq: int, rows: int, tp: int, re
 def nccl_communicators(x: PlanInput) -> tuple[int, int]:
     """(Megatron's, vLLM's) NCCL communicators on one rank."""
     train = int(x.tp > 1) + int(x.dp > 1) + int(x.world > 1) + (2 if x.pp > 1 else 0)
-    return train, int(x.rollout and x.vllm_tp > 1)
+    return train, int((x.rollout or x.eval_engine) and x.vllm_tp > 1)
 
 
 def vllm_profile_reserve_bytes(x: PlanInput) -> dict[str, float]:
@@ -213,6 +221,39 @@ def checkpoint_bytes(arch: ModelArch, dtype: str, with_reference: bool) -> float
     return float(arch.num_parameters) * per_param
 
 
+def _engine(x: PlanInput, plan: Plan) -> float:
+    """GiB of an awake vLLM engine (weights, profiling reserve, KV); records its terms."""
+    a = x.arch
+    g = lambda v: v / GiB  # noqa: E731
+    vllm_weights = a.num_parameters * _BYTES["bfloat16"] / x.vllm_tp
+    reserve = vllm_profile_reserve_bytes(x)
+    if x.vllm_gpu_memory_utilization is not None:
+        pool = x.vllm_gpu_memory_utilization * x.gpu_memory_gib
+        naive_kv = pool - g(vllm_weights)
+        kv = naive_kv - g(sum(reserve.values()))
+    else:
+        naive_kv = kv = x.vllm_kv_cache_gib
+        pool = g(vllm_weights) + kv + g(sum(reserve.values()))
+    per_tok = kv_bytes_per_token(a, x.vllm_tp)
+    kv_tokens = max(0.0, kv) * GiB / per_tok
+    plan.terms |= {"vllm_weights": g(vllm_weights), "vllm_kv": kv, "vllm_kv_naive": naive_kv,
+                   "vllm_kv_tokens": kv_tokens} | {f"vllm_reserve_{k}": g(v) for k, v in reserve.items()}
+    plan.assumptions.append(
+        f"vLLM awake = {pool:.2f} GiB: weights {g(vllm_weights):.2f} (TP{x.vllm_tp}), profiling reserve "
+        + ", ".join(f"{k} {g(v):.2f}" for k, v in reserve.items())
+        + f" (T={x.vllm_max_num_batched_tokens}, max_num_seqs={x.vllm_max_num_seqs}), KV {kv:.2f} GiB "
+        f"(util x GPU - weights alone would say {naive_kv:.2f}) = {kv_tokens:,.0f} tokens = "
+        f"{kv_tokens / x.vllm_max_model_len:.1f} requests of max_model_len {x.vllm_max_model_len}"
+    )
+    if kv_tokens < x.vllm_max_model_len:
+        plan.problems.append(
+            f"vLLM's KV cache ({kv:.2f} GiB = {kv_tokens:,.0f} tokens) cannot hold one request of "
+            f"{x.vllm_max_model_len} tokens: raise rollout.gpu_memory_utilization or rollout.tp, or "
+            "lower rollout.max_num_batched_tokens"
+        )
+    return pool
+
+
 def plan_memory(x: PlanInput) -> Plan:
     a = x.arch
     n = params_per_rank(a, x.tp, x.pp)
@@ -224,75 +265,70 @@ def plan_memory(x: PlanInput) -> Plan:
     layers_here = -(-a.num_layers // x.pp)
     acts = activation_bytes_per_layer(a, x.seq_length, x.micro_batch_rows, x.tp, x.recompute)
     acts *= layers_here * in_flight * (wbytes / 2)  # the formula counts bf16 bytes
-    one_logits = x.seq_length * x.micro_batch_rows * (-(-a.vocab_size // x.tp)) * 4
-    forward_ws = activation_bytes_per_layer(a, x.seq_length, x.micro_batch_rows, x.tp, None) * (wbytes / 2)
-    reference = 0.0 if (x.reference_offloaded or not x.reference_resident) else n * wbytes
-    vllm_weights = a.num_parameters * _BYTES["bfloat16"] / x.vllm_tp
+    margin_rows = x.micro_batch_rows if x.margin_rows is None else x.margin_rows
+    logits_per_row = x.seq_length * (-(-a.vocab_size // x.tp)) * 4
+    forward_ws = activation_bytes_per_layer(a, x.seq_length, margin_rows, x.tp, None) * (wbytes / 2)
+    reference_weights = n * wbytes if x.reference_resident else 0.0
+    reference = 0.0 if x.reference_offloaded else reference_weights  # between its forwards
     reward = 0.0
     if x.reward_arch is not None:
-        reward = x.reward_arch.num_parameters * _BYTES["bfloat16"]
+        reward = x.reward_arch.num_parameters * _BYTES[x.reward_dtype]
     g = lambda v: v / GiB  # noqa: E731
     train_comms, vllm_comms = nccl_communicators(x)
     fixed = {"cuda_context": x.cuda_context_gib,
-             "nccl": (train_comms + vllm_comms) * x.nccl_gib_per_comm}
+             "nccl": (train_comms + (vllm_comms if x.rollout else 0)) * x.nccl_gib_per_comm}
     resident = {"weights": g(n * wbytes), "grads": g(4 * n), "optimizer": g(opt_bytes)} | fixed
     plan = Plan(params_per_rank=n)
     asleep = x.vllm_overhead_gib if x.rollout else 0.0
+    engine = x.rollout or x.eval_engine
     plan.assumptions += [
-        f"CUDA context + library workspaces {x.cuda_context_gib:.2f} GiB (one process: vLLM runs in it)",
+        f"CUDA context + library workspaces {x.cuda_context_gib:.2f} GiB (one process"
+        + (": vLLM runs in it)" if engine else ")"),
         f"NCCL {x.nccl_gib_per_comm:.2f} GiB per communicator x ({train_comms} Megatron: TP/DP/world/PP "
-        f"peers of size > 1, + {vllm_comms} vLLM TP)",
+        f"peers of size > 1" + (f", + {vllm_comms} vLLM TP)" if engine else ")"),
     ]
-    vllm_awake = 0.0
-    if x.rollout:
-        reserve = vllm_profile_reserve_bytes(x)
-        if x.vllm_gpu_memory_utilization is not None:
-            pool = x.vllm_gpu_memory_utilization * x.gpu_memory_gib
-            naive_kv = pool - g(vllm_weights)
-            kv = naive_kv - g(sum(reserve.values()))
-        else:
-            naive_kv = kv = x.vllm_kv_cache_gib
-            pool = g(vllm_weights) + kv + g(sum(reserve.values()))
-        vllm_awake = pool
-        per_tok = kv_bytes_per_token(a, x.vllm_tp)
-        kv_tokens = max(0.0, kv) * GiB / per_tok
-        plan.terms |= {"vllm_weights": g(vllm_weights), "vllm_kv": kv, "vllm_kv_naive": naive_kv,
-                       "vllm_kv_tokens": kv_tokens} | {f"vllm_reserve_{k}": g(v) for k, v in reserve.items()}
+    if x.reference_offloaded and x.reference_resident:
         plan.assumptions.append(
-            f"vLLM awake = {pool:.2f} GiB: weights {g(vllm_weights):.2f} (TP{x.vllm_tp}), profiling reserve "
-            + ", ".join(f"{k} {g(v):.2f}" for k, v in reserve.items())
-            + f" (T={x.vllm_max_num_batched_tokens}, max_num_seqs={x.vllm_max_num_seqs}), KV {kv:.2f} GiB "
-            f"(util x GPU - weights alone would say {naive_kv:.2f}) = {kv_tokens:,.0f} tokens = "
-            f"{kv_tokens / x.vllm_max_model_len:.1f} requests of max_model_len {x.vllm_max_model_len}"
+            f"reference offloaded to the CPU: on the GPU ({g(reference_weights):.2f} GiB) only for its "
+            "forward passes (margins phase), on the CPU in every other phase"
         )
-        if kv_tokens < x.vllm_max_model_len:
-            plan.problems.append(
-                f"vLLM's KV cache ({kv:.2f} GiB = {kv_tokens:,.0f} tokens) cannot hold one request of "
-                f"{x.vllm_max_model_len} tokens: raise rollout.gpu_memory_utilization or rollout.tp, or "
-                "lower rollout.max_num_batched_tokens"
-            )
+    vllm_awake = _engine(x, plan) if engine else 0.0
+    if x.rollout:
         plan.assumptions.append(
             "the engine sleeps (level 1) right after it is built and after each generation; it keeps "
             f"{x.vllm_overhead_gib:.2f} GiB asleep"
             + ("" if x.vllm_sleeps_after_build else " (vllm_sleeps_after_build=False: the margin pass "
                "runs beside the awake engine)")
         )
-    margin_vllm = asleep if (x.vllm_sleeps_after_build or not x.rollout) else vllm_awake
     plan.per_phase["margins"] = resident | {
         "activations": g(forward_ws),
-        "logits": g(one_logits),
-        "reference": g(reference),
-        "vllm": margin_vllm,
+        "logits": g(logits_per_row * margin_rows),
+        "reference": g(reference_weights),
     }
     plan.per_phase["train"] = resident | {
         "activations": g(acts),
-        "logits": g(2 * one_logits),
+        "logits": g(2 * logits_per_row * x.micro_batch_rows),
         "reference": g(reference),
-        "reward": 0.0 if x.reward_offloaded else g(reward),
-        "vllm": asleep if x.vllm_sleep_level >= 1 else vllm_awake,
     }
-    if not x.rollout:
-        return plan
+    if x.rollout:  # the engine (asleep) and the reward model exist from the start
+        plan.per_phase["margins"]["vllm"] = asleep if x.vllm_sleeps_after_build else vllm_awake
+        plan.per_phase["train"] |= {"reward": 0.0 if x.reward_offloaded else g(reward),
+                                    "vllm": asleep if x.vllm_sleep_level >= 1 else vllm_awake}
+    if x.rollout:
+        _rollout_phases(x, plan, resident, g(reference), g(reward), vllm_awake, asleep)
+    if x.eval_engine:
+        plan.assumptions.append("evaluate: the evaluation engine of `eval`, sized as above, after training")
+        plan.per_phase["evaluate"] = resident | {
+            "nccl": (train_comms + vllm_comms) * x.nccl_gib_per_comm,
+            "reference": g(reference),
+            "vllm": vllm_awake,
+        }
+    return plan
+
+
+def _rollout_phases(x: PlanInput, plan: Plan, resident: dict, reference: float, reward: float,
+                    vllm_awake: float, asleep: float) -> None:
+    g = lambda v: v / GiB  # noqa: E731
     pairs = pairs_gather_bytes(x) if x.pairs_gather_on_gpu else 0.0
     host_samples = samples_gather_host_bytes(x)
     if x.round_prompts:
@@ -301,12 +337,14 @@ def plan_memory(x: PlanInput) -> Plan:
             f"{x.round_prompts} prompts / {x.world} ranks x 2 x {x.max_new_tokens} tokens x "
             f"{x.pickle_bytes_per_token:g} B x (world + 1)); samples {g(host_samples):.2f} GiB on the host (gloo)"
         )
+    if x.reward_arch is None:
+        plan.assumptions.append("reward model: none counted (a rule reward has none; an HF one whose "
+                                "reward.path has no readable config.json here needs reward.arch_config)")
     plan.terms |= {"pairs_gather": g(pairs_gather_bytes(x)), "samples_gather_host": g(host_samples)}
-    plan.per_phase["generate"] = resident | {"reference": g(reference), "vllm": vllm_awake}
+    plan.per_phase["generate"] = resident | {"reference": reference, "vllm": vllm_awake}
     plan.per_phase["score"] = resident | {
-        "reference": g(reference), "reward": g(reward), "vllm": asleep, "pairs_gather": g(pairs),
+        "reference": reference, "reward": reward, "vllm": asleep, "pairs_gather": g(pairs),
     }
-    return plan
 
 
 def checkpoint_report(x: PlanInput, fs_write_gbps: float, hash_gbps: float, step_s: float = 0.0) -> str:
@@ -334,26 +372,45 @@ def check_fits(plan: Plan, gpu_gib: float, on_exceed: str = "error") -> str | No
     )
 
 
-def plan_input_from_config(cfg, arch: ModelArch, tp: int, pp: int, dp: int, accum: int) -> PlanInput:
+def plan_input_from_config(cfg, arch: ModelArch, tp: int, pp: int, dp: int, accum: int,
+                           reward_arch: ModelArch | None = None) -> PlanInput:
     """Every planner input a validated `Config` determines (config.cli's --dry-run calls it).
 
-    The online prompts per round are bounded by ``metaapo.round_size`` (every prompt of the
-    round selected: the worst case for the pairs gather).
+    What the method runs: the offline method trains 2 rows per pair and has no engine or
+    reward model; MetaAPO trains 4 rows per prompt (offline + online pair; placeholder rows
+    are padded like the others) and, unless `metaapo.sampling=none`, generates and scores.
+    Both run the forward-only pass on the offline pairs (2 rows per pair). An `eval`
+    section adds its engine. The online prompts per round are bounded by
+    ``metaapo.round_size`` (every prompt of the round selected: the worst case for the pairs
+    gather).
+
+    Args:
+        reward_arch: The reward model's architecture (`cli.reward_arch`), None if unknown.
     """
-    sampling = cfg.metaapo.sampling != "none"
+    metaapo = cfg.method == "metaapo"
+    sampling = metaapo and cfg.metaapo.sampling != "none"
+    engine = sampling or cfg.eval is not None
     r = cfg.rollout
+    mbs = cfg.train.micro_batch_size
+    reward = cfg.reward if sampling else None
+    new_tokens = r.max_new_tokens if sampling else (cfg.eval.max_new_tokens if engine else 0)
     return PlanInput(
         arch=arch, tp=tp, pp=pp, dp=dp, dtype=cfg.model.dtype if cfg.model.fp8 is None else "bfloat16",
         distributed_optimizer=cfg.parallel.distributed_optimizer, recompute=cfg.parallel.recompute,
-        seq_length=cfg.data.max_length, micro_batch_rows=cfg.train.micro_batch_size * (4 if sampling else 2),
+        seq_length=cfg.data.max_length, micro_batch_rows=mbs * (4 if metaapo else 2), margin_rows=mbs * 2,
         num_microbatches=accum, reference_offloaded=cfg.reference.offload_to_cpu,
-        reference_resident=cfg.loss.name != "simpo", vllm_tp=r.tp,
-        vllm_gpu_memory_utilization=r.gpu_memory_utilization if sampling else None,
-        vllm_max_num_batched_tokens=r.max_num_batched_tokens,
-        vllm_max_model_len=min(cfg.data.max_prompt_length + r.max_new_tokens, arch.max_position_embeddings),
-        vllm_enforce_eager=r.enforce_eager, rollout=sampling, reward_offloaded=cfg.reward.offload_to_cpu,
+        reference_resident=cfg.loss.name != "simpo", rollout=sampling, eval_engine=cfg.eval is not None,
+        vllm_tp=r.tp if engine else 1,
+        vllm_gpu_memory_utilization=r.gpu_memory_utilization if engine else None,
+        vllm_max_num_batched_tokens=r.max_num_batched_tokens if engine else 16384,
+        vllm_max_model_len=min(cfg.data.max_prompt_length + new_tokens, arch.max_position_embeddings),
+        vllm_enforce_eager=r.enforce_eager if engine else False,
+        reward_arch=reward_arch if reward is not None and reward.backend == "hf" else None,
+        reward_dtype="float32" if reward is not None and reward.dtype == "float32" else "bfloat16",
+        reward_offloaded=reward.offload_to_cpu if reward is not None else True,
         gpu_memory_gib=cfg.planner.gpu_memory_gib,
-        round_prompts=cfg.metaapo.round_size if sampling else 0, max_new_tokens=r.max_new_tokens,
-        samples_per_prompt=r.samples_per_prompt,
-        checkpoint_reference=sampling and cfg.metaapo.reference == "per_round",
+        round_prompts=cfg.metaapo.round_size if sampling else 0,
+        max_new_tokens=r.max_new_tokens if sampling else 0,
+        samples_per_prompt=r.samples_per_prompt if sampling else 0,
+        checkpoint_reference=metaapo and cfg.metaapo.reference == "per_round",
     )

@@ -4,9 +4,10 @@
     state = fit(run)          # the one loop (metaapo_nemo.trainer.loop)
     finish(run, state)        # HF export, summary, evaluation, teardown
 
-`main(argv)` is what the recipes call: parse -> --dry-run report, or build -> fit -> finish,
-with configuration / data errors as one message and exit status 2. The method comes from
-the config (`method`); its algorithm class is looked up in `ALGORITHMS` by name.
+`main(argv, method)` is what the recipes call: parse -> --dry-run report, or build -> fit ->
+finish, with configuration / data errors as one message and exit status 2. The recipe's
+method is the config's `method` (a config stating another is refused); its algorithm class
+is looked up by name.
 """
 
 from __future__ import annotations
@@ -66,12 +67,13 @@ class Run:
         return self.tokenizer.pad_token_id
 
 
-def build(cfg: Config, method: str, pairs: list | None = None) -> Run:
+def build(cfg: Config, method: str | None = None, pairs: list | None = None) -> Run:
     """Builds a run: process groups, model source, data, policy, reference, the algorithm.
 
     Args:
         cfg: The validated config.
-        method: "dpo" (the offline family: the loss is `loss.name`) or "metaapo".
+        method: "dpo" (the offline family: the loss is `loss.name`) or "metaapo"; None:
+            `cfg.method`. It must equal `cfg.method` (a config holds what its method uses).
         pairs: Already tokenised pairs to train on instead of `data.path` (benchmarks,
             tests); None loads and validates the configured data.
     """
@@ -89,6 +91,12 @@ def build(cfg: Config, method: str, pairs: list | None = None) -> Run:
 
     if cfg.eval is not None:
         get_eval(cfg.eval.task)  # a bad name fails before anything starts, not after training
+    from metaapo_nemo.config.schema import RECIPES, ConfigError
+
+    method = cfg.method if method is None else method
+    if method != cfg.method:
+        raise ConfigError(f"the config runs method={cfg.method} ({RECIPES[cfg.method]}), not {method}: load it "
+                          f"with load_config(..., method={method!r}) or build it as {cfg.method}")
     algorithm_cls, plan_steps = _algorithms()[method]
     check_layout(cfg, world_size_from_env(), read_model_dims(cfg))
     p = cfg.parallel
@@ -206,7 +214,7 @@ def main(argv: list[str] | None = None, method: str = "metaapo", doc: str | None
     from metaapo_nemo.trainer.resilience import NonFiniteError
 
     user_errors = (ConfigError, BadRowError, ChatTemplateError, FileNotFoundError, CheckpointError)
-    cfg, args = parse(argv, description=doc)
+    cfg, args = parse(argv, description=doc, method=method)
     if args.dry_run:
         print(dry_run_report(cfg, world_size_from_env(), read_model_dims(cfg)))
         return 0

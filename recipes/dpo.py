@@ -5,7 +5,7 @@ schema) against a frozen reference in the same parallel layout, and exports the 
 an HF checkpoint. The loss is `loss.name`; everything runs through the one training loop
 (`metaapo_nemo.trainer.loop`) with the offline algorithm (`metaapo_nemo.algorithms.dpo`).
 
-    CPU (tiny default):  python recipes/dpo.py                  # conf/tiny_cpu.yaml
+    CPU (tiny default):  python recipes/dpo.py                  # conf/tiny_cpu_dpo.yaml
                          python recipes/dpo.py --config conf/tiny_cpu_simpo.yaml optim.lr=1e-4
     One node:            torchrun --nproc-per-node 8 recipes/dpo.py --config conf/llama31_8b_dpo.yaml
     SLURM:               sbatch slurm/dpo_llama31_8b.sbatch

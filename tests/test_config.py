@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import BaseModel
 
 from metaapo_nemo.config import (
     CONF_DIR,
     DEFAULT_RECIPE,
+    DEFAULT_RECIPES,
     Config,
     ConfigError,
     ModelConfig,
@@ -27,7 +29,8 @@ from metaapo_nemo.config.cli import (
     read_model_dims,
     world_size_from_env,
 )
-from metaapo_nemo.config.loader import schema_paths, suggest_keys
+from metaapo_nemo.config.loader import read_yaml, schema_paths, suggest_keys
+from metaapo_nemo.config.schema import RolloutConfig
 
 RECIPES = sorted(p for p in CONF_DIR.rglob("*.yaml") if "base" not in p.relative_to(CONF_DIR).parts)
 PARTIALS = sorted((CONF_DIR / "base").glob("*.yaml"))
@@ -50,30 +53,54 @@ def _config_error(*args, **kwargs) -> str:
 
 def test_recipes_found():
     names = {p.name for p in RECIPES}
-    assert {"tiny_cpu.yaml", "tiny_cpu_qwen2.yaml", "tiny_cpu_ipo.yaml"} <= names
+    assert {"tiny_cpu.yaml", "tiny_cpu_dpo.yaml", "tiny_cpu_qwen2.yaml", "tiny_cpu_ipo.yaml"} <= names
     assert {"tiny_cpu_simpo.yaml", "tiny_cpu_kto.yaml"} <= names
     assert {p.name for p in PARTIALS} >= {"common.yaml", "dpo.yaml"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(CONF_DIR)))
-def test_every_recipe_validates(recipe):
-    cfg = load_config(recipe)
-    assert isinstance(cfg, Config)
+def test_every_recipe_validates_under_its_own_method(recipe):
+    cfg = load_config(recipe)  # every recipe states (or inherits) its method
+    assert isinstance(cfg, Config) and cfg.method in ("dpo", "metaapo")
+    assert load_config(recipe, method=cfg.method) == cfg  # what its recipe script loads
+    other = {"dpo": "metaapo", "metaapo": "dpo"}[cfg.method]
+    assert f"runs method={cfg.method}" in _config_error(recipe, method=other)
+    if cfg.method == "dpo":  # an offline config holds no MetaAPO section (an eval engine at most)
+        assert cfg.metaapo is None and cfg.reward is None
+        assert cfg.rollout is None or cfg.eval is not None
+    else:
+        assert cfg.metaapo is not None and cfg.rollout is not None
+        assert cfg.reward is not None or cfg.metaapo.sampling == "none"
     p = cfg.parallel
     check_layout(cfg, p.tp * p.pp * p.cp, read_model_dims(cfg))  # the smallest world it fits
 
 
+def _partial_method(partial: Path) -> str:
+    tree = read_yaml(partial)
+    return "metaapo" if {"metaapo", "reward"} & set(tree) or "release_metaapo" in partial.name else "dpo"
+
+
 @pytest.mark.parametrize("partial", PARTIALS, ids=lambda p: p.name)
 def test_base_partials_validate_with_a_model(partial):
-    # a context long enough for every partial (the release's max_length is 4096)
-    cfg = load_config(partial, ["model.tiny.arch=llama", "model.tiny.max_position_embeddings=4096"])
+    # a context long enough for every partial (the release's max_length is 4096); the data
+    # path for partials that leave it to the recipe
+    over = ["model.tiny.arch=llama", "model.tiny.max_position_embeddings=4096"]
+    if "data" not in read_yaml(partial) and "release_metaapo" not in partial.name:
+        over.append("data.path=prefs.jsonl")
+    cfg = load_config(partial, over, method=_partial_method(partial))
     assert cfg.model.tiny == TinyModelConfig(max_position_embeddings=4096)
 
 
 def test_default_recipe():
-    assert DEFAULT_RECIPE == CONF_DIR / "tiny_cpu.yaml"
+    assert DEFAULT_RECIPE == DEFAULT_RECIPES["metaapo"] == CONF_DIR / "tiny_cpu.yaml"
+    assert DEFAULT_RECIPES["dpo"] == CONF_DIR / "tiny_cpu_dpo.yaml"
     cfg = load_config(None)
-    assert cfg.run.name == "tiny_cpu"
+    assert (cfg.run.name, cfg.method) == ("tiny_cpu", "metaapo")
+    dpo = load_config(None, method="dpo")
+    assert (dpo.run.name, dpo.method) == ("tiny_cpu_dpo", "dpo")
+    # the same demo model, data and schedule; only MetaAPO's sections differ
+    for section in ("model", "data", "optim", "train", "loss", "reference", "parallel"):
+        assert getattr(dpo, section) == getattr(cfg, section), section
     assert cfg.model.tiny is not None and cfg.model.tiny.arch == "llama" and cfg.model.path is None
     assert (cfg.data.max_length, cfg.data.max_prompt_length) == (256, 128)
     assert (cfg.train.global_batch_size, cfg.train.micro_batch_size) == (8, 2)
@@ -90,8 +117,8 @@ def test_default_recipe():
         ("tiny_cpu_kto.yaml", "tiny_cpu_kto", "kto"),
     ],
 )
-def test_loss_recipes_inherit_tiny_cpu(recipe, name, loss):
-    base, cfg = load_config(None), load_config(CONF_DIR / recipe)
+def test_loss_recipes_inherit_tiny_cpu_dpo(recipe, name, loss):
+    base, cfg = load_config(None, method="dpo"), load_config(CONF_DIR / recipe)
     assert (cfg.run.name, cfg.loss.name) == (name, loss)
     assert cfg.model == base.model and cfg.train == base.train
     # only the learning rate may differ (IPO's squared loss wants a smaller one)
@@ -137,7 +164,7 @@ def test_schema_paths_cover_sections_and_leaves():
     paths = schema_paths()
     assert paths["model.tiny"] is True and paths["model.tiny.arch"] is False
     assert "defaults" not in paths
-    assert list(paths)[:2] == ["run", "run.name"]
+    assert list(paths)[:3] == ["method", "run", "run.name"]
 
 
 # ---------------------------------------------------------------- inheritance
@@ -151,7 +178,7 @@ def test_defaults_merge_in_list_order_then_own_keys(tmp_path):
         "defaults: [zz_first.yaml, zz_second.yaml]\nmodel: {tiny: {arch: qwen2}}\n"
         "train: {max_steps: 9}\n",
     )
-    cfg = load_config(top)
+    cfg = load_config(top, ["data.path=prefs.jsonl"], method="dpo")
     assert cfg.run.name == "second"  # later default wins
     assert cfg.run.seed == 1  # deep merge keeps sibling keys
     assert cfg.optim.lr == pytest.approx(1e-3)
@@ -266,7 +293,7 @@ def test_unknown_key_in_yaml_names_file_and_suggests(tmp_path):
 
 def test_unknown_top_level_key_lists_sections():
     msg = _config_error(None, ["zzz=1"])
-    assert "valid keys at the top level: run, model, parallel" in msg
+    assert "valid keys at the top level: method, run, model, parallel" in msg
 
 
 def test_suggestions_match_leaf_and_path():
@@ -372,9 +399,98 @@ def test_top_level_must_be_mapping(tmp_path):
 def test_to_yaml_round_trip(tmp_path):
     cfg = load_config(CONF_DIR / "tiny_cpu_simpo.yaml", ["optim.lr=1e-5", "data.limit=10"])
     text = to_yaml(cfg)
+    assert text.startswith("method: dpo\n")
     assert text.index("run:") < text.index("model:") < text.index("reference:")
     assert "defaults" not in text
+    assert "metaapo:" not in text and "rollout:" not in text and "reward:" not in text
     assert load_config(_write(tmp_path / "dump.yaml", text)) == cfg
+
+
+@pytest.mark.parametrize("recipe", ["tiny_cpu.yaml", "smollm2_dpo.yaml", "smollm2_metaapo.yaml"])
+def test_to_yaml_round_trip_of_each_method(recipe, tmp_path):
+    cfg = load_config(CONF_DIR / recipe)
+    text = to_yaml(cfg)
+    assert load_config(_write(tmp_path / "dump.yaml", text), method=cfg.method) == cfg
+    if cfg.method == "dpo":  # its eval engine's keys only
+        tree = yaml.safe_load(text)
+        assert "metaapo" not in tree and "reward" not in tree
+        assert set(tree["rollout"]) == set(RolloutConfig.ENGINE_KEYS)
+
+
+# ---------------------------------------------------------------- methods
+
+
+def test_offline_config_refuses_a_rollout_key_naming_it():
+    msg = _config_error(None, ["rollout.samples_per_prompt=4"], method="dpo")
+    assert (
+        "rollout.samples_per_prompt is a MetaAPO key; conf/tiny_cpu_dpo.yaml runs the offline method "
+        "(method=dpo, recipes/dpo.py), which generates nothing: remove the rollout section or run "
+        "recipes/metaapo.py"
+    ) in msg
+
+
+def test_offline_config_refuses_metaapo_and_reward_sections(tmp_path):
+    top = _write(tmp_path / "zz.yaml", "defaults: [tiny_cpu_dpo.yaml]\nmetaapo: {t_meta: 2, round_size: 16}\n"
+                 "reward: {backend: rule, callable: 'tasks.toy_rules:score'}\n")
+    msg = _config_error(top)
+    assert "metaapo.round_size, metaapo.t_meta are MetaAPO keys" in msg
+    assert "reward.backend, reward.callable are MetaAPO keys" in msg
+    assert f"{top} runs the offline method (method=dpo, recipes/dpo.py)" in msg
+    assert "remove the metaapo section or run recipes/metaapo.py" in msg
+
+
+def test_offline_eval_reads_only_the_engine_keys_of_rollout():
+    cfg = load_config("conf/smollm2_dpo.yaml", ["rollout.gpu_memory_utilization=0.3"])
+    assert cfg.rollout.kv_cache_memory_mb == 1024 and cfg.rollout.gpu_memory_utilization == 0.3
+    msg = _config_error("conf/smollm2_dpo.yaml", ["rollout.temperature=0.7"])
+    assert "rollout.temperature is a MetaAPO key" in msg and "generates only for `eval`" in msg
+    assert "its sampling comes from eval.*" in msg
+
+
+def test_recipe_and_config_method_mismatch_is_refused():
+    msg = _config_error("conf/tiny_cpu.yaml", method="dpo")
+    assert msg == (
+        "conf/tiny_cpu.yaml runs method=metaapo (recipes/metaapo.py), but recipes/dpo.py runs "
+        "method=dpo: run it with recipes/metaapo.py, or give recipes/dpo.py a dpo config "
+        "(e.g. conf/tiny_cpu_dpo.yaml)"
+    )
+    msg = _config_error("conf/tiny_cpu_kto.yaml", ["train.max_steps=2"], method="metaapo")
+    assert "conf/tiny_cpu_kto.yaml runs method=dpo (recipes/dpo.py), but recipes/metaapo.py" in msg
+    assert "runs method=metaapo" in _config_error("conf/tiny_cpu.yaml", ["method=dpo"], method="metaapo")
+
+
+def test_config_without_method_needs_a_recipe(tmp_path):
+    top = _write(tmp_path / "zz.yaml", "model: {tiny: {arch: llama}}\ndata: {path: prefs.jsonl}\n")
+    assert "states no method: add `method: dpo`" in _config_error(top)
+    assert load_config(top, method="dpo").method == "dpo"
+
+
+def test_metaapo_needs_a_reward_model_and_has_no_demo_default():
+    msg = _config_error(None, ["reward=null"])
+    assert "reward: required, not set" in msg and "metaapo.sampling=meta" in msg
+    assert load_config(None, ["reward=null", "metaapo.sampling=none"]).reward is None
+    msg = _config_error(None, ["reward.backend=rule", "reward.tiny=null"])
+    assert "reward.backend=rule needs reward.callable" in msg  # no toy rules by default
+    msg = _config_error(None, ["reward.callable=tasks.toy_rules:score"])
+    assert "reward.callable='tasks.toy_rules:score' is read only by reward.backend=rule" in msg
+    assert "reward.backend: required" in _config_error(None, ["reward=null", "reward.path=/rm"])
+    msg = _config_error(None, ["reward.backend=rule", "reward.callable=tasks.toy_rules:score"])
+    assert "reward.tiny: read only by reward.backend=hf" in msg
+
+
+def test_metaapo_refuses_what_it_would_ignore():
+    msg = _config_error(None, ["reference.precompute=true"])
+    assert "reference.precompute=true is an offline-method key" in msg and "margin pass" in msg
+    msg = _config_error(None, ["loss.name=kto"])
+    assert "loss.name=kto cannot run under MetaAPO" in msg and "recipes/dpo.py" in msg
+    assert load_config(None, ["loss.name=kto"], method="dpo").loss.name == "kto"
+
+
+def test_no_demo_values_as_schema_defaults():
+    # a real recipe must name its data (and, under MetaAPO, its reward model)
+    msg = _config_error(None, ["data={path: null}"])
+    assert "data.path" in msg
+    assert Config.model_fields["data"].is_required() and Config.model_fields["reward"].default is None
 
 
 # ---------------------------------------------------------------- cli
@@ -383,8 +499,10 @@ def test_to_yaml_round_trip(tmp_path):
 def test_arg_parser_and_parse():
     args = build_arg_parser("x").parse_args(["--dry-run", "optim.lr=1e-4", "train.max_steps=2"])
     assert args.dry_run and args.config == str(DEFAULT_RECIPE)
-    cfg, ns = parse(["--config", "conf/tiny_cpu_kto.yaml", "train.max_steps=2"])
+    assert build_arg_parser("x", "dpo").parse_args([]).config == str(DEFAULT_RECIPES["dpo"])
+    cfg, ns = parse(["--config", "conf/tiny_cpu_kto.yaml", "train.max_steps=2"], method="dpo")
     assert (cfg.loss.name, cfg.train.max_steps, ns.dry_run) == ("kto", 2, False)
+    assert parse([], method="dpo")[0].method == "dpo"
 
 
 def test_parse_exits_with_config_error(capsys):
@@ -408,7 +526,7 @@ def test_world_size_from_env(monkeypatch):
 def test_dry_run_report_contains_layout_and_arithmetic():
     cfg = load_config(None, ["parallel.tp=2"])
     report = dry_run_report(cfg, 4, read_model_dims(cfg))
-    assert report.startswith("# resolved config\nrun:\n  name: tiny_cpu\n")
+    assert report.startswith("# resolved config\nmethod: metaapo\nrun:\n  name: tiny_cpu\n")
     assert "world_size=4 = tp 2 x cp 1 x pp 1 x dp 2" in report
     assert "rank  3 -> (dp=1, pp=0, tp=1)" in report
     assert "global_batch_size 8 / (micro_batch_size 2 x dp 2) = 2 micro-batches per step" in report

@@ -27,7 +27,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def test_default_recipe_trains_and_exports(tmp_path, capsys):
     assert _main(_overrides(tmp_path, "train.max_steps=12")) == 0
-    cfg = load_config(None)
+    cfg = load_config(None, method="dpo")  # conf/tiny_cpu_dpo.yaml
+    assert cfg.rollout is None and cfg.reward is None and cfg.metaapo is None
     run_dir = tmp_path / cfg.run.name
     rows = _metrics(run_dir)
     assert len(rows) == 12
@@ -53,7 +54,7 @@ def test_default_recipe_trains_and_exports(tmp_path, capsys):
 
 
 def _components(tmp_path, *extra):
-    cfg = load_config(None, _overrides(tmp_path, *extra))
+    cfg = load_config(None, _overrides(tmp_path, *extra), method="dpo")
     return R.build(cfg, "dpo")
 
 

@@ -105,12 +105,15 @@ def test_llama31_8b_metaapo_recipe_every_term_by_hand():
         assert phase["optimizer"] == pytest.approx(12 * n / 4 / GiB)  # distributed over DP4
         assert phase["cuda_context"] == 0.75
         assert phase["nccl"] == pytest.approx(0.5 * (3 + 1))  # TP, DP, world + vLLM TP2
-    # margin pass: one layer's forward working set, 10 + 24/2 + 5*32*4096/(4096*2) = 102
-    assert m["activations"] == pytest.approx(4096 * 4 * 4096 * 102 / GiB)
-    assert m["logits"] == pytest.approx(4096 * 4 * 64128 * 4 / GiB)  # once, forward only
+    # margin pass on the offline pairs (2 rows per pair): one layer's forward working set,
+    # 10 + 24/2 + 5*32*4096/(4096*2) = 102
+    assert m["activations"] == pytest.approx(4096 * 2 * 4096 * 102 / GiB)
+    assert m["logits"] == pytest.approx(4096 * 2 * 64128 * 4 / GiB)  # once, forward only
     assert m["vllm"] == 0.25  # asleep since it was built
+    # training: 4 rows per prompt (offline + online pair)
     assert t["activations"] == pytest.approx(2 * 4096 * 4 * 4096 * 32 / GiB)  # full recompute
-    assert t["logits"] == pytest.approx(2 * m["logits"])
+    assert t["logits"] == pytest.approx(2 * 4096 * 4 * 64128 * 4 / GiB)  # logits + their gradient
+    assert m["reference"] == t["reference"] == pytest.approx(2 * n / GiB)  # resident: not offloaded
     assert g["vllm"] == pytest.approx(0.35 * 80)
     # vLLM's profiling reserve: forward of 16384 tokens, sampler over 1024 seqs, graphs, NCCL
     assert plan.terms["vllm_reserve_forward"] == pytest.approx(16384 * (3 * 14336 / 2 + 4 * 4096) * 2 / GiB)
@@ -137,9 +140,10 @@ def test_llama31_70b_metaapo_recipe_every_term_by_hand():
     m, t, g, sc = (plan.per_phase[k] for k in ("margins", "train", "generate", "score"))
     assert t["optimizer"] == pytest.approx(12 * n / 2 / GiB)
     assert t["nccl"] == pytest.approx(0.5 * (5 + 1))  # TP, DP, world, 2 PP peers + vLLM TP8
-    assert m["activations"] == pytest.approx(4096 * 4 * 8192 * (10 + 3 + 20) / GiB)
+    assert m["activations"] == pytest.approx(4096 * 2 * 8192 * (10 + 3 + 20) / GiB)
     assert t["activations"] == pytest.approx(2 * 4096 * 4 * 8192 * 20 * 4 / GiB)  # 4 in flight
-    assert t["reference"] == 0.0 and m["vllm"] == 0.25
+    assert t["reference"] == g["reference"] == sc["reference"] == 0.0 and m["vllm"] == 0.25
+    assert m["reference"] == pytest.approx(2 * n / GiB)  # offloaded: on the GPU for its forward
     weights = 70_553_706_496 * 2 / 8 / GiB  # 16.43 GiB
     reserve = (16384 * (3 * 28672 / 8 + 4 * 8192) * 2 + 3 * 1024 * 128256 * 4) / GiB + 1.5
     assert g["vllm"] == pytest.approx(0.3 * 80)
@@ -169,3 +173,81 @@ def test_a_kv_cache_below_one_request_is_refused():
     plan = plan_memory(replace(x, vllm_gpu_memory_utilization=0.25))  # 20 GiB < weights + reserve
     msg = check_fits(plan, 80.0)
     assert msg is not None and "cannot hold one request of 4096 tokens" in msg
+
+
+# ----------------------------------------------------------------- what each method runs
+
+
+def _dry_run_plan(conf: str | None, method: str, *overrides: str):
+    from metaapo_nemo.config.cli import memory_plan
+    from metaapo_nemo.config.loader import load_config
+
+    cfg = load_config(conf, list(overrides), method=method)
+    return cfg, memory_plan(cfg, 1, 1, 1, cfg.train.micro_batches_per_step(1))
+
+
+def test_offline_plan_has_no_engine_or_reward_model():
+    cfg, plan = _dry_run_plan(None, "dpo")
+    assert list(plan.per_phase) == ["margins", "train"]
+    for parts in plan.per_phase.values():
+        assert parts.get("vllm", 0.0) == 0.0 and parts.get("reward", 0.0) == 0.0
+    assert not any(k.startswith("vllm") for k in plan.terms)
+    report = plan.report(cfg.planner.gpu_memory_gib)
+    assert "vLLM" not in report and "vllm" not in report and "reward" not in report
+    from metaapo_nemo.config.cli import dry_run_report, read_model_dims
+
+    assert "vllm" not in dry_run_report(cfg, 1, read_model_dims(cfg)).split("memory plan per GPU")[1]
+
+
+def test_offline_8b_and_70b_recipes_plan_no_engine():
+    x, plan = _recipe_plan("conf/llama31_8b_dpo.yaml", 8)
+    assert not x.rollout and not x.eval_engine and x.reward_arch is None
+    assert x.micro_batch_rows == 2 and list(plan.per_phase) == ["margins", "train"]
+    x, plan = _recipe_plan("conf/llama31_70b_dpo.yaml", 64)
+    assert plan.per_phase["train"]["reference"] == 0.0 and plan.per_phase["margins"]["reference"] > 0
+
+
+def test_reference_offload_counts_the_same_in_both_methods():
+    # what FrozenReference does for every method: on the GPU for its forward passes only
+    over = ("reference.offload_to_cpu=true",)
+    _, dpo = _dry_run_plan(None, "dpo", *over)
+    _, meta = _dry_run_plan(None, "metaapo", *over)
+    _, resident = _dry_run_plan(None, "metaapo")
+    ref = resident.per_phase["train"]["reference"]
+    assert ref > 0 and resident.per_phase["generate"]["reference"] == ref
+    for plan in (dpo, meta):
+        assert plan.per_phase["margins"]["reference"] == pytest.approx(ref)
+        assert all(p["reference"] == 0.0 for k, p in plan.per_phase.items() if k != "margins")
+    assert set(meta.per_phase) == {"margins", "train", "generate", "score"}
+    assert "reference offloaded to the CPU" in meta.report(80.0)
+
+
+def test_metaapo_plan_counts_its_reward_model_and_rows():
+    cfg, plan = _dry_run_plan(None, "metaapo", "reward.offload_to_cpu=false")
+    from metaapo_nemo.config.cli import reward_arch
+
+    rm = reward_arch(cfg)
+    assert rm is not None and rm.hidden_size == 64  # conf/tiny_cpu.yaml's tiny RM
+    rm_gib = rm.num_parameters * 2 / GiB  # bf16 (reward.dtype auto: bf16 on GPU)
+    assert plan.per_phase["score"]["reward"] == pytest.approx(rm_gib)
+    assert plan.per_phase["train"]["reward"] == pytest.approx(rm_gib)  # not offloaded
+    x = plan_input_from_config(cfg, arch_from_hf_dict(_tiny_hf(cfg)), 1, 1, 1, 4)
+    assert (x.micro_batch_rows, x.margin_rows) == (8, 4)  # 4 rows per prompt; 2 per offline pair
+    # sampling none: the same loop (4 rows per prompt), no engine, no reward model
+    _, none = _dry_run_plan(None, "metaapo", "metaapo.sampling=none", "metaapo.weights=one")
+    assert list(none.per_phase) == ["margins", "train"]
+
+
+def test_eval_engine_is_planned_for_the_offline_method():
+    # conf/smollm2_dpo.yaml's evaluation engine, on the tiny model (no SmolLM2 download here)
+    cfg, plan = _dry_run_plan("conf/smollm2_dpo.yaml", "dpo", "model.path=null", "model.tiny.arch=llama")
+    assert list(plan.per_phase) == ["margins", "train", "evaluate"]
+    assert "vllm" not in plan.per_phase["train"] and "reward" not in plan.per_phase["train"]
+    assert plan.per_phase["evaluate"]["vllm"] == pytest.approx(cfg.rollout.gpu_memory_utilization * 80)
+    assert "evaluate: the evaluation engine" in plan.report(80.0)
+
+
+def _tiny_hf(cfg) -> dict:
+    from metaapo_nemo.config.cli import _tiny_hf_dict
+
+    return _tiny_hf_dict(cfg.model.tiny)

@@ -21,7 +21,7 @@ def comps(tmp_path):
     cfg = load_config(None, [f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path / 'cache'}",
                              "train.progress_bar=off", "train.save_final_hf=false", "train.epochs=2",
                              "train.global_batch_size=4", "train.micro_batch_size=2",
-                             "train.max_steps=null", "optim.warmup_ratio=0"])
+                             "train.max_steps=null", "optim.warmup_ratio=0"], method="dpo")
     c = R.build(cfg, "dpo", pairs=PAIRS)
     calls = []
     run = c.reference.run

@@ -125,7 +125,8 @@ def test_rule_names_resolve_from_the_working_directory(tmp_path, monkeypatch):
 
 
 def test_build_from_config(tmp_path):
-    rule = build_reward_model(load_config(None, ["reward.backend=rule", "reward.tiny=null"]))
+    rule = build_reward_model(load_config(None, ["reward.backend=rule", "reward.tiny=null",
+                                                 "reward.callable=tasks.toy_rules:score"]))
     assert isinstance(rule, RuleReward) and rule.spec == "tasks.toy_rules:score"
     cfg = load_config(
         None, ["reward.backend=hf", "reward.tiny={arch: llama}", "reward.batch_size=2"]

@@ -66,6 +66,7 @@ def greedy_agrees(engine: list[int], megatron: list[int], gaps: list[float]) -> 
 def trained(request, tmp_path_factory):
     """Engine built from the checkpoint (step 0), one DPO step, then a bucketed push."""
     from metaapo_nemo.config.loader import load_config
+    from metaapo_nemo.config.schema import RolloutConfig
     from metaapo_nemo.parallel import state
     from metaapo_nemo.rollout.group import build_rollout_group
 
@@ -85,11 +86,12 @@ def trained(request, tmp_path_factory):
             "train.max_steps=1",
             "train.save_final_hf=false",
             "train.progress_bar=off",
-            f"rollout.max_new_tokens={NEW_TOKENS}",
-            "rollout.kv_cache_memory_mb=64",
         ],
+        method="dpo",
     )
     c = R.build(cfg, "dpo")
+    # the engine is MetaAPO's: its settings beside the offline run that trains the policy
+    cfg = cfg.model_copy(update={"rollout": RolloutConfig(max_new_tokens=NEW_TOKENS, kv_cache_memory_mb=64)})
     group = build_rollout_group(cfg, str(model_dir), c.ctx)
     batch = prompt_batch(c.tokenizer)
     sample = SamplingSettings(n=3, temperature=1.0, max_new_tokens=NEW_TOKENS, seed=5)
@@ -204,7 +206,7 @@ def test_online_pairs_from_real_samples(trained):
     pairs, counters = annotate(
         trained.batch,
         groups,
-        RuleReward(trained.cfg.reward.callable),
+        RuleReward("tasks.toy_rules:score"),
         "drop",
         batch_size=4,
         policy_step=trained.step,

@@ -16,7 +16,8 @@ from metaapo_nemo.trainer.preference import ReferenceCache, pair_logps, policy_l
 @pytest.fixture
 def comps(tmp_path):
     cfg = load_config(None, [f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path / 'c'}",
-                             "train.progress_bar=off", "train.global_batch_size=4", "train.micro_batch_size=2"])
+                             "train.progress_bar=off", "train.global_batch_size=4", "train.micro_batch_size=2"],
+                      method="dpo")
     c = R.build(cfg, "dpo")
     yield c
     c.logger.close()

@@ -41,10 +41,13 @@ def test_script_names_existing_recipe_with_matching_layout(script):
         assert needed in text
     world = _directive(text, "nodes") * _directive(text, "ntasks-per-node")
     assert _directive(text, "gpus-per-node") == _directive(text, "ntasks-per-node")  # one process per GPU
-    cfg = load_config(recipe)
+    cfg = load_config(recipe, method=Path(entry).stem)  # the script runs its config's method
     p = cfg.parallel
     assert world % (p.tp * p.pp * p.cp) == 0, f"{world} GPUs vs tp {p.tp} x pp {p.pp}"
-    assert cfg.rollout.tp <= world and world % cfg.rollout.tp == 0
+    if cfg.method == "metaapo":
+        assert cfg.rollout.tp <= world and world % cfg.rollout.tp == 0
+    else:  # the offline method plans no engine and no reward model
+        assert cfg.rollout is None and cfg.reward is None and cfg.metaapo is None
     # the full dry run: layout vs the model's heads/layers, batch arithmetic, memory planner
     report = dry_run_report(cfg, world, read_model_dims(cfg))
     assert "fits" in report and "DOES NOT FIT" not in report

@@ -4,7 +4,7 @@ Typical use in a recipe::
 
     from metaapo_nemo.config import dry_run_report, parse, read_model_dims, world_size_from_env
 
-    cfg, args = parse(description=__doc__)
+    cfg, args = parse(description=__doc__, method="dpo")
     if args.dry_run:
         print(dry_run_report(cfg, world_size_from_env(), read_model_dims(cfg)))
         return
@@ -20,6 +20,7 @@ from metaapo_nemo.config.cli import (
 from metaapo_nemo.config.loader import (
     CONF_DIR,
     DEFAULT_RECIPE,
+    DEFAULT_RECIPES,
     REPO_ROOT,
     load_config,
     resolve_repo_path,
@@ -43,6 +44,7 @@ from metaapo_nemo.config.schema import (
 __all__ = [
     "CONF_DIR",
     "DEFAULT_RECIPE",
+    "DEFAULT_RECIPES",
     "REPO_ROOT",
     "Config",
     "ConfigError",

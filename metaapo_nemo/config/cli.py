@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 
 from metaapo_nemo.config.loader import (
-    DEFAULT_RECIPE,
+    DEFAULT_RECIPES,
     display_path,
     load_config,
     resolve_repo_path,
@@ -25,20 +25,24 @@ from metaapo_nemo.config.schema import Config, ConfigError, check_layout
 _GIB = 1024**3
 
 
-def build_arg_parser(description: str | None = None) -> argparse.ArgumentParser:
+def build_arg_parser(
+    description: str | None = None, method: str = "metaapo"
+) -> argparse.ArgumentParser:
     """Return the parser every recipe uses (recipes may add their own arguments).
 
     Args:
         description: Shown by ``--help``; usually the recipe's module docstring.
+        method: The recipe's method; ``--config`` defaults to its config (``DEFAULT_RECIPES``).
     """
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    default = DEFAULT_RECIPES[method]
     parser.add_argument(
         "--config",
-        default=str(DEFAULT_RECIPE),
+        default=str(default),
         metavar="PATH",
-        help=f"recipe YAML (default: {display_path(DEFAULT_RECIPE)})",
+        help=f"recipe YAML of method {method} (default: {display_path(default)})",
     )
     parser.add_argument(
         "--dry-run",
@@ -55,13 +59,15 @@ def build_arg_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse(
-    argv: Sequence[str] | None = None, description: str | None = None
+    argv: Sequence[str] | None = None, description: str | None = None, method: str = "metaapo"
 ) -> tuple[Config, argparse.Namespace]:
-    """Parse argv into a validated config.
+    """Parse argv into a validated config of the recipe's method.
 
     Args:
         argv: Arguments without the program name; None reads ``sys.argv[1:]``.
         description: Passed to ``build_arg_parser``.
+        method: The recipe's method ("dpo" or "metaapo"): the default config, and the
+            method a ``--config`` must run (a YAML stating another one is refused).
 
     Returns:
         ``(config, namespace)``; ``namespace.dry_run`` tells the recipe to print
@@ -71,10 +77,10 @@ def parse(
         SystemExit: With status 2 and the ``ConfigError`` message (no traceback) when the
             config is invalid, as argparse does for bad arguments.
     """
-    parser = build_arg_parser(description)
+    parser = build_arg_parser(description, method)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, method=method)
     except ConfigError as exc:
         parser.exit(2, f"{parser.prog}: config error:\n{exc}\n")
     return cfg, args
@@ -147,40 +153,55 @@ def read_arch_json(cfg: Config) -> dict | None:
     return None
 
 
-def memory_plan(cfg: Config, tp: int, pp: int, dp: int, accum: int):
-    """The planner's per-GPU estimate for this config, or None if the architecture is unknown."""
-    from metaapo_nemo.models.arch import arch_from_hf_dict
-    from metaapo_nemo.planner import GiB, PlanInput, plan_memory
+def _tiny_hf_dict(t) -> dict:
+    """The HF config dict of a `TinyModelConfig` (what `models.tiny` builds)."""
+    return {"model_type": t.arch, "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+            "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads, "intermediate_size": t.intermediate_size,
+            "max_position_embeddings": t.max_position_embeddings,
+            "tie_word_embeddings": t.tie_word_embeddings if t.tie_word_embeddings is not None
+            else t.arch == "qwen2"}
 
-    if cfg.model.tiny is not None:
-        t = cfg.model.tiny
-        hf = {"model_type": t.arch, "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
-              "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_attention_heads,
-              "num_key_value_heads": t.num_key_value_heads, "intermediate_size": t.intermediate_size,
-              "max_position_embeddings": t.max_position_embeddings,
-              "tie_word_embeddings": t.tie_word_embeddings if t.tie_word_embeddings is not None
-              else t.arch == "qwen2"}
-    else:
-        hf = read_arch_json(cfg)
-        if hf is None:
-            return None
+
+def _arch_or_none(hf: dict | None):
+    from metaapo_nemo.models.arch import arch_from_hf_dict
+
+    if hf is None:
+        return None
     try:
-        arch = arch_from_hf_dict(hf.get("text_config", hf))
+        return arch_from_hf_dict(hf.get("text_config", hf))
     except (ValueError, KeyError, TypeError):
-        return None  # not an architecture the planner knows: the rough estimate is printed
-    sampling = cfg.metaapo.sampling != "none"
-    gpu = cfg.planner.gpu_memory_gib
-    vllm_weights = arch.num_parameters * 2 / cfg.rollout.tp / GiB
-    return plan_memory(PlanInput(
-        arch=arch, tp=tp, pp=pp, dp=dp, dtype=cfg.model.dtype if cfg.model.fp8 is None else "bfloat16",
-        distributed_optimizer=cfg.parallel.distributed_optimizer, recompute=cfg.parallel.recompute,
-        seq_length=cfg.data.max_length, micro_batch_rows=cfg.train.micro_batch_size * (4 if sampling else 2),
-        num_microbatches=accum, reference_offloaded=cfg.reference.offload_to_cpu,
-        reference_resident=cfg.loss.name != "simpo", vllm_tp=cfg.rollout.tp,
-        vllm_kv_cache_gib=max(0.0, cfg.rollout.gpu_memory_utilization * gpu - vllm_weights) if sampling else 0.0,
-        rollout=sampling, reward_offloaded=cfg.reward.offload_to_cpu,
-        gpu_memory_gib=gpu,
-    ))
+        return None  # not an architecture the planner knows
+
+
+def reward_arch(cfg: Config):
+    """The HF reward model's architecture from reward.tiny, reward.path's config.json or
+    reward.arch_config; None for a rule reward, no reward, or a shape not readable here."""
+    r = cfg.reward
+    if r is None or r.backend != "hf":
+        return None
+    if r.tiny is not None:
+        return _arch_or_none(_tiny_hf_dict(r.tiny))
+    candidates = [resolve_repo_path(r.path) / "config.json"] if r.path is not None else []
+    candidates += [resolve_repo_path(r.arch_config)] if r.arch_config is not None else []
+    for candidate in candidates:
+        try:
+            return _arch_or_none(json.loads(candidate.read_text()))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def memory_plan(cfg: Config, tp: int, pp: int, dp: int, accum: int):
+    """The planner's per-GPU estimate of what the config's method runs
+    (`planner.plan_input_from_config`), or None if the architecture is unknown."""
+    from metaapo_nemo.planner import plan_input_from_config, plan_memory
+
+    hf = _tiny_hf_dict(cfg.model.tiny) if cfg.model.tiny is not None else read_arch_json(cfg)
+    arch = _arch_or_none(hf)
+    if arch is None:
+        return None  # the rough estimate is printed instead
+    return plan_memory(plan_input_from_config(cfg, arch, tp, pp, dp, accum, reward_arch(cfg)))
 
 
 def estimate_params(dims: dict) -> int | None:

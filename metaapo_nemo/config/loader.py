@@ -27,11 +27,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ValidationError
 
-from metaapo_nemo.config.schema import Config, ConfigError, fmt
+from metaapo_nemo.config.schema import METAAPO_SECTIONS, RECIPES, Config, ConfigError, RolloutConfig, fmt
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
-DEFAULT_RECIPE = CONF_DIR / "tiny_cpu.yaml"
+# Each method's default config (its recipe run with no --config): the tiny CPU demos.
+DEFAULT_RECIPES = {"dpo": CONF_DIR / "tiny_cpu_dpo.yaml", "metaapo": CONF_DIR / "tiny_cpu.yaml"}
+DEFAULT_RECIPE = DEFAULT_RECIPES["metaapo"]  # the project's main job (`make demo`)
 
 _FLOAT = re.compile(  # YAML 1.2 floats: PyYAML alone reads 1e-5 (no dot) as a string
     r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -291,31 +293,72 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), method: str | None = None
+) -> Config:
     """Load, merge, override and validate a recipe.
 
     Args:
-        path: Recipe YAML; None means ``DEFAULT_RECIPE`` (conf/tiny_cpu.yaml). Relative
-            paths are tried against the cwd, the repo root and conf/.
+        path: Recipe YAML; None means the method's default (``DEFAULT_RECIPES``: DPO
+            conf/tiny_cpu_dpo.yaml, MetaAPO conf/tiny_cpu.yaml, the latter also when no
+            method is given). Relative paths are tried against the cwd, the repo root and conf/.
         overrides: ``a.b=c`` strings; values are parsed as YAML (``1e-5`` float, ``true``
             bool, ``null`` None, ``[1,2]`` list).
+        method: The method of the recipe that runs the config ("dpo" or "metaapo"). It
+            sets ``method``; a config that states another one is refused. None: the config
+            must state its ``method``.
 
     Returns:
         The validated ``Config``.
 
     Raises:
         ConfigError: Missing file, malformed YAML, defaults cycle, unknown key (with the
-            nearest valid keys) or invalid values (each key, value and reason).
+            nearest valid keys), a method the recipe does not run, or invalid values (each
+            key, value and reason; a key the method would ignore is one of them).
     """
-    recipe = _find_recipe(DEFAULT_RECIPE if path is None else path)
+    if method is not None and method not in RECIPES:
+        raise ConfigError(f"unknown method {method!r}; one of {', '.join(RECIPES)}")
+    default = DEFAULT_RECIPES.get(method or "metaapo")
+    recipe = _find_recipe(default if path is None else path)
     tree = _apply_overrides(_load_tree(recipe), list(overrides))
+    source = display_path(recipe) + "".join(f" {o}" for o in overrides)
+    tree["method"] = _resolve_method(tree.get("method"), method, display_path(recipe))
     try:
-        return Config.model_validate(tree)
+        return Config.model_validate(tree, context={"source": display_path(recipe)})
     except ValidationError as exc:
-        source = display_path(recipe) + "".join(f" {o}" for o in overrides)
         raise ConfigError(_format_validation_error(exc, source)) from None
 
 
+def _resolve_method(stated: Any, method: str | None, recipe: str) -> Any:
+    """The config's method: the recipe's, which a stated ``method`` must equal."""
+    if method is None:
+        if stated is None:
+            raise ConfigError(
+                f"{recipe} states no method: add `method: dpo` (the offline family, "
+                f"{RECIPES['dpo']}) or `method: metaapo` ({RECIPES['metaapo']}) to it, or run it "
+                "with one of those recipes"
+            )
+        return stated  # the schema checks the value
+    if stated is not None and stated in RECIPES and stated != method:
+        other = RECIPES[stated]
+        raise ConfigError(
+            f"{recipe} runs method={fmt(stated)} ({other}), but {RECIPES[method]} runs "
+            f"method={method}: run it with {other}, or give {RECIPES[method]} a {method} config "
+            f"(e.g. {display_path(DEFAULT_RECIPES[method])})"
+        )
+    return stated if stated is not None else method  # a bad stated value: the schema says so
+
+
 def to_yaml(cfg: Config) -> str:
-    """Dump the resolved config as YAML, keys in schema order; ``load_config`` reads it back."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
+    """Dump the resolved config as YAML, keys in schema order; ``load_config`` reads it back.
+
+    Sections the method does not have are left out; an offline config keeps only the
+    engine keys of ``rollout`` (what its `eval` engine reads).
+    """
+    data = cfg.model_dump(mode="json")
+    for name in METAAPO_SECTIONS:
+        if data[name] is None:
+            del data[name]
+    if cfg.method != "metaapo" and "rollout" in data:
+        data["rollout"] = {k: v for k, v in data["rollout"].items() if k in RolloutConfig.ENGINE_KEYS}
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

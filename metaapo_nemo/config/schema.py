@@ -10,9 +10,9 @@ the world size or the checkpoint's shape live in ``check_layout``, called at sta
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from metaapo_nemo.parallel.dims import ParallelDims
 
@@ -47,7 +47,7 @@ class _Section(BaseModel):
 class RunConfig(_Section):
     """Where and how a run is recorded."""
 
-    name: str = Field("tiny_cpu_dpo", min_length=1)
+    name: str = Field("run", min_length=1)
     output_dir: str = "runs"  # the run directory is output_dir/name
     seed: int = 1234
     cache_dir: str = ".cache"  # where tiny models are built and cached
@@ -166,7 +166,7 @@ class ParallelConfig(_Section):
 class DataConfig(_Section):
     """Preference pairs: JSONL rows with prompt / chosen / rejected."""
 
-    path: str = "metaapo_nemo/data/samples/toy_prefs.jsonl"
+    path: str  # no default: a JSONL/parquet file or a dataset name (the demos set theirs)
     split: str = "train"
     max_length: int = Field(512, gt=1)  # prompt + response tokens
     max_prompt_length: int = Field(256, gt=0)
@@ -290,6 +290,13 @@ class RolloutConfig(_Section):
     ``gpu_memory_utilization`` and sleeps the engine while Megatron trains.
     """
 
+    # What a vLLM engine reads, an evaluation engine (`eval`) included; the other keys are
+    # MetaAPO's sampling.
+    ENGINE_KEYS: ClassVar[tuple[str, ...]] = (
+        "backend", "tp", "gpu_memory_utilization", "kv_cache_memory_mb", "max_num_batched_tokens",
+        "refit_bucket_mb", "enforce_eager",
+    )
+
     backend: Literal["vllm"] = "vllm"
     samples_per_prompt: int = Field(8, ge=2)  # K; best and worst of K form the online pair
     temperature: float = Field(1.0, ge=0)  # 0 = greedy
@@ -311,30 +318,54 @@ class RolloutConfig(_Section):
 
 
 class RewardConfig(_Section):
-    """The reward model that ranks the K samples (metaapo_nemo.reward)."""
+    """The reward model that ranks the K samples (metaapo_nemo.reward). No product default:
+    a MetaAPO recipe names its reward model (the demos: a tiny random RM, or toy rules)."""
 
-    backend: Literal["hf", "rule"] = "rule"
+    backend: Literal["hf", "rule"]
     path: str | None = None  # hf: a sequence-classification checkpoint directory
     tiny: TinyModelConfig | None = None  # hf: build a tiny random RM instead (tests, demos)
-    callable: str = "tasks.toy_rules:score"  # rule: "module:function"
+    # hf: an HF config.json of the RM's architecture, read by --dry-run's memory plan when
+    # reward.path is not reachable from this machine (as model.arch_config)
+    arch_config: str | None = None
+    callable: str | None = None  # rule: "module:function", e.g. tasks.toy_rules:score
     batch_size: int = Field(16, gt=0)  # texts per RM forward
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     offload_to_cpu: bool = True  # hf: the RM lives on the CPU between scoring calls
 
     @model_validator(mode="after")
     def _check(self) -> RewardConfig:
+        errors = []
         if self.backend == "hf" and (self.path is None) == (self.tiny is None):
             got = "both" if self.path is not None else "neither"
-            raise ValueError(
+            errors.append(
                 f"reward.backend=hf needs exactly one of reward.path (an HF "
                 f"sequence-classification checkpoint) or reward.tiny (a tiny random RM); "
                 f"got {got}"
             )
-        if self.backend == "rule" and ":" not in self.callable:
-            raise ValueError(
-                f"reward.callable={self.callable!r} must look like 'module:function', e.g. "
-                "tasks.toy_rules:score"
+        if self.backend == "rule":
+            if self.callable is None:
+                errors.append(
+                    "reward.backend=rule needs reward.callable, a 'module:function' that "
+                    "scores (messages, response), e.g. tasks.toy_rules:score"
+                )
+            elif ":" not in self.callable:
+                errors.append(
+                    f"reward.callable={self.callable!r} must look like 'module:function', e.g. "
+                    "tasks.toy_rules:score"
+                )
+            hf_only = [f"reward.{k}" for k in ("path", "tiny", "arch_config") if getattr(self, k) is not None]
+            if hf_only:
+                errors.append(
+                    f"{', '.join(hf_only)}: read only by reward.backend=hf; "
+                    "reward.backend=rule would ignore them: remove them or set reward.backend=hf"
+                )
+        elif self.callable is not None:
+            errors.append(
+                f"reward.callable={self.callable!r} is read only by reward.backend=rule; "
+                "reward.backend=hf would ignore it: remove it or set reward.backend=rule"
             )
+        if errors:
+            raise ValueError("\n".join(errors))
         return self
 
 
@@ -392,22 +423,38 @@ class EvalConfig(_Section):
     cache_before: bool = True  # reuse the initial checkpoint's scores (run.cache_dir/ifeval_eval)
 
 
+Method = Literal["dpo", "metaapo"]
+RECIPES: dict[str, str] = {"dpo": "recipes/dpo.py", "metaapo": "recipes/metaapo.py"}
+# The sections only MetaAPO reads (its rounds, online samples and their reward model).
+METAAPO_SECTIONS = ("metaapo", "rollout", "reward")
+
+
 class Config(BaseModel):
-    """The whole run. Sections mirror the top-level keys of a recipe YAML."""
+    """The whole run. Sections mirror the top-level keys of a recipe YAML.
+
+    ``method`` says which algorithm runs the config (the recipe sets it: recipes/dpo.py the
+    offline family, recipes/metaapo.py MetaAPO and its baselines). A config holds what its
+    method uses: ``metaapo`` / ``rollout`` / ``reward`` exist only under MetaAPO (``metaapo``
+    and ``rollout`` filled with their defaults there, ``reward`` named by the recipe); an
+    offline config that sets any of them is refused, naming each key.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
+    method: Method  # set by the recipe (the loader) or stated by the YAML
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig  # no default: exactly one of model.path / model.tiny must be chosen
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: DataConfig  # no default: data.path names the preference data
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
-    metaapo: MetaAPOConfig = Field(default_factory=MetaAPOConfig)
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    reward: RewardConfig = Field(default_factory=RewardConfig)
+    metaapo: MetaAPOConfig | None = None  # MetaAPO only; filled with the defaults there
+    # MetaAPO's online samples (filled with the defaults there); under the offline method
+    # only the engine keys, for `eval`'s engine
+    rollout: RolloutConfig | None = None
+    reward: RewardConfig | None = None  # MetaAPO only, and required there (no product default)
     planner: PlannerConfig = Field(default_factory=PlannerConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig | None = None  # null: no evaluation at the end of training
@@ -432,6 +479,95 @@ class Config(BaseModel):
         if errors:
             raise ValueError("\n".join(errors))
         return self
+
+    @model_validator(mode="after")
+    def _method_sections(self, info: ValidationInfo) -> Config:
+        source = (info.context or {}).get("source", "this config")
+        if self.method == "metaapo":
+            errors = self._metaapo_errors(source)
+        else:
+            errors = self._offline_errors(source)
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+    def _offline_errors(self, source: str) -> list[str]:
+        where = f"{source} runs the offline method (method=dpo, {RECIPES['dpo']})"
+        errors = []
+        for name in ("metaapo", "reward"):
+            keys = set_keys(getattr(self, name), name)
+            if keys:
+                errors.append(
+                    f"{_key_list(keys)} MetaAPO key{'s' * (len(keys) > 1)}; {where}, which trains on "
+                    f"the offline pairs only: remove the {name} section or run {RECIPES['metaapo']}"
+                )
+        keys = set_keys(self.rollout, "rollout")
+        if self.eval is None and keys:
+            errors.append(
+                f"{_key_list(keys)} MetaAPO key{'s' * (len(keys) > 1)}; {where}, which generates "
+                f"nothing: remove the rollout section or run {RECIPES['metaapo']}"
+            )
+        elif self.eval is not None:
+            sampling = [k for k in keys if k.partition(".")[2] not in RolloutConfig.ENGINE_KEYS]
+            if sampling:
+                engine = ", ".join(f"rollout.{k}" for k in RolloutConfig.ENGINE_KEYS)
+                errors.append(
+                    f"{_key_list(sampling)} MetaAPO key{'s' * (len(sampling) > 1)}; {where}, which "
+                    f"generates only for `eval`: its engine reads {engine} and its sampling comes "
+                    f"from eval.*; remove {', '.join(sampling)} or run {RECIPES['metaapo']}"
+                )
+            if self.rollout is None:
+                self.rollout = RolloutConfig()  # the evaluation engine's settings
+        return errors
+
+    def _metaapo_errors(self, source: str) -> list[str]:
+        where = f"{source} runs MetaAPO (method=metaapo, {RECIPES['metaapo']})"
+        errors = []
+        if self.metaapo is None:
+            self.metaapo = MetaAPOConfig()
+        if self.rollout is None:
+            self.rollout = RolloutConfig()
+        if self.reward is None and self.metaapo.sampling != "none":
+            errors.append(
+                f"reward: required, not set: {where} with metaapo.sampling={self.metaapo.sampling}, "
+                "and a reward model ranks its online samples; set reward.backend=hf with reward.path "
+                "(a sequence-classification checkpoint) or reward.tiny, or reward.backend=rule with "
+                "reward.callable=module:function"
+            )
+        if self.reference.precompute:
+            errors.append(
+                f"reference.precompute=true is an offline-method key; {where}, whose margin pass at "
+                "each round's start already computes (and caches) the reference log-probs of the "
+                "round's offline pairs, once per reference version: remove it or run "
+                f"{RECIPES['dpo']}"
+            )
+        if self.loss.name == "kto":
+            errors.append(
+                f"loss.name=kto cannot run under MetaAPO; {where}: KTO scores the chosen and the "
+                "rejected response separately against a step-level reference point (its KL "
+                "estimate, kept by the offline loop), while MetaAPO mixes per-pair losses of one "
+                "margin, w L(m_off) + (1 - w) L(m_on); use loss.name dpo, ipo or simpo, or train "
+                f"KTO offline with {RECIPES['dpo']}"
+            )
+        return errors
+
+
+def set_keys(section: BaseModel | None, prefix: str) -> list[str]:
+    """The dotted keys a user set in ``section`` (schema order), or [prefix] for an empty
+    section that was given; [] for None."""
+    if section is None:
+        return []
+    keys: list[str] = []
+    for name in type(section).model_fields:
+        if name in section.model_fields_set:
+            value = getattr(section, name)
+            nested = set_keys(value, f"{prefix}.{name}") if isinstance(value, BaseModel) else []
+            keys += nested or [f"{prefix}.{name}"]
+    return keys or [prefix]
+
+
+def _key_list(keys: list[str]) -> str:
+    return f"{keys[0]} is a" if len(keys) == 1 else f"{', '.join(keys)} are"
 
 
 def _context_error(max_length: int, max_pos: int | None, prefix: str = "model.") -> list[str]:

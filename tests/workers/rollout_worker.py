@@ -69,6 +69,7 @@ def _compared(engine: list[int], megatron: list[int], gaps: list[float]) -> int:
 def run_layout(spec: dict, tp: int, pp: int, first_group):
     from metaapo_nemo import run as R
     from metaapo_nemo.config.loader import load_config
+    from metaapo_nemo.config.schema import RolloutConfig
     from metaapo_nemo.models.decode import greedy_decode, sampled_logprobs
     from metaapo_nemo.rollout.generator import SamplingSettings, StaleWeightsError
     from metaapo_nemo.rollout.group import EnginePlacement, RolloutGroup, build_rollout_group
@@ -85,11 +86,11 @@ def run_layout(spec: dict, tp: int, pp: int, first_group):
             "train.max_steps=1",
             "train.save_final_hf=false",
             "train.progress_bar=off",
-            f"rollout.max_new_tokens={NEW_TOKENS}",
-            "rollout.kv_cache_memory_mb=64",
         ],
+        method="dpo",
     )
     c = R.build(cfg, "dpo")
+    cfg = cfg.model_copy(update={"rollout": RolloutConfig(max_new_tokens=NEW_TOKENS, kv_cache_memory_mb=64)})
     if first_group is None:
         group = build_rollout_group(cfg, spec["model_dir"], c.ctx)
     else:  # reuse the engine; its weights are another job's until the push
