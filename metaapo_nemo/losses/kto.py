@@ -18,11 +18,12 @@ gradient accumulation or data parallelism the caller should compute one estimate
 step (DP-averaged, e.g. an all-reduce mean of this rank's estimate) and pass it, otherwise
 micro-batch splits no longer give the same gradient as one big batch.
 
-MetaAPO mixing (`pair_loss`): mixing needs L as a function of one margin m, but KTO's loss
-also depends on z0 and on how m splits into r_w and r_l. `pair_loss(m)` is the value of a
-pair at the symmetric split r_w = m/2, r_l = -m/2 with z0 = 0:
+MetaAPO (`pair_loss`): mixing needs L as a function of one margin m, but KTO's loss also
+depends on z0 and on how m splits into r_w and r_l, so a MetaAPO config with loss.name=kto is
+refused at start-up (config.schema). `pair_loss(m)`, kept for the `PreferenceLoss` protocol,
+is the value of a pair at the symmetric split r_w = m/2, r_l = -m/2 with z0 = 0:
     L(m) = (lambda_D + lambda_U) * (1 - sigmoid(beta * m / 2))
-This is the KTO value MetaAPO mixing uses; `__call__` computes the full loss above.
+`__call__` computes the full loss above.
 
 Normalisation: loss = sum_i L_i / num_pairs_global, where num_pairs_global counts the pairs
 of the WHOLE optimiser step (all micro-batches, all data-parallel ranks), so any
@@ -80,8 +81,8 @@ class KTOLoss:
     def pair_loss(self, margin_B: Tensor) -> Tensor:
         """Symmetric-split KTO value (lambda_D + lambda_U) * (1 - sigmoid(beta m / 2)).
 
-        Equals the full KTO loss of a pair with r_w = m/2, r_l = -m/2 and z0 = 0; this is
-        what MetaAPO mixing uses for KTO.
+        Equals the full KTO loss of a pair with r_w = m/2, r_l = -m/2 and z0 = 0 (not KTO's
+        loss in general: MetaAPO refuses loss.name=kto).
         """
         weight = self.desirable_weight + self.undesirable_weight
         return weight * (1.0 - torch.sigmoid(self.beta * margin_B / 2.0))
