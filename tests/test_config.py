@@ -561,3 +561,15 @@ def test_read_model_dims_from_checkpoint_json(tmp_path):
     missing = load_config(None, [f"model.path={tmp_path / 'nope'}", "model.tiny=null"])
     assert read_model_dims(missing) is None
     assert "model shape unknown" in dry_run_report(missing, 1, None)
+
+
+def test_recipe_refuses_a_config_of_the_other_method(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse(["--config", "conf/tiny_cpu.yaml"], method="dpo")  # what recipes/dpo.py runs
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "conf/tiny_cpu.yaml runs method=metaapo (recipes/metaapo.py), but recipes/dpo.py" in err
+    from metaapo_nemo import run as R
+
+    with pytest.raises(ConfigError, match="the config runs method=metaapo"):
+        R.build(load_config(None), "dpo")  # refused before anything starts
