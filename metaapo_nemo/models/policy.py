@@ -167,6 +167,13 @@ class MegatronLM:
         """
         if not microbatches:
             return []
+        real = len(microbatches)
+        pp = self.ctx.dims.pp
+        if forward_only and len(self.chunks) > 1 and real % pp:
+            # The interleaved schedule takes only a multiple of PP micro-batches. A training
+            # step's count is checked at start-up; a forward-only pass (reference values,
+            # margins) of any size is padded with repeats whose outputs are dropped.
+            microbatches = [*microbatches, *[microbatches[-1]] * (pp - real % pp)]
         seq_len = max(mb.input_ids_NT.shape[1] for mb in microbatches)
         if self.ctx.dims.pp > 1:  # p2p shapes are fixed for the whole step
             microbatches = [mb.padded_to(seq_len, self.pad_id) for mb in microbatches]
@@ -222,7 +229,7 @@ class MegatronLM:
                 micro_batch_size=rows,
                 forward_only=forward_only,
             )
-        return list(out) if ctx.is_last_stage else []
+        return list(out)[:real] if ctx.is_last_stage else []
 
     def _positions(self, mb: MicroBatch) -> torch.Tensor:
         """[N, T] positions, or [3, N, T] for the explicit-position (mrope) model."""
