@@ -170,3 +170,41 @@ def test_round_rows_in_every_layout_equal_the_plain_layout(comps, name):
     for k in g_a:
         scale = g_a[k].abs().max().item()
         assert (g_a[k] - g_b[k]).abs().max().item() <= 1e-5 * scale + 1e-9, k
+
+
+def test_fp8_row_padding_leaves_logprobs_and_gradients_unchanged(comps):
+    """The FP8 shape padding (RowLayout.pad_multiple) on MetaAPO rows in the run's layout:
+    per-sequence log-probs, loss and gradients equal the unpadded micro-batches (fp32)."""
+    import dataclasses
+
+    from metaapo_nemo.algorithms.online import attach_reference_logps
+    from metaapo_nemo.algorithms.rounds import round_microbatches
+
+    c = comps
+    items = _items(c, n=4)
+    weigher = lambda m: torch.full_like(m, 0.3)  # noqa: E731
+
+    def run(layout):
+        mbs = round_microbatches(items, 2, c.tokenizer.pad_token_id, c.ctx.device, layout)
+        attach_reference_logps(c.reference, mbs)
+        seqs = []
+        inner = metaapo_loss_fn(c.loss, weigher, num_prompts_global=4, unselected="offline")
+
+        def fn(mb, logps):
+            seqs.append(mb.sequence_logps(logps).detach())
+            return inner(mb, logps)
+
+        c.policy.zero_grad()
+        outs = c.policy.run(mbs, fn, forward_only=False)
+        return mbs, sum(o["loss"].item() for o in outs), seqs, c.policy.main_grads()
+
+    mbs_a, loss_a, seq_a, g_a = run(c.layout)
+    mbs_b, loss_b, seq_b, g_b = run(dataclasses.replace(c.layout, pad_multiple=16))
+    assert all(mb.input_ids_NT.shape[1] % 16 == 0 for mb in mbs_b)
+    assert any(a.input_ids_NT.shape != b.input_ids_NT.shape for a, b in zip(mbs_a, mbs_b))
+    assert loss_b == pytest.approx(loss_a, rel=1e-6, abs=1e-7)
+    for a, b in zip(seq_a, seq_b):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for k in g_a:
+        scale = g_a[k].abs().max().item()
+        assert (g_a[k] - g_b[k]).abs().max().item() <= 1e-5 * scale + 1e-9, k

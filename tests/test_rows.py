@@ -134,3 +134,42 @@ def test_thd_params_from_a_packed_microbatch():
         params = thd_packed_seq_params(mb.extras["row_blocks"], t)
         assert int(params.cu_seqlens_q_padded[-1]) == mb.input_ids_NT.numel()
         assert int(params.cu_seqlens_q[-1]) == mb.extras["tokens"]  # every real token, once
+
+
+# ----------------------------------------------------------------- FP8 shapes (issue 19, finding 1)
+
+
+@pytest.mark.parametrize("batching,share", [("pad", False), ("bucket", False), ("bucket", True),
+                                            ("pack", False), ("pack", True)])
+def test_fp8_pad_multiple_makes_every_microbatch_fp8_shaped(batching, share):
+    """TE's FP8 GEMMs need rows x T to be a multiple of 8 (16 as a GEMM inner dimension): with
+    pad_multiple=16 every micro-batch of every layout is, for DPO pairs and MetaAPO rows; the
+    padding scores nothing (same masked tokens, same sequence lengths)."""
+    from metaapo_nemo.algorithms.rounds import OnlinePair, RoundItem
+
+    pairs = synthetic_pairs(10, 500, chat_lengths((3, 29), (2, 23)), seed=3, eos_id=2)
+    items = [RoundItem(p, OnlinePair(pairs[-1 - i].chosen_ids, (5, 6, 7), 1.0, 0.0) if i % 3 else None)
+             for i, p in enumerate(pairs)]
+    for units in (pairs, items):
+        plain = build_microbatches(units, RowLayout(batching, share_prompt=share), 2, PAD)
+        fp8 = build_microbatches(units, RowLayout(batching, share_prompt=share, pad_multiple=16), 2, PAD)
+        assert len(plain) == len(fp8)
+        assert any(mb.input_ids_NT.shape[1] % 16 for mb in plain)  # the case is not vacuous
+        for a, b in zip(plain, fp8):
+            n, t = b.input_ids_NT.shape
+            assert t % 16 == 0 and (n * t) % 8 == 0 and t - a.input_ids_NT.shape[1] < 16
+            assert b.loss_mask_NT.sum() == a.loss_mask_NT.sum()
+            assert torch.equal(b.sequence_lengths(), a.sequence_lengths())
+            assert b.extras["tokens"] == a.extras["tokens"]
+
+
+def test_layout_from_config_pads_for_fp8_only():
+    from types import SimpleNamespace
+
+    from metaapo_nemo.trainer.rows import FP8_TOKEN_MULTIPLE, layout_from_config
+
+    train = SimpleNamespace(share_prompt=False, batching="bucket", pack_tokens=None)
+    fp8 = layout_from_config(SimpleNamespace(train=train, model=SimpleNamespace(fp8="hybrid")), "transformer_engine")
+    assert fp8.pad_multiple == FP8_TOKEN_MULTIPLE == 16
+    bf16 = layout_from_config(SimpleNamespace(train=train, model=SimpleNamespace(fp8=None)), "transformer_engine")
+    assert bf16.pad_multiple == 1

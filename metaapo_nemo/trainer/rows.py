@@ -44,6 +44,8 @@ from metaapo_nemo.data.preference import TokenizedPair
 from metaapo_nemo.models.policy import MicroBatch
 
 BATCHINGS = ("pad", "bucket", "pack")
+# Row lengths under FP8 are multiples of this, so rows x T is too (`RowLayout.pad_multiple`).
+FP8_TOKEN_MULTIPLE = 16
 
 Response = tuple[int, ...] | None  # None: absent (a MetaAPO prompt without an online pair)
 
@@ -74,16 +76,25 @@ class RowLayout:
             `train.micro_batch_size` does not apply and the micro-batch count varies.
         fixed_length: Pad every row to this many tokens (pipeline parallelism exchanges
             fixed shapes); None = each micro-batch's own longest row.
+        pad_multiple: Round every micro-batch's row length T up to a multiple of this
+            (`FP8_TOKEN_MULTIPLE` under FP8: Transformer Engine's FP8 GEMMs assert that the
+            flattened token count rows x T is a multiple of 8, and 16 where it is a GEMM's
+            inner dimension in the weight gradient). The padding is masked out: log-probs
+            and gradients do not change.
     """
 
     batching: str = "pad"
     share_prompt: bool = False
     pack_tokens: int | None = None
     fixed_length: int | None = None
+    pad_multiple: int = 1
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHINGS:
             raise ValueError(f"batching={self.batching!r}; use one of {BATCHINGS}")
+        if self.pad_multiple < 1 or (self.fixed_length is not None and self.fixed_length % self.pad_multiple):
+            raise ValueError(f"pad_multiple={self.pad_multiple} must be >= 1 and divide fixed_length="
+                             f"{self.fixed_length}")
 
     @property
     def explicit_positions(self) -> bool:
@@ -119,7 +130,8 @@ def layout_from_config(cfg, impl: str = "local") -> RowLayout:
             "attention mask, which the Transformer Engine spec's fused attention does not take; "
             "set train.share_prompt=false and train.batching=bucket (or pad) on GPU"
         )
-    return RowLayout(t.batching, share, t.pack_tokens)
+    return RowLayout(t.batching, share, t.pack_tokens,
+                     pad_multiple=FP8_TOKEN_MULTIPLE if cfg.model.fp8 is not None else 1)
 
 
 def data_tokens(unit: Unit) -> int:
@@ -307,6 +319,14 @@ def build_microbatches(pairs: Sequence[Unit], layout: RowLayout, micro_pairs: in
     """
     if not pairs:
         return []
+    mbs = _layout_microbatches(pairs, layout, micro_pairs, pad_id)
+    m = layout.pad_multiple
+    return [mb if mb.input_ids_NT.shape[1] % m == 0 else mb.padded_to(-(-mb.input_ids_NT.shape[1] // m) * m, pad_id)
+            for mb in mbs]
+
+
+def _layout_microbatches(pairs: Sequence[Unit], layout: RowLayout, micro_pairs: int,
+                         pad_id: int) -> list[MicroBatch]:
     fixed = layout.fixed_length
     if layout.batching == "pack":
         sizes = [layout.unit_tokens(p) for p in pairs]
