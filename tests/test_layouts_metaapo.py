@@ -167,3 +167,23 @@ def test_online_method_layout_matches_single_process(name: str, runs: Runs) -> N
 def test_online_method_layout_matches_single_process_slow(name: str, runs: Runs) -> None:
     case = BY_NAME[name]
     assert_same_online_training(runs.run_dir(case), runs.run_dir(Case(case.method, "ref")), case.nproc)
+
+
+# The 70B recipe's layout shape (conf/llama31_70b_metaapo.yaml: TP8 x PP4, DP2 on 64 GPUs) at
+# reduced size: TP4 x PP2 x DP2 = 16 processes on a tiny model with 8 KV heads (so TP4 splits
+# query groups as the 70B's 8 KV heads split over TP8).
+SHAPE_70B = ["model.tiny.hidden_size=256", "model.tiny.num_attention_heads=8", "model.tiny.num_key_value_heads=8",
+             "model.tiny.intermediate_size=512", "rollout.max_new_tokens=8"]
+
+
+@pytest.mark.slow
+def test_metaapo_70b_layout_shape_tp4_pp2_dp2_matches_single_process(tmp_path) -> None:
+    def job(name: str, extra: tuple[str, ...]) -> dict:
+        return {"kind": "train", "method": "metaapo", "config": CONFIGS["metaapo"],
+                "overrides": [*FAST, *SHAPE_70B, *extra, f"run.name={name}", f"run.output_dir={tmp_path / 'runs'}",
+                              f"run.cache_dir={tmp_path / 'cache'}"]}
+
+    launch_jobs(1, [job("ref", ())], tmp_path, "ref70b")
+    launch_jobs(16, [job("tp4_pp2_dp2", ("parallel.tp=4", "parallel.pp=2"))], tmp_path, "shape70b",
+                timeout=1800)
+    assert_same_online_training(tmp_path / "runs" / "tp4_pp2_dp2", tmp_path / "runs" / "ref", 16)
