@@ -121,6 +121,7 @@ class Runs:
                          "hf_dir": str(self.checkpoints["mistral"]),
                          "out": str(self.root / "logprobs_tp2.json")})
         if group == (4, False):
+            jobs.append({"kind": "pp_objects", "pp": 2, "out": str(self.root / "pp_objects.json")})
             for name, (ckpt, tp, pp, vpp) in ROUND_TRIPS.items():
                 jobs.append({"kind": "roundtrip", "hf_dir": str(self.checkpoints[ckpt]), "tp": tp,
                              "pp": pp, "vpp": vpp, "out": str(self.root / "roundtrip" / name)})
@@ -270,3 +271,17 @@ def test_vocab_parallel_logprobs_tp2_equal_gathered(runs: Runs) -> None:
         assert c["model_vocab"] == MISTRAL_VOCAB
         assert c["model_local_logits"] == [2, 16, (MISTRAL_VOCAB + 1) // 2]
         assert c["model_max_diff"] < 1e-5
+
+
+def test_pipeline_object_broadcast_uses_per_pipeline_gloo_groups(runs: Runs) -> None:
+    """Issue 19 finding 3: under NCCL the margins' broadcast across stages used the WORLD group
+    with a per-pipeline source. The group chosen for NCCL (a gloo group per pipeline, built
+    collectively) is exercised here at DP2 x PP2 on 4 processes: each rank gets its own
+    pipeline's payload, and the next world collective still lines up."""
+    checks = json.loads(runs.result((4, False), runs.root / "pp_objects.json").read_text())
+    assert [c["rank"] for c in checks] == [0, 1, 2, 3]
+    pipelines = {tuple(c["pipeline"]) for c in checks}
+    assert len(pipelines) == 2 and all(len(p) == 2 for p in pipelines)
+    for c in checks:
+        assert c["got"] == {"from": c["pipeline"][-1], "pipeline": c["pipeline"]}
+        assert c["world_sum"] == 6.0

@@ -13,6 +13,8 @@ import start-up per layout). Kinds:
   meta-learner state of every rank.
 - ``roundtrip``: HF -> Megatron (``tp``, ``pp``, ``vpp``) -> HF with ``{"hf_dir", "out"}``;
   writes ``out/`` (an HF checkpoint) and ``out/../<name>.json`` (checks seen by every rank).
+- ``pp_objects``: object broadcasts over the per-pipeline gloo groups the NCCL path builds
+  (``{"pp", "out"}``); writes what every rank received.
 - ``logprobs``: vocab-parallel token log-probs on synthetic TP-sharded logits vs the
   gathered computation; writes ``{"out": file}`` with the measured differences.
 
@@ -162,7 +164,31 @@ def _model_logprobs(hf_dir: str, ctx) -> dict:
             "model_max_diff": float((got - want).abs().max())}
 
 
-JOBS = {"train": run_train, "roundtrip": run_roundtrip, "logprobs": run_logprobs}
+def run_pp_objects(job: dict) -> None:
+    """Object broadcasts across pipeline stages through the group the NCCL path builds
+    (`state.pipeline_group_gloo(..., always_new=True)`: new gloo groups, one per pipeline),
+    at DP2 x PP2: each pipeline's last stage sends its own payload; every rank must receive
+    its pipeline's, and a following world collective must still line up."""
+    from metaapo_nemo.parallel import state
+
+    ctx = state.initialize(tp=job.get("tp", 1), pp=job["pp"])
+    try:
+        group = state.pipeline_group_gloo(ctx.pp_group, "nccl", always_new=True)
+        ranks = dist.get_process_group_ranks(ctx.pp_group)
+        assert dist.get_process_group_ranks(group) == ranks
+        box = [{"from": ctx.rank, "pipeline": ranks} if ctx.is_last_stage else None]
+        dist.broadcast_object_list(box, src=ranks[-1], group=group)
+        after = torch.tensor([float(ctx.rank)])
+        dist.all_reduce(after)  # the world's next collective is not crossed
+        checks = _gather_checks({"rank": ctx.rank, "pipeline": ranks, "got": box[0],
+                                 "world_sum": float(after)}, ctx)
+        if ctx.is_main:
+            Path(job["out"]).write_text(json.dumps(checks, indent=1))
+    finally:
+        state.destroy()
+
+
+JOBS = {"train": run_train, "roundtrip": run_roundtrip, "logprobs": run_logprobs, "pp_objects": run_pp_objects}
 
 
 def _keep_default_group() -> None:
