@@ -318,7 +318,7 @@ def load_config(
     """
     if method is not None and method not in RECIPES:
         raise ConfigError(f"unknown method {method!r}; one of {', '.join(RECIPES)}")
-    default = DEFAULT_RECIPES.get(method or "metaapo")
+    default = DEFAULT_RECIPES[method or "metaapo"]
     recipe = _find_recipe(default if path is None else path)
     tree = _apply_overrides(_load_tree(recipe), list(overrides))
     source = display_path(recipe) + "".join(f" {o}" for o in overrides)
