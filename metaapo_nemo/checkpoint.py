@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 
 from metaapo_nemo import checksum as _checksum
 from metaapo_nemo.parallel.state import ParallelContext
@@ -249,9 +250,47 @@ def _model_sharded(model) -> dict[str, Any]:
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+def _ignore_preemption_signals() -> None:
+    """Initializer of the results-queue manager process (see `_signal_safe_results_queue`)."""
+    import ctypes
+    import signal
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    # It ignores SIGTERM now, so it must not outlive its rank (a rank killed by SIGKILL):
+    # PR_SET_PDEATHSIG = 1 sends it SIGKILL when the parent dies.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+def _signal_safe_results_queue() -> None:
+    """Makes megatron's checkpoint writer survive SLURM's preemption signal.
+
+    megatron's `filesystem_async` collects write results through a queue served by a
+    `multiprocessing` Manager process, spawned at the first save and kept for the life of
+    the rank (`_get_write_results_queue`). A spawned interpreter has the DEFAULT action for
+    SIGUSR1/SIGTERM, which is to terminate. SLURM (`--signal=USR1@N`, `scancel --signal`,
+    preemption, the time limit's SIGTERM) signals EVERY process of the step, so the manager
+    died while the rank's handler merely set the preemption flag; the preemption save then
+    failed in `global_results_queue.put` with BrokenPipe/ConnectionReset (rank exit 1, no
+    checkpoint, no requeue). We create that queue first, in a manager that ignores the two
+    signals the trainer turns into a checkpoint (the rank itself still gets them).
+    """
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        manager = SyncManager(ctx=mp.get_context("spawn"))  # the context megatron uses
+        manager.start(_ignore_preemption_signals)
+        filesystem_async._results_queue = manager.Queue()
+        filesystem_async._results_queue_manager = manager  # keeps it alive; tests read its pid
+
+
 def _save_model(model, directory: Path, with_optimizer: bool) -> None:
     from megatron.core import dist_checkpointing
 
+    _signal_safe_results_queue()
     sd = _model_sharded(model)
     if with_optimizer:
         sd["optimizer"] = model.optimizer.sharded_state_dict(sd, metadata=OPTIMIZER_METADATA)
@@ -347,31 +386,89 @@ class Checkpointer:
             if reference is not None:
                 (tmp / "reference").mkdir()
         _barrier(ctx)
-        _save_model(policy, tmp / "policy", with_optimizer=True)
-        if reference is not None:
-            _save_model(reference, tmp / "reference", with_optimizer=False)
-        _torch_save(rank, tmp / f"rank_{dist.get_rank() if dist.is_initialized() else 0:05d}.pt")
+        error = None
+        try:  # a failed write (disk full, quota, I/O) must not strand the other ranks
+            _save_model(policy, tmp / "policy", with_optimizer=True)
+            if reference is not None:
+                _save_model(reference, tmp / "reference", with_optimizer=False)
+            _torch_save(rank, tmp / f"rank_{dist.get_rank() if dist.is_initialized() else 0:05d}.pt")
+            if ctx.is_main:
+                body = {"format": FORMAT, "step": step, "world_size": ctx.dims.world_size,
+                        "layout": {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp}, **trainer}
+                _write_bytes(tmp / "trainer.json", json.dumps(body, indent=1).encode())
+                _torch_save(shared or {}, tmp / "shared.pt")
+                _write_bytes(tmp / "config.yaml", self.config_yaml.encode())
+        except (Exception, DCPCheckpointException) as exc:  # noqa: BLE001 - torch's is a BaseException
+            error = exc
         self._timed_barrier("writing its share of the checkpoint", policy, reference)
-        if ctx.is_main:
-            body = {"format": FORMAT, "step": step, "world_size": ctx.dims.world_size,
-                    "layout": {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp}, **trainer}
-            _write_bytes(tmp / "trainer.json", json.dumps(body, indent=1).encode())
-            _torch_save(shared or {}, tmp / "shared.pt")
-            _write_bytes(tmp / "config.yaml", self.config_yaml.encode())
+        self._fail_together(error, tmp, step, policy, reference)
         self._write_manifest(tmp, step)  # collective: every rank hashes the files it wrote
+        error = None
         if ctx.is_main:
-            if final.exists():  # the same step saved again (e.g. end after a preemption save)
-                shutil.rmtree(final)
-            tmp.rename(final)
-            _fsync_dir(self.root)
-            latest_tmp = self.root / (LATEST + ".tmp")
-            _write_bytes(latest_tmp, final.name.encode())
-            latest_tmp.replace(self.root / LATEST)
-            _fsync_dir(self.root)
+            try:
+                if final.exists():  # the same step saved again (e.g. end after a preemption save)
+                    shutil.rmtree(final)
+                tmp.rename(final)
+                _fsync_dir(self.root)
+                latest_tmp = self.root / (LATEST + ".tmp")
+                _write_bytes(latest_tmp, final.name.encode())
+                latest_tmp.replace(self.root / LATEST)
+                _fsync_dir(self.root)
+            except OSError as exc:
+                error = exc
+        self._fail_together(error, final if final.exists() and error else tmp, step, policy, reference)
+        if ctx.is_main:
             self._prune(keep=final.name)
         _barrier(ctx)
         self.last_saved_step = step
         return final
+
+    def _fail_together(self, error: BaseException | None, partial: Path, step: int, policy,
+                       reference=None) -> None:
+        """Collective: if any rank's write failed, rank 0 removes the partial directory and
+        every rank raises the same CheckpointError (`latest` still names the previous good
+        checkpoint). Disk full / quota: the message names the directory, the free space and
+        what one checkpoint needs."""
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        local_bytes = state_bytes(policy) + state_bytes(reference)
+        parts = [(mine, local_bytes)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, (mine, local_bytes), group=self._gloo_group())
+        errors = [(r, e) for r, (e, _) in enumerate(parts) if e]
+        if not errors:
+            return
+        need = self._checkpoint_bytes() or sum(b for _, b in parts)
+        # torch.save reports a full disk as "unexpected pos" without an errno: judge by the
+        # space left before the partial directory is removed
+        free_at_failure = shutil.disk_usage(self.root).free
+        full = free_at_failure < min(need, 64 << 20) or any(
+            s in e for _, e in errors for s in ("No space left", "Errno 28", "Disk quota", "Errno 122"))
+        _barrier(self.ctx)  # every rank has looked at the free space
+        latest_name = (self.root / LATEST).read_text().strip() if (self.root / LATEST).exists() else None
+        if self.ctx.is_main and partial.name != latest_name:
+            shutil.rmtree(partial, ignore_errors=True)
+        _barrier(self.ctx)
+        rank, first = errors[0][0], errors[0][1].strip().splitlines()[-1].strip()[:200]  # the root cause
+        latest = self.root / LATEST
+        kept = f"latest is still {latest.read_text().strip()}" if latest.exists() else "no earlier checkpoint"
+        where = f"{self.root} (removed the partial {partial.name}; {kept})"
+        if full:
+            free = shutil.disk_usage(self.root).free
+            raise CheckpointError(
+                f"checkpoint step {step} did not fit: no space left on the file system of {where}. "
+                f"It has {_size(free)} free; one checkpoint needs about {_size(need)} (keep_last="
+                f"{self.keep_last} of them, plus one being written). Free at least {_size(need - free)} "
+                f"there or set run.output_dir to a larger file system, then rerun the same command "
+                f"to resume. (rank {rank}: {first})")
+        raise CheckpointError(f"checkpoint step {step} could not be written in {where}: rank {rank}: {first}")
+
+    def _checkpoint_bytes(self) -> int:
+        """Size of the newest complete checkpoint (what the next one will need), or 0."""
+        for d in self.candidates():
+            if (d / MANIFEST).exists():
+                return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        return 0
 
     def _write_manifest(self, directory: Path, step: int) -> None:
         """Every rank fsyncs + hashes the files it wrote (in parallel); rank 0 writes the
@@ -528,6 +625,11 @@ class Checkpointer:
             rank_state["layout_changed"] = True
         self.last_saved_step = int(trainer["step"])
         return Restored(directory, trainer, shared, rank_state)
+
+
+def _size(n: int) -> str:
+    n = max(n, 0)
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.1f} GB"
 
 
 def _rank_world() -> tuple[int, int]:

@@ -228,14 +228,15 @@ def main(argv: list[str] | None = None, method: str = "metaapo", doc: str | None
         return 2
     try:
         st = fit(run)
-    except NonFiniteError as exc:
+    except (NonFiniteError, CheckpointError) as exc:  # both messages say what was kept
         print(f"error: {exc}", file=sys.stderr)
         run.algorithm.close()
         run.logger.close()
         state.destroy()
-        return NONFINITE_EXIT
+        return NONFINITE_EXIT if isinstance(exc, NonFiniteError) else SAVE_FAILED_EXIT
     finish(run, st)
     return st.exit_code
 
 
 NONFINITE_EXIT = 3  # stopped on a non-finite loss/gradient after saving the last good state
+SAVE_FAILED_EXIT = 4  # a checkpoint could not be written (e.g. disk full); `latest` is the last good one

@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import atexit
 import math
+import os
 import signal
 import sys
 
@@ -33,6 +35,7 @@ class Preemption:
 
     def __init__(self, signals=PREEMPT_SIGNALS):
         self.signal_name: str | None = None
+        self._exit_now = None
         self._previous = {}
         for sig in signals:
             try:
@@ -52,7 +55,29 @@ class Preemption:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
+    def exit_when_signalled(self, code: int) -> None:
+        """After the preemption checkpoint: a further SIGTERM/SIGUSR1 ends the process at once
+        with `code` (the state is on disk; what is left is the summary and teardown).
+
+        Under `srun --kill-on-bad-exit` the first rank to exit 85 makes srun SIGTERM the
+        others, which may still be writing the summary or tearing down; with the default
+        action they died with 143, srun reported 143 and the batch script did not requeue
+        (measured on the local cluster, tests/test_slurm_cluster.py). SLURM's time-limit
+        SIGTERM is handled the same way. Python's finalisation resets every handler to the
+        default action before it tears torch and vLLM down (seconds), so the process also
+        leaves through `os._exit(code)` at the first atexit callback (registered last, runs
+        first): nothing after it is needed, the checkpoint and the logs are written.
+        `restore()` undoes both (a single process, e.g. an in-process test, carries on).
+        """
+        self._exit_now = lambda *_: (sys.stdout.flush(), sys.stderr.flush(), os._exit(code))
+        for sig in self._previous:
+            signal.signal(sig, self._exit_now)
+        atexit.register(self._exit_now)
+
     def restore(self) -> None:
+        if self._exit_now is not None:
+            atexit.unregister(self._exit_now)
+            self._exit_now = None
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
         self._previous.clear()

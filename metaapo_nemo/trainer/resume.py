@@ -64,6 +64,7 @@ class RunGuard:
         if preempted:
             st.stop = True
             st.exit_code = self.cfg.checkpoint.requeue_exit_code
+            self.preemption.exit_when_signalled(st.exit_code)
             if self.ctx.is_main:
                 print(f"preempted ({self.preemption.signal_name or 'signal on another rank'}): "
                       f"checkpoint at step {st.step} saved in {self.ckpt.root}; exiting with "
@@ -72,7 +73,11 @@ class RunGuard:
     def at_end(self, st: TrainState, save: Callable[[], None]) -> None:
         if st.exit_code == 0 and self.cfg.checkpoint.save_at_end and self.ckpt.last_saved_step != st.step:
             save()
-        self.preemption.restore()
+        # A preempted rank of a multi-process launch keeps "signal -> exit 85" until it exits
+        # (srun terminates the slower ranks once the first one exits 85); a single process
+        # (also the in-process tests) gets its previous handlers back.
+        if st.exit_code == 0 or self.ctx.dims.world_size == 1:
+            self.preemption.restore()
 
     def register(self, name: str, where: str, obj, layout_bound: bool = False) -> None:
         """Registers a stateful object (state_dict / load_state_dict) ONCE: every checkpoint
