@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-dpo test test-all venv dry-run bench bench-trl smollm2 generate clean
+.PHONY: demo demo-dpo test test-cluster test-all venv dry-run bench bench-trl smollm2 generate clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,13 @@ dry-run: $(STAMP)
 	$(PY) recipes/metaapo.py --dry-run
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not gpu" -q
+	$(PY) -m pytest -m "not slow and not gpu and not cluster" -q
+
+# The shipped sbatch path on a real local SLURM cluster (root; installs slurm + munge with apt
+# when missing): slurm/testing/cluster.sh, tests/test_slurm_cluster.py, tests/test_disk_full.py.
+# About 10-15 minutes on a 2-core machine.
+test-cluster: $(STAMP)
+	$(PY) -m pytest -m cluster -q
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

@@ -12,8 +12,13 @@
 #
 # Preemption: the sbatch scripts ask SLURM for USR1 some minutes before the time limit
 # (--signal=USR1@300). The trainer finishes its optimiser step, writes a checkpoint and exits
-# with status 85 (REQUEUE_EXIT); the sbatch script then requeues the job, and the requeued
-# job resumes from the run directory's latest checkpoint by itself.
+# with status 85 (REQUEUE_EXIT); this script then requeues the job (`scontrol requeue`, which
+# ends the batch script at once), and the requeued job (same id, SLURM_RESTART_COUNT=1)
+# resumes from the run directory's latest checkpoint by itself. Every sbatch script, GPU and
+# CPU, goes through here: the requeue logic exists once.
+#
+# Run directory: $OUTPUT_DIR/$RUN_NAME, default runs/<job name>-<job id>; an array task uses
+# <job name>-<array job id>_<array task id>, so a sweep's tasks never share a directory.
 set -euo pipefail
 : "${SLURM_JOB_ID:?run this inside an sbatch/salloc allocation}"
 [ $# -ge 2 ] || { echo "usage: $0 RECIPE_SCRIPT RECIPE_YAML [a.b=c ...]" >&2; exit 2; }
@@ -32,7 +37,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export TOKENIZERS_PARALLELISM=false
 
 # One run directory per job; a requeued job keeps its id, so it finds its checkpoints.
-RUN_NAME=${RUN_NAME:-${SLURM_JOB_NAME:-job}-${SLURM_JOB_ID}}
+if [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then
+  RUN_NAME=${RUN_NAME:-${SLURM_JOB_NAME:-job}-${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
+else
+  RUN_NAME=${RUN_NAME:-${SLURM_JOB_NAME:-job}-${SLURM_JOB_ID}}
+fi
 OUTPUT_DIR=${OUTPUT_DIR:-$REPO/runs}
 mkdir -p "$OUTPUT_DIR/$RUN_NAME"
 
@@ -47,6 +56,8 @@ if [ -n "${CONTAINER_IMAGE:-}" ]; then
                   --container-mounts="$REPO:$REPO${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}")
 fi
 
+echo "launch: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NTASKS tasks on" \
+  "$SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $OUTPUT_DIR/$RUN_NAME"
 set +e
 srun --kill-on-bad-exit=1 --cpu-bind=none "${CONTAINER_ARGS[@]}" \
   "$PYTHON" "$REPO/$SCRIPT" --config "$REPO/$RECIPE" \
@@ -54,4 +65,12 @@ srun --kill-on-bad-exit=1 --cpu-bind=none "${CONTAINER_ARGS[@]}" \
   2>&1 | tee -a "$OUTPUT_DIR/$RUN_NAME/train.log"
 rc=${PIPESTATUS[0]}
 set -e
+REQUEUE_EXIT=${REQUEUE_EXIT:-85}  # the trainer's "checkpoint written, please requeue me" status
+if [ "$rc" -eq "$REQUEUE_EXIT" ]; then
+  echo "preempted/time limit: checkpoint written; requeueing job $SLURM_JOB_ID" \
+    | tee -a "$OUTPUT_DIR/$RUN_NAME/train.log"
+  # Only a batch job can be requeued (not salloc/srun): then say how to resume and keep 85.
+  scontrol requeue "$SLURM_JOB_ID" && exit 0
+  echo "could not requeue job $SLURM_JOB_ID; rerun the same command to resume" >&2
+fi
 exit "$rc"

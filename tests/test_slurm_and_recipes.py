@@ -37,10 +37,14 @@ def test_script_names_existing_recipe_with_matching_layout(script):
     recipe = re.search(r"^RECIPE=(\S+)", text, re.M).group(1)
     entry = re.search(r"^SCRIPT=(\S+)", text, re.M).group(1)
     assert (REPO_ROOT / recipe).is_file() and (REPO_ROOT / entry).is_file()
-    for needed in ("--signal=USR1@", "--requeue", "scontrol requeue", "REQUEUE_EXIT=85"):
-        assert needed in text
+    for needed in ("--signal=USR1@", "--requeue", '\nexec bash slurm/launch.sh "$SCRIPT" "$RECIPE" "$@"'):
+        assert needed in text  # the one launcher; it owns the requeue on exit 85
+    assert "scontrol requeue" not in text, "the requeue logic lives in slurm/launch.sh only"
     world = _directive(text, "nodes") * _directive(text, "ntasks-per-node")
-    assert _directive(text, "gpus-per-node") == _directive(text, "ntasks-per-node")  # one process per GPU
+    if "--gpus-per-node" in text:
+        assert _directive(text, "gpus-per-node") == _directive(text, "ntasks-per-node")  # one process per GPU
+    else:  # a CPU script (tests/test_slurm_cluster.py runs it): a tiny model
+        assert "tiny" in recipe
     cfg = load_config(recipe, method=Path(entry).stem)  # the script runs its config's method
     p = cfg.parallel
     assert world % (p.tp * p.pp * p.cp) == 0, f"{world} GPUs vs tp {p.tp} x pp {p.pp}"
@@ -51,6 +55,13 @@ def test_script_names_existing_recipe_with_matching_layout(script):
     # the full dry run: layout vs the model's heads/layers, batch arithmetic, memory planner
     report = dry_run_report(cfg, world, read_model_dims(cfg))
     assert "fits" in report and "DOES NOT FIT" not in report
+
+
+def test_launcher_requeues_on_85_once_for_every_script():
+    text = (REPO_ROOT / "slurm" / "launch.sh").read_text()
+    assert 'REQUEUE_EXIT=${REQUEUE_EXIT:-85}' in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+    assert "--kill-on-bad-exit=1" in text  # a dead rank ends the step (node failure: no hang)
+    assert "SLURM_ARRAY_TASK_ID" in text  # array tasks get their own run directories
 
 
 def test_planner_refuses_a_layout_that_does_not_fit():
