@@ -20,11 +20,15 @@ mask 0) in the one-sequence-per-row layouts, nothing at all in the others. Layou
 - ``pack``: pairs are packed first-fit-decreasing into rows of ``pack_tokens`` tokens (one
   row per micro-batch); the tokens of different sequences never see each other (block-
   diagonal causal mask) and every sequence has positions 0, 1, ... of its own.
-- ``share_prompt``: a unit becomes ONE sequence block
-  ``[p_1 .. p_{P-1} | p_P c_1 .. c_C | p_P r_1 .. r_R | ...]``: each branch sees the shared
-  prompt prefix and itself, never a sibling branch, and every branch restarts at position
+- ``share_prompt``: each PAIR of a unit's responses becomes ONE sequence block
+  ``[p_1 .. p_{P-1} | p_P c_1 .. c_C | p_P r_1 .. r_R]``: each branch sees the shared
+  prompt prefix and itself, never its sibling branch, and both branches restart at position
   P-1. The last prompt token opens each branch because its output predicts that branch's
-  first response token. P - 1 tokens per unit are computed once instead of R times.
+  first response token. P - 1 tokens per pair are computed once instead of twice. A DPO
+  pair is one block (one row); a MetaAPO round item two (offline pair, online pair; a
+  one-token placeholder row where the online pair is absent, so every micro-batch of a
+  step has the same row count), not one row of four branches: attention and masks grow
+  with the square of the row length (measured: 1.6x slower per token on CPU).
 
 Layouts other than ``pad`` also set ``select_logits`` (the output layer runs only where a
 response token is scored), and those with several sequences or branches per row carry the
@@ -104,8 +108,9 @@ class RowLayout:
     def unit_tokens(self, unit: Unit) -> int:
         """Row tokens one unit's present responses occupy in this layout."""
         p, present = len(unit.prompt_ids), [r for r in unit.responses if r is not None]
-        if self.share_prompt:
-            return p - 1 + sum(len(r) + 1 for r in present)
+        if self.share_prompt:  # one shared prompt per pair of responses
+            pairs = len({j // 2 for j, r in enumerate(unit.responses) if r is not None})
+            return pairs * (p - 1) + sum(len(r) + 1 for r in present)
         return sum(p + len(r) for r in present)
 
 
@@ -162,12 +167,13 @@ def _sequence_block(prompt: Sequence[int], response: Sequence[int], seq: int, pa
     return _Block(ids, list(range(p + r)), [0] * (p + r), ids[1:] + [pad_id], targets)
 
 
-def _shared_block(unit: Unit, first_seq: int, pad_id: int) -> _Block:
-    prompt = list(unit.prompt_ids)
+def _shared_block(prompt_ids: Sequence[int], responses: Sequence[Response], first_seq: int,
+                  pad_id: int) -> _Block:
+    prompt = list(prompt_ids)
     prefix = prompt[:-1]
     block = _Block(list(prefix), list(range(len(prefix))), [0] * len(prefix),
                    prompt[1:], [-1] * len(prefix))
-    for j, response in enumerate(unit.responses):
+    for j, response in enumerate(responses):
         if response is None:  # absent: a sequence with no tokens
             continue
         branch = [prompt[-1], *response]
@@ -179,11 +185,27 @@ def _shared_block(unit: Unit, first_seq: int, pad_id: int) -> _Block:
     return block
 
 
+def _placeholder_block(pad_id: int) -> _Block:
+    """One pad token scoring nothing: keeps a row for an absent pair (fixed row counts)."""
+    return _Block([pad_id], [0], [0], [pad_id], [-1])
+
+
 def _unit_blocks(unit: Unit, first_seq: int, share: bool, pad_id: int) -> list[_Block]:
-    if share:
-        return [_shared_block(unit, first_seq, pad_id)]
-    return [_sequence_block(unit.prompt_ids, r, first_seq + j, pad_id)
-            for j, r in enumerate(unit.responses) if r is not None]
+    """A unit's blocks: one per response without sharing; with sharing one block per PAIR of
+    responses (offline pair, online pair), so a MetaAPO row is [prompt | chosen | rejected]
+    like a DPO row rather than one row with four branches (attention and masks grow with the
+    square of the row length). An absent pair becomes a placeholder block."""
+    if not share:
+        return [_sequence_block(unit.prompt_ids, r, first_seq + j, pad_id)
+                for j, r in enumerate(unit.responses) if r is not None]
+    out = []
+    for j in range(0, len(unit.responses), 2):
+        pair = unit.responses[j:j + 2]
+        if all(r is None for r in pair):
+            out.append(_placeholder_block(pad_id))
+        else:
+            out.append(_shared_block(unit.prompt_ids, pair, first_seq + j, pad_id))
+    return out
 
 
 # ----------------------------------------------------------------- rows -> MicroBatch
@@ -349,5 +371,8 @@ def _rows_microbatch(group: Sequence[Unit], layout: RowLayout, pad_id: int,
                      one_row: bool) -> MicroBatch:
     r = _responses_per_unit(group)
     blocks = [_unit_blocks(u, r * j, layout.share_prompt, pad_id) for j, u in enumerate(group)]
-    rows = [[b for bs in blocks for b in bs]] if one_row else blocks
+    if one_row:  # packed: every block of the group in one row (placeholders are not needed)
+        rows = [[b for bs in blocks for b in bs if any(q >= 0 for q in b.seq)]]
+    else:  # one row per block: a unit of R responses takes R / 2 rows
+        rows = [[b] for bs in blocks for b in bs]
     return blocks_to_microbatch(rows, group, pad_id, layout.fixed_length)
