@@ -123,10 +123,8 @@ MpiDefault=none
 JobRequeue=1
 # a node whose slurmd stops answering is DOWN after this many seconds
 SlurmdTimeout=30
-# seconds between SIGTERM and SIGKILL when a step or job is cancelled
-KillWait=10
-# a task exiting non-zero ends the whole step (srun --kill-on-bad-exit does the same)
-KillOnBadExit=1
+# KillWait (SIGTERM -> SIGKILL, 30 s) and KillOnBadExit (0) keep SLURM's defaults: that a dead
+# rank ends the step is slurm/launch.sh's `srun --kill-on-bad-exit=1`, as on a real cluster
 EOF
     if [ "$mode" = two-node ]; then
       for n in "${NODES[@]}"; do
