@@ -98,9 +98,10 @@ def test_default_recipe():
     assert (cfg.run.name, cfg.method) == ("tiny_cpu", "metaapo")
     dpo = load_config(None, method="dpo")
     assert (dpo.run.name, dpo.method) == ("tiny_cpu_dpo", "dpo")
-    # the same demo model, data and schedule; only MetaAPO's sections differ
-    for section in ("model", "data", "optim", "train", "loss", "reference", "parallel"):
+    # the same demo model, data and schedule; MetaAPO's sections (and its row layout) differ
+    for section in ("model", "data", "optim", "loss", "reference", "parallel"):
         assert getattr(dpo, section) == getattr(cfg, section), section
+    assert dpo.train.model_copy(update={"batching": cfg.train.batching}) == cfg.train
     assert cfg.model.tiny is not None and cfg.model.tiny.arch == "llama" and cfg.model.path is None
     assert (cfg.data.max_length, cfg.data.max_prompt_length) == (256, 128)
     assert (cfg.train.global_batch_size, cfg.train.micro_batch_size) == (8, 2)
