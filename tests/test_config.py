@@ -574,3 +574,9 @@ def test_recipe_refuses_a_config_of_the_other_method(capsys):
 
     with pytest.raises(ConfigError, match="the config runs method=metaapo"):
         R.build(load_config(None), "dpo")  # refused before anything starts
+
+
+def test_packing_with_interleaved_pipeline_is_refused_at_startup():
+    """pack gives a varying micro-batch count per step; VPP needs a multiple of pp."""
+    with pytest.raises(ConfigError, match="train.batching=pack .* parallel.vpp=2"):
+        load_config(None, ["train.batching=pack", "parallel.pp=2", "parallel.vpp=2"], method="metaapo")

@@ -102,11 +102,16 @@ def test_round_start_margins_fill_the_cache_and_match_the_uncached_pass(comps):
         assert again[i] == cached[i]
 
 
-def test_round_reference_runs_online_rows_only_and_equals_the_all_rows_forward(comps):
-    """MetaAPO's training steps: offline rows from the margin pass's cache, online rows fresh."""
-    from metaapo_nemo.trainer.batching import to_microbatches
-    from metaapo_nemo.algorithms.online import attach_reference_logps, attach_round_reference
+def test_round_reference_runs_online_pairs_once_and_equals_the_all_rows_forward(comps):
+    """MetaAPO's reference values: offline pairs from the margin pass's cache, online pairs from
+    ONE pass per round (`with_online_reference`); the training steps run no reference."""
+    from metaapo_nemo.algorithms.online import (
+        attach_reference_logps,
+        attach_round_reference,
+        with_online_reference,
+    )
     from metaapo_nemo.algorithms.rounds import OnlinePair, RoundItem, collate_round, offline_margins
+    from metaapo_nemo.trainer.batching import to_microbatches
 
     c, calls = comps
     pad = c.tokenizer.pad_token_id
@@ -115,18 +120,24 @@ def test_round_reference_runs_online_rows_only_and_equals_the_all_rows_forward(c
     # online pairs for every other prompt (other pairs' responses stand in for samples)
     items = [RoundItem(p, OnlinePair(PAIRS[-1 - i].chosen_ids, PAIRS[-1 - i].rejected_ids, 1.0, 0.0)
                        if i % 2 == 0 else None) for i, p in enumerate(PAIRS)]
+    n = len(calls)
+    items = with_online_reference(c.reference, items, c.ctx, 2, pad, c.layout)
+    assert len(calls) - n == 1  # one reference pass over the round's online pairs
+    assert all((it.online is None) or (it.online.ref_chosen is not None) for it in items)
     fresh = [collate_round(items[i:i + 4], pad, c.ctx.device) for i in range(0, len(items), 4)]
     cached = [collate_round(items[i:i + 4], pad, c.ctx.device) for i in range(0, len(items), 4)]
     attach_reference_logps(c.reference, fresh)
     n = len(calls)
-    ran = attach_round_reference(c.reference, c.ref_cache, items, cached, c.ctx, 2, pad, c.layout)
-    assert ran == len(PAIRS) // 2  # the online pairs, nothing else
-    assert len(calls) - n == 1  # one reference pass over them (in the run's row layout)
+    attach_round_reference(c.ref_cache, items, cached, on_last_stage=True)
+    assert len(calls) == n  # the step attaches: no reference run
     for f, k in zip(fresh, cached):
         has = f.extras["has_online"].bool().repeat_interleave(4)
         real = has | (torch.arange(len(has)) % 4 < 2)  # placeholders' values are never read
         torch.testing.assert_close(k.extras["ref_logps_N"][real], f.extras["ref_logps_N"][real],
                                    rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="no reference values"):
+        attach_round_reference(c.ref_cache, [RoundItem(PAIRS[0], OnlinePair((5,), (6,), 1.0, 0.0))],
+                               cached[:1], on_last_stage=True)
     c.ref_cache.invalidate()
     with pytest.raises(RuntimeError, match="margin pass"):
-        attach_round_reference(c.reference, c.ref_cache, items, cached, c.ctx, 2, pad, c.layout)
+        attach_round_reference(c.ref_cache, items, cached, on_last_stage=True)

@@ -205,6 +205,10 @@ class MetaAPO:
         totals.add(report.counters)
         pos.counters = totals.as_dict()
         items = [RoundItem(p, report.pairs.get(p.index)) for p in round_pairs]
+        t_ref = time.perf_counter()
+        items = O.with_online_reference(run.reference, items, ctx, cfg.train.micro_batch_size, run.pad_id,
+                                        run.layout)
+        t_ref = time.perf_counter() - t_ref
         if m.unselected == "drop":
             items = [it for it in items if it.online is not None]
         pos.seen += len(round_pairs)
@@ -218,6 +222,7 @@ class MetaAPO:
               "annotation_ratio": pos.annotated / pos.seen, "samples_scored_total": totals.samples_scored,
               "rm_chosen_mean": report.rm_chosen_mean, "rm_rejected_mean": report.rm_rejected_mean,
               "refit_s": report.refit_s, "generate_s": report.generate_s, "score_s": report.score_s,
+              "reference_s": t_ref,
               "gen_tokens_per_s": report.generated_tokens / report.generate_s if report.generate_s else 0.0,
               "prepare_s": time.perf_counter() - t_round, "w_mean": float(w.mean())}
         rm |= {f"w_q{int(q * 100)}": float(torch.quantile(w.double(), q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
@@ -244,8 +249,8 @@ class MetaAPO:
             if missing:  # only after a resume into another layout (the margin pass fills the round)
                 run.ref_cache.fill(run.reference, to_microbatches(missing, plan.micro_batch, run.pad_id,
                                                                   ctx.device, run.layout))
-        O.attach_round_reference(run.reference, run.ref_cache, mine, mbs, ctx, plan.micro_batch, run.pad_id,
-                                 run.layout)  # the reference runs on the online pairs only
+        if run.reference is not None:  # no reference pass: the margin pass and the round's pass cached it
+            O.attach_round_reference(run.ref_cache, mine, mbs, ctx.is_last_stage)
         mark = self.learner.buffer.mark()
         loss_fn = metaapo_loss_fn(run.loss, self._weigher(), G, run.cfg.metaapo.unselected,
                                   record=self.learner.record if ctx.is_last_stage else None)

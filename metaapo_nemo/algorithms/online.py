@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from metaapo_nemo.algorithms.rounds import OnlinePair, RoundItem
+from metaapo_nemo.algorithms.rounds import OnlinePair, RoundItem, gather_to_all
 from metaapo_nemo.data.collate import epoch_order
 from metaapo_nemo.data.preference import TokenizedPair
 from metaapo_nemo.meta.learner import MetaLearner
@@ -117,59 +118,75 @@ def attach_reference_logps(reference: MegatronLM | None, microbatches: Sequence[
         mb.extras["ref_logps_N"] = out["seq_logps_N"]
 
 
-def attach_round_reference(
+def with_online_reference(
     reference: MegatronLM | None,
-    cache: ReferenceCache,
     items: Sequence[RoundItem],
-    microbatches: Sequence[MicroBatch],
     ctx: ParallelContext,
     micro_pairs: int,
     pad_id: int,
     layout: RowLayout | None = None,
-) -> int:
-    """`ref_logps_N` [4B] of round micro-batches, running the reference on ONLINE pairs only.
+) -> list[RoundItem]:
+    """The round's items with the reference log-probs of their online pairs, on every rank.
 
-    The offline values come from `cache`, which the round's margin pass filled
-    (`rounds.offline_margins(..., ref_cache=)`); the online pairs of `items` (this rank's
-    share of the step) go through the reference once, as DPO pairs in the same `layout`.
-    Equal to `attach_reference_logps` on all rows (tests/test_reference_cache.py). Every
-    pipeline stage makes the same calls (under PP the online pairs are padded with repeats
-    to whole micro-batches: every micro-batch of a schedule has the same rows). Returns
-    the number of online pairs the reference ran on.
+    Once per round, after annotation (the reference is fixed within a round): each DP rank
+    runs the reference over its contiguous share of the round's online pairs (as DPO pairs in
+    the run's `layout`; padded with repeats to whole micro-batches under PP, where every
+    micro-batch of a schedule has the same rows), and the values are gathered to every rank
+    (DP all-gather, PP broadcast: two floats per pair). The round's training steps then run
+    no reference at all (`attach_round_reference`), like DPO steps on a cached reference, and
+    a checkpoint of the round (its items) holds the values, so a resumed round needs no pass.
     """
-    if reference is None:
-        return 0
+    online = [it for it in items if it.online is not None]
+    if reference is None or not online:
+        return list(items)
+    share = -(-len(online) // ctx.dims.dp)
+    mine = [it.online_as_pair() for it in online[ctx.dp_rank * share:(ctx.dp_rank + 1) * share]]
+    local: dict[int, tuple[float, float]] = {}
+    if mine:
+        run = mine
+        if ctx.dims.pp > 1 and len(mine) % micro_pairs:
+            run = mine + [mine[-1]] * (micro_pairs - len(mine) % micro_pairs)
+        mbs = to_microbatches(run, micro_pairs, pad_id, ctx.device, layout)
+        for mb, out in zip(mbs, reference.run(mbs, reference_loss_fn, forward_only=True)):
+            seq = out["seq_logps_N"].double().cpu()
+            for j, idx in enumerate(mb.extras["pair_index"].tolist()):
+                local[idx] = (float(seq[2 * j]), float(seq[2 * j + 1]))
+    values = gather_to_all(local, ctx)
+    return [it if it.online is None else
+            RoundItem(it.pair, dataclasses.replace(it.online, ref_chosen=values[it.index][0],
+                                                   ref_rejected=values[it.index][1]))
+            for it in items]
+
+
+def attach_round_reference(cache: ReferenceCache, items: Sequence[RoundItem],
+                           microbatches: Sequence[MicroBatch], on_last_stage: bool) -> None:
+    """`ref_logps_N` [4B] of round micro-batches without running the reference: offline values
+    from `cache` (the round's margin pass filled it), online values from the items
+    (`with_online_reference`). Placeholders of absent online pairs get 0 (never read)."""
     missing = [it.index for it in items if it.index not in cache]
     if missing:
         raise RuntimeError(f"reference cache lacks offline pairs {missing[:5]}: run the margin pass "
                            "with ref_cache before training the round")
-    online = [it.online_as_pair() for it in items if it.online is not None]
-    values: dict[int, torch.Tensor] = {}
-    if online:
-        run = online
-        if ctx.dims.pp > 1 and len(online) % micro_pairs:
-            run = online + [online[-1]] * (micro_pairs - len(online) % micro_pairs)
-        mbs = to_microbatches(run, micro_pairs, pad_id, ctx.device, layout)
-        for mb, out in zip(mbs, reference.run(mbs, reference_loss_fn, forward_only=True)):
-            seq = out["seq_logps_N"]
-            for j, idx in enumerate(mb.extras["pair_index"].tolist()):
-                values[idx] = seq[2 * j:2 * j + 2]
-    if not ctx.is_last_stage:
-        return len(online)
+    if not on_last_stage:
+        return
+    by_index = {it.index: it for it in items}
     for mb in microbatches:
         pair_idx = mb.extras["pair_index"].tolist()
-        ref = torch.zeros(4 * len(pair_idx), dtype=torch.float32, device=mb.input_ids_NT.device)
+        ref = torch.zeros(4 * len(pair_idx), dtype=torch.float64)
         ref[0::4], ref[1::4] = _cached(cache, pair_idx, ref.device)
         for j, idx in enumerate(pair_idx):
-            if idx in values:
-                ref[4 * j + 2:4 * j + 4] = values[idx].to(ref)
-        mb.extras["ref_logps_N"] = ref
-    return len(online)
+            on = by_index[idx].online
+            if on is not None:
+                if on.ref_chosen is None or on.ref_rejected is None:
+                    raise RuntimeError(f"online pair of prompt {idx} has no reference values: run "
+                                       "with_online_reference on the round's items first")
+                ref[4 * j + 2], ref[4 * j + 3] = on.ref_chosen, on.ref_rejected
+        mb.extras["ref_logps_N"] = ref.to(mb.input_ids_NT.device, torch.float32)
 
 
 def _cached(cache: ReferenceCache, pair_idx: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     vals = torch.tensor([cache._value(i) for i in pair_idx], dtype=torch.float64)
-    return vals[:, 0].to(device, torch.float32), vals[:, 1].to(device, torch.float32)
+    return vals[:, 0].to(device), vals[:, 1].to(device)
 
 
 def sync_meta_learner(learner: MetaLearner, ctx: ParallelContext,

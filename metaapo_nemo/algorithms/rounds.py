@@ -32,12 +32,16 @@ ROWS_PER_PROMPT = 4
 
 @dataclass(frozen=True)
 class OnlinePair:
-    """Best and worst of K on-policy samples for one prompt, by reward."""
+    """Best and worst of K on-policy samples for one prompt, by reward, and (once the round's
+    reference pass ran, `algorithms.online.with_online_reference`) their reference
+    sequence log-probs."""
 
     chosen_ids: tuple[int, ...]
     rejected_ids: tuple[int, ...]
     chosen_reward: float
     rejected_reward: float
+    ref_chosen: float | None = None
+    ref_rejected: float | None = None
 
 
 @dataclass(frozen=True)
@@ -185,8 +189,10 @@ def finalize_round_stats(total: torch.Tensor, total_prompts_in_batch: int) -> di
 # ----------------------------------------------------------------- margin pass
 
 
-def _gather_to_all(local: dict[int, float], ctx: ParallelContext) -> dict[int, float]:
-    """DP all-gather (last stage) + PP broadcast from the last stage: every rank gets all."""
+def gather_to_all(local: dict, ctx: ParallelContext) -> dict:
+    """Per-prompt values of one DP shard (computed on the last stage) -> every prompt's value
+    on every rank: DP all-gather on the last stage, then a broadcast from it to the other
+    stages."""
     merged = dict(local)
     if ctx.dims.dp > 1 and ctx.is_last_stage:
         parts: list[dict[int, float]] = [{} for _ in range(ctx.dims.dp)]
@@ -236,7 +242,7 @@ def offline_margins(
         m = loss.margin(_pairs_from_seq(mb, seq))
         for idx, value in zip(mb.extras["pair_index"].tolist(), m.tolist()):
             local[idx] = float(value)
-    return _gather_to_all(local, ctx)
+    return gather_to_all(local, ctx)
 
 
 def share_reference_values(cache: ReferenceCache, microbatches: Sequence[MicroBatch],

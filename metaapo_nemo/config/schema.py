@@ -476,6 +476,13 @@ class Config(BaseModel):
         tiny = self.model.tiny
         if tiny is not None:
             errors += _context_error(d.max_length, tiny.max_position_embeddings, "model.tiny.")
+        if self.train.batching == "pack" and self.parallel.vpp is not None:
+            errors.append(
+                f"train.batching=pack packs a step's pairs into a varying number of one-row "
+                f"micro-batches, which megatron's interleaved schedule (parallel.vpp={self.parallel.vpp}) "
+                "cannot take (it needs a multiple of parallel.pp micro-batches); use "
+                "train.batching=bucket, or parallel.vpp=null"
+            )
         if errors:
             raise ValueError("\n".join(errors))
         return self
