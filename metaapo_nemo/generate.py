@@ -300,16 +300,32 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-cache-mb", type=int, default=256, help="CPU KV cache size in MiB")
     p.add_argument("--max-model-len", type=int, default=2048, help="context cap (prompt + answer)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--verbose", action="store_true",
+                   help="show vLLM's and transformers' INFO logs here too (always in log.txt beside --out)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from metaapo_nemo import console
+
     args = parse(argv)
+    console.setup(args.verbose)  # before vLLM is imported; its INFO logs go to log.txt beside --out
+    try:
+        return _generate(args)
+    finally:
+        console.close()
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from metaapo_nemo import console
+
     try:
         check_model_dir(args.model)
         questions = read_questions(args.prompts, args.format)
         if args.kv_cache_mb <= 0 or args.max_new_tokens <= 0 or args.temperature < 0:
             raise InputError("--kv-cache-mb and --max-new-tokens must be > 0, --temperature >= 0")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        console.attach_run_dir(args.out.parent)
         s = setup(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

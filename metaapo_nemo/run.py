@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from metaapo_nemo import console
 from metaapo_nemo.config.schema import Config
 from metaapo_nemo.evals import get_eval
 from metaapo_nemo.losses import PreferenceLoss
@@ -127,7 +128,7 @@ def build(cfg: Config, method: str | None = None, pairs: list | None = None) -> 
                                     cfg.reference.offload_to_cpu)
     guard = build_run_guard(cfg, ctx, run_dir)
     logger = MetricsLogger(run_dir, steps, enabled=ctx.is_main, progress=cfg.train.progress_bar,
-                           resume_step=guard.resume_step)
+                           resume_step=guard.resume_step, log_every=cfg.train.log_every)
     run = Run(cfg, ctx, model_dir, run_dir, tokenizer, data.pairs, policy, reference, loss, plan, layout,
               ReferenceCache(), steps, logger, CallbackList(), guard)
     run.algorithm = algorithm = algorithm_cls(run)
@@ -138,29 +139,48 @@ def build(cfg: Config, method: str | None = None, pairs: list | None = None) -> 
     run.callbacks = CallbackList([*algorithm.callbacks(), _LogCallback(logger),
                                   TensorBoardCallback(run_dir, ctx.is_main)])
     if ctx.is_main:
-        _print_setup(run, data)
+        console.say(setup_summary(run, data))
     return run
 
 
-def _print_setup(run: Run, data) -> None:
-    cfg, plan = run.cfg, run.plan
+def setup_summary(run: Run, data) -> str:
+    """The few lines a run starts with: what trains on what, in which layout, for how long."""
+    cfg, plan, dims = run.cfg, run.plan, run.ctx.dims
+    arch = run.policy.arch
+    source = (f"tiny random {cfg.model.tiny.arch}" if cfg.model.tiny is not None else cfg.model.path)
     skipped = ", ".join(f"{k}={v}" for k, v in data.skipped.items()) or "none"
-    line = (f"data: {len(data.pairs)} pairs from {data.source} (skipped: {skipped}); {run.total_steps} steps "
-            f"of {plan.global_batch} pairs = {plan.grad_accum} micro-batches of {plan.micro_batch} x dp "
-            f"{run.ctx.dims.dp}")
+    lines = [
+        f"{run.algorithm.name} run '{cfg.run.name}' -> {run.run_dir}",
+        f"  model:  {source} ({arch.num_layers} layers, hidden {arch.hidden_size}, {cfg.model.dtype})",
+        f"  data:   {len(data.pairs)} pairs from {data.source} (skipped: {skipped})",
+        f"  layout: {dims.world_size} process(es) = tp {dims.tp} x cp {dims.cp} x pp {dims.pp} x dp {dims.dp} "
+        f"on {run.ctx.device.type}",
+        f"  steps:  {run.total_steps} optimiser steps of {plan.global_batch} pairs = {plan.grad_accum} "
+        f"micro-batches of {plan.micro_batch} x dp {dims.dp}; loss {cfg.loss.name}",
+    ]
     if run.algorithm.name == "metaapo":
-        m = cfg.metaapo
-        line += (f"; sampling={m.sampling} weights={m.weights} unselected={m.unselected} "
-                 f"reference={m.reference}")
-    print(line, flush=True)
+        m, r = cfg.metaapo, cfg.rollout
+        lines.append(f"  rounds: {m.round_size} prompts, K={r.samples_per_prompt} samples each; "
+                     f"sampling={m.sampling} weights={m.weights} unselected={m.unselected} "
+                     f"reference={m.reference}")
+    return "\n".join(lines)
 
 
 class _LogCallback:
+    """Step records and the terminal's step / round lines (main rank only)."""
+
     def __init__(self, logger: MetricsLogger):
         self.logger = logger
 
     def on_step_end(self, state: TrainState) -> None:
         self.logger.log(state.step, state.metrics)
+
+    def on_round_end(self, state: TrainState) -> None:
+        if self.logger.enabled:
+            from metaapo_nemo.trainer.metrics import round_line
+
+            console.say(round_line({k[len("round/"):]: v for k, v in state.metrics.items()
+                                    if k.startswith("round/")}))
 
     def on_train_end(self, state: TrainState) -> None:
         self.logger.close()
@@ -177,24 +197,15 @@ def finish(run: Run, st: TrainState) -> None:
     """Exports the policy, writes the summary, evaluates (if configured), prints where things are."""
     from metaapo_nemo.models.convert import export_hf
     from metaapo_nemo.parallel import state
-    from metaapo_nemo.trainer.summary import write_summary
+    from metaapo_nemo.trainer.summary import final_table, write_summary
 
     run.algorithm.close()
     out = None
     if run.cfg.train.save_final_hf and st.exit_code == 0:  # preempted: the checkpoint is enough
         out = export_hf(run.policy.modules(), run.policy.arch, run.ctx, run.model_dir, run.run_dir / "hf_final")
     if run.ctx.is_main:
-        d = run.run_dir
-        summary = write_summary(d, title=f"{run.algorithm.name} run {run.cfg.run.name}")
-        last = st.metrics
-        print(f"done: {st.step} steps; final loss {last.get('loss', float('nan')):.4f}; summary: {summary}")
-        print(f"run directory: {d}")
-        print(f"  config:      {d / 'config.yaml'}")
-        rounds = f", {d / 'rounds.jsonl'} (rounds)" if (d / "rounds.jsonl").exists() else ""
-        print(f"  metrics:     {d / 'metrics.jsonl'} (steps){rounds}")
-        print(f"  tensorboard: {d / 'tensorboard'}")
-        if out is not None:
-            print(f"  policy (HF checkpoint): {out}")
+        summary = write_summary(run.run_dir, title=f"{run.algorithm.name} run {run.cfg.run.name}")
+        console.say(final_table(run.run_dir, summary, out, st.exit_code))
     if run.cfg.eval is not None:  # the task the config names (checked by build)
         get_eval(run.cfg.eval.task)(run.cfg, run.ctx, run.policy, run.model_dir, run.run_dir)
     state.destroy()
@@ -206,20 +217,30 @@ def main(argv: list[str] | None = None, method: str = "metaapo", doc: str | None
 
     `extend(run)` runs after build (e.g. benchmarks add a callback that snapshots the policy).
     """
-    from metaapo_nemo.checkpoint import CheckpointError
     from metaapo_nemo.config.cli import dry_run_report, parse, read_model_dims, world_size_from_env
+
+    cfg, args = parse(argv, description=doc, method=method)
+    if args.dry_run:
+        print(dry_run_report(cfg, world_size_from_env(), read_model_dims(cfg)))
+        return 0
+    console.setup(cfg.run.verbose)  # before vLLM is imported: library logs -> log.txt, warnings only
+    try:
+        return _build_fit_finish(cfg, method, extend)
+    finally:
+        console.close()
+
+
+def _build_fit_finish(cfg: Config, method: str, extend: Callable[[Run], None] | None) -> int:
+    from metaapo_nemo.checkpoint import CheckpointError
     from metaapo_nemo.config.schema import ConfigError
     from metaapo_nemo.data.preference import BadRowError, ChatTemplateError
     from metaapo_nemo.parallel import state
     from metaapo_nemo.trainer.resilience import NonFiniteError
 
     user_errors = (ConfigError, BadRowError, ChatTemplateError, FileNotFoundError, CheckpointError)
-    cfg, args = parse(argv, description=doc, method=method)
-    if args.dry_run:
-        print(dry_run_report(cfg, world_size_from_env(), read_model_dims(cfg)))
-        return 0
     try:
         run = build(cfg, method)
+        console.attach_run_dir(run.run_dir, run.ctx.rank)
         if extend is not None:
             extend(run)
     except user_errors as exc:

@@ -50,6 +50,12 @@ def build_arg_parser(
         help="print the resolved config, parallel layout and memory estimate, then exit",
     )
     parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show every library log record (vLLM, megatron, transformers) on the terminal "
+        "(same as run.verbose=true); they always go to the run directory's log.txt",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
@@ -80,7 +86,8 @@ def parse(
     parser = build_arg_parser(description, method)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides, method=method)
+        overrides = list(args.overrides) + (["run.verbose=true"] if args.verbose else [])
+        cfg = load_config(args.config, overrides, method=method)
     except ConfigError as exc:
         parser.exit(2, f"{parser.prog}: config error:\n{exc}\n")
     return cfg, args

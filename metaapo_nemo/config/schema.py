@@ -51,6 +51,9 @@ class RunConfig(_Section):
     output_dir: str = "runs"  # the run directory is output_dir/name
     seed: int = 1234
     cache_dir: str = ".cache"  # where tiny models are built and cached
+    # false: the terminal shows the run's own lines and library WARNINGs (vLLM, megatron,
+    # transformers); their INFO records go to run_dir/log.txt. true: everything on the terminal.
+    verbose: bool = False
 
 
 class TinyModelConfig(_Section):
@@ -196,7 +199,7 @@ class TrainConfig(_Section):
     micro_batch_size: int = Field(2, gt=0)  # pairs per forward on one rank
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0)  # stop early; None: run all epochs
-    log_every: int = Field(1, gt=0)
+    log_every: int = Field(1, gt=0)  # step lines on the terminal when no progress bar is shown
     save_final_hf: bool = True
     progress_bar: Literal["auto", "on", "off"] = "auto"  # auto: only on a terminal
     # Row layout of micro-batches (metaapo_nemo/trainer/rows.py): pad = one sequence per

@@ -41,6 +41,7 @@ in-process engine is 4-7x slower and needs none of its rewrites.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import logging
@@ -55,6 +56,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 import torch
 
+from metaapo_nemo import console
 from metaapo_nemo.parallel import cpu_compat
 from metaapo_nemo.rollout import vllm_groups
 from metaapo_nemo.rollout.generator import (
@@ -201,6 +203,7 @@ class VllmGenerator:
             "max_num_batched_tokens": settings.max_num_batched_tokens,
             "max_model_len": settings.max_model_len,
             "logprobs_mode": "processed_logprobs",
+            "use_tqdm_on_load": False,  # no "Loading safetensors checkpoint shards" bar per engine
         }
         if self.on_gpu:
             kwargs |= {
@@ -216,7 +219,8 @@ class VllmGenerator:
             kwargs["enable_sleep_mode"] = True
         self.vllm_version = vllm_api.check_vllm_api(kwargs, self.sleep_mode)
         vllm_groups.engine_starting()
-        with cpu_compat.suspended():
+        quiet = contextlib.nullcontext() if self.on_gpu else console.native_stderr_filtered()
+        with cpu_compat.suspended(), quiet:  # vLLM-CPU's start-up prints a NUMA note in C++
             self.llm = LLM(**kwargs)
             vllm_groups.engine_started()
             self._iterator_reload = all(self.llm.collective_rpc(_reload_supports_iterator))

@@ -145,5 +145,38 @@ def write_summary(run_dir: Path, title: str = "run summary") -> Path:
     return out
 
 
+def final_table(run_dir: Path, summary: Path, hf_dir: Path | None, exit_code: int = 0) -> str:
+    """The terminal's last lines: what the run did and where its files are."""
+    from metaapo_nemo.trainer.metrics import fmt_seconds
+
+    steps, rounds = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "rounds.jsonl")
+    status = "done" if exit_code == 0 else f"stopped (exit {exit_code}; resumes from the checkpoint)"
+    took = fmt_seconds(float(steps[-1].get("time", 0.0))) if steps else "0s"
+    head = f"{status}: {len(steps)} optimiser steps in {took}" + (f", {len(rounds)} rounds" if rounds else "")
+    rows: list[tuple[str, str]] = []
+    losses = [s["loss"] for s in steps if isinstance(s.get("loss"), (int, float))]
+    if losses:
+        tail = losses[-min(4, len(losses)):]
+        rows.append(("loss", f"{losses[0]:.4f} -> {losses[-1]:.4f} (mean of the last {len(tail)}: "
+                             f"{sum(tail) / len(tail):.4f})"))
+    acc = [s["reward_accuracy"] for s in steps if isinstance(s.get("reward_accuracy"), (int, float))]
+    if acc:
+        tail = acc[-min(4, len(acc)):]
+        rows.append(("reward accuracy", f"{sum(tail) / len(tail):.3f} (mean of the last {len(tail)} steps)"))
+    if rounds:
+        sampled, prompts = sum(r.get("sampled", 0) for r in rounds), sum(r.get("prompts", 0) for r in rounds)
+        rows.append(("annotation", f"{sampled}/{prompts} prompts sampled (ratio "
+                                   f"{rounds[-1].get('annotation_ratio', float('nan')):.3f}), "
+                                   f"{sum(r.get('online_pairs', 0) for r in rounds)} online pairs, "
+                                   f"{sum(r.get('ties', 0) for r in rounds)} ties"))
+    files = [f for f in ("config.yaml", "metrics.jsonl", "rounds.jsonl", "log.txt", "tensorboard", "plots")
+             if (run_dir / f).exists()]
+    rows += [("run directory", str(run_dir)), ("  files", "  ".join(files)), ("  summary", str(summary))]
+    if hf_dir is not None:
+        rows.append(("policy (HF checkpoint)", str(hf_dir)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
 if __name__ == "__main__":
     print(write_summary(Path(sys.argv[1])))
