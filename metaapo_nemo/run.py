@@ -217,11 +217,16 @@ def main(argv: list[str] | None = None, method: str = "metaapo", doc: str | None
 
     `extend(run)` runs after build (e.g. benchmarks add a callback that snapshots the policy).
     """
-    from metaapo_nemo.config.cli import dry_run_report, parse, read_model_dims, world_size_from_env
+    from metaapo_nemo.config.cli import parse, plan_report
+    from metaapo_nemo.config.schema import ConfigError
 
     cfg, args = parse(argv, description=doc, method=method)
     if args.dry_run:
-        print(dry_run_report(cfg, world_size_from_env(), read_model_dims(cfg)))
+        try:
+            print(plan_report(cfg, args))
+        except ConfigError as exc:  # the layout vs the world size or the model, the memory plan
+            print(f"{Path(sys.argv[0]).name}: config error:\n{exc}", file=sys.stderr)
+            return 2
         return 0
     console.setup(cfg.run.verbose)  # before vLLM is imported: library logs -> log.txt, warnings only
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 
 from metaapo_nemo.config.loader import (
@@ -49,6 +50,17 @@ def build_arg_parser(
         action="store_true",
         help="print the resolved config, parallel layout and memory estimate, then exit",
     )
+    plan = parser.add_argument_group(
+        "planning (--dry-run on a login node: the world size of the run to plan)")
+    plan.add_argument("--world-size", type=int, metavar="N", help="processes (GPUs) of the run")
+    plan.add_argument("--nodes", type=int, metavar="N", help="nodes, with --gpus-per-node")
+    plan.add_argument("--gpus-per-node", type=int, metavar="G", help="GPUs per node (one process each)")
+    plan.add_argument(
+        "--sbatch",
+        metavar="SCRIPT",
+        help="read nodes and tasks from an sbatch script's #SBATCH lines; its RECIPE= is the "
+        "config unless --config is given",
+    )
     parser.add_argument(
         "--verbose",
         action="store_true",
@@ -84,8 +96,22 @@ def parse(
             config is invalid, as argparse does for bad arguments.
     """
     parser = build_arg_parser(description, method)
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
+    planning = [f for f in ("world_size", "nodes", "gpus_per_node", "sbatch") if getattr(args, f) is not None]
+    if planning and not args.dry_run:
+        flags = ", ".join("--" + f.replace("_", "-") for f in planning)
+        parser.error(f"{flags}: for --dry-run only (they say which run to plan); a run's world size is "
+                     "what torchrun or srun launched")
+    explicit_config = any(a == "--config" or a.startswith("--config=") for a in argv)
     try:
+        if args.sbatch is not None and not explicit_config:
+            from metaapo_nemo.config.world import read_sbatch
+
+            recipe = read_sbatch(args.sbatch).recipe
+            if recipe is None:
+                raise ConfigError(f"{args.sbatch} names no RECIPE=conf/<x>.yaml; pass --config too")
+            args.config = recipe
         overrides = list(args.overrides) + (["run.verbose=true"] if args.verbose else [])
         cfg = load_config(args.config, overrides, method=method)
     except ConfigError as exc:
@@ -244,6 +270,20 @@ def _memory_lines(cfg: Config, dims: dict | None, tp: int, pp: int, dp: int) -> 
     ]
 
 
+def plan_report(cfg: Config, args: argparse.Namespace) -> str:
+    """`dry_run_report` at the world size the flags, the sbatch script or the launcher give
+    (`config.world.planned_world_size`), with that source named.
+
+    Raises:
+        ConfigError: As `planned_world_size` and `dry_run_report`.
+    """
+    from metaapo_nemo.config.world import planned_world_size
+
+    world, source = planned_world_size(cfg, args.config, world_size=args.world_size, nodes=args.nodes,
+                                       gpus_per_node=args.gpus_per_node, sbatch=args.sbatch)
+    return dry_run_report(cfg, world, read_model_dims(cfg)) + f"\nworld size {world}: {source}"
+
+
 def dry_run_report(cfg: Config, world_size: int, model_dims: dict | None) -> str:
     """Describe what a run would do, without building anything.
 
@@ -297,6 +337,7 @@ __all__ = [
     "dry_run_report",
     "estimate_params",
     "parse",
+    "plan_report",
     "read_model_dims",
     "world_size_from_env",
 ]
