@@ -329,6 +329,16 @@ def load_config(
         raise ConfigError(_format_validation_error(exc, source)) from None
 
 
+def stated_method(path: str | Path) -> Any:
+    """The ``method`` a recipe YAML states, itself or through its ``defaults`` (None: none),
+    without validating the rest (``metaapo-nemo train`` picks the method with it).
+
+    Raises:
+        ConfigError: Missing file, malformed YAML or a defaults cycle.
+    """
+    return _load_tree(_find_recipe(path)).get("method")
+
+
 def _resolve_method(stated: Any, method: str | None, recipe: str) -> Any:
     """The config's method: the recipe's, which a stated ``method`` must equal."""
     if method is None:
