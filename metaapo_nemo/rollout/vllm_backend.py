@@ -110,14 +110,14 @@ class EngineSettings:
         """From a validated `Config`: engine dtype = model.dtype; context = prompt + new."""
         from metaapo_nemo.models.arch import load_arch
 
-        r = cfg.rollout
+        r, on_gpu = cfg.rollout, torch.cuda.is_available()
         longest = cfg.data.max_prompt_length + r.max_new_tokens
         return cls(
             model_dir=str(model_dir),
-            dtype=cfg.model.dtype,
+            dtype=cfg.model.resolved_dtype(on_gpu),
             seed=cfg.run.seed,
             tp=r.tp,
-            enforce_eager=r.enforce_eager,
+            enforce_eager=r.eager(on_gpu),
             kv_cache_memory_bytes=r.kv_cache_memory_mb << 20,
             gpu_memory_utilization=r.gpu_memory_utilization,
             max_num_batched_tokens=r.max_num_batched_tokens,

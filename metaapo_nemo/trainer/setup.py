@@ -88,7 +88,7 @@ def build_options(cfg: Config) -> BuildOptions:
             "parallel.sequence_parallel=true needs the Transformer Engine layer spec (GPU); the "
             "local CPU spec's torch norm refuses it. Set parallel.sequence_parallel=false"
         )
-    opts = BuildOptions(dtype=m.dtype, recompute=p.recompute, sequence_parallel=p.sequence_parallel,
+    opts = BuildOptions(dtype=m.resolved_dtype(cuda), recompute=p.recompute, sequence_parallel=p.sequence_parallel,
                         transformer_impl=m.transformer_impl, fp8=m.fp8, fp8_recipe=m.fp8_recipe,
                         fp8_amax_history_len=m.fp8_amax_history_len,
                         fp8_amax_compute_algo=m.fp8_amax_compute_algo,
