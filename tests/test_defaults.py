@@ -60,3 +60,9 @@ def test_gpu_recipes_train_in_bf16_and_the_cpu_demos_in_fp32():
         assert load_config(path).model.resolved_dtype(on_gpu=True) == "bfloat16", path
     for path in ("conf/tiny_cpu.yaml", "conf/tiny_cpu_dpo.yaml"):
         assert load_config(path).model.dtype == "float32", path  # stated in the demo YAML
+
+
+def test_default_round_size_makes_whole_steps_of_the_default_batch():
+    from metaapo_nemo.config.schema import MetaAPOConfig, TrainConfig, round_size_error
+
+    assert round_size_error(MetaAPOConfig().round_size, TrainConfig().global_batch_size) is None

@@ -109,6 +109,7 @@ BAD = [
     (["--dry-run", "--sbatch", "slurm/nope.sbatch"], "cannot read it"),
     (["--dry-run", "--sbatch", "slurm/dpo_llama31_8b.sbatch"], "runs method=dpo"),
     (["--world-size", "8"], "--dry-run only"),
+    (["--dry-run", "metaapo.round_size=60"], "metaapo.round_size=60 is not a multiple of train.global_batch_size=8"),
     (["parallel.tp=3"], "parallel.tp=3 does not divide"),  # a real run: refused before it starts
 ]
 

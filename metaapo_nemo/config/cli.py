@@ -21,7 +21,7 @@ from metaapo_nemo.config.loader import (
     resolve_repo_path,
     to_yaml,
 )
-from metaapo_nemo.config.schema import Config, ConfigError, check_layout
+from metaapo_nemo.config.schema import Config, ConfigError, check_layout, round_size_error
 
 _GIB = 1024**3
 
@@ -301,6 +301,8 @@ def dry_run_report(cfg: Config, world_size: int, model_dims: dict | None) -> str
     """
     dims = check_layout(cfg, world_size, model_dims)
     t = cfg.train
+    if cfg.method == "metaapo" and round_size_error(cfg.metaapo.round_size, t.global_batch_size):
+        raise ConfigError(round_size_error(cfg.metaapo.round_size, t.global_batch_size))
     accum = t.micro_batches_per_step(dims.dp)
     lines = [
         "# resolved config",

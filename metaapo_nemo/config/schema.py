@@ -279,7 +279,10 @@ class MetaAPOConfig(_Section):
     sample-all-with-meta-weights = sampling all.
     """
 
-    round_size: int = Field(64, gt=0)  # prompts per round: a multiple of train.global_batch_size
+    # Prompts per round, a multiple of train.global_batch_size. The default is the authors'
+    # schedule on UltraFeedback (3 rounds of its 61,135 prompts = 159 global batches of 128);
+    # smaller rounds are more on-policy (one global batch: fully online).
+    round_size: int = Field(20352, gt=0)
     sampling: Literal["meta", "random", "all", "none"] = "meta"
     weights: Literal["meta", "zero", "one"] = "meta"  # w in the loss mix (zero: online only)
     meta_update: bool = True  # false: fixed-weights ablation (h_phi never steps)
@@ -292,6 +295,15 @@ class MetaAPOConfig(_Section):
     meta_lr: float = Field(5e-3, gt=0)
     meta_weight_decay: float = Field(1e-4, ge=0)
     meta_clip_grad: float = Field(1.0, gt=0)
+
+
+def round_size_error(round_size: int, global_batch_size: int) -> str | None:
+    """The message when a MetaAPO round is not whole optimiser steps, else None."""
+    R, G = round_size, global_batch_size
+    if R % G == 0:
+        return None
+    fix = f"{G}" if R < G else f"{R - R % G} or {R - R % G + G}"
+    return f"metaapo.round_size={R} is not a multiple of train.global_batch_size={G}; use {fix}"
 
 
 class RolloutConfig(_Section):

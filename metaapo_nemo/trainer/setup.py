@@ -11,7 +11,7 @@ from typing import TypeVar
 import torch.distributed as dist
 
 from metaapo_nemo.config.loader import resolve_repo_path, to_yaml
-from metaapo_nemo.config.schema import Config, ConfigError
+from metaapo_nemo.config.schema import Config, ConfigError, round_size_error
 from metaapo_nemo.losses import PreferenceLoss, build_loss, loss_params
 from metaapo_nemo.models.megatron_model import BuildOptions
 from metaapo_nemo.models.policy import OptimSettings
@@ -154,11 +154,9 @@ def metaapo_total_steps(num_pairs: int, cfg: Config) -> int:
     an online pair, so a run may take fewer steps than this nominal count.
     """
     G, R = cfg.train.global_batch_size, cfg.metaapo.round_size
-    if R % G:
-        raise ConfigError(
-            f"metaapo.round_size={R} is not a multiple of train.global_batch_size={G}; "
-            f"use {max(G, R - R % G)} or {R - R % G + G}"
-        )
+    error = round_size_error(R, G)
+    if error:
+        raise ConfigError(error)
     per_epoch = sum(min(R, num_pairs - s) // G for s in range(0, num_pairs, R))
     if per_epoch == 0:
         raise ConfigError(
