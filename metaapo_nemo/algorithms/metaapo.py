@@ -286,9 +286,6 @@ class MetaAPO:
         if run.ctx.is_main:
             with open(run.run_dir / "rounds.jsonl", "a") as f:
                 f.write(json.dumps(rm) + "\n")
-            print(f"round {rm['round']}: sampled {rm['sampled']}/{rm['prompts']} (w mean {rm['w_mean']:.3f}), "
-                  f"{rm['online_pairs']} online pairs, {rm['ties']} ties, annotation ratio "
-                  f"{rm['annotation_ratio']:.3f}", flush=True)
-        run.callbacks.fire("on_round_end", st)
+        run.callbacks.fire("on_round_end", st)  # the terminal's round line is a callback's (run.py)
         self.round.items, self._order = None, None
         pos.round_idx += 1
