@@ -9,7 +9,9 @@ an HF checkpoint. The loss is `loss.name`; everything runs through the one train
                          python recipes/dpo.py --config conf/tiny_cpu_simpo.yaml optim.lr=1e-4
     One node:            torchrun --nproc-per-node 8 recipes/dpo.py --config conf/llama31_8b_dpo.yaml
     SLURM:               sbatch slurm/dpo_llama31_8b.sbatch
-    Inspect only:        python recipes/dpo.py --dry-run parallel.tp=2
+    Inspect only:        python recipes/dpo.py --dry-run parallel.tp=2 --world-size 2
+                         python recipes/dpo.py --dry-run --sbatch slurm/dpo_llama31_8b.sbatch
+    Installed command:   metaapo-nemo train --config conf/tiny_cpu_dpo.yaml  (docs/quickstart.md)
 """
 
 import sys

@@ -12,6 +12,8 @@ trained by the one loop (`metaapo_nemo.trainer.loop`).
     One node:            torchrun --nproc-per-node 8 recipes/metaapo.py --config conf/llama31_8b_metaapo.yaml
     SLURM:               sbatch slurm/metaapo_llama31_8b.sbatch
     Inspect only:        python recipes/metaapo.py --dry-run
+                         python recipes/metaapo.py --dry-run --sbatch slurm/metaapo_llama31_70b.sbatch
+    Installed command:   metaapo-nemo train --config conf/tiny_cpu.yaml  (docs/quickstart.md)
 """
 
 import sys
