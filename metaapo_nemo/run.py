@@ -88,7 +88,7 @@ def build(cfg: Config, method: str | None = None, pairs: list | None = None) -> 
     from metaapo_nemo.trainer import setup as S
     from metaapo_nemo.trainer.resume import build_run_guard
     from metaapo_nemo.trainer.rows import layout_from_config
-    from metaapo_nemo.trainer.summary import TensorBoardCallback
+    from metaapo_nemo.trainer.trackers import tracker_callbacks
 
     if cfg.eval is not None:
         get_eval(cfg.eval.task)  # a bad name fails before anything starts, not after training
@@ -137,7 +137,7 @@ def build(cfg: Config, method: str | None = None, pairs: list | None = None) -> 
     for name, (where, obj) in algorithm.stateful().items():
         guard.register(name, where, obj)
     run.callbacks = CallbackList([*algorithm.callbacks(), _LogCallback(logger),
-                                  TensorBoardCallback(run_dir, ctx.is_main)])
+                                  *tracker_callbacks(cfg, run_dir, ctx.is_main)])
     if ctx.is_main:
         console.say(setup_summary(run, data))
     return run

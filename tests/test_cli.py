@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -65,8 +66,12 @@ def test_train_then_export_equals_the_runs_own_hf_export(tmp_path):
     args = ["train", "--config", "conf/tiny_cpu_dpo.yaml", f"run.output_dir={tmp_path}",
             f"run.cache_dir={tmp_path / 'cache'}", "run.name=r", "train.max_steps=2", "data.limit=16",
             "train.progress_bar=off"]
+    wandb = importlib.util.find_spec("wandb") is not None
+    if wandb:  # the W&B tracker through a real run, offline (no network)
+        args += ["logging.trackers=[tensorboard,wandb]", "logging.wandb_mode=offline"]
     assert cli.main(args) == 0
     run = tmp_path / "r"
+    assert not wandb or list(run.glob("wandb/offline-run-*/run-*.wandb"))
     assert (run / "checkpoints" / "latest").exists()  # checkpoint.save_at_end
     assert cli.main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
     ours, theirs = load_file(tmp_path / "exported" / "model.safetensors"), load_file(run / "hf_final" / "model.safetensors")

@@ -435,6 +435,34 @@ class PlannerConfig(_Section):
     on_exceed: Literal["error", "warn"] = "error"
 
 
+MLFLOW_REFUSED = (
+    "logging.trackers: mlflow is not offered: no MLflow release >= 2 installs beside this "
+    "project's pins (mlflow 3.x needs cryptography<50, cachetools<8, pyarrow<26; the pins are "
+    "cryptography 50.0.2, cachetools 8.0.1, pyarrow 26.0.1: `pip install --dry-run -c "
+    "constraints.txt mlflow`); use tensorboard and/or wandb"
+)
+
+
+class LoggingConfig(_Section):
+    """Experiment trackers beside run_dir/metrics.jsonl and rounds.jsonl (always written):
+    each logs every step's and every round's metrics and the resolved config, main rank
+    only (metaapo_nemo/trainer/trackers.py)."""
+
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "metaapo_nemo"
+    wandb_entity: str | None = None  # null: the account's default entity
+    # null: the WANDB_MODE environment variable, else online; offline writes run_dir/wandb/
+    # for `wandb sync` later (compute nodes without internet)
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+
+    @field_validator("trackers", mode="before")
+    @classmethod
+    def _no_mlflow(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)) and "mlflow" in value:
+            raise ValueError(MLFLOW_REFUSED)
+        return value
+
+
 class EvalConfig(_Section):
     """Evaluation at the end of training: the function ``task`` names (metaapo_nemo/evals.py),
     e.g. tasks.ifeval_eval:evaluate_run (held-out IFEval-style prompts, greedy + sampled,
@@ -485,6 +513,7 @@ class Config(BaseModel):
     reward: RewardConfig | None = None  # MetaAPO only, and required there (no product default)
     planner: PlannerConfig = Field(default_factory=PlannerConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     eval: EvalConfig | None = None  # null: no evaluation at the end of training
 
     @model_validator(mode="after")

@@ -27,14 +27,17 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 class TensorBoardCallback:
-    """Writes every numeric step metric as a scalar (main rank only)."""
+    """Writes every numeric step metric as a scalar, and the resolved config as text (main
+    rank only)."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, config_yaml: str | None = None):
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            if config_yaml is not None:
+                self.writer.add_text("config", "```yaml\n" + config_yaml + "```", 0)
 
     def on_step_end(self, state: TrainState) -> None:
         if self.writer is None:

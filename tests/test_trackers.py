@@ -1,0 +1,92 @@
+"""logging.trackers: TensorBoard and Weights & Biases (offline mode, read back from its file)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from metaapo_nemo.config.loader import load_config
+from metaapo_nemo.config.schema import ConfigError
+from metaapo_nemo.trainer.callbacks import TrainState
+from metaapo_nemo.trainer.trackers import tracker_callbacks
+
+
+def read_wandb_records(path: Path) -> list:
+    """The protobuf records of a W&B run file (a ':W&B' header, then LevelDB-log blocks)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pos, pending = [], 7, b""
+    block = 32768
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        if length == 0 and kind == 0:
+            break
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            record = pb.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def test_default_is_tensorboard_and_mlflow_is_refused_with_the_reason():
+    assert load_config("conf/tiny_cpu_dpo.yaml").logging.trackers == ["tensorboard"]
+    with pytest.raises(ConfigError, match="mlflow is not offered.*cryptography<50"):
+        load_config("conf/tiny_cpu_dpo.yaml", ["logging.trackers=[tensorboard,mlflow]"])
+    with pytest.raises(ConfigError, match="logging.trackers"):
+        load_config("conf/tiny_cpu_dpo.yaml", ["logging.trackers=[neptune]"])
+    assert tracker_callbacks(load_config("conf/tiny_cpu_dpo.yaml", ["logging.trackers=[]"]), Path("."), True) == []
+
+
+def test_wandb_offline_logs_steps_rounds_and_the_config(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="the wandb extra is not installed: pip install -e '.[wandb]'")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # never the network, whatever the config says
+    cfg = load_config("conf/tiny_cpu.yaml", ["logging.trackers=[tensorboard,wandb]", "run.name=tracked"])
+    callbacks = tracker_callbacks(cfg, tmp_path, is_main=True)
+    assert [type(c).__name__ for c in callbacks] == ["TensorBoardCallback", "WandbCallback"]
+    st = TrainState(total_steps=2)
+    for step, loss in ((1, 0.693), (2, 0.5)):
+        st.step, st.metrics = step, {"loss": loss, "grad_norm": 1.5, "update_applied": True, "note": "x"}
+        for c in callbacks:
+            c.on_step_end(st)
+    st.metrics = {"round/sampled": 5, "round/annotation_ratio": 0.625}
+    for c in callbacks:
+        c.on_round_end(st)
+        c.on_train_end(st)
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    history, config = {}, {}
+    for r in read_wandb_records(run_file):
+        kind = r.WhichOneof("record_type")
+        if kind == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            history.setdefault(items.get("_step"), {}).update(items)
+        elif kind in ("config", "run"):  # the resolved config arrives with the run record
+            update = r.config.update if kind == "config" else r.run.config.update
+            config.update({i.key: json.loads(i.value_json) for i in update})
+    assert history[1]["train/loss"] == 0.693 and history[2]["train/loss"] == 0.5
+    assert history[2]["round/sampled"] == 5 and "train/update_applied" not in history[1]
+    assert config["run"]["name"] == "tracked" and config["method"] == "metaapo"
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    # the same run directory continues the same W&B run (a resumed or requeued job)
+    first_id = run_file.stem.removeprefix("run-")
+    again = tracker_callbacks(cfg, tmp_path, is_main=True)[1]
+    assert again.run.id == first_id
+    again.on_train_end(st)
+
+
+def test_other_ranks_track_nothing(tmp_path):
+    cfg = load_config("conf/tiny_cpu.yaml", ["logging.trackers=[tensorboard,wandb]"])
+    for c in tracker_callbacks(cfg, tmp_path, is_main=False):
+        c.on_step_end(TrainState(step=1, metrics={"loss": 1.0}))
+    assert not list(tmp_path.iterdir())
