@@ -47,9 +47,9 @@ def test_tiny_metaapo_run_prints_its_story_only(tmp_path):
     out = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = (out.stdout + out.stderr).splitlines()
-    # 6 set-up lines, 4 step lines, 2 rounds (the algorithm may still print its own round line),
-    # the final table: nothing from vLLM, megatron or transformers.
-    assert len(lines) <= 24, "\n".join(lines)
+    # 6 set-up lines, 4 step lines, 2 round lines, the final table (8) = 20: nothing from vLLM,
+    # megatron or transformers (two lines of slack for a machine's own library warnings)
+    assert len(lines) <= 22, "\n".join(lines)
     assert not [ln for ln in lines if VLLM_RECORD.search(ln)], "\n".join(lines)
     assert not [ln for ln in lines if "Loading" in ln or "NUMA" in ln or "Triton" in ln], "\n".join(lines)
     assert any(re.match(r"round 0: .* \| [\d.]+s: margins .* refit .* generate .* score .* train ", ln)
