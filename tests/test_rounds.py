@@ -208,3 +208,25 @@ def test_fp8_row_padding_leaves_logprobs_and_gradients_unchanged(comps):
     for k in g_a:
         scale = g_a[k].abs().max().item()
         assert (g_a[k] - g_b[k]).abs().max().item() <= 1e-5 * scale + 1e-9, k
+
+
+def test_resumed_round_without_online_reference_values_gets_them(tmp_path):
+    """A round checkpointed before the online pairs carried their reference log-probs (the
+    reference ran per step then) resumes: `begin` computes them once, on every rank."""
+    from metaapo_nemo.trainer.callbacks import TrainState
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path / 'c'}", "train.progress_bar=off",
+                             "metaapo.sampling=none", "train.global_batch_size=4", "train.micro_batch_size=2"],
+                      method="metaapo")
+    c = R.build(cfg, "metaapo")
+    try:
+        c.algorithm.round.items = _items(c)
+        assert any(it.online is not None for it in c.algorithm.round.items)
+        c.algorithm.begin(TrainState(total_steps=1), resumed=True)
+        for it in c.algorithm.round.items:
+            assert it.online is None or (it.online.ref_chosen is not None and it.online.ref_rejected is not None)
+    finally:
+        c.logger.close()
+        from metaapo_nemo.parallel import state
+
+        state.destroy()

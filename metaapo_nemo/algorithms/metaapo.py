@@ -135,8 +135,13 @@ class MetaAPO:
     def begin(self, st: TrainState, resumed: bool) -> None:
         from metaapo_nemo.checkpoint import truncate_jsonl
 
-        path = self.run.run_dir / "rounds.jsonl"
-        if not self.run.ctx.is_main:
+        items, run = self.round.items, self.run
+        if items is not None and any(it.online is not None and it.online.ref_chosen is None for it in items):
+            # a round checkpointed by a version that ran the reference per step (every rank)
+            self.round.items = O.with_online_reference(run.reference, items, run.ctx, run.plan.micro_batch,
+                                                       run.pad_id, run.layout)
+        path = run.run_dir / "rounds.jsonl"
+        if not run.ctx.is_main:
             return
         if not resumed:  # a fresh run in an existing run dir starts a fresh record
             path.unlink(missing_ok=True)
