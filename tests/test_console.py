@@ -43,7 +43,11 @@ def test_tiny_metaapo_run_prints_its_story_only(tmp_path):
             "run.name=quiet", "data.limit=16", "metaapo.round_size=8", "train.global_batch_size=4",
             "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8", "train.save_final_hf=false",
             "train.log_every=1"]
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_CONFIGURE_LOGGING"}
+    from metaapo_nemo.parallel.state import independent_env
+
+    # a separate job: without the rendezvous variables an earlier in-process test left behind
+    # (MASTER_PORT still bound by this process's store: EADDRINUSE in the full suite)
+    env = {k: v for k, v in independent_env().items() if k != "VLLM_CONFIGURE_LOGGING"}
     out = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = (out.stdout + out.stderr).splitlines()
