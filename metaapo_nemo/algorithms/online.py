@@ -141,17 +141,13 @@ def with_online_reference(
         return list(items)
     share = -(-len(online) // ctx.dims.dp)
     mine = [it.online_as_pair() for it in online[ctx.dp_rank * share:(ctx.dp_rank + 1) * share]]
-    local: dict[int, tuple[float, float]] = {}
+    online_cache = ReferenceCache()  # this round's online pairs (the run's cache holds offline ones)
     if mine:
         run = mine
         if ctx.dims.pp > 1 and len(mine) % micro_pairs:
             run = mine + [mine[-1]] * (micro_pairs - len(mine) % micro_pairs)
-        mbs = to_microbatches(run, micro_pairs, pad_id, ctx.device, layout)
-        for mb, out in zip(mbs, reference.run(mbs, reference_loss_fn, forward_only=True)):
-            seq = out["seq_logps_N"].double().cpu()
-            for j, idx in enumerate(mb.extras["pair_index"].tolist()):
-                local[idx] = (float(seq[2 * j]), float(seq[2 * j + 1]))
-    values = gather_to_all(local, ctx)
+        online_cache.fill(reference, to_microbatches(run, micro_pairs, pad_id, ctx.device, layout))
+    values = gather_to_all(online_cache.entries([p.index for p in mine]), ctx)
     return [it if it.online is None else
             RoundItem(it.pair, dataclasses.replace(it.online, ref_chosen=values[it.index][0],
                                                    ref_rejected=values[it.index][1]))

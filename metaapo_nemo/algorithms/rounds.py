@@ -27,9 +27,6 @@ from metaapo_nemo.trainer.batching import to_microbatches
 from metaapo_nemo.trainer.preference import ReferenceCache, reference_loss_fn
 from metaapo_nemo.trainer.rows import RowLayout
 
-ROWS_PER_PROMPT = 4
-
-
 @dataclass(frozen=True)
 class OnlinePair:
     """Best and worst of K on-policy samples for one prompt, by reward, and (once the round's

@@ -104,26 +104,38 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int,
         raise ValueError("collate_pairs needs at least one pair")
     if pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} must be >= 1")
-    rows: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    rows: list[tuple[Sequence[int], Sequence[int], bool]] = []
     for pair in pairs:
         if not pair.chosen_ids or not pair.rejected_ids:
             raise ValueError(f"pair {pair.index} has an empty response")
-        rows += [(pair.prompt_ids, pair.chosen_ids), (pair.prompt_ids, pair.rejected_ids)]
-    longest = max(len(p) + len(r) for p, r in rows)
-    t = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), t), dtype=torch.float32)
-    for i, (prompt, response) in enumerate(rows):
-        p, r = len(prompt), len(response)
-        input_ids[i, : p + r] = torch.tensor(prompt + response, dtype=torch.long)
-        # Target at t is token t + 1: response tokens p .. p+r-1 are targets at p-1 .. p+r-2.
-        loss_mask[i, p - 1 : p + r - 1] = 1.0
-    labels = torch.full_like(input_ids, pad_id)
-    labels[:, :-1] = input_ids[:, 1:]
+        rows += [(pair.prompt_ids, pair.chosen_ids, True), (pair.prompt_ids, pair.rejected_ids, True)]
+    input_ids, labels, loss_mask = pad_rows(rows, pad_id, pad_to_multiple_of)
     batch = PairBatch(input_ids, labels, loss_mask, num_pairs=len(pairs), pad_id=pad_id,
                       indices_B=tuple(pair.index for pair in pairs))
     batch.validate()
     return batch
+
+
+def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int], bool]], pad_id: int,
+             pad_to_multiple_of: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(prompt, response, scored)`` rows -> right-padded ``input_ids_NT, labels_NT, loss_mask_NT``.
+
+    Each row is ``[prompt | response]``; labels are the next tokens; the loss mask is 1.0 where
+    the target is a response token of a scored row (an unscored row, e.g. a placeholder, has
+    none). T is the longest row rounded up to ``pad_to_multiple_of``.
+    """
+    longest = max(len(p) + len(r) for p, r, _ in rows)
+    t = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), t), dtype=torch.float32)
+    for i, (prompt, response, scored) in enumerate(rows):
+        p, r = len(prompt), len(response)
+        input_ids[i, : p + r] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+        if scored:  # target at t is token t + 1: response tokens p .. p+r-1 are targets at p-1 .. p+r-2
+            loss_mask[i, p - 1 : p + r - 1] = 1.0
+    labels = torch.full_like(input_ids, pad_id)
+    labels[:, :-1] = input_ids[:, 1:]
+    return input_ids, labels, loss_mask
 
 
 def split_pairs(pairs: Sequence[TokenizedPair], num_chunks: int) -> list[list[TokenizedPair]]:

@@ -29,7 +29,6 @@ from metaapo_nemo.models.microbatch import MicroBatch
 from metaapo_nemo.trainer.callbacks import TrainState
 
 LossFn = Callable[[MicroBatch, Any], tuple[Any, dict[str, Any]]]
-WHERE = ("trainer", "rank", "shared")
 
 
 class Stateful(Protocol):

@@ -43,8 +43,7 @@ from typing import Protocol
 
 import torch
 
-from metaapo_nemo.data.collate import collate_pairs
-from metaapo_nemo.data.preference import TokenizedPair
+from metaapo_nemo.data.collate import pad_rows
 from metaapo_nemo.models.policy import MicroBatch
 
 BATCHINGS = ("pad", "bucket", "pack")
@@ -274,32 +273,13 @@ def _extras(units: Sequence[Unit], rows: Sequence[Sequence[_Block]] = ()) -> dic
 
 
 def _padded_microbatch(units: Sequence[Unit], pad_id: int, length: int | None) -> MicroBatch:
-    if all(isinstance(u, TokenizedPair) for u in units):
-        pb = collate_pairs(units, pad_id=pad_id)
-        ids, labels, mask = pb.input_ids_NT, pb.labels_NT, pb.loss_mask_NT
-    else:
-        ids, labels, mask = _plain_rows(units, pad_id)
-    mb = MicroBatch(ids, labels, mask, extras=_extras(units))
-    return mb if length is None else mb.padded_to(length, pad_id)
-
-
-def _plain_rows(units: Sequence[Unit], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One ``[prompt | response]`` row per response, right-padded (as `collate_pairs`); an
+    """One ``[prompt | response]`` row per response, right-padded (`data.collate.pad_rows`); an
     absent response is a placeholder row ``[prompt | pad]`` with loss mask 0, so row n is
     sequence n for every unit and every micro-batch has R rows per unit."""
     _responses_per_unit(units)
-    rows = [(u.prompt_ids, r if r is not None else (pad_id,), r is not None) for u in units for r in u.responses]
-    t = max(len(p) + len(r) for p, r, _ in rows)
-    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), t), dtype=torch.float32)
-    for i, (prompt, response, real) in enumerate(rows):
-        p, r = len(prompt), len(response)
-        ids[i, : p + r] = torch.tensor(prompt + response, dtype=torch.long)
-        if real:  # target at t is token t + 1: response tokens are targets at p-1 .. p+r-2
-            mask[i, p - 1 : p + r - 1] = 1.0
-    labels = torch.full_like(ids, pad_id)
-    labels[:, :-1] = ids[:, 1:]
-    return ids, labels, mask
+    rows = [(u.prompt_ids, (pad_id,) if r is None else r, r is not None) for u in units for r in u.responses]
+    mb = MicroBatch(*pad_rows(rows, pad_id), extras=_extras(units))
+    return mb if length is None else mb.padded_to(length, pad_id)
 
 
 # ----------------------------------------------------------------- layouts
