@@ -48,18 +48,21 @@ class EvalSettings:
     top_p: float = 1.0
     samples_per_prompt: int = 2
     examples: int = 5
+    first_prompt: int = 0  # prompts [first_prompt, first_prompt + num_prompts) of the held-out list
 
     @classmethod
     def from_config(cls, e: Any) -> EvalSettings:
         return cls(e.num_prompts, e.seed, e.max_new_tokens, e.temperature, e.top_p,
-                   e.samples_per_prompt, e.examples)
+                   e.samples_per_prompt, e.examples, e.first_prompt)
 
 
 GenerateFn = Callable[[Any, Any], list]  # (PromptBatch, SamplingSettings) -> [PromptSamples]
 
 
 def heldout_prompts(s: EvalSettings) -> list[TaskPrompt]:
-    return make_prompts("heldout", s.num_prompts, s.seed)
+    """Held-out prompts [first_prompt, first_prompt + num_prompts): disjoint ranges of one seed's
+    list are disjoint prompt sets (prompt i does not depend on the list's length)."""
+    return make_prompts("heldout", s.first_prompt + s.num_prompts, s.seed)[s.first_prompt:]
 
 
 def prompt_ids(tokenizer: Any, prompts: Sequence[TaskPrompt]) -> list[list[int]]:

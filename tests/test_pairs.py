@@ -43,6 +43,8 @@ def test_best_and_worst_with_deterministic_tie_breaks():
         "ties_all_equal": 0,
         "ties_same_text": 0,
         "too_few_candidates": 0,
+        "refill_prompts": 0,
+        "refill_samples": 0,
     }
 
 
@@ -104,6 +106,8 @@ def test_counters_exact_over_a_mixed_batch():
         "ties_all_equal": 1,
         "ties_same_text": 1,
         "too_few_candidates": 1,
+        "refill_prompts": 0,
+        "refill_samples": 0,
     }
     total = AnnotationCounters().add(c).add(c)
     assert total.samples_scored == 30 and total.pairs == 4

@@ -225,6 +225,7 @@ class MetaAPO:
               "ties": report.counters.ties_all_equal + report.counters.ties_same_text,
               "too_few_candidates": report.counters.too_few_candidates,
               "annotation_ratio": pos.annotated / pos.seen, "samples_scored_total": totals.samples_scored,
+              "samples_generated_total": totals.samples_generated, "refill_prompts": report.counters.refill_prompts,
               "rm_chosen_mean": report.rm_chosen_mean, "rm_rejected_mean": report.rm_rejected_mean,
               "refit_s": report.refit_s, "generate_s": report.generate_s, "score_s": report.score_s,
               "reference_s": t_ref,

