@@ -46,6 +46,8 @@ FAST = [
     "model.tiny.num_layers=4", "train.progress_bar=off", f"train.max_steps={STEPS}",
 ]
 CONFIGS = {"metaapo": "conf/tiny_cpu.yaml", "online": "conf/tiny_cpu_online_dpo.yaml"}
+# Online DPO re-samples prompts whose samples tie: refills split their scoring over ranks too
+METHOD_EXTRA = {"metaapo": (), "online": ("rollout.tie_refills=1",)}
 SHAPES = {  # name: (processes, overrides)
     "tp2": (2, ("parallel.tp=2",)),
     "pp2": (2, ("parallel.pp=2",)),
@@ -96,7 +98,7 @@ class Runs:
     def job(self, case: Case) -> dict:
         extra = () if case.shape == "ref" else SHAPES[case.shape][1]
         return {"kind": "train", "method": "metaapo", "config": CONFIGS[case.method],
-                "overrides": [*FAST, *extra, f"run.name={case.name}", f"run.output_dir={self.root / 'runs'}",
+                "overrides": [*FAST, *METHOD_EXTRA[case.method], *extra, f"run.name={case.name}", f"run.output_dir={self.root / 'runs'}",
                               f"run.cache_dir={self.root / 'cache'}"]}
 
     def run_dir(self, case: Case) -> Path:
@@ -141,7 +143,8 @@ def assert_same_online_training(run: Path, ref: Path, nproc: int) -> None:
     assert len(rg) == len(rw) == 2
     for g, w in zip(rg, rw):
         assert w["sampled"] > 0
-        for key in ("prompts", "sampled", "selected_sha1", "online_pairs", "ties", "annotation_ratio"):
+        for key in ("prompts", "sampled", "selected_sha1", "online_pairs", "ties", "annotation_ratio",
+                    "refill_prompts", "samples_generated_total"):
             assert g[key] == w[key], (w["round"], key, g[key], w[key])
         assert abs(g["w_mean"] - w["w_mean"]) <= REL * abs(w["w_mean"]), (w["round"], g["w_mean"], w["w_mean"])
     states = _meta_states(run)

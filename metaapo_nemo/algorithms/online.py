@@ -79,6 +79,7 @@ def online_pairs(
     batch = PromptBatch.build([p.prompt_ids for p in selected], [p.index for p in selected],
                               round=round_idx, messages=[p.messages() for p in selected])
     groups = rollout.generate(batch, settings, policy_step)
+    rollout.sleep()  # the engine sleeps while the reward model scores (the memory plan's order)
     t2 = time.perf_counter()
     known: dict[tuple[int, int], float] = {}  # every rank's scores, by (prompt key, sample index)
     pairs, counters = _annotate_shared(batch, groups, reward, cfg, policy_step, ctx, known)
@@ -93,6 +94,7 @@ def online_pairs(
         t_gen = time.perf_counter()
         sub = batch.select(missing)
         extra = rollout.generate(sub, refill_settings(settings, round_idx, attempt), policy_step)
+        rollout.sleep()  # generate wakes it again (the weights pushed for policy_step stay)
         t_score = time.perf_counter()
         generated += sum(len(s.token_ids) for g in extra for s in g.samples)
         for g in extra:  # sample indices continue after the prompt's earlier samples
@@ -115,7 +117,6 @@ def online_pairs(
         counters.too_few_candidates = c.too_few_candidates
         generate_s += t_score - t_gen
         score_s += time.perf_counter() - t_score
-    rollout.sleep()
     by_key = {
         p.key: OnlinePair(tuple(p.chosen.token_ids), tuple(p.rejected.token_ids), p.chosen_score, p.rejected_score)
         for p in pairs

