@@ -413,7 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import time
 
-    meta = {"date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/evidence_report.py "
+    import os
+    import platform
+
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cpus", "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/evidence_report.py "
             + " ".join(argv if argv is not None else sys.argv[1:])}
     print(report(Path(args.work), Path(args.results), args.prefix, meta, args.bootstrap))
     return 0

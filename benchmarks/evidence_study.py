@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         from evidence_report import report
 
         meta = {"plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.__dict__.items()},
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+                "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
                 "date": time.strftime("%Y-%m-%d"), "ci": args.ci,
                 "command": "python benchmarks/evidence_study.py " + " ".join(argv if argv is not None else sys.argv[1:])}
         out = report(work, Path(args.results) if Path(args.results).is_absolute() else ROOT / args.results,
