@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from metaapo_nemo.trainer.summary import read_jsonl
+
 SFT = "sft"
 LABELS = {"sft": "SFT start", "dpo": "offline DPO", "online_dpo": "Online DPO", "metaapo": "MetaAPO",
           "random_sampling": "random sampling", "fixed_weights": "fixed weights",
@@ -33,51 +35,45 @@ META_METHODS = ("metaapo", "random_sampling", "fixed_weights", "sample_all_meta"
 MARGIN = 0.01  # claims (a), (b): non-inferiority margin
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-
-
 ROUND_KEYS = ("round", "epoch", "step", "prompts", "sampled", "online_pairs", "trained_prompts", "ties",
               "refill_prompts", "samples_generated_total", "annotation_ratio", "w_mean", "prepare_s", "train_s")
 
 
-def digest(work: Path) -> dict:
-    """The cells in compact form (scores, rounds, losses, config; no texts), committed beside the
-    report so the analysis can be rerun without the run directories."""
-    cells = load_cells(work)
-    out = []
-    for by_seed in cells.values():
-        for c in by_seed.values():
-            ev = c["eval"]
-            out.append({k: c[k] for k in ("name", "method", "seed", "wall_s", "command", "finished")}
-                       | {"config": _cell_config(work, c["name"]),
-                          "eval": {part: {mode: {"scores": ev[part][mode]["scores"]} for mode in ("greedy", "sampled")}
-                                   for part in ("before", "after")} | {"prompts": [p["key"] if "key" in p else i
-                                                                                   for i, p in enumerate(ev["prompts"])]},
-                          "rounds": [{k: r.get(k) for k in ROUND_KEYS} for r in c["rounds"]],
-                          "steps": [{"step": x["step"], "loss": x["loss"]} for x in c["steps"]]})
-    tuning = work / "tuning.json"
-    return {"cells": out, "tuning": json.loads(tuning.read_text()) if tuning.is_file() else None}
-
-
-def load_cells(work: Path) -> dict[str, dict[int, dict]]:
-    """method -> seed -> cell data, for the main cells with a cell.json (or from a digest file)."""
-    out: dict[str, dict[int, dict]] = {}
-    if work.is_file():  # a digest (`digest`)
-        for c in json.loads(work.read_text())["cells"]:
-            out.setdefault(c["method"], {})[c["seed"]] = c
-        return out
+def load_study(work: Path) -> tuple[dict[str, dict[int, dict]], dict | None]:
+    """(method -> seed -> cell, the tuning result) from the study's ``--work`` folder (the main
+    cells with a cell.json) or from a digest file (`digest`)."""
+    cells: dict[str, dict[int, dict]] = {}
+    if work.is_file():
+        data = json.loads(work.read_text())
+        for c in data["cells"]:
+            cells.setdefault(c["method"], {})[c["seed"]] = c
+        return cells, data["tuning"]
     for done in sorted((work / "cells").glob("*/cell.json")):
         rec = json.loads(done.read_text())
         if rec["name"].startswith("tune_"):
             continue
         d = done.parent
-        ev = json.loads((d / "eval.json").read_text())
-        rec["eval"] = ev
-        rec["rounds"] = _jsonl(d / "rounds.jsonl")
-        rec["steps"] = _jsonl(d / "metrics.jsonl")
-        out.setdefault(rec["method"], {})[rec["seed"]] = rec
-    return out
+        rec |= {"eval": json.loads((d / "eval.json").read_text()), "rounds": read_jsonl(d / "rounds.jsonl"),
+                "steps": read_jsonl(d / "metrics.jsonl"), "config": _cell_config(d)}
+        cells.setdefault(rec["method"], {})[rec["seed"]] = rec
+    tuning = work / "tuning.json"
+    return cells, json.loads(tuning.read_text()) if tuning.is_file() else None
+
+
+def digest(cells: dict[str, dict[int, dict]], tuning: dict | None) -> dict:
+    """The cells in compact form (scores, rounds, losses, config; no texts), committed beside the
+    report so the analysis can be rerun without the run directories."""
+    out = []
+    for by_seed in cells.values():
+        for c in by_seed.values():
+            ev = c["eval"]
+            out.append({k: c[k] for k in ("name", "method", "seed", "wall_s", "command", "finished", "config")}
+                       | {"eval": {part: {mode: {"scores": ev[part][mode]["scores"]} for mode in ("greedy", "sampled")}
+                                   for part in ("before", "after")} | {"prompts": [p["key"] if "key" in p else i
+                                                                                   for i, p in enumerate(ev["prompts"])]},
+                          "rounds": [{k: r.get(k) for k in ROUND_KEYS} for r in c["rounds"]],
+                          "steps": [{"step": x["step"], "loss": x["loss"]} for x in c["steps"]]})
+    return {"cells": out, "tuning": tuning}
 
 
 def per_prompt(ev_part: dict, mode: str) -> np.ndarray:
@@ -130,10 +126,10 @@ def annotation(cell: dict) -> dict:
             "refill_prompts": refills, "untrained_pairs": untrained}
 
 
-def _cell_config(work: Path, name: str) -> dict:
+def _cell_config(run_dir: Path) -> dict:
     import yaml
 
-    cfg = yaml.safe_load((work / "cells" / name / "config.yaml").read_text())
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     rollout, data, m = cfg.get("rollout") or {}, cfg.get("data") or {}, cfg.get("metaapo") or {}
     return {"k": rollout.get("samples_per_prompt", 0), "data_prompts": data.get("limit"),
             "global_batch": cfg["train"]["global_batch_size"], "max_steps": cfg["train"].get("max_steps"),
@@ -168,12 +164,8 @@ def _all_or_none(values: list[float], ok) -> str:
     return "inconclusive"
 
 
-def analyse(work: Path, resamples: int = 10_000) -> dict:
-    cells = load_cells(work)
-    for method, by_seed in cells.items():
-        for cell in by_seed.values():
-            if "config" not in cell:
-                cell["config"] = _cell_config(work, cell["name"])
+def analyse(cells: dict[str, dict[int, dict]], tuning: dict | None, resamples: int = 10_000) -> dict:
+    """Tables and verdicts from `load_study`'s cells."""
     methods = [m for m in ORDER if m in cells]
     seeds = sorted(set.intersection(*(set(cells[m]) for m in methods))) if methods else []
     every = sorted(set().union(*(set(cells[m]) for m in methods))) if methods else []
@@ -271,10 +263,7 @@ def analyse(work: Path, resamples: int = 10_000) -> dict:
     result["b_met"] = b_met
     result["w"] = {m: {s: [r["w_mean"] for r in cells[m][s]["rounds"]] for s in seeds}
                    for m in methods if m in META_METHODS}
-    if work.is_file():
-        result["tuning"] = json.loads(work.read_text())["tuning"]
-    else:
-        result["tuning"] = json.loads((work / "tuning.json").read_text()) if (work / "tuning.json").is_file() else None
+    result["tuning"] = tuning
     return result
 
 
@@ -394,13 +383,14 @@ def plots(r: dict, out: Path, prefix: str) -> list[Path]:
 
 
 def report(work: Path, out: Path, prefix: str, meta: dict, bootstrap: int = 10_000) -> Path:
-    r = analyse(work, bootstrap)
+    cells, tuning = load_study(work)
+    r = analyse(cells, tuning, bootstrap)
     out.mkdir(parents=True, exist_ok=True)
     meta = meta | {"prefix": prefix}
     if r.get("rows"):
         plots(r, out, prefix)
     if not work.is_file():
-        (out / f"{prefix}_cells.json").write_text(json.dumps(digest(work)))
+        (out / f"{prefix}_cells.json").write_text(json.dumps(digest(cells, tuning)))
     (out / f"{prefix}.json").write_text(json.dumps(r | {"meta": meta}, indent=1, default=str))
     path = out / f"{prefix}.md"
     path.write_text(markdown(r, meta))

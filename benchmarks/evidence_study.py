@@ -33,6 +33,7 @@ policy from memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -162,10 +163,8 @@ def run_cell(cell: Cell, work: Path, log) -> dict:
 def pick_setting(plan: Plan, work: Path) -> dict:
     """The tuning grid's best (lr, beta) by held-out sampled gold on the tuning split."""
     rows = []
-    for cell in tune_cells(plan, work, work):
+    for (lr, beta), cell in zip(itertools.product(plan.lrs, plan.betas), tune_cells(plan, work, work)):
         ev = json.loads((cell.run_dir(work) / "eval.json").read_text())
-        lr = float(next(o for o in cell.overrides if o.startswith("optim.lr=")).split("=")[1])
-        beta = float(next(o for o in cell.overrides if o.startswith("loss.beta=")).split("=")[1])
         rows.append({"lr": lr, "beta": beta, "sampled": ev["after"]["sampled"]["gold"],
                      "greedy": ev["after"]["greedy"]["gold"], "before_sampled": ev["before"]["sampled"]["gold"]})
     best = max(rows, key=lambda r: (r["sampled"], r["greedy"]))  # ties: greedy, then grid order
@@ -189,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ci needs --model (a local HF checkpoint, e.g. a tiny one)")
     plan = Plan.ci(args.model) if args.ci else Plan(extra=(f"model.path={args.model}",) if args.model else ())
     if args.seeds:
-        plan = Plan(**{**plan.__dict__, "seeds": tuple(args.seeds)})
+        plan = dataclasses.replace(plan, seeds=tuple(args.seeds))
     if args.methods:
-        plan = Plan(**{**plan.__dict__, "methods": tuple(args.methods)})
+        plan = dataclasses.replace(plan, methods=tuple(args.methods))
     work = (ROOT / args.work).resolve() if not Path(args.work).is_absolute() else Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache" if args.ci else ROOT / ".cache"

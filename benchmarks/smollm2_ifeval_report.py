@@ -12,14 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+from metaapo_nemo.trainer.summary import read_jsonl
 
 
 def row(run: Path) -> str:
     ev = json.loads((run / "eval.json").read_text())
-    rounds, steps = _jsonl(run / "rounds.jsonl"), _jsonl(run / "metrics.jsonl")
+    rounds, steps = read_jsonl(run / "rounds.jsonl"), read_jsonl(run / "metrics.jsonl")
     ratio = rounds[-1]["annotation_ratio"] if rounds else 0.0
     wall = (run / "wall_s.txt").read_text().strip() if (run / "wall_s.txt").is_file() else "?"
     b, a = ev["before"], ev["after"]
