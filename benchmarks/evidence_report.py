@@ -33,6 +33,9 @@ LABELS = {"sft": "SFT start", "dpo": "offline DPO", "online_dpo": "Online DPO", 
 ORDER = ("dpo", "online_dpo", "metaapo", "random_sampling", "fixed_weights", "sample_all_meta")
 META_METHODS = ("metaapo", "random_sampling", "fixed_weights", "sample_all_meta")
 MARGIN = 0.01  # claims (a), (b): non-inferiority margin
+# A cell whose 1-minute load average at its end was above this shared the 2 cores with other
+# jobs (a cell alone runs at ~2): its wall time is flagged in the report.
+LOADED = 3.0
 
 
 ROUND_KEYS = ("round", "epoch", "step", "prompts", "sampled", "online_pairs", "trained_prompts", "ties",
@@ -68,6 +71,7 @@ def digest(cells: dict[str, dict[int, dict]], tuning: dict | None) -> dict:
         for c in by_seed.values():
             ev = c["eval"]
             out.append({k: c[k] for k in ("name", "method", "seed", "wall_s", "command", "finished", "config")}
+                       | {"loadavg_1m_at_end": c.get("loadavg_1m_at_end")}
                        | {"eval": {part: {mode: {"scores": ev[part][mode]["scores"]} for mode in ("greedy", "sampled")}
                                    for part in ("before", "after")} | {"prompts": [p["key"] if "key" in p else i
                                                                                    for i, p in enumerate(ev["prompts"])]},
@@ -209,7 +213,9 @@ def analyse(cells: dict[str, dict[int, dict]], tuning: dict | None, resamples: i
                     "A_prompts": float(np.mean([a["A_prompts"] for a in ann])),
                     "refill_prompts": float(np.mean([a["refill_prompts"] for a in ann])),
                     "untrained_pairs": float(np.mean([a["untrained_pairs"] for a in ann])),
-                    "steps": [len(c["steps"]) for c in cs], "wall_s": float(np.mean([c["wall_s"] for c in cs])),
+                    "steps": [len(c["steps"]) for c in cs], "wall_s": [c["wall_s"] for c in cs],
+                    "loaded": [(s, c["loadavg_1m_at_end"]) for s, c in zip(seeds, cs)
+                               if (c.get("loadavg_1m_at_end") or 0) > LOADED],
                     "lr": cs[0]["config"]["lr"], "beta": cs[0]["config"]["beta"],
                     "sft_diff_s": bootstrap(gold[m]["sampled"] - sft["sampled"], resamples)}
         rows.append(row)
@@ -313,8 +319,12 @@ def markdown(r: dict, meta: dict) -> str:
         else:
             cells += [f"{row['A']:.3f}", f"{row['A_prompts']:.3f}", f"{row['refill_prompts']:.0f}",
                       f"{row['untrained_pairs']:.0f}",
-                      "/".join(map(str, row["steps"])), f"{row['wall_s']:.0f}"]
+                      "/".join(map(str, row["steps"])), "/".join(f"{w:.0f}" for w in row["wall_s"])]
         lines.append("| " + " | ".join(cells) + " |")
+    loaded = [f"{row['label']} seed {seed} ({load:.1f})" for row in r["rows"] for seed, load in row.get("loaded", [])]
+    lines += ["", "Wall s: per seed, the cell's whole process (training and both evaluations)."
+              + (f" Cells that ended with the 1-minute load average above {LOADED:g} on the 2 cores (other jobs "
+                 f"shared the machine, so their wall time is inflated): {', '.join(loaded)}." if loaded else "")]
     lines += ["", "## Claims (rules fixed in claims.md)", "", "| id | claim | estimate | verdict |", "|---|---|---|---|"]
     for c in r["claims"]:
         est = c["estimate"]
