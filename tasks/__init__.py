@@ -12,4 +12,6 @@ tests and benchmarks import them from the repository root.
   gold reward (benchmarks/toy_alignment).
 - `ifeval_task`, `ifeval_pairs`, `ifeval_eval`: IFEval-style prompts scored by the IFEval
   checkers, their offline pairs, and the before/after evaluation (the SmolLM2 recipes).
+- `gold_eval`: the before/after evaluation engine of a task with a gold score (vLLM, greedy and
+  sampled), behind `ifeval_eval` and `toy_eval` (the toy task's held-out pool, the evidence study).
 """

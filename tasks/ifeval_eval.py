@@ -1,20 +1,13 @@
 """Gold-score evaluation on held-out IFEval-task prompts, before and after training.
 
-For a policy: greedy (temperature 0, one response per prompt) and sampled (``eval.temperature``,
-``eval.samples_per_prompt`` seeded responses per prompt) generations on ``eval.num_prompts``
-held-out prompts (templates and topics never seen in training), each scored by the IFEval
-checkers (`ifeval_task.gold_score`: fraction of the prompt's constraints met, strict).
-Reported: the mean gold score and the fraction of prompts with every constraint met.
+For a policy: greedy and sampled generations on ``eval.num_prompts`` held-out prompts
+(templates and topics never seen in training), each scored by the IFEval checkers
+(`ifeval_task.gold_score`: fraction of the prompt's constraints met, strict). Reported: the
+mean gold score and the fraction of responses with every constraint met. The engine (before
+from the initial checkpoint, cached; after from the trained weights pushed in memory;
+``eval.json`` and a ``summary.md`` section) is `tasks.gold_eval`'s, shared with the toy task.
 
-In a recipe (``eval.task: tasks.ifeval_eval:evaluate_run``, see `metaapo_nemo.evals`),
-`evaluate_run` runs at the end of training on every rank: a vLLM engine starts from the
-initial checkpoint (``model.path``), evaluates it ("before"; cached under
-``run.cache_dir/ifeval_eval`` since it depends only on the checkpoint and the eval
-settings), receives the trained policy's weights in memory (the
-same push as MetaAPO's refit) and evaluates again ("after"). The main rank writes
-``eval.json`` in the run directory and appends a section to ``summary.md`` with
-``eval.examples`` prompts and their greedy responses before and after.
-
+In a recipe: ``eval.task: tasks.ifeval_eval:evaluate_run`` (see `metaapo_nemo.evals`).
 Stand-alone, for any checkpoint:
 
     python -m tasks.ifeval_eval --model .cache/smollm2/hf [--after runs/x/hf_final]
@@ -23,40 +16,15 @@ Stand-alone, for any checkpoint:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tasks import gold_eval as G
+from tasks.gold_eval import EvalSettings, GenerateFn, cache_key, headline, prompt_ids  # noqa: F401 (API)
 from tasks.ifeval_task import TaskPrompt, gold_details, make_prompts
-
-_AFTER_STEP = 1 << 30  # the engine's policy-step tag for the pushed final weights
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """Mirrors the ``eval`` config section (`config.schema.EvalConfig`)."""
-
-    num_prompts: int = 64
-    seed: int = 0
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    samples_per_prompt: int = 2
-    examples: int = 5
-    first_prompt: int = 0  # prompts [first_prompt, first_prompt + num_prompts) of the held-out list
-
-    @classmethod
-    def from_config(cls, e: Any) -> EvalSettings:
-        return cls(e.num_prompts, e.seed, e.max_new_tokens, e.temperature, e.top_p,
-                   e.samples_per_prompt, e.examples, e.first_prompt)
-
-
-GenerateFn = Callable[[Any, Any], list]  # (PromptBatch, SamplingSettings) -> [PromptSamples]
 
 
 def heldout_prompts(s: EvalSettings) -> list[TaskPrompt]:
@@ -65,170 +33,41 @@ def heldout_prompts(s: EvalSettings) -> list[TaskPrompt]:
     return make_prompts("heldout", s.first_prompt + s.num_prompts, s.seed)[s.first_prompt:]
 
 
-def prompt_ids(tokenizer: Any, prompts: Sequence[TaskPrompt]) -> list[list[int]]:
-    """Chat-template token ids (the model's default system prompt, as in training)."""
-    out = []
-    for p in prompts:
-        ids = tokenizer.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=True)
-        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
-    return out
+def _grade(p: TaskPrompt, text: str) -> tuple[float, bool]:
+    passed = gold_details(p.constraints, text, p.text)
+    return sum(passed) / len(passed), all(passed)
+
+
+TASK = G.GoldTask(
+    cache_name="ifeval_eval", title="IFEval-style constraints",
+    gold_doc="gold = fraction of constraints met (if-verifiable IFEval checkers, strict); templates and "
+             "topics unseen in training",
+    heldout=heldout_prompts, grade=_grade, prompt_json=lambda p: p.to_json(),
+    label=lambda p: ", ".join(p["instruction_id_list"]))
 
 
 def evaluate(generate: GenerateFn, ids: Sequence[Sequence[int]], prompts: Sequence[TaskPrompt],
              s: EvalSettings) -> dict[str, Any]:
     """Greedy + sampled gold scores of one policy (whatever `generate` samples from)."""
-    from metaapo_nemo.rollout.generator import PromptBatch, SamplingSettings
-
-    t0 = time.perf_counter()
-    batch = PromptBatch.build(ids, list(range(len(prompts))), round=0)
-    modes = {"greedy": SamplingSettings(n=1, temperature=0.0, max_new_tokens=s.max_new_tokens, seed=s.seed),
-             "sampled": SamplingSettings(n=s.samples_per_prompt, temperature=s.temperature, top_p=s.top_p,
-                                         max_new_tokens=s.max_new_tokens, seed=s.seed)}
-    out: dict[str, Any] = {}
-    for mode, settings in modes.items():
-        groups = generate(batch, settings)
-        texts = [[x.text for x in g.samples] for g in groups]
-        passed = [[gold_details(p.constraints, t, p.text) for t in ts] for p, ts in zip(prompts, texts)]
-        scores = [[sum(r) / len(r) for r in rs] for rs in passed]
-        flat = [x for xs in scores for x in xs]
-        out[mode] = {"gold": sum(flat) / len(flat),
-                     "all_met": sum(all(r) for rs in passed for r in rs) / len(flat),
-                     "truncated": sum(x.truncated for g in groups for x in g.samples) / len(flat),
-                     "responses": texts, "scores": scores}
-    out["seconds"] = time.perf_counter() - t0
-    return out
-
-
-def cache_key(model_dir: Path, s: EvalSettings) -> str:
-    """Depends on the checkpoint's files (names, sizes, config) and the eval settings."""
-    h = hashlib.sha256(json.dumps(s.__dict__, sort_keys=True).encode())
-    for f in sorted(Path(model_dir).iterdir()):
-        if f.is_file():
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-            if f.suffix in (".json", ".jinja"):
-                h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _cached(path: Path, compute: Callable[[], dict], enabled: bool) -> dict:
-    if enabled and path.is_file():
-        return json.loads(path.read_text()) | {"cached": True}
-    result = compute()
-    if enabled:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        tmp.replace(path)
-    return result
+    return G.evaluate(TASK, generate, ids, prompts, s)
 
 
 def evaluate_run(cfg: Any, ctx: Any, policy: Any, model_dir: Path, run_dir: Path) -> dict | None:
-    """Before/after evaluation at the end of a recipe (call on every rank; no-op without ``eval``).
-
-    Args:
-        cfg: The validated `Config` (reads ``eval``, ``rollout``, ``data``, ``run``).
-        ctx: The `ParallelContext`.
-        policy: The trained `MegatronLM` (its weights are pushed into the eval engine).
-        model_dir: The initial HF checkpoint (the "before" policy).
-        run_dir: Where eval.json and summary.md go.
-    """
-    if getattr(cfg, "eval", None) is None:
-        return None
-    from transformers import AutoTokenizer
-
-    from metaapo_nemo.config.loader import resolve_repo_path
-    from metaapo_nemo.rollout.group import build_rollout_group
-
-    s = EvalSettings.from_config(cfg.eval)
-    prompts = heldout_prompts(s)
-    ids = prompt_ids(AutoTokenizer.from_pretrained(str(model_dir)), prompts)
-    rollout = cfg.rollout.model_copy(update={"max_new_tokens": s.max_new_tokens})
-    data = cfg.data.model_copy(update={"max_prompt_length": max(cfg.data.max_prompt_length, max(map(len, ids)))})
-    group = build_rollout_group(cfg.model_copy(update={"rollout": rollout, "data": data}), str(model_dir), ctx, 0)
-    try:
-        cache = resolve_repo_path(cfg.run.cache_dir) / "ifeval_eval" / f"{cache_key(model_dir, s)}.json"
-        before = _cached(cache, lambda: evaluate(lambda b, st: group.generate(b, st, 0), ids, prompts, s),
-                         cfg.eval.cache_before and ctx.is_main and ctx.dims.world_size == 1)
-        group.push_megatron(policy.modules(), policy.arch, _AFTER_STEP, cfg.rollout.refit_bucket_mb << 20)
-        after = evaluate(lambda b, st: group.generate(b, st, _AFTER_STEP), ids, prompts, s)
-    finally:
-        group.shutdown()
-    result = {"settings": s.__dict__, "prompts": [p.to_json() for p in prompts], "before": before, "after": after}
-    if ctx.is_main:
-        (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
-        append_summary(run_dir, result)
-        print(headline(result), flush=True)
-    return result
-
-
-def headline(result: dict) -> str:
-    b, a = result["before"], result["after"]
-    return (f"eval (held-out gold score, {len(result['prompts'])} prompts): greedy {b['greedy']['gold']:.3f} -> "
-            f"{a['greedy']['gold']:.3f}, sampled {b['sampled']['gold']:.3f} -> {a['sampled']['gold']:.3f}")
-
-
-def _annotation_ratio(run_dir: Path) -> float | None:
-    rounds = run_dir / "rounds.jsonl"
-    if not rounds.is_file():
-        return None
-    rows = [json.loads(x) for x in rounds.read_text().splitlines() if x.strip()]
-    return rows[-1].get("annotation_ratio") if rows else None
+    """The ``eval.task`` function: `gold_eval.evaluate_run` on the IFEval task."""
+    return G.evaluate_run(TASK, cfg, ctx, policy, model_dir, run_dir)
 
 
 def markdown(result: dict, annotation_ratio: float | None = None) -> str:
-    """The eval section: table before/after, then example prompts with greedy responses."""
-    b, a, s = result["before"], result["after"], result["settings"]
-    lines = ["## Held-out gold score (IFEval-style constraints)", "",
-             f"{len(result['prompts'])} held-out prompts (templates and topics unseen in training); "
-             f"gold = fraction of constraints met (if-verifiable IFEval checkers, strict); "
-             f"sampled = {s['samples_per_prompt']} samples/prompt at T={s['temperature']}; "
-             f"up to {s['max_new_tokens']} new tokens."]
-    if annotation_ratio is not None:
-        lines.append(f"Annotation ratio of the run: {annotation_ratio:.3f}.")
-    lines += ["", "| | greedy gold | greedy all met | sampled gold | sampled all met |", "|---|---|---|---|---|"]
-    for name, r in (("before", b), ("after", a)):
-        lines.append(f"| {name} | {r['greedy']['gold']:.3f} | {r['greedy']['all_met']:.3f} | "
-                     f"{r['sampled']['gold']:.3f} | {r['sampled']['all_met']:.3f} |")
-    lines += ["", "### Examples (greedy)", ""]
-    for i, p in enumerate(result["prompts"][: s["examples"]]):
-        lines += [f"**Prompt {i + 1}** ({', '.join(p['instruction_id_list'])}): {_quote(p['prompt'])}", ""]
-        for name, r in (("before", b), ("after", a)):
-            lines += [f"- {name} (gold {r['greedy']['scores'][i][0]:.2f}): {_quote(r['greedy']['responses'][i][0])}"]
-        lines.append("")
-    return "\n".join(lines) + "\n"
-
-
-def _quote(text: str) -> str:
-    return "`" + text.replace("`", "'").replace("\n", "\\n") + "`"
+    return G.markdown(TASK, result, annotation_ratio)
 
 
 def append_summary(run_dir: Path, result: dict) -> Path:
-    path = run_dir / "summary.md"
-    head = "" if path.is_file() else f"# run summary: {run_dir.name}\n\n"
-    with path.open("a") as f:
-        f.write(head + "\n" + markdown(result, _annotation_ratio(run_dir)))
-    return path
+    return G.append_summary(TASK, run_dir, result)
 
 
 def evaluate_checkpoint(model_dir: str, s: EvalSettings, after_dir: str | None = None) -> dict:
     """Stand-alone: one vLLM engine (no training job), `model_dir` then optionally `after_dir`."""
-    from transformers import AutoTokenizer
-
-    from metaapo_nemo.rollout.vllm_backend import EngineSettings, VllmGenerator
-
-    prompts = heldout_prompts(s)
-    ids = prompt_ids(AutoTokenizer.from_pretrained(model_dir), prompts)
-    result: dict[str, Any] = {"settings": s.__dict__, "prompts": [p.to_json() for p in prompts]}
-    for name, path in (("before", model_dir), ("after", after_dir)):
-        if path is None:
-            continue
-        engine = VllmGenerator(EngineSettings(model_dir=path, seed=s.seed,
-                                              max_model_len=max(map(len, ids)) + s.max_new_tokens))
-        try:
-            result[name] = evaluate(lambda b, st: engine.generate(b, st, 0), ids, prompts, s)
-        finally:
-            engine.shutdown()
-    return result
+    return G.evaluate_checkpoint(TASK, model_dir, s, after_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,11 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate_checkpoint(args.model, s, args.after)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
-    for name in ("before", "after"):
-        if name in result:
-            r = result[name]
-            print(f"{name}: greedy gold {r['greedy']['gold']:.3f} (all met {r['greedy']['all_met']:.3f}), "
-                  f"sampled gold {r['sampled']['gold']:.3f} (all met {r['sampled']['all_met']:.3f})")
+    G.print_result(result)
     return 0
 
 

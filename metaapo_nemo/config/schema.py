@@ -483,7 +483,7 @@ class EvalConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     samples_per_prompt: int = Field(2, gt=0)
     examples: int = Field(5, ge=0)  # prompts shown with responses before/after in summary.md
-    cache_before: bool = True  # reuse the initial checkpoint's scores (run.cache_dir/ifeval_eval)
+    cache_before: bool = True  # reuse the initial checkpoint's scores (run.cache_dir/<the task>)
 
 
 Method = Literal["dpo", "metaapo"]
