@@ -340,9 +340,9 @@ def markdown(r: dict, meta: dict) -> str:
             text = _ci(est) + f"; greedy mean {c['greedy_mean']:+.3f}"
         lines.append(f"| {c['id']} | {c['claim']} | {text} | **{c['verdict']}** |")
     lines += ["", "## Plots", "",
-              "Held-out gold is measured at the start and the end of each run only (a held-out evaluation "
-              "costs minutes per cell on 2 cores), so the gold curves are two-point lines with the end's 95% "
-              "interval; w is per round.", "",
+              "Held-out gold is measured at the start and the end of each run only (the recipes' evaluation "
+              "hook runs after training; claims.md pre-registers end-point gold), so the gold curves are "
+              "two-point lines with the end's 95% interval; w is per round.", "",
               f"![gold vs steps]({meta['prefix']}_gold_vs_steps.png) "
               f"![gold vs annotations]({meta['prefix']}_gold_vs_annotations.png) "
               f"![w over training]({meta['prefix']}_w_over_training.png)", ""]
