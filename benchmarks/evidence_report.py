@@ -72,12 +72,17 @@ def digest(cells: dict[str, dict[int, dict]], tuning: dict | None) -> dict:
             ev = c["eval"]
             out.append({k: c[k] for k in ("name", "method", "seed", "wall_s", "command", "finished", "config")}
                        | {"loadavg_1m_at_end": c.get("loadavg_1m_at_end")}
-                       | {"eval": {part: {mode: {"scores": ev[part][mode]["scores"]} for mode in ("greedy", "sampled")}
+                       | {"eval": {part: {mode: {"scores": _rounded(ev[part][mode]["scores"])} for mode in ("greedy", "sampled")}
                                    for part in ("before", "after")} | {"prompts": [p["key"] if "key" in p else i
                                                                                    for i, p in enumerate(ev["prompts"])]},
                           "rounds": [{k: r.get(k) for k in ROUND_KEYS} for r in c["rounds"]],
-                          "steps": [{"step": x["step"], "loss": x["loss"]} for x in c["steps"]]})
+                          "steps": [{"step": x["step"], "loss": round(x["loss"], 9)} for x in c["steps"]]})
     return {"cells": out, "tuning": tuning}
+
+
+def _rounded(scores: list[list[float]]) -> list[list[float]]:
+    """Scores to 9 decimals (a gold score is a ratio of small integers; the analysis prints 3)."""
+    return [[round(x, 9) for x in xs] for xs in scores]
 
 
 def per_prompt(ev_part: dict, mode: str) -> np.ndarray:
