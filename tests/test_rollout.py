@@ -242,11 +242,30 @@ def test_budget_split_keeps_seeded_samples(trained):
         from metaapo_nemo.models.convert import iter_hf_tensors
         from metaapo_nemo.rollout.refit import push_weights
 
+        import logging
+
+        from metaapo_nemo.rollout.vllm_backend import _RELOAD_LOGGER
+
+        class Seen(logging.Handler):
+            records: list[str] = []
+
+            def emit(self, record):
+                self.records.append(record.getMessage())
+
+        seen, ours = Seen(), Seen()
+        logging.getLogger(_RELOAD_LOGGER).addHandler(seen)
+        logging.getLogger("metaapo_nemo.rollout.vllm_backend").addHandler(ours)
         policy = trained.c.policy
-        _, err = push_weights(
-            iter_hf_tensors(policy.modules(), policy.arch, trained.c.ctx), small, trained.step, CAP
-        )
+        try:
+            _, err = push_weights(
+                iter_hf_tensors(policy.modules(), policy.arch, trained.c.ctx), small, trained.step, CAP
+            )
+        finally:
+            logging.getLogger(_RELOAD_LOGGER).removeHandler(seen)
+            logging.getLogger("metaapo_nemo.rollout.vllm_backend").removeHandler(ours)
         assert err is None
+        # several buckets, each a subset: no per-bucket "not loaded" wall, and no weight left out
+        assert not [m for m in Seen.records if "not loaded" in m or "sent no value" in m], Seen.records[:3]
         want = trained.group.generate(trained.batch, trained.sample, trained.step)
         got = small.generate(trained.batch, trained.sample, trained.step)
         assert small.calls >= 4  # 15 requests of ~14 tokens under a 64-token budget
@@ -363,3 +382,24 @@ def test_tp2_and_pp2_layouts(tmp_path, tiny_llama):
         for temperature, diff in r["logprob_max_diff"].items():
             assert diff < 1e-4, (r["layout"], temperature, diff)
         assert r["samples_same_on_all_ranks"]
+
+
+def test_push_reports_only_weights_that_no_bucket_loaded():
+    import logging
+
+    from metaapo_nemo.rollout.vllm_backend import _NOT_LOADED, _RELOAD_LOGGER, _UnloadedWeights
+
+    f = _UnloadedWeights()
+    logger = logging.getLogger(_RELOAD_LOGGER)
+    logger.addFilter(f)
+    try:  # three buckets of a, b, c; "d" is in none of them
+        for missing in ({"b", "c", "d"}, {"a", "c", "d"}, {"a", "b", "d"}):
+            record = logger.makeRecord(_RELOAD_LOGGER, logging.WARNING, __file__, 0, _NOT_LOADED + ": %s",
+                                       (missing,), None)
+            assert not f.filter(record)  # each bucket's partial set is not logged
+        other = logger.makeRecord(_RELOAD_LOGGER, logging.WARNING, __file__, 0, "something else", (), None)
+        assert f.filter(other)
+    finally:
+        logger.removeFilter(f)
+    assert f.never_loaded(3) == {"d"}
+    assert f.never_loaded(4) == set()  # a fourth bucket reloaded without a warning: it loaded them all

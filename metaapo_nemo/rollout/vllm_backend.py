@@ -73,6 +73,34 @@ from metaapo_nemo.rollout.generator import (
 )
 
 log = logging.getLogger(__name__)
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.inplace"
+_NOT_LOADED = "Following weights were not loaded from checkpoint"
+
+
+class _UnloadedWeights(logging.Filter):
+    """Collects vLLM's per-reload "weights were not loaded" sets during one bucketed push.
+
+    A bucket carries a subset of the weights by design, so vLLM's in-place reload names every
+    other weight, once per bucket (a wall of false alarms in every log). Only a weight that NO
+    bucket of the push loaded is a problem: `never_loaded` (the intersection), which the push
+    reports once itself.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets: list[set[str]] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(_NOT_LOADED) and record.args:
+            self.sets.append({str(n) for n in record.args[0]})
+            return False
+        return True
+
+    def never_loaded(self, buckets: int) -> set[str]:
+        """Weights missing from every one of `buckets` reloads (a silent reload loaded all)."""
+        if not self.sets or len(self.sets) < buckets:
+            return set()
+        return set.intersection(*self.sets)
 
 WAKE_ORDER = ("weights", "kv_cache")  # vLLM's sleep tags, in the order they come back
 
@@ -350,19 +378,30 @@ class VllmGenerator:
         self._weights_step = None
         self._stale_reason = f"the push for policy step {policy_step} did not finish"
         it, b = iter(buckets), 0
-        while True:
-            try:
-                bucket = next(it)
-            except StopIteration:
-                break
-            except Exception as exc:  # noqa: BLE001 (the stream's failure, reported with the step)
-                self._fail(policy_step, b, exc, "producing the bucket")
-            try:
-                self._load_bucket(list(bucket))
-            except Exception as exc:  # noqa: BLE001 (any loader failure leaves vLLM half-loaded)
-                self._recover()
-                self._fail(policy_step, b, exc, "loading it into vLLM")
-            b += 1
+        unloaded = _UnloadedWeights()
+        reload_log = logging.getLogger(_RELOAD_LOGGER)
+        reload_log.addFilter(unloaded)
+        try:
+            while True:
+                try:
+                    bucket = next(it)
+                except StopIteration:
+                    break
+                except Exception as exc:  # noqa: BLE001 (the stream's failure, reported with the step)
+                    self._fail(policy_step, b, exc, "producing the bucket")
+                try:
+                    self._load_bucket(list(bucket))
+                except Exception as exc:  # noqa: BLE001 (any loader failure leaves vLLM half-loaded)
+                    self._recover()
+                    self._fail(policy_step, b, exc, "loading it into vLLM")
+                b += 1
+        finally:
+            reload_log.removeFilter(unloaded)
+        missing = unloaded.never_loaded(b)
+        if missing:
+            log.warning("the weight push for policy step %d sent no value for %d of the engine's weights "
+                        "(they keep their previous values): %s", policy_step, len(missing),
+                        ", ".join(sorted(missing)[:12]) + (" ..." if len(missing) > 12 else ""))
         with cpu_compat.suspended():
             if not self.on_gpu:  # GPU kernels read the shared Parameter itself
                 self.llm.collective_rpc(_refresh_shared_weights)
