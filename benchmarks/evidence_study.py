@@ -58,24 +58,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# method -> (recipe method, config, extra overrides). The ablations are MetaAPO's settings.
-METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "dpo": ("dpo", "conf/smollm2_dpo.yaml", ()),
-    "online_dpo": ("metaapo", "conf/smollm2_online_dpo.yaml", ("rollout.tie_refills=2", "train.epochs=3")),
-    "metaapo": ("metaapo", "conf/smollm2_metaapo.yaml", ()),
-    "random_sampling": ("metaapo", "conf/smollm2_metaapo.yaml", ("metaapo.sampling=random",)),
-    "fixed_weights": ("metaapo", "conf/smollm2_metaapo.yaml", ("metaapo.meta_update=false",)),
-    "sample_all_meta": ("metaapo", "conf/smollm2_metaapo.yaml", ("metaapo.sampling=all",)),
-}
+
+def _methods(dpo: str, online_dpo: str, metaapo: str) -> dict[str, tuple[str, str, tuple[str, ...]]]:
+    """method -> (recipe method, config, extra overrides) from a task's three recipe configs.
+
+    The ablations are MetaAPO's config with one setting changed. Online DPO re-draws tied
+    prompts (``rollout.tie_refills``) and may start the next pass to reach the step budget
+    (``train.epochs`` with the same ``train.max_steps``), claims.md amendment 1.
+    """
+    return {
+        "dpo": ("dpo", dpo, ()),
+        "online_dpo": ("metaapo", online_dpo, ("rollout.tie_refills=2", "train.epochs=3")),
+        "metaapo": ("metaapo", metaapo, ()),
+        "random_sampling": ("metaapo", metaapo, ("metaapo.sampling=random",)),
+        "fixed_weights": ("metaapo", metaapo, ("metaapo.meta_update=false",)),
+        "sample_all_meta": ("metaapo", metaapo, ("metaapo.sampling=all",)),
+    }
+
+
+METHODS = _methods("conf/smollm2_dpo.yaml", "conf/smollm2_online_dpo.yaml", "conf/smollm2_metaapo.yaml")
 # The toy task (claims.md amendment 2): the tiny_cpu recipes on the locally built task.
-TOY_METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "dpo": ("dpo", "conf/tiny_cpu_dpo.yaml", ()),
-    "online_dpo": ("metaapo", "conf/tiny_cpu_online_dpo.yaml", ("rollout.tie_refills=2", "train.epochs=3")),
-    "metaapo": ("metaapo", "conf/tiny_cpu.yaml", ()),
-    "random_sampling": ("metaapo", "conf/tiny_cpu.yaml", ("metaapo.sampling=random",)),
-    "fixed_weights": ("metaapo", "conf/tiny_cpu.yaml", ("metaapo.meta_update=false",)),
-    "sample_all_meta": ("metaapo", "conf/tiny_cpu.yaml", ("metaapo.sampling=all",)),
-}
+TOY_METHODS = _methods("conf/tiny_cpu_dpo.yaml", "conf/tiny_cpu_online_dpo.yaml", "conf/tiny_cpu.yaml")
 RECIPES = {"dpo": "recipes/dpo.py", "metaapo": "recipes/metaapo.py"}
 # The toy task's sizes (tasks/toy_alignment_models.build_study_task) and tuning grid (amendment 2).
 TOY_SIZES = {"sft_prompts": 6000, "sft_epochs": 12, "sft_lr": 3e-3, "train_prompts": 1536,
@@ -178,7 +181,7 @@ def main_cells(plan: Plan, work: Path, cache: Path, lr: float, beta: float) -> l
     return out
 
 
-def run_cell(cell: Cell, work: Path, log, env: dict | None = None) -> dict:
+def run_cell(cell: Cell, work: Path, log, env: dict[str, str] | None = None) -> dict:
     """Runs one cell (skipped when its cell.json exists); returns its cell.json."""
     run_dir = cell.run_dir(work)
     done = run_dir / "cell.json"
@@ -197,7 +200,7 @@ def run_cell(cell: Cell, work: Path, log, env: dict | None = None) -> dict:
 
     t0 = time.perf_counter()
     with open(run_dir / "stdout.txt", "w") as out:
-        rc = subprocess.call(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=independent_env(**env))
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=independent_env(**(env or {})))
     wall = time.perf_counter() - t0
     if rc != 0 or not (run_dir / "eval.json").is_file():
         tail = (run_dir / "stdout.txt").read_text().splitlines()[-15:]

@@ -18,6 +18,7 @@ before and after.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import time
@@ -235,9 +236,25 @@ def evaluate_checkpoint(task: GoldTask, model_dir: str, s: EvalSettings, after_d
     return result
 
 
-def print_result(result: dict) -> None:
+def main(task: GoldTask, argv: list[str] | None, *, prog: str, description: str, model: str,
+         num_prompts: int = EvalSettings.num_prompts, max_new_tokens: int = EvalSettings.max_new_tokens) -> int:
+    """A task module's stand-alone command: evaluate ``--model`` (and ``--after``), print, save."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--model", default=model)
+    parser.add_argument("--after", default=None, help="a trained checkpoint to compare with --model")
+    parser.add_argument("--num-prompts", type=int, default=num_prompts)
+    parser.add_argument("--samples", type=int, default=EvalSettings.samples_per_prompt)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--out", default=None, help="write the full result (JSON) here")
+    args = parser.parse_args(argv)
+    s = EvalSettings(num_prompts=args.num_prompts, samples_per_prompt=args.samples,
+                     max_new_tokens=args.max_new_tokens)
+    result = evaluate_checkpoint(task, args.model, s, args.after)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
     for name in ("before", "after"):
         if name in result:
             r = result[name]
             print(f"{name}: greedy gold {r['greedy']['gold']:.3f} (all met {r['greedy']['all_met']:.3f}), "
                   f"sampled gold {r['sampled']['gold']:.3f} (all met {r['sampled']['all_met']:.3f})")
+    return 0

@@ -15,8 +15,6 @@ Stand-alone, for any checkpoint:
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,22 +69,8 @@ def evaluate_checkpoint(model_dir: str, s: EvalSettings, after_dir: str | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.ifeval_eval",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=".cache/smollm2/hf")
-    parser.add_argument("--after", default=None, help="a trained checkpoint to compare with --model")
-    parser.add_argument("--num-prompts", type=int, default=EvalSettings.num_prompts)
-    parser.add_argument("--samples", type=int, default=EvalSettings.samples_per_prompt)
-    parser.add_argument("--max-new-tokens", type=int, default=EvalSettings.max_new_tokens)
-    parser.add_argument("--out", default=None, help="write the full result (JSON) here")
-    args = parser.parse_args(argv)
-    s = EvalSettings(num_prompts=args.num_prompts, samples_per_prompt=args.samples,
-                     max_new_tokens=args.max_new_tokens)
-    result = evaluate_checkpoint(args.model, s, args.after)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    G.print_result(result)
-    return 0
+    return G.main(TASK, argv, prog="python -m tasks.ifeval_eval", description=__doc__.split("\n\n")[0],
+                  model=".cache/smollm2/hf")
 
 
 if __name__ == "__main__":

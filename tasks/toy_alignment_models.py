@@ -17,15 +17,19 @@ path as real checkpoints.
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from tasks.toy_alignment import Prompt, demonstrate, gold_score, tokenizer_corpus
+from tasks.toy_alignment import (Prompt, demonstrate, gold_score, heldout_pool, make_prompts,
+                                 preference_rows, tokenizer_corpus)
+from tasks.toy_prefs import write_jsonl
 
 MAX_NEW_TOKENS = 24
 # One intra-op thread: on a small shared CPU, 2 threads of tiny matmuls spend most of their
@@ -216,12 +220,6 @@ def build_study_task(out_dir: Path, *, sft_prompts: int = 6000, sft_epochs: int 
     demonstrator ``profiles`` in turn). No prompt of either is in the held-out pool
     (`toy_alignment.heldout_pool`) the evaluation reads.
     """
-    import json
-    import time
-
-    from tasks.toy_alignment import heldout_pool, make_prompts, preference_rows
-    from tasks.toy_prefs import write_jsonl
-
     out_dir = Path(out_dir)
     settings = {"sft_prompts": sft_prompts, "sft_epochs": sft_epochs, "sft_lr": sft_lr,
                 "train_prompts": train_prompts, "profiles": list(profiles), "policy": POLICY_SPEC}

@@ -7,13 +7,13 @@ held-out pool (`toy_alignment.heldout_pool`, which every training split of the e
 excludes), graded by `toy_alignment.gold_score` ("all met" = a perfect answer, gold 1.0).
 ``eval.seed`` seeds the sampling only: the pool is fixed, so training prompts stay disjoint.
 
-    python -m tasks.toy_eval --model .cache/toy_alignment/sft [--after runs/x/hf_final]
+    python -m tasks.toy_eval [--model runs/evidence_toy/task/sft] [--after runs/x/hf_final]
+
+(the SFT policy that ``benchmarks/evidence_study.py --task toy`` builds).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,21 +51,8 @@ def evaluate_run(cfg: Any, ctx: Any, policy: Any, model_dir: Path, run_dir: Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.toy_eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=".cache/toy_alignment/sft")
-    parser.add_argument("--after", default=None, help="a trained checkpoint to compare with --model")
-    parser.add_argument("--num-prompts", type=int, default=200)
-    parser.add_argument("--samples", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--out", default=None, help="write the full result (JSON) here")
-    args = parser.parse_args(argv)
-    s = EvalSettings(num_prompts=args.num_prompts, samples_per_prompt=args.samples,
-                     max_new_tokens=args.max_new_tokens)
-    result = G.evaluate_checkpoint(TASK, args.model, s, args.after)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    G.print_result(result)
-    return 0
+    return G.main(TASK, argv, prog="python -m tasks.toy_eval", description=__doc__.split("\n\n")[0],
+                  model="runs/evidence_toy/task/sft", num_prompts=200, max_new_tokens=24)
 
 
 if __name__ == "__main__":
