@@ -9,6 +9,9 @@ algorithm's `StepWork`, `trainer.loop.Trainer.train_step`: megatron schedule + o
   round's steps as ``*_incl_round_reference``);
 - ``metaapo_pad``: the same rows in the plain padded layout (train.batching=pad,
   share_prompt=false: what MetaAPO ran before its rows joined the common layouts);
+- ``metaapo_fixed_rows``: ``metaapo`` with a row kept for every absent online pair
+  (`RowLayout.fixed_rows`, what PP needs and what every layout did before 2026-12-03): a
+  prompt without an online pair then costs a whole padded row more (not in packed layouts);
 - ``dpo``: the offline DPO step on the same offline pairs (default layout).
 
 Online pairs are synthetic (other prompts' responses stand in for samples) for
@@ -28,6 +31,7 @@ Target (issue 15): metaapo >= 0.9 x dpo tokens/s. Run it on a quiet machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -41,10 +45,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "metaapo_step.jsonl"
-VARIANTS = {
-    "metaapo": ("metaapo", []),
-    "metaapo_pad": ("metaapo", ["train.batching=pad", "train.share_prompt=false"]),
-    "dpo": ("dpo", []),
+VARIANTS = {  # name: (method, overrides, RowLayout.fixed_rows forced on)
+    "metaapo": ("metaapo", [], False),
+    "metaapo_fixed_rows": ("metaapo", [], True),
+    "metaapo_pad": ("metaapo", ["train.batching=pad", "train.share_prompt=false"], False),
+    "dpo": ("dpo", [], False),
 }
 
 
@@ -71,13 +76,15 @@ def measure(variant: str, steps: int, fraction: float, overrides: list[str], thr
     from metaapo_nemo.trainer.callbacks import TrainState
     from metaapo_nemo.trainer.loop import Trainer
 
-    method, extra = VARIANTS[variant]
+    method, extra, fixed_rows = VARIANTS[variant]
     with tempfile.TemporaryDirectory() as tmp:
         meta = ["metaapo.sampling=none"] if method == "metaapo" else []
         cfg = load_config(None, [f"run.output_dir={tmp}", "run.name=bench", "train.progress_bar=off",
                                  "train.save_final_hf=false", "checkpoint.save_at_end=false",
                                  "checkpoint.resume=never", *meta, *extra, *overrides], method=method)
         run = R.build(cfg, method)
+        if fixed_rows:
+            run.layout = dataclasses.replace(run.layout, fixed_rows=True)
         run.logger.enabled = False
         G = run.plan.global_batch
         pairs = run.pairs[: G * (steps + 1)]
@@ -156,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_s": {v: round(x, 1) for v, x in med.items()},
         "tokens_per_step": tokens,
         "ratio_metaapo_vs_pad": round(med["metaapo"] / med["metaapo_pad"], 3),
+        "ratio_metaapo_vs_fixed_rows": round(med["metaapo"] / med["metaapo_fixed_rows"], 3),
         "ratio_metaapo_vs_dpo": round(med["metaapo"] / med["dpo"], 3),
         # the same with the round's online-pair reference pass spread over the round's steps
         # (DPO's reference is cached: nothing to add)

@@ -51,11 +51,32 @@ def test_metaapo_runs_end_to_end_with_vllm(default_run):
     assert list((default_run / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_online_dpo_annotates_every_prompt(tmp_path):
+def test_online_dpo_annotates_every_prompt_and_trains_online_rows_only(tmp_path, monkeypatch):
+    """Online DPO (sampling all, weights zero, unselected drop) reads h_phi nowhere: no margin
+    pass, no meta-learner step, and its steps leave the zero-weighted offline rows out."""
+    import metaapo_nemo.algorithms.metaapo as M
+    from metaapo_nemo.algorithms import rounds as RD
+
+    def no_margins(*a, **k):
+        raise AssertionError("Online DPO ran the offline margin pass")
+
+    flags = []
+    collate = RD.round_microbatches
+
+    def spy(items, *a, **k):
+        flags.extend(it.train_offline for it in items)
+        return collate(items, *a, **k)
+
+    monkeypatch.setattr(M, "offline_margins", no_margins)
+    monkeypatch.setattr(M, "round_microbatches", spy)
     run = _run(tmp_path, "online", config="conf/tiny_cpu_online_dpo.yaml")
-    rounds = _jsonl(run / "rounds.jsonl")
+    rounds, steps = _jsonl(run / "rounds.jsonl"), _jsonl(run / "metrics.jsonl")
     assert [r["annotation_ratio"] for r in rounds] == [1.0, 1.0]
     assert all(r["trained_prompts"] == r["online_pairs"] for r in rounds)  # ties dropped
+    assert flags and not any(flags)  # every trained prompt had an online pair: no offline rows
+    assert all(r["w_mean"] == 0.0 for r in rounds)  # the weight the steps use
+    assert all(s.get("meta_loss") is None and s["w_mean"] == 0.0 for s in steps)
+    assert all(s["reward_accuracy"] == "nan" and 0 <= s["reward_accuracy_online"] <= 1 for s in steps)
 
 
 def test_offline_dpo_baseline_annotates_nothing(tmp_path):

@@ -119,9 +119,11 @@ def test_offline_margins_match_the_dpo_step_margins(comps):
     assert any(abs(v) > 1e-3 for v in after.values())
 
 
-ROUND_LAYOUTS = {
-    "bucket": ("bucket", False), "pad_share": ("pad", True), "bucket_share": ("bucket", True),
-    "pack": ("pack", False), "pack_share": ("pack", True),
+ROUND_LAYOUTS = {  # name: (batching, share_prompt, fixed_rows)
+    "bucket": ("bucket", False, True), "pad_share": ("pad", True, True), "bucket_share": ("bucket", True, True),
+    "pack": ("pack", False, True), "pack_share": ("pack", True, True),
+    # PP = 1: absent responses / pairs take no row (rows.RowLayout.fixed_rows)
+    "bucket_lean": ("bucket", False, False), "bucket_share_lean": ("bucket", True, False),
 }
 
 
@@ -138,7 +140,7 @@ def test_round_rows_in_every_layout_equal_the_plain_layout(comps, name):
     items = _items(c, n=4)
     assert any(it.online is None for it in items)
     pad = c.tokenizer.pad_token_id
-    batching, share = ROUND_LAYOUTS[name]
+    batching, share, fixed_rows = ROUND_LAYOUTS[name]
     weigher = lambda m: torch.full_like(m, 0.3)  # noqa: E731
 
     def run(layout):
@@ -159,8 +161,11 @@ def test_round_rows_in_every_layout_equal_the_plain_layout(comps, name):
         return mbs, sum(o["loss"].item() for o in outs), seqs, c.policy.main_grads()
 
     plain_mbs, loss_a, seq_a, g_a = run(None)
-    other_mbs, loss_b, seq_b, g_b = run(RowLayout(batching, share_prompt=share))
+    other_mbs, loss_b, seq_b, g_b = run(RowLayout(batching, share_prompt=share, fixed_rows=fixed_rows))
     assert sum(mb.extras["tokens"] for mb in plain_mbs) == sum(mb.extras["tokens"] for mb in other_mbs)
+    rows = lambda mbs: sum(mb.input_ids_NT.shape[0] for mb in mbs)  # noqa: E731
+    if not fixed_rows:  # prompt 1's absent online pair: no row (2 rows unshared, 1 shared)
+        assert rows(other_mbs) == rows(run(RowLayout(batching, share_prompt=share))[0]) - (1 if share else 2)
     if share or batching == "pack":
         assert sum(mb.input_ids_NT.numel() for mb in other_mbs) < sum(mb.input_ids_NT.numel() for mb in plain_mbs)
     assert loss_b == pytest.approx(loss_a, rel=1e-6, abs=1e-7)
@@ -170,6 +175,50 @@ def test_round_rows_in_every_layout_equal_the_plain_layout(comps, name):
     for k in g_a:
         scale = g_a[k].abs().max().item()
         assert (g_a[k] - g_b[k]).abs().max().item() <= 1e-5 * scale + 1e-9, k
+
+
+@pytest.mark.parametrize("name", ["plain", "bucket_lean", "bucket_share_lean", "pack_share"])
+def test_online_only_rows_equal_the_zero_weighted_full_rows(comps, name):
+    """weights=zero (Online DPO): leaving the offline rows of prompts with an online pair out
+    of the step (`RoundItem.train_offline=False`) gives the loss and gradients of the full
+    rows at w = 0, with fewer tokens; a prompt without an online pair (unselected=offline)
+    keeps its offline rows."""
+    import dataclasses
+
+    from metaapo_nemo.algorithms.online import attach_reference_logps
+    from metaapo_nemo.algorithms.rounds import finalize_round_stats, round_microbatches, sum_round_stats
+    from metaapo_nemo.trainer.rows import RowLayout
+
+    c = comps
+    items = _items(c, n=4)
+    lean = [it if it.online is None else dataclasses.replace(it, train_offline=False) for it in items]
+    layout = None if name == "plain" else RowLayout(name.split("_")[0], share_prompt="share" in name,
+                                                    fixed_rows="lean" not in name)
+    zero = lambda m: torch.zeros_like(m)  # noqa: E731
+
+    def run(its):
+        mbs = round_microbatches(its, 2, c.tokenizer.pad_token_id, c.ctx.device, layout)
+        attach_reference_logps(c.reference, mbs)
+        c.policy.zero_grad()
+        outs = c.policy.run(mbs, metaapo_loss_fn(c.loss, zero, 4, "offline"), forward_only=False)
+        stats = finalize_round_stats(sum_round_stats(outs), 4)
+        return sum(mb.input_ids_NT.numel() for mb in mbs), stats, c.policy.main_grads()
+
+    tokens_full, full, g_full = run(items)
+    tokens_lean, lean_stats, g_lean = run(lean)
+    if name != "plain":  # the reference layout keeps a placeholder row per absent response
+        assert tokens_lean < tokens_full
+    assert lean_stats["loss"] == pytest.approx(full["loss"], rel=1e-6, abs=1e-7)
+    assert lean_stats["loss_online"] == pytest.approx(full["loss_online"], rel=1e-6)
+    assert full["reward_accuracy"] == pytest.approx(0.0) and lean_stats["w_mean"] == 0.0
+    # only prompt 1 (no online pair) has offline rows left: the offline figures are its own
+    assert lean_stats["loss_offline"] == pytest.approx(math.log(2), abs=1e-6)
+    for k in g_full:
+        scale = g_full[k].abs().max().item()
+        assert (g_full[k] - g_lean[k]).abs().max().item() <= 1e-5 * scale + 1e-9, k
+    assert any(g.abs().max().item() > 0 for g in g_lean.values())
+    with pytest.raises(AssertionError, match="offline rows left out wrongly"):  # a prompt with no pair at all
+        run([dataclasses.replace(it, train_offline=False) for it in items])
 
 
 def test_fp8_row_padding_leaves_logprobs_and_gradients_unchanged(comps):

@@ -169,7 +169,14 @@ def test_layout_from_config_pads_for_fp8_only():
     from metaapo_nemo.trainer.rows import FP8_TOKEN_MULTIPLE, layout_from_config
 
     train = SimpleNamespace(share_prompt=False, batching="bucket", pack_tokens=None)
-    fp8 = layout_from_config(SimpleNamespace(train=train, model=SimpleNamespace(fp8="hybrid")), "transformer_engine")
+    pp1, pp2 = SimpleNamespace(pp=1), SimpleNamespace(pp=2)
+    fp8 = layout_from_config(SimpleNamespace(train=train, model=SimpleNamespace(fp8="hybrid"), parallel=pp1),
+                             "transformer_engine")
     assert fp8.pad_multiple == FP8_TOKEN_MULTIPLE == 16
-    bf16 = layout_from_config(SimpleNamespace(train=train, model=SimpleNamespace(fp8=None)), "transformer_engine")
+    bf16 = layout_from_config(SimpleNamespace(train=train, model=SimpleNamespace(fp8=None), parallel=pp1),
+                              "transformer_engine")
     assert bf16.pad_multiple == 1
+    # absent MetaAPO responses take no row, except under PP (fixed row counts per step)
+    assert not bf16.fixed_rows
+    assert layout_from_config(SimpleNamespace(train=train, model=SimpleNamespace(fp8=None), parallel=pp2),
+                              "transformer_engine").fixed_rows

@@ -114,6 +114,11 @@ class MetaAPO:
             self.reward = main_first(ctx, lambda: build_reward_model(cfg.reward, cache_dir=cache))
         self.sampling = SamplingSettings.from_config(cfg.rollout)
         self.plan = StepPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, ctx.dims.dp)
+        # h_phi is read only for meta sampling or meta weights: otherwise (Online DPO, or random
+        # / all sampling with constant weights) the round runs no margin pass and h_phi never
+        # steps; with weights=zero the offline rows of prompts with an online pair are left out
+        # of the steps (their loss weight is 0), so Online DPO costs what its online pairs cost.
+        self.meta_in_use = m.sampling == "meta" or m.weights == "meta"
         self.pos = Position()
         self.round = RoundState(run.pairs)
         self._rounds: list[list[int]] | None = None  # the current epoch's rounds (pair indices)
@@ -129,7 +134,7 @@ class MetaAPO:
 
     def callbacks(self) -> list[object]:
         m, ctx = self.run.cfg.metaapo, self.run.ctx
-        return [MetaUpdateCallback(self.learner, every=m.t_meta, frozen=not m.meta_update,
+        return [MetaUpdateCallback(self.learner, every=m.t_meta, frozen=not (m.meta_update and self.meta_in_use),
                                    after_step=lambda m: O.sync_meta_learner(self.learner, ctx, m))]
 
     def begin(self, st: TrainState, resumed: bool) -> None:
@@ -196,12 +201,15 @@ class MetaAPO:
         from metaapo_nemo.rollout.pairs import AnnotationCounters
 
         t_round = time.perf_counter()
-        mbs = rank_microbatches(round_pairs, StepPlan(len(round_pairs), cfg.train.micro_batch_size,
-                                                      ctx.dims.dp), ctx.dp_rank, run.pad_id, ctx.device,
-                                run.layout)
-        margins = offline_margins(run.policy, run.reference, run.loss, mbs, ctx, ref_cache=run.ref_cache)
         keys = [p.index for p in round_pairs]
-        w = self.learner.weights(torch.tensor([margins[k] for k in keys], dtype=torch.float32))
+        if self.meta_in_use:
+            mbs = rank_microbatches(round_pairs, StepPlan(len(round_pairs), cfg.train.micro_batch_size,
+                                                          ctx.dims.dp), ctx.dp_rank, run.pad_id, ctx.device,
+                                    run.layout)
+            margins = offline_margins(run.policy, run.reference, run.loss, mbs, ctx, ref_cache=run.ref_cache)
+            w = self.learner.weights(torch.tensor([margins[k] for k in keys], dtype=torch.float32))
+        else:  # the weights the steps use (h_phi is read nowhere); offline references come per step
+            w = self._weigher()(torch.zeros(len(keys), dtype=torch.float32))
         selected = select_for_sampling(w, keys, cfg.run.seed, pos.round_idx, m.sampling)
         chosen = [p for p, s in zip(round_pairs, selected.tolist()) if s]
         report = O.online_pairs(chosen, self.rollout, self.reward, run.policy, self.sampling, cfg,
@@ -249,17 +257,19 @@ class MetaAPO:
         batch = order[pos.next_start:pos.next_start + G]
         pos.next_start += G  # consumed, whether the step applies or is skipped
         mine = batch[ctx.dp_rank * plan.per_rank:(ctx.dp_rank + 1) * plan.per_rank]
+        if run.cfg.metaapo.weights == "zero":  # the offline term weighs 0 where an online pair exists
+            mine = [it if it.online is None else dataclasses.replace(it, train_offline=False) for it in mine]
         mbs = round_microbatches(mine, plan.micro_batch, run.pad_id, ctx.device, run.layout)
         if run.reference is not None:
-            missing = run.ref_cache.missing([it.pair for it in mine])
-            if missing:  # only after a resume into another layout (the margin pass fills the round)
+            missing = run.ref_cache.missing([it.pair for it in mine if it.train_offline])
+            if missing:  # no margin pass ran (h_phi unused), or a resume into another layout
                 run.ref_cache.fill(run.reference, to_microbatches(missing, plan.micro_batch, run.pad_id,
                                                                   ctx.device, run.layout))
         if run.reference is not None:  # no reference pass: the margin pass and the round's pass cached it
             O.attach_round_reference(run.ref_cache, mine, mbs, ctx.is_last_stage)
         mark = self.learner.buffer.mark()
         loss_fn = metaapo_loss_fn(run.loss, self._weigher(), G, run.cfg.metaapo.unselected,
-                                  record=self.learner.record if ctx.is_last_stage else None)
+                                  record=self.learner.record if ctx.is_last_stage and self.meta_in_use else None)
 
         self._step_started = t0
         return StepWork(mbs, loss_fn, lambda outs: finalize_round_stats(reduce_stats(sum_round_stats(outs), ctx), G),

@@ -214,8 +214,9 @@ def attach_round_reference(cache: ReferenceCache, items: Sequence[RoundItem],
                            microbatches: Sequence[MicroBatch], on_last_stage: bool) -> None:
     """`ref_logps_N` [4B] of round micro-batches without running the reference: offline values
     from `cache` (the round's margin pass filled it), online values from the items
-    (`with_online_reference`). Placeholders of absent online pairs get 0 (never read)."""
-    missing = [it.index for it in items if it.index not in cache]
+    (`with_online_reference`). Placeholders of absent pairs (no online pair; offline rows left
+    out) get 0 (never read)."""
+    missing = [it.index for it in items if it.train_offline and it.index not in cache]
     if missing:
         raise RuntimeError(f"reference cache lacks offline pairs {missing[:5]}: run the margin pass "
                            "with ref_cache before training the round")
@@ -225,14 +226,21 @@ def attach_round_reference(cache: ReferenceCache, items: Sequence[RoundItem],
     for mb in microbatches:
         pair_idx = mb.extras["pair_index"].tolist()
         ref = torch.zeros(4 * len(pair_idx), dtype=torch.float64)
-        ref[0::4], ref[1::4] = _cached(cache, pair_idx, ref.device)
+        offline = []
         for j, idx in enumerate(pair_idx):
-            on = by_index[idx].online
+            item = by_index[idx]
+            if item.train_offline:
+                offline.append(j)
+            on = item.online
             if on is not None:
                 if on.ref_chosen is None or on.ref_rejected is None:
                     raise RuntimeError(f"online pair of prompt {idx} has no reference values: run "
                                        "with_online_reference on the round's items first")
                 ref[4 * j + 2], ref[4 * j + 3] = on.ref_chosen, on.ref_rejected
+        if offline:
+            chosen, rejected = _cached(cache, [pair_idx[j] for j in offline], ref.device)
+            rows = torch.tensor(offline, dtype=torch.long) * 4
+            ref[rows], ref[rows + 1] = chosen, rejected
         mb.extras["ref_logps_N"] = ref.to(mb.input_ids_NT.device, torch.float32)
 
 

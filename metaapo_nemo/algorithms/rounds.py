@@ -7,7 +7,10 @@ A round item is a row-layout unit with four responses (`trainer.rows.Unit`), so 
 rows go through the same layouts as DPO pairs (pad / bucket / pack / shared prompt). A
 prompt without an online pair has its two online responses absent: placeholder rows
 (prompt + one pad token, loss mask 0) in the one-sequence-per-row layouts, no tokens in
-the others. All four sequences of a prompt stay in one micro-batch.
+the others. Likewise the offline responses of a prompt whose offline term has weight 0
+(``metaapo.weights=zero``, i.e. Online DPO: `RoundItem.train_offline` False) are absent, so
+its steps cost what online pairs alone cost. All four sequences of a prompt stay in one
+micro-batch.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ class RoundItem:
 
     pair: TokenizedPair  # the offline pair; pair.index is the prompt id
     online: OnlinePair | None = None
+    # False: the offline responses are left out of the step's rows (their loss weight is 0;
+    # set per step by the algorithm, never checkpointed)
+    train_offline: bool = True
 
     @property
     def index(self) -> int:
@@ -59,8 +65,8 @@ class RoundItem:
     @property
     def responses(self) -> tuple[tuple[int, ...] | None, ...]:
         """(offline chosen, offline rejected, online chosen, online rejected); None = absent."""
-        on = self.online
-        return (self.pair.chosen_ids, self.pair.rejected_ids,
+        on, off = self.online, self.train_offline
+        return (self.pair.chosen_ids if off else None, self.pair.rejected_ids if off else None,
                 None if on is None else on.chosen_ids, None if on is None else on.rejected_ids)
 
     def online_as_pair(self) -> TokenizedPair:
@@ -76,13 +82,14 @@ class RoundItem:
 def round_microbatches(items: Sequence[RoundItem], micro_items: int, pad_id: int, device: torch.device,
                        layout: RowLayout | None = None) -> list[MicroBatch]:
     """Round items of one rank -> micro-batches in `layout` (None = "pad"), with
-    ``extras["has_online"]`` [B] in each micro-batch's prompt order."""
-    online = {it.index: it.online is not None for it in items}
-    assert len(online) == len(items), "a round holds each prompt once"
+    ``extras["has_online"]`` and ``extras["has_offline"]`` [B] in each micro-batch's prompt order."""
+    by_index = {it.index: it for it in items}
+    assert len(by_index) == len(items), "a round holds each prompt once"
     mbs = to_microbatches(items, micro_items, pad_id, device, layout)
     for mb in mbs:
-        mb.extras["has_online"] = torch.tensor([online[int(i)] for i in mb.extras["pair_index"].tolist()],
-                                               device=device)
+        order = [by_index[int(i)] for i in mb.extras["pair_index"].tolist()]
+        mb.extras["has_online"] = torch.tensor([it.online is not None for it in order], device=device)
+        mb.extras["has_offline"] = torch.tensor([it.train_offline for it in order], device=device)
     return mbs
 
 
@@ -129,22 +136,29 @@ def metaapo_loss_fn(
     def fn(mb: MicroBatch, logps_NT: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         off, on = split_pairs_view(mb, logps_NT)
         has = mb.extras["has_online"].bool()
+        has_off = mb.extras["has_offline"].bool()
         m_off, m_on = loss.margin(off), loss.margin(on)
         l_off, l_on = loss.pair_loss(m_off), loss.pair_loss(m_on)
         w = weigher(m_off.detach()).to(l_off.dtype)
+        if not bool(has_off.all()):  # offline rows left out: only where w is 0 and an online pair exists
+            assert bool((has | has_off).all()) and not bool(w[~has_off].any()), "offline rows left out wrongly"
+            l_off = torch.where(has_off, l_off, torch.zeros_like(l_off))
         mixed = mix_losses(l_off, l_on, w, has, num_prompts_global, unselected)
-        if record is not None and bool(has.any()):
-            record(m_off.detach()[has], l_off.detach()[has], l_on.detach()[has])
+        rec = has & has_off
+        if record is not None and bool(rec.any()):
+            record(m_off.detach()[rec], l_off.detach()[rec], l_on.detach()[rec])
         f = lambda x: x.detach().float().sum().reshape(())  # noqa: E731
+        zero = torch.zeros_like(m_off)
         stats = {
             "loss": mixed.loss.detach().clone(),
             "prompts": f(mixed.contributes_B),
             "online_pairs": f(has),
+            "offline_pairs": f(has_off),
             "loss_off_sum": f(l_off),
             "loss_on_sum": f(torch.where(has, l_on, torch.zeros_like(l_on))),
-            "margin_off_sum": f(m_off),
+            "margin_off_sum": f(torch.where(has_off, m_off, zero)),
             "margin_on_sum": f(torch.where(has, m_on, torch.zeros_like(m_on))),
-            "off_correct": f(m_off > 0),
+            "off_correct": f((m_off > 0) & has_off),
             "on_correct": f((m_on > 0) & has),
             "w_sum": f(w),
             "response_tokens": f(mb.loss_mask_NT),
@@ -154,8 +168,8 @@ def metaapo_loss_fn(
     return fn
 
 
-ROUND_STAT_KEYS = ("loss", "prompts", "online_pairs", "loss_off_sum", "loss_on_sum", "margin_off_sum",
-                   "margin_on_sum", "off_correct", "on_correct", "w_sum", "response_tokens")
+ROUND_STAT_KEYS = ("loss", "prompts", "online_pairs", "offline_pairs", "loss_off_sum", "loss_on_sum",
+                   "margin_off_sum", "margin_on_sum", "off_correct", "on_correct", "w_sum", "response_tokens")
 
 
 def sum_round_stats(per_mb: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -168,13 +182,18 @@ def finalize_round_stats(total: torch.Tensor, total_prompts_in_batch: int) -> di
     s = dict(zip(ROUND_STAT_KEYS, total.tolist()))
     n = max(float(total_prompts_in_batch), 1.0)
     on = max(s["online_pairs"], 1.0)
+    off = s["offline_pairs"]  # = n unless offline rows were left out (Online DPO)
+
+    def per_off(key: str) -> float:
+        return s[key] / off if off else float("nan")
+
     return {
         "loss": s["loss"],
-        "loss_offline": s["loss_off_sum"] / n,
+        "loss_offline": per_off("loss_off_sum"),
         "loss_online": s["loss_on_sum"] / on if s["online_pairs"] else float("nan"),
-        "margin_offline": s["margin_off_sum"] / n,
+        "margin_offline": per_off("margin_off_sum"),
         "margin_online": s["margin_on_sum"] / on if s["online_pairs"] else float("nan"),
-        "reward_accuracy": s["off_correct"] / n,
+        "reward_accuracy": per_off("off_correct"),
         "reward_accuracy_online": s["on_correct"] / on if s["online_pairs"] else float("nan"),
         "w_mean": s["w_sum"] / n,
         "online_fraction": s["online_pairs"] / n,

@@ -88,9 +88,12 @@ class MetricsLogger:
             console.say(self.step_line(step, metrics))
 
     def step_line(self, step: int, metrics: dict[str, Any]) -> str:
-        """"step 8/32: loss=0.3625 reward_accuracy=0.875 ... eta 1m05s"."""
-        keys = ("loss", "reward_accuracy", "margin", "grad_norm", "lr", "pairs_per_s")
-        text = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
+        """"step 8/32: loss=0.3625 reward_accuracy=0.875 ... eta 1m05s" (values that are not
+        finite, e.g. the offline accuracy of an Online DPO step, which trains no offline pair,
+        are left out)."""
+        keys = ("loss", "reward_accuracy", "reward_accuracy_online", "margin", "grad_norm", "lr", "pairs_per_s")
+        text = " ".join(f"{k}={metrics[k]:.4g}" for k in keys
+                        if isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k]))
         done = step - self._first_step
         eta = (time.perf_counter() - self._t0) / done * (self.total - step) if done > 0 else 0.0
         return f"step {step}/{self.total}: {text}" + (f" eta {fmt_seconds(eta)}" if step < self.total else "")

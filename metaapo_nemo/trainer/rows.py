@@ -79,6 +79,11 @@ class RowLayout:
             `train.micro_batch_size` does not apply and the micro-batch count varies.
         fixed_length: Pad every row to this many tokens (pipeline parallelism exchanges
             fixed shapes); None = each micro-batch's own longest row.
+        fixed_rows: Keep a row for every absent response (padded layouts) or absent pair
+            (shared prompt) so each micro-batch of a step has the same row count (pipeline
+            parallelism exchanges fixed shapes). False: absent ones take no row at all, so a
+            MetaAPO prompt without an online pair costs what a DPO pair costs (a row of
+            padding costs a whole row). The "pad" layout (the reference path) always keeps them.
         pad_multiple: Round every micro-batch's row length T up to a multiple of this
             (`FP8_TOKEN_MULTIPLE` under FP8: Transformer Engine's FP8 GEMMs assert that the
             flattened token count rows x T is a multiple of 8, and 16 where it is a GEMM's
@@ -91,6 +96,7 @@ class RowLayout:
     pack_tokens: int | None = None
     fixed_length: int | None = None
     pad_multiple: int = 1
+    fixed_rows: bool = True
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHINGS:
@@ -135,7 +141,8 @@ def layout_from_config(cfg, impl: str = "local") -> RowLayout:
             "set train.share_prompt=false and train.batching=bucket (or pad) on GPU"
         )
     return RowLayout(t.batching, share, t.pack_tokens,
-                     pad_multiple=FP8_TOKEN_MULTIPLE if cfg.model.fp8 is not None else 1)
+                     pad_multiple=FP8_TOKEN_MULTIPLE if cfg.model.fp8 is not None else 1,
+                     fixed_rows=cfg.parallel.pp > 1)
 
 
 def data_tokens(unit: Unit) -> int:
@@ -272,13 +279,24 @@ def _extras(units: Sequence[Unit], rows: Sequence[Sequence[_Block]] = ()) -> dic
     }
 
 
-def _padded_microbatch(units: Sequence[Unit], pad_id: int, length: int | None) -> MicroBatch:
-    """One ``[prompt | response]`` row per response, right-padded (`data.collate.pad_rows`); an
-    absent response is a placeholder row ``[prompt | pad]`` with loss mask 0, so row n is
-    sequence n for every unit and every micro-batch has R rows per unit."""
-    _responses_per_unit(units)
-    rows = [(u.prompt_ids, (pad_id,) if r is None else r, r is not None) for u in units for r in u.responses]
-    mb = MicroBatch(*pad_rows(rows, pad_id), extras=_extras(units))
+def _padded_microbatch(units: Sequence[Unit], pad_id: int, length: int | None,
+                       fixed_rows: bool = True) -> MicroBatch:
+    """One ``[prompt | response]`` row per response, right-padded (`data.collate.pad_rows`).
+
+    With `fixed_rows` an absent response is a placeholder row ``[prompt | pad]`` with loss
+    mask 0, so row n is sequence n for every unit and every micro-batch has R rows per unit;
+    without, absent responses take no row and ``seq_index_NT`` maps rows to sequences.
+    """
+    r = _responses_per_unit(units)
+    present = [(j * r + k, u.prompt_ids, resp) for j, u in enumerate(units) for k, resp in enumerate(u.responses)
+               if resp is not None]
+    if fixed_rows or len(present) == r * len(units):
+        rows = [(u.prompt_ids, (pad_id,) if x is None else x, x is not None) for u in units for x in u.responses]
+        mb = MicroBatch(*pad_rows(rows, pad_id), extras=_extras(units))
+    else:
+        ids, labels, mask = pad_rows([(p, x, True) for _, p, x in present], pad_id)
+        seq = torch.tensor([q for q, _, _ in present]).unsqueeze(1).expand_as(ids).contiguous()
+        mb = MicroBatch(ids, labels, mask, extras=_extras(units), seq_index_NT=seq, num_seqs=r * len(units))
     return mb if length is None else mb.padded_to(length, pad_id)
 
 
@@ -340,7 +358,8 @@ def _layout_microbatches(pairs: Sequence[Unit], layout: RowLayout, micro_pairs: 
         order.sort(key=layout.unit_tokens)  # stable: equal lengths keep data order
     groups = [order[i:i + micro_pairs] for i in range(0, len(order), micro_pairs)]
     if not layout.share_prompt:
-        mbs = [_padded_microbatch(g, pad_id, fixed) for g in groups]
+        keep = layout.fixed_rows or layout.batching == "pad"  # "pad": the reference path
+        mbs = [_padded_microbatch(g, pad_id, fixed, keep) for g in groups]
         for mb in mbs:
             mb.select_logits = layout.batching != "pad"  # "pad" is the reference path, as is
         return mbs
@@ -353,6 +372,6 @@ def _rows_microbatch(group: Sequence[Unit], layout: RowLayout, pad_id: int,
     blocks = [_unit_blocks(u, r * j, layout.share_prompt, pad_id) for j, u in enumerate(group)]
     if one_row:  # packed: every block of the group in one row (placeholders are not needed)
         rows = [[b for bs in blocks for b in bs if any(q >= 0 for q in b.seq)]]
-    else:  # one row per block: a unit of R responses takes R / 2 rows
-        rows = [[b] for bs in blocks for b in bs]
+    else:  # one row per block: a unit of R responses takes R / 2 rows (absent pairs: see fixed_rows)
+        rows = [[b] for bs in blocks for b in bs if layout.fixed_rows or any(q >= 0 for q in b.seq)]
     return blocks_to_microbatch(rows, group, pad_id, layout.fixed_length)

@@ -129,8 +129,8 @@ def write_summary(run_dir: Path, title: str = "run summary") -> Path:
                            "round", "RM score"))
     last = steps[-1] if steps else {}
     lines = [f"# {title}", "", f"- optimiser steps: {len(steps)}", f"- rounds: {len(rounds)}"]
-    for key in ("loss", "reward_accuracy", "w_mean", "annotation_ratio"):
-        if key in last:
+    for key in ("loss", "reward_accuracy", "reward_accuracy_online", "w_mean", "annotation_ratio"):
+        if key in last and last[key] != "nan":  # e.g. no offline pair trained (Online DPO)
             lines.append(f"- final {key}: {last[key]:.4f}" if isinstance(last[key], float) else f"- final {key}: {last[key]}")
     if rounds:
         lines += ["", "| round | prompts | sample ratio | w mean | online pairs | ties | annotation ratio |",
@@ -162,10 +162,11 @@ def final_table(run_dir: Path, summary: Path, hf_dir: Path | None, exit_code: in
         tail = losses[-min(4, len(losses)):]
         rows.append(("loss", f"{losses[0]:.4f} -> {losses[-1]:.4f} (mean of the last {len(tail)}: "
                              f"{sum(tail) / len(tail):.4f})"))
-    acc = [s["reward_accuracy"] for s in steps if isinstance(s.get("reward_accuracy"), (int, float))]
-    if acc:
-        tail = acc[-min(4, len(acc)):]
-        rows.append(("reward accuracy", f"{sum(tail) / len(tail):.3f} (mean of the last {len(tail)} steps)"))
+    for key, name in (("reward_accuracy", "reward accuracy"), ("reward_accuracy_online", "reward accuracy, online")):
+        acc = [s[key] for s in steps if isinstance(s.get(key), (int, float))]  # "nan": none trained
+        if acc:
+            tail = acc[-min(4, len(acc)):]
+            rows.append((name, f"{sum(tail) / len(tail):.3f} (mean of the last {len(tail)} steps)"))
     if rounds:
         sampled, prompts = sum(r.get("sampled", 0) for r in rounds), sum(r.get("prompts", 0) for r in rounds)
         rows.append(("annotation", f"{sampled}/{prompts} prompts sampled (ratio "
