@@ -244,7 +244,7 @@ def test_budget_split_keeps_seeded_samples(trained):
 
         import logging
 
-        from metaapo_nemo.rollout.vllm_backend import _RELOAD_LOGGER
+        from metaapo_nemo.rollout.vllm_backend import _LAYERWISE_LOGGER, _RELOAD_LOGGER
 
         class Seen(logging.Handler):
             records: list[str] = []
@@ -254,6 +254,7 @@ def test_budget_split_keeps_seeded_samples(trained):
 
         seen, ours = Seen(), Seen()
         logging.getLogger(_RELOAD_LOGGER).addHandler(seen)
+        logging.getLogger(_LAYERWISE_LOGGER).addHandler(seen)
         logging.getLogger("metaapo_nemo.rollout.vllm_backend").addHandler(ours)
         policy = trained.c.policy
         try:
@@ -262,10 +263,13 @@ def test_budget_split_keeps_seeded_samples(trained):
             )
         finally:
             logging.getLogger(_RELOAD_LOGGER).removeHandler(seen)
+            logging.getLogger(_LAYERWISE_LOGGER).removeHandler(seen)
             logging.getLogger("metaapo_nemo.rollout.vllm_backend").removeHandler(ours)
         assert err is None
-        # several buckets, each a subset: no per-bucket "not loaded" wall, and no weight left out
-        assert not [m for m in Seen.records if "not loaded" in m or "sent no value" in m], Seen.records[:3]
+        # several buckets, each a subset: no per-bucket "not loaded" walls (by weight or by
+        # layer class), and no weight left out
+        assert not [m for m in Seen.records if "not loaded" in m or "sent no value" in m
+                    or "Failed to load weights" in m], Seen.records[:3]
         want = trained.group.generate(trained.batch, trained.sample, trained.step)
         got = small.generate(trained.batch, trained.sample, trained.step)
         assert small.calls >= 4  # 15 requests of ~14 tokens under a 64-token budget

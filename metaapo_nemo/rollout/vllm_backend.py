@@ -75,6 +75,15 @@ from metaapo_nemo.rollout.generator import (
 log = logging.getLogger(__name__)
 _RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.inplace"
 _NOT_LOADED = "Following weights were not loaded from checkpoint"
+# The same per-bucket false alarm, per layer and by class name only ("RMSNorm: Failed to load
+# weights": a layer of no weight in this bucket keeps its tensors): dropped during a push, whose
+# by-name check (`_UnloadedWeights.never_loaded`) covers every weight.
+_LAYERWISE_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+_LAYER_NOT_LOADED = "%s: Failed to load weights"
+
+
+def _drop_layer_not_loaded(record: logging.LogRecord) -> bool:
+    return record.msg != _LAYER_NOT_LOADED
 
 
 class _UnloadedWeights(logging.Filter):
@@ -379,8 +388,9 @@ class VllmGenerator:
         self._stale_reason = f"the push for policy step {policy_step} did not finish"
         it, b = iter(buckets), 0
         unloaded = _UnloadedWeights()
-        reload_log = logging.getLogger(_RELOAD_LOGGER)
+        reload_log, layer_log = logging.getLogger(_RELOAD_LOGGER), logging.getLogger(_LAYERWISE_LOGGER)
         reload_log.addFilter(unloaded)
+        layer_log.addFilter(_drop_layer_not_loaded)
         try:
             while True:
                 try:
@@ -397,6 +407,7 @@ class VllmGenerator:
                 b += 1
         finally:
             reload_log.removeFilter(unloaded)
+            layer_log.removeFilter(_drop_layer_not_loaded)
         missing = unloaded.never_loaded(b)
         if missing:
             log.warning("the weight push for policy step %d sent no value for %d of the engine's weights "
