@@ -57,7 +57,9 @@ def load_study(work: Path) -> tuple[dict[str, dict[int, dict]], dict | None]:
             continue
         d = done.parent
         rec |= {"eval": json.loads((d / "eval.json").read_text()), "rounds": read_jsonl(d / "rounds.jsonl"),
-                "steps": read_jsonl(d / "metrics.jsonl"), "config": _cell_config(d)}
+                "steps": read_jsonl(d / "metrics.jsonl"), "config": _cell_config(d),
+                "curve": [{"step": x["step"], "G_s": x["sampled"]["gold"], "G_g": x["greedy"]["gold"]}
+                          for x in read_jsonl(d / "eval_curve.jsonl")]}
         cells.setdefault(rec["method"], {})[rec["seed"]] = rec
     tuning = work / "tuning.json"
     return cells, json.loads(tuning.read_text()) if tuning.is_file() else None
@@ -76,7 +78,8 @@ def digest(cells: dict[str, dict[int, dict]], tuning: dict | None) -> dict:
                                    for part in ("before", "after")} | {"prompts": [p["key"] if "key" in p else i
                                                                                    for i, p in enumerate(ev["prompts"])]},
                           "rounds": [{k: r.get(k) for k in ROUND_KEYS} for r in c["rounds"]],
-                          "steps": [{"step": x["step"], "loss": round(x["loss"], 9)} for x in c["steps"]]})
+                          "steps": [{"step": x["step"], "loss": round(x["loss"], 9)} for x in c["steps"]],
+                          "curve": [{k: round(v, 9) for k, v in x.items()} for x in c.get("curve", [])]})
     return {"cells": out, "tuning": tuning}
 
 
@@ -107,6 +110,34 @@ def bootstrap(d: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, floa
         means[start:start + n] = d[si[:, :, None], pi[:, None, :]].mean(axis=(1, 2))
     lo, hi = np.percentile(means, [2.5, 97.5])
     return float(d.mean()), float(lo), float(hi)
+
+
+def annotation_at(cell: dict, step: int) -> float:
+    """A (as `annotation`) spent before optimiser step `step + 1`: the samples of every round
+    that started before it (a round generates at its start; its `step` is the step at its end)."""
+    cfg, start, samples = cell["config"], 0, 0
+    for r in cell["rounds"]:
+        if start >= step:
+            break
+        samples, start = r.get("samples_generated_total", 0), r["step"]
+    return samples / (cfg["k"] * cfg["data_prompts"]) if cell["rounds"] else 0.0
+
+
+def curves(cells: dict[str, dict[int, dict]], methods: list[str], seeds: list[int]) -> dict:
+    """method -> [(step, A, mean sampled gold over seeds, min, max)] of the points measured during
+    training (``eval.every_steps``: eval_curve.jsonl), for the steps every seed measured."""
+    out = {}
+    for m in methods:
+        by_step: dict[int, list[tuple[float, float]]] = {}
+        for s in seeds:
+            for x in cells[m][s].get("curve", []):
+                by_step.setdefault(x["step"], []).append((x["G_s"], annotation_at(cells[m][s], x["step"])))
+        pts = [(step, float(np.mean([a for _, a in v])), float(np.mean([g for g, _ in v])),
+                min(g for g, _ in v), max(g for g, _ in v))
+               for step, v in sorted(by_step.items()) if len(v) == len(seeds)]
+        if pts:
+            out[m] = pts
+    return out
 
 
 def annotation(cell: dict) -> dict:
@@ -274,6 +305,7 @@ def analyse(cells: dict[str, dict[int, dict]], tuning: dict | None, resamples: i
     result["b_met"] = b_met
     result["w"] = {m: {s: [r["w_mean"] for r in cells[m][s]["rounds"]] for s in seeds}
                    for m in methods if m in META_METHODS}
+    result["curves"] = curves(cells, methods, seeds)
     result["tuning"] = tuning
     return result
 
@@ -344,10 +376,18 @@ def markdown(r: dict, meta: dict) -> str:
         else:
             text = _ci(est) + f"; greedy mean {c['greedy_mean']:+.3f}"
         lines.append(f"| {c['id']} | {c['claim']} | {text} | **{c['verdict']}** |")
-    lines += ["", "## Plots", "",
-              "Held-out gold is measured at the start and the end of each run only (the recipes' evaluation "
-              "hook runs after training; claims.md pre-registers end-point gold), so the gold curves are "
-              "two-point lines with the end's 95% interval; w is per round.", "",
+    if r.get("curves"):
+        every = sorted({p[0] for pts in r["curves"].values() for p in pts})
+        how = (f"Held-out gold is measured at the start, during training (after optimiser steps "
+               f"{', '.join(map(str, every))}: `eval.every_steps`, the same prompts and seeds as the end) and at "
+               "the end; curves are means over seeds, the bars at the end the 95% interval (claims.md "
+               "pre-registers end-point gold; the points during training are descriptive); w is per round.")
+    else:
+        how = ("Held-out gold is measured at the start and the end of each run only (this study ran without "
+               "`eval.every_steps`: each point costs one evaluation, ~100 s per SmolLM2 cell; claims.md "
+               "pre-registers end-point gold), so the gold curves are two-point lines with the end's 95% "
+               "interval; w is per round.")
+    lines += ["", "## Plots", "", how, "",
               f"![gold vs steps]({meta['prefix']}_gold_vs_steps.png) "
               f"![gold vs annotations]({meta['prefix']}_gold_vs_annotations.png) "
               f"![w over training]({meta['prefix']}_w_over_training.png)", ""]
@@ -369,8 +409,11 @@ def plots(r: dict, out: Path, prefix: str) -> list[Path]:
             row = rows[m]
             x1 = float(np.mean(row["steps"])) if kind == "steps" else row["A"]
             lo, hi = row["G_s_ci"]
-            ax.errorbar([0, x1], [sft["G_s"], row["G_s"]], yerr=[[0, row["G_s"] - lo], [0, hi - row["G_s"]]],
-                        marker="o", capsize=3, label=LABELS[m])
+            mid = r.get("curves", {}).get(m, [])
+            xs = [0.0, *[p[0] if kind == "steps" else p[1] for p in mid], x1]
+            ys = [sft["G_s"], *[p[2] for p in mid], row["G_s"]]
+            err = [[0.0] * (len(xs) - 1) + [row["G_s"] - lo], [0.0] * (len(xs) - 1) + [hi - row["G_s"]]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", markersize=3 if mid else 6, capsize=3, label=LABELS[m])
         ax.set_xlabel("optimiser steps" if kind == "steps" else "annotation spent (samples / (K x data prompts))")
         ax.set_ylabel("held-out sampled gold (95% CI)")
         ax.set_title(f"gold vs {kind}: {len(r['seeds'])} seeds x {r['prompts']} prompts")

@@ -108,6 +108,9 @@ class Plan:
     methods: tuple[str, ...] = tuple(METHODS)
     table: dict = field(default_factory=lambda: METHODS)  # method -> (recipe, config, overrides)
     env: tuple[tuple[str, str], ...] = ()  # environment of every cell's process
+    # eval.every_steps of the main cells: held-out gold during training (the gold-vs-steps
+    # curve); None: start and end only (a SmolLM2 point costs ~100 s per cell)
+    curve_every: int | None = None
 
     @classmethod
     def ci(cls, model: str) -> Plan:
@@ -131,10 +134,12 @@ class Plan:
             return cls(seeds=(0,), lrs=(1e-4,), betas=(0.1, 0.3), steps=4, eval_prompts=4, tune_prompts=4,
                        table=TOY_METHODS, extra=(*paths, f"data.limit={TOY_CI_SIZES['train_prompts']}",
                                                  "train.global_batch_size=4", "train.micro_batch_size=2"),
-                       online_extra=(*online, "metaapo.round_size=8", "metaapo.t_meta=1"), env=TOY_ENV)
-        return cls(seeds=(0, 1, 2, 3, 4), lrs=TOY_LRS, betas=TOY_BETAS, steps=TOY_SIZES["train_prompts"] // 8,
-                   table=TOY_METHODS,
-                   extra=(*paths, f"data.limit={TOY_SIZES['train_prompts']}"), online_extra=online, env=TOY_ENV)
+                       online_extra=(*online, "metaapo.round_size=8", "metaapo.t_meta=1"), env=TOY_ENV,
+                       curve_every=2)
+        steps = TOY_SIZES["train_prompts"] // 8
+        return cls(seeds=(0, 1, 2, 3, 4), lrs=TOY_LRS, betas=TOY_BETAS, steps=steps, table=TOY_METHODS,
+                   extra=(*paths, f"data.limit={TOY_SIZES['train_prompts']}"), online_extra=online, env=TOY_ENV,
+                   curve_every=steps // 8)
 
 
 @dataclass
@@ -176,6 +181,8 @@ def main_cells(plan: Plan, work: Path, cache: Path, lr: float, beta: float) -> l
     for seed, method in itertools.product(plan.seeds, plan.methods):
         name = f"{method}_seed{seed}"
         ov = cell_overrides(plan, work, cache, name, method, seed, 0, plan.eval_prompts)
+        if plan.curve_every is not None:
+            ov.append(f"eval.every_steps={plan.curve_every}")
         recipe, config, extra = plan.table[method]
         out.append(Cell(name, method, seed, ov + [*extra, f"optim.lr={lr}", f"loss.beta={beta}"], recipe, config))
     return out

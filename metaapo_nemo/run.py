@@ -12,6 +12,7 @@ is looked up by name.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from metaapo_nemo import console
-from metaapo_nemo.config.schema import Config
+from metaapo_nemo.config.schema import Config, ConfigError
 from metaapo_nemo.evals import get_eval
 from metaapo_nemo.losses import PreferenceLoss
 from metaapo_nemo.models.policy import MegatronLM
@@ -91,8 +92,14 @@ def build(cfg: Config, method: str | None = None, pairs: list | None = None) -> 
     from metaapo_nemo.trainer.trackers import tracker_callbacks
 
     if cfg.eval is not None:
-        get_eval(cfg.eval.task)  # a bad name fails before anything starts, not after training
-    from metaapo_nemo.config.schema import RECIPES, ConfigError
+        fn = get_eval(cfg.eval.task)  # a bad name fails before anything starts, not after training
+        if cfg.eval.every_steps is not None and "step" not in inspect.signature(fn).parameters:
+            raise ConfigError(
+                f"eval.every_steps={cfg.eval.every_steps} evaluates during training, but eval.task="
+                f"{cfg.eval.task} takes no `step` argument (it evaluates only at the end): give the "
+                "function a `step: int | None = None` parameter (tasks/gold_eval.py's evaluate_run "
+                "has one) or remove eval.every_steps")
+    from metaapo_nemo.config.schema import RECIPES
 
     method = cfg.method if method is None else method
     if method != cfg.method:
@@ -136,7 +143,8 @@ def build(cfg: Config, method: str | None = None, pairs: list | None = None) -> 
     guard.register("ref_cache", "rank", run.ref_cache, layout_bound=True)
     for name, (where, obj) in algorithm.stateful().items():
         guard.register(name, where, obj)
-    run.callbacks = CallbackList([*algorithm.callbacks(), _LogCallback(logger),
+    periodic = [] if cfg.eval is None or cfg.eval.every_steps is None else [_PeriodicEval(run)]
+    run.callbacks = CallbackList([*algorithm.callbacks(), _LogCallback(logger), *periodic,
                                   *tracker_callbacks(cfg, run_dir, ctx.is_main)])
     if ctx.is_main:
         console.say(setup_summary(run, data))
@@ -164,6 +172,28 @@ def setup_summary(run: Run, data) -> str:
                      f"sampling={m.sampling} weights={m.weights} unselected={m.unselected} "
                      f"reference={m.reference}")
     return "\n".join(lines)
+
+
+class _PeriodicEval:
+    """``eval.every_steps``: the run's evaluation at every N optimiser steps during training
+    (the points of a gold-vs-steps curve; the task writes them, e.g. eval_curve.jsonl). The
+    final evaluation at the end of training is the last point; a resumed run drops the points
+    after its checkpoint, which it evaluates again."""
+
+    def __init__(self, run: Run):
+        self.run, self.fn = run, get_eval(run.cfg.eval.task)
+        self.every = run.cfg.eval.every_steps
+
+    def on_train_start(self, state: TrainState) -> None:
+        from metaapo_nemo.checkpoint import truncate_jsonl
+
+        if self.run.ctx.is_main:
+            truncate_jsonl(self.run.run_dir / "eval_curve.jsonl", lambda rec: rec.get("step", 0) <= state.step)
+
+    def on_step_end(self, state: TrainState) -> None:
+        if state.step % self.every == 0 and state.step < state.total_steps:
+            r = self.run
+            self.fn(r.cfg, r.ctx, r.policy, r.model_dir, r.run_dir, step=state.step)
 
 
 class _LogCallback:

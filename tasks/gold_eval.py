@@ -125,45 +125,98 @@ def _cached(path: Path, compute: Callable[[], dict], enabled: bool) -> dict:
     return result
 
 
-def evaluate_run(task: GoldTask, cfg: Any, ctx: Any, policy: Any, model_dir: Path, run_dir: Path) -> dict | None:
-    """Before/after evaluation at the end of a recipe (call on every rank; no-op without ``eval``).
+class _Live:
+    """One run's evaluation engine, kept between the points of ``eval.every_steps`` and the
+    final evaluation: built once from the initial checkpoint, which it evaluates ("before")
+    before any push."""
+
+    def __init__(self, task: GoldTask, cfg: Any, ctx: Any, model_dir: Path):
+        from transformers import AutoTokenizer
+
+        from metaapo_nemo.config.loader import resolve_repo_path
+        from metaapo_nemo.rollout.group import build_rollout_group
+
+        self.s = s = EvalSettings.from_config(cfg.eval)
+        self.prompts = task.heldout(s)
+        self.ids = prompt_ids(AutoTokenizer.from_pretrained(str(model_dir)), self.prompts)
+        rollout = cfg.rollout.model_copy(update={"max_new_tokens": s.max_new_tokens})
+        longest = max(cfg.data.max_prompt_length, max(map(len, self.ids)))
+        data = cfg.data.model_copy(update={"max_prompt_length": longest})
+        self.group = build_rollout_group(cfg.model_copy(update={"rollout": rollout, "data": data}),
+                                         str(model_dir), ctx, 0)
+        try:
+            cache = resolve_repo_path(cfg.run.cache_dir) / task.cache_name / f"{cache_key(model_dir, s)}.json"
+            self.before = _cached(cache, lambda: self.evaluate(task, 0),
+                                  cfg.eval.cache_before and ctx.is_main and ctx.dims.world_size == 1)
+        except BaseException:
+            self.group.shutdown()
+            raise
+
+    def evaluate(self, task: GoldTask, step: int) -> dict:
+        """The engine's policy (pushed for `step`; 0: the initial checkpoint) on the prompts."""
+        return evaluate(task, lambda b, st: self.group.generate(b, st, step), self.ids, self.prompts, self.s)
+
+    def evaluate_policy(self, task: GoldTask, cfg: Any, policy: Any, step: int) -> dict:
+        self.group.push_megatron(policy.modules(), policy.arch, step, cfg.rollout.refit_bucket_mb << 20)
+        try:
+            return self.evaluate(task, step)
+        finally:
+            self.group.sleep()  # GPU: its memory goes back to training until the next point
+
+
+_LIVE: dict[str, _Live] = {}  # run directory -> its evaluation engine (between eval.every_steps points)
+
+
+def evaluate_run(task: GoldTask, cfg: Any, ctx: Any, policy: Any, model_dir: Path, run_dir: Path,
+                 step: int | None = None) -> dict | None:
+    """Before/after evaluation at the end of a recipe (call on every rank; no-op without ``eval``),
+    or, with `step`, one point of the gold curve during training (``eval.every_steps``).
 
     Args:
         task: The task's prompts and grading.
         cfg: The validated `Config` (reads ``eval``, ``rollout``, ``data``, ``run``).
         ctx: The `ParallelContext`.
-        policy: The trained `MegatronLM` (its weights are pushed into the eval engine).
+        policy: The `MegatronLM` (its weights are pushed into the eval engine).
         model_dir: The initial HF checkpoint (the "before" policy).
-        run_dir: Where eval.json and summary.md go.
+        run_dir: Where eval.json and summary.md go (a point: a line of eval_curve.jsonl with
+            the greedy and sampled gold and the per-prompt scores).
+        step: None at the end of training; else the optimiser steps done (the engine stays up
+            for the next point and the final evaluation, which then reuse it).
     """
     if getattr(cfg, "eval", None) is None:
         return None
-    from transformers import AutoTokenizer
-
-    from metaapo_nemo.config.loader import resolve_repo_path
-    from metaapo_nemo.rollout.group import build_rollout_group
-
-    s = EvalSettings.from_config(cfg.eval)
-    prompts = task.heldout(s)
-    ids = prompt_ids(AutoTokenizer.from_pretrained(str(model_dir)), prompts)
-    rollout = cfg.rollout.model_copy(update={"max_new_tokens": s.max_new_tokens})
-    data = cfg.data.model_copy(update={"max_prompt_length": max(cfg.data.max_prompt_length, max(map(len, ids)))})
-    group = build_rollout_group(cfg.model_copy(update={"rollout": rollout, "data": data}), str(model_dir), ctx, 0)
+    key = str(run_dir)
+    live = _LIVE.get(key) or _LIVE.setdefault(key, _Live(task, cfg, ctx, model_dir))
+    if step is not None:
+        try:
+            point = live.evaluate_policy(task, cfg, policy, step)
+        except BaseException:
+            _LIVE.pop(key).group.shutdown()
+            raise
+        row = {"step": step, "seconds": point["seconds"]}
+        for mode in ("greedy", "sampled"):
+            row[mode] = {k: point[mode][k] for k in ("gold", "all_met", "truncated", "scores")}
+        if ctx.is_main:
+            with (run_dir / CURVE).open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"eval at step {step}: greedy gold {row['greedy']['gold']:.3f}, "
+                  f"sampled gold {row['sampled']['gold']:.3f} ({point['seconds']:.1f}s)", flush=True)
+        return row
     try:
-        cache = resolve_repo_path(cfg.run.cache_dir) / task.cache_name / f"{cache_key(model_dir, s)}.json"
-        before = _cached(cache, lambda: evaluate(task, lambda b, st: group.generate(b, st, 0), ids, prompts, s),
-                         cfg.eval.cache_before and ctx.is_main and ctx.dims.world_size == 1)
-        group.push_megatron(policy.modules(), policy.arch, _AFTER_STEP, cfg.rollout.refit_bucket_mb << 20)
-        after = evaluate(task, lambda b, st: group.generate(b, st, _AFTER_STEP), ids, prompts, s)
+        after = live.evaluate_policy(task, cfg, policy, _AFTER_STEP)
     finally:
-        group.shutdown()
-    result = {"settings": s.__dict__, "prompts": [task.prompt_json(p) for p in prompts], "before": before,
-              "after": after}
+        _LIVE.pop(key).group.shutdown()
+    s = live.s
+    result = {"settings": s.__dict__, "prompts": [task.prompt_json(p) for p in live.prompts],
+              "before": live.before, "after": after}
     if ctx.is_main:
         (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
         append_summary(task, run_dir, result)
         print(headline(result), flush=True)
     return result
+
+
+CURVE = "eval_curve.jsonl"  # the points of eval.every_steps, one JSON line each
 
 
 def headline(result: dict) -> str:

@@ -50,9 +50,10 @@ def evaluate(generate: GenerateFn, ids: Sequence[Sequence[int]], prompts: Sequen
     return G.evaluate(TASK, generate, ids, prompts, s)
 
 
-def evaluate_run(cfg: Any, ctx: Any, policy: Any, model_dir: Path, run_dir: Path) -> dict | None:
+def evaluate_run(cfg: Any, ctx: Any, policy: Any, model_dir: Path, run_dir: Path,
+                 step: int | None = None) -> dict | None:
     """The ``eval.task`` function: `gold_eval.evaluate_run` on the IFEval task."""
-    return G.evaluate_run(TASK, cfg, ctx, policy, model_dir, run_dir)
+    return G.evaluate_run(TASK, cfg, ctx, policy, model_dir, run_dir, step)
 
 
 def markdown(result: dict, annotation_ratio: float | None = None) -> str:

@@ -45,9 +45,10 @@ TASK = G.GoldTask(
     label=lambda p: f"{p['direction']}, {len(p['items'])} items")
 
 
-def evaluate_run(cfg: Any, ctx: Any, policy: Any, model_dir: Path, run_dir: Path) -> dict | None:
+def evaluate_run(cfg: Any, ctx: Any, policy: Any, model_dir: Path, run_dir: Path,
+                 step: int | None = None) -> dict | None:
     """The ``eval.task`` function: `gold_eval.evaluate_run` on the toy task."""
-    return G.evaluate_run(TASK, cfg, ctx, policy, model_dir, run_dir)
+    return G.evaluate_run(TASK, cfg, ctx, policy, model_dir, run_dir, step)
 
 
 def main(argv: list[str] | None = None) -> int:

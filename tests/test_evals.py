@@ -55,3 +55,40 @@ def test_build_refuses_a_bad_eval_before_starting(clean_registry):
     cfg = SimpleNamespace(eval=SimpleNamespace(task="tests.test_evals:nope"))  # read first, alone
     with pytest.raises(ConfigError, match="has no attribute 'nope'"):
         build(cfg, "dpo")
+
+
+def test_build_refuses_every_steps_for_an_eval_without_step(clean_registry):
+    from metaapo_nemo.run import build
+
+    evals.register_eval("noop", _noop)
+    cfg = SimpleNamespace(eval=SimpleNamespace(task="noop", every_steps=2))
+    with pytest.raises(ConfigError, match=r"eval.every_steps=2 .* takes no `step` argument"):
+        build(cfg, "dpo")
+
+
+def test_every_steps_evaluates_during_training_without_changing_it(clean_registry, tmp_path):
+    """eval.every_steps=2 over 6 steps: points at steps 2 and 4 (the final evaluation is the
+    last), with the policy as trained so far; the training itself is bit for bit the same."""
+    import json
+
+    from metaapo_nemo import run as R
+
+    calls: list = []
+
+    def record(cfg, ctx, policy, model_dir, run_dir, step=None):
+        weight = next(p for p in policy.modules()[0].parameters() if p.requires_grad)
+        calls.append((step, float(weight.detach().double().sum())))
+
+    evals.register_eval("rec", record)
+    base = [f"run.output_dir={tmp_path}", "train.progress_bar=off", "train.max_steps=6", "eval.task=rec",
+            "train.save_final_hf=false"]
+    assert R.main([*base, "run.name=plain"], method="dpo") == 0
+    plain, calls[:] = list(calls), []
+    assert R.main([*base, "run.name=curve", "eval.every_steps=2"], method="dpo") == 0
+    assert [s for s, _ in plain] == [None] and [s for s, _ in calls] == [2, 4, None]
+    assert calls[-1][1] == plain[-1][1] and len({v for _, v in calls}) == 3  # the policy moved between points
+
+    def losses(name):
+        return [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses("curve") == losses("plain")

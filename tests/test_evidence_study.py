@@ -151,3 +151,10 @@ def test_toy_study_at_ci_size(tmp_path):
     cfg = (work / "cells" / "online_dpo_seed0" / "config.yaml").read_text()
     assert "tasks.toy_alignment:score" in cfg and "tasks.toy_eval:evaluate_run" in cfg
     assert "toy alignment task" in (results / "evidence_toy.md").read_text()
+    # eval.every_steps=2 of 4 steps: one point during training (the real engine, weights pushed
+    # mid-run) per main cell, in the report's curves and its plot text
+    for m in ("dpo", "online_dpo", "metaapo"):
+        (point,) = [json.loads(x) for x in (work / "cells" / f"{m}_seed0" / "eval_curve.jsonl").read_text().splitlines()]
+        assert point["step"] == 2 and len(point["sampled"]["scores"]) == 4
+    assert [p[0] for p in out["curves"]["metaapo"]] == [2]
+    assert "during training (after optimiser steps 2" in (results / "evidence_toy.md").read_text()

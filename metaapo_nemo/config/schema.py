@@ -484,6 +484,9 @@ class EvalConfig(_Section):
     samples_per_prompt: int = Field(2, gt=0)
     examples: int = Field(5, ge=0)  # prompts shown with responses before/after in summary.md
     cache_before: bool = True  # reuse the initial checkpoint's scores (run.cache_dir/<the task>)
+    # Also evaluate every N optimiser steps during training (a gold-vs-steps curve: the task's
+    # eval_curve.jsonl); each point costs one evaluation of the policy. None: at the end only.
+    every_steps: int | None = Field(None, gt=0)
 
 
 Method = Literal["dpo", "metaapo"]
