@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from metaapo_nemo import run as R
-from metaapo_nemo.algorithms.rounds import OnlinePair, RoundItem, collate_round, metaapo_loss_fn, offline_margins
+from metaapo_nemo.algorithms.rounds import (
+    OnlinePair,
+    RoundItem,
+    collate_round,
+    metaapo_loss_fn,
+    offline_margins,
+)
 from metaapo_nemo.config.loader import load_config
 from metaapo_nemo.trainer.preference import ReferenceCache, pair_logps, policy_loss_fn
 
@@ -186,7 +192,11 @@ def test_online_only_rows_equal_the_zero_weighted_full_rows(comps, name):
     import dataclasses
 
     from metaapo_nemo.algorithms.online import attach_reference_logps
-    from metaapo_nemo.algorithms.rounds import finalize_round_stats, round_microbatches, sum_round_stats
+    from metaapo_nemo.algorithms.rounds import (
+        finalize_round_stats,
+        round_microbatches,
+        sum_round_stats,
+    )
     from metaapo_nemo.trainer.rows import RowLayout
 
     c = comps
