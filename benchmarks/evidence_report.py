@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metaapo_nemo.evals import EVAL_CURVE
 from metaapo_nemo.trainer.summary import read_jsonl
 
 SFT = "sft"
@@ -59,7 +60,7 @@ def load_study(work: Path) -> tuple[dict[str, dict[int, dict]], dict | None]:
         rec |= {"eval": json.loads((d / "eval.json").read_text()), "rounds": read_jsonl(d / "rounds.jsonl"),
                 "steps": read_jsonl(d / "metrics.jsonl"), "config": _cell_config(d),
                 "curve": [{"step": x["step"], "G_s": x["sampled"]["gold"], "G_g": x["greedy"]["gold"]}
-                          for x in read_jsonl(d / "eval_curve.jsonl")]}
+                          for x in read_jsonl(d / EVAL_CURVE)]}
         cells.setdefault(rec["method"], {})[rec["seed"]] = rec
     tuning = work / "tuning.json"
     return cells, json.loads(tuning.read_text()) if tuning.is_file() else None

@@ -26,6 +26,10 @@ from metaapo_nemo.named import load_callable
 #: `Config` (its ``eval`` section set), `ctx` the `ParallelContext`, `policy` the trained
 #: `MegatronLM`, `model_dir` the initial HF checkpoint, `run_dir` where results go.
 EvalFn = Callable[[Any, Any, Any, Path, Path], Any]
+#: With ``eval.every_steps`` the function is also called during training with ``step=`` (the
+#: optimiser steps done); it appends that point to ``run_dir / EVAL_CURVE`` (one JSON object per
+#: line with a "step" key), which a resumed run truncates to the points before its checkpoint.
+EVAL_CURVE = "eval_curve.jsonl"
 
 _EVALS: dict[str, EvalFn] = {}
 

@@ -23,7 +23,7 @@ import torch
 
 from metaapo_nemo import console
 from metaapo_nemo.config.schema import Config, ConfigError
-from metaapo_nemo.evals import get_eval
+from metaapo_nemo.evals import EVAL_CURVE, get_eval
 from metaapo_nemo.losses import PreferenceLoss
 from metaapo_nemo.models.policy import MegatronLM
 from metaapo_nemo.parallel.state import ParallelContext
@@ -143,7 +143,7 @@ def build(cfg: Config, method: str | None = None, pairs: list | None = None) -> 
     guard.register("ref_cache", "rank", run.ref_cache, layout_bound=True)
     for name, (where, obj) in algorithm.stateful().items():
         guard.register(name, where, obj)
-    periodic = [] if cfg.eval is None or cfg.eval.every_steps is None else [_PeriodicEval(run)]
+    periodic = [] if cfg.eval is None or cfg.eval.every_steps is None else [_PeriodicEval(run, fn)]
     run.callbacks = CallbackList([*algorithm.callbacks(), _LogCallback(logger), *periodic,
                                   *tracker_callbacks(cfg, run_dir, ctx.is_main)])
     if ctx.is_main:
@@ -176,19 +176,18 @@ def setup_summary(run: Run, data) -> str:
 
 class _PeriodicEval:
     """``eval.every_steps``: the run's evaluation at every N optimiser steps during training
-    (the points of a gold-vs-steps curve; the task writes them, e.g. eval_curve.jsonl). The
+    (the points of a gold-vs-steps curve, which the task appends to `evals.EVAL_CURVE`). The
     final evaluation at the end of training is the last point; a resumed run drops the points
     after its checkpoint, which it evaluates again."""
 
-    def __init__(self, run: Run):
-        self.run, self.fn = run, get_eval(run.cfg.eval.task)
-        self.every = run.cfg.eval.every_steps
+    def __init__(self, run: Run, fn: Callable[..., Any]):
+        self.run, self.fn, self.every = run, fn, run.cfg.eval.every_steps
 
     def on_train_start(self, state: TrainState) -> None:
         from metaapo_nemo.checkpoint import truncate_jsonl
 
         if self.run.ctx.is_main:
-            truncate_jsonl(self.run.run_dir / "eval_curve.jsonl", lambda rec: rec.get("step", 0) <= state.step)
+            truncate_jsonl(self.run.run_dir / EVAL_CURVE, lambda rec: rec.get("step", 0) <= state.step)
 
     def on_step_end(self, state: TrainState) -> None:
         if state.step % self.every == 0 and state.step < state.total_steps:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metaapo_nemo.evals import EVAL_CURVE
+
 _AFTER_STEP = 1 << 30  # the engine's policy-step tag for the pushed final weights
 
 
@@ -197,7 +199,7 @@ def evaluate_run(task: GoldTask, cfg: Any, ctx: Any, policy: Any, model_dir: Pat
         for mode in ("greedy", "sampled"):
             row[mode] = {k: point[mode][k] for k in ("gold", "all_met", "truncated", "scores")}
         if ctx.is_main:
-            with (run_dir / CURVE).open("a") as f:
+            with (run_dir / EVAL_CURVE).open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"eval at step {step}: greedy gold {row['greedy']['gold']:.3f}, "
                   f"sampled gold {row['sampled']['gold']:.3f} ({point['seconds']:.1f}s)", flush=True)
@@ -214,9 +216,6 @@ def evaluate_run(task: GoldTask, cfg: Any, ctx: Any, policy: Any, model_dir: Pat
         append_summary(task, run_dir, result)
         print(headline(result), flush=True)
     return result
-
-
-CURVE = "eval_curve.jsonl"  # the points of eval.every_steps, one JSON line each
 
 
 def headline(result: dict) -> str:

@@ -152,3 +152,18 @@ def test_round_line_and_final_table(tmp_path):
     assert table.splitlines()[0] == "done: 5 optimiser steps in 50.0s, 1 rounds"
     assert "0.6000 -> 0.2000" in table and "3/8 prompts sampled (ratio 0.375), 2 online pairs, 1 ties" in table
     assert f"policy (HF checkpoint)  {tmp_path / 'hf_final'}" in table
+
+
+def test_summary_shows_a_nan_loss_but_not_an_accuracy_with_no_pair(tmp_path):
+    """An Online DPO step trains no offline pair (reward_accuracy "nan": left out), but a NaN
+    loss is news and stays in summary.md."""
+    import json
+
+    from metaapo_nemo.trainer.summary import final_table, write_summary
+
+    steps = [{"step": 1, "loss": "nan", "reward_accuracy": "nan", "reward_accuracy_online": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    text = write_summary(tmp_path).read_text()
+    assert "final loss: nan" in text and "final reward_accuracy_online: 0.5000" in text
+    assert "final reward_accuracy:" not in text
+    assert "reward accuracy, online  0.500" in final_table(tmp_path, tmp_path / "summary.md", None)

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from metaapo_nemo.evals import EVAL_CURVE
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -154,7 +156,7 @@ def test_toy_study_at_ci_size(tmp_path):
     # eval.every_steps=2 of 4 steps: one point during training (the real engine, weights pushed
     # mid-run) per main cell, in the report's curves and its plot text
     for m in ("dpo", "online_dpo", "metaapo"):
-        (point,) = [json.loads(x) for x in (work / "cells" / f"{m}_seed0" / "eval_curve.jsonl").read_text().splitlines()]
+        (point,) = [json.loads(x) for x in (work / "cells" / f"{m}_seed0" / EVAL_CURVE).read_text().splitlines()]
         assert point["step"] == 2 and len(point["sampled"]["scores"]) == 4
     assert [p[0] for p in out["curves"]["metaapo"]] == [2]
     assert "during training (after optimiser steps 2" in (results / "evidence_toy.md").read_text()

@@ -83,7 +83,8 @@ class RowLayout:
             (shared prompt) so each micro-batch of a step has the same row count (pipeline
             parallelism exchanges fixed shapes). False: absent ones take no row at all, so a
             MetaAPO prompt without an online pair costs what a DPO pair costs (a row of
-            padding costs a whole row). The "pad" layout (the reference path) always keeps them.
+            padding costs a whole row). The plain "pad" layout without a shared prompt (the
+            reference path: row n is sequence n) always keeps them.
         pad_multiple: Round every micro-batch's row length T up to a multiple of this
             (`FP8_TOKEN_MULTIPLE` under FP8: Transformer Engine's FP8 GEMMs assert that the
             flattened token count rows x T is a multiple of 8, and 16 where it is a GEMM's

@@ -130,7 +130,7 @@ def write_summary(run_dir: Path, title: str = "run summary") -> Path:
     last = steps[-1] if steps else {}
     lines = [f"# {title}", "", f"- optimiser steps: {len(steps)}", f"- rounds: {len(rounds)}"]
     for key in ("loss", "reward_accuracy", "reward_accuracy_online", "w_mean", "annotation_ratio"):
-        if key in last and last[key] != "nan":  # e.g. no offline pair trained (Online DPO)
+        if key in last and not (key.startswith("reward_accuracy") and last[key] == "nan"):  # none trained
             lines.append(f"- final {key}: {last[key]:.4f}" if isinstance(last[key], float) else f"- final {key}: {last[key]}")
     if rounds:
         lines += ["", "| round | prompts | sample ratio | w mean | online pairs | ties | annotation ratio |",
