@@ -22,20 +22,18 @@ with `checkpoint.verify=checksum`, the files split over all ranks by bytes) and 
 the previous good checkpoint with a message naming the bad file.
 
 Scale (70B: ~1.1 TB per checkpoint, docs/checkpoint_sizing.md): every rank writes a share
-(replicated shards spread over DP, `_parallel_save_strategy`), then fsyncs and hashes the
-files IT wrote, in parallel (`owner_rank`); rank 0 only merges the per-rank entries. The
-barriers of a save are gloo `monitored_barrier`s whose timeout is
-`checkpoint.barrier_timeout_s`, or, when that is null, sized from the largest per-rank
-state and `checkpoint.fs_write_gbps` (`barrier_timeout`); a rank that misses it is named.
+(replicated shards spread over DP, `checkpoint_model._parallel_save_strategy`), then fsyncs and
+hashes the files IT wrote, in parallel (`checkpoint_io.owner_rank`); rank 0 only merges the
+per-rank entries. The barriers of a save are gloo `monitored_barrier`s whose timeout is
+`checkpoint.barrier_timeout_s`, or, when that is null, sized from the largest per-rank state
+and `checkpoint.fs_write_gbps` (`checkpoint_io.barrier_timeout`); a rank that misses it is
+named.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import os
-import random
-import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -43,15 +41,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 
 from metaapo_nemo import checksum as _checksum
+from metaapo_nemo.checkpoint_io import (
+    MANIFEST,
+    _entry_checksum,
+    _fsync_dir,
+    _torch_save,
+    _write_bytes,
+    assign_by_bytes,
+    barrier_timeout,
+    hash_own_files,
+    state_bytes,
+)
+from metaapo_nemo.checkpoint_model import _load_model, _save_model
 from metaapo_nemo.parallel.state import ParallelContext
 
-MANIFEST = "manifest.json"
 LATEST = "latest"
 FORMAT = 1
 
@@ -75,276 +83,6 @@ class Restored:
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _torch_save(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def sha256(path: Path, chunk: int = 8 << 20) -> str:
-    return _checksum.file_checksum(path, "sha256", chunk)
-
-
-# ----------------------------------------------------------------- parallel hashing, timeouts
-
-# Conservative single-core checksum rates (GB/s), about half of what
-# benchmarks/results/checksum_bench.json measured on a shared 2-core CPU machine.
-HASH_GBPS = {"sha256": 0.45, "blake2b": 0.24, "crc32": 0.95, "adler32": 0.7}
-MIN_BARRIER_TIMEOUT_S = 600.0
-_DCP_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
-_RANK_FILE = re.compile(r"rank_(\d+)\.pt$")
-
-
-def owner_rank(relpath: str, world: int) -> int:
-    """The rank that wrote a checkpoint file, hence hashes it at save time.
-
-    torch DCP names its data files ``__<global rank>_<n>.distcp`` and we name per-rank state
-    ``rank_<r>.pt``; everything else (DCP ``.metadata``, megatron's ``common.pt`` and
-    ``metadata.json``, trainer.json, shared.pt, config.yaml) is written by rank 0.
-    """
-    name = relpath.rsplit("/", 1)[-1]
-    m = _DCP_FILE.search(name) or _RANK_FILE.search(name)
-    rank = int(m.group(1)) if m else 0
-    return rank if rank < world else 0
-
-
-def assign_by_bytes(sizes: dict[str, int], world: int) -> dict[str, int]:
-    """Files -> rank for verification at load: largest first onto the least-loaded rank
-    (deterministic, so every rank derives the same split from the same manifest)."""
-    load = [0] * world
-    out = {}
-    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
-        r = min(range(world), key=lambda i: (load[i], i))
-        out[name] = r
-        load[r] += sizes[name]
-    return out
-
-
-def barrier_timeout(rank_bytes: int, fs_write_gbps: float, checksum: str) -> float:
-    """Seconds a save's barriers wait: 3x (write + fsync-free hash) of the largest rank share.
-
-    timeout = max(600, 3 * (B / W + B / H)) with B the largest per-rank bytes, W the stated
-    per-rank file-system write bandwidth (`checkpoint.fs_write_gbps`) and H the checksum's
-    single-core rate (`HASH_GBPS`). Example 70B (B = 22 GB, W = 0.5, SHA-256): 3 x (44 + 49)
-    = 279 s -> 600 s floor; at W = 0.1 GB/s: 3 x (220 + 49) = 807 s.
-    """
-    gb = rank_bytes / 1e9
-    return max(MIN_BARRIER_TIMEOUT_S, 3.0 * (gb / fs_write_gbps + gb / HASH_GBPS[checksum]))
-
-
-def state_bytes(model) -> int:
-    """Bytes of this rank's model parameters plus its optimiser state (an upper bound of
-    what it writes: replicated shards are counted on every replica)."""
-    if model is None:
-        return 0
-    total = sum(p.numel() * p.element_size() for m in model.modules() for p in m.parameters())
-    optimizer = getattr(model, "optimizer", None)
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer] if optimizer else []):
-        inner = getattr(opt, "optimizer", None)
-        for group in getattr(inner, "param_groups", []):
-            total += sum(p.numel() * p.element_size() for p in group["params"])
-        for st in getattr(inner, "state", {}).values():
-            total += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
-    return total
-
-
-def hash_own_files(directory: Path, rank: int, world: int, algorithm: str) -> dict[str, dict]:
-    """fsync + size + checksum of the files of `directory` this rank wrote (`owner_rank`)."""
-    files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        rel = str(path.relative_to(directory))
-        if rel == MANIFEST or owner_rank(rel, world) != rank:
-            continue
-        _fsync_file(path)
-        files[rel] = {"bytes": path.stat().st_size, algorithm: _checksum.file_checksum(path, algorithm),
-                      "hashed_by": rank}
-    return files
-
-
-def _entry_checksum(meta: dict) -> tuple[str, str] | None:
-    """(algorithm, hex) recorded for a manifest entry (old manifests: sha256)."""
-    for name in _checksum.ALGORITHMS:
-        if name in meta:
-            return name, meta[name]
-    return None
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG a step may draw from (torch CPU/CUDA, numpy, python, megatron's TP tracker)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-        try:
-            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-            state["megatron_tracker"] = get_cuda_rng_tracker().get_states()
-        except Exception:  # noqa: BLE001 - tracker not initialised: nothing to keep
-            pass
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    if "megatron_tracker" in state:
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-        get_cuda_rng_tracker().set_states(state["megatron_tracker"])
-
-
-def truncate_jsonl(path: Path, keep) -> int:
-    """Keeps the JSON lines for which `keep(record)` is true (atomic rewrite); returns kept."""
-    if not path.exists():
-        return 0
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = []
-    for ln in lines:
-        try:
-            if keep(json.loads(ln)):
-                kept.append(ln)
-        except json.JSONDecodeError:  # a line cut by a kill: drop it
-            continue
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    tmp.replace(path)
-    return len(kept)
-
-
-# ----------------------------------------------------------------- model state
-
-
-def _model_sharded(model) -> dict[str, Any]:
-    """The megatron sharded state dict of all chunks (keys carry global layer offsets)."""
-    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(model.modules())}
-
-
-# The distributed optimiser's state in the canonical per-parameter form: loadable onto any
-# TP/PP/DP layout (megatron's `dp_reshardable` default only reshards along DP).
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-def _ignore_preemption_signals() -> None:
-    """Initializer of the results-queue manager process (see `_signal_safe_results_queue`)."""
-    import ctypes
-    import signal
-
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    # It ignores SIGTERM now, so it must not outlive its rank (a rank killed by SIGKILL):
-    # PR_SET_PDEATHSIG = 1 sends it SIGKILL when the parent dies.
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
-
-
-def _signal_safe_results_queue() -> None:
-    """Makes megatron's checkpoint writer survive SLURM's preemption signal.
-
-    megatron's `filesystem_async` collects write results through a queue served by a
-    `multiprocessing` Manager process, spawned at the first save and kept for the life of
-    the rank (`_get_write_results_queue`). A spawned interpreter has the DEFAULT action for
-    SIGUSR1/SIGTERM, which is to terminate. SLURM (`--signal=USR1@N`, `scancel --signal`,
-    preemption, the time limit's SIGTERM) signals EVERY process of the step, so the manager
-    died while the rank's handler merely set the preemption flag; the preemption save then
-    failed in `global_results_queue.put` with BrokenPipe/ConnectionReset (rank exit 1, no
-    checkpoint, no requeue). We create that queue first, in a manager that ignores the two
-    signals the trainer turns into a checkpoint (the rank itself still gets them).
-    """
-    import multiprocessing as mp
-    from multiprocessing.managers import SyncManager
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if getattr(filesystem_async, "_results_queue", "absent") is None:
-        manager = SyncManager(ctx=mp.get_context("spawn"))  # the context megatron uses
-        manager.start(_ignore_preemption_signals)
-        filesystem_async._results_queue = manager.Queue()
-        filesystem_async._results_queue_manager = manager  # keeps it alive; tests read its pid
-
-
-def _save_model(model, directory: Path, with_optimizer: bool) -> None:
-    from megatron.core import dist_checkpointing
-
-    _signal_safe_results_queue()
-    sd = _model_sharded(model)
-    if with_optimizer:
-        sd["optimizer"] = model.optimizer.sharded_state_dict(sd, metadata=OPTIMIZER_METADATA)
-    dist_checkpointing.save(sd, str(directory), sharded_strategy=_parallel_save_strategy())
-
-
-def _parallel_save_strategy():
-    """megatron's default writer, with replicated shards spread over the DP ranks.
-
-    Without the wrapper only the first replica of every shard writes it: with the
-    fully-reshardable optimiser (gathered to every DP rank before the save) DP rank 0 of
-    each TP x PP position wrote the whole checkpoint (measured DP2: rank 1 wrote no file),
-    i.e. 64 GB on each of 2 ranks for the 8B recipe instead of 16 GB on each of 8.
-    """
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
-        FullyParallelSaveStrategyWrapper,
-    )
-
-    group = ps.get_data_parallel_group(with_context_parallel=True)
-    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
-
-
-def _materialise_optimizer_state(optimizer) -> None:
-    """A fresh distributed optimiser has no Adam state yet, and megatron 0.16 builds its
-    sharded state dict from that state: create it (zero-gradient step; every value,
-    parameters included, is replaced by the load that follows)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
-            opt._init_optimizer_states_with_dummy_values()
-
-
-def _load_model(model, directory: Path, with_optimizer: bool) -> None:
-    from megatron.core import dist_checkpointing
-
-    sd = _model_sharded(model)
-    if with_optimizer:
-        _materialise_optimizer_state(model.optimizer)
-        sd["optimizer"] = model.optimizer.sharded_state_dict(sd, is_loading=True, metadata=OPTIMIZER_METADATA)
-    loaded = dist_checkpointing.load(sd, str(directory))
-    for i, m in enumerate(model.modules()):
-        m.load_state_dict(loaded[f"model{i}"])
-    if with_optimizer:
-        from metaapo_nemo.parallel.compat import (
-            keep_adam_step_on_reshardable_load,
-            untie_adam_steps_after_load,
-        )
-
-        keep_adam_step_on_reshardable_load(model.optimizer)
-        model.optimizer.load_state_dict(loaded["optimizer"])
-        untie_adam_steps_after_load(model.optimizer)  # else a resume is not bitwise
 
 
 # ----------------------------------------------------------------- the manager

@@ -52,7 +52,8 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: str | None = Non
     """
     import torch
 
-    from metaapo_nemo.checkpoint import Checkpointer, _load_model
+    from metaapo_nemo.checkpoint import Checkpointer
+    from metaapo_nemo.checkpoint_model import _load_model
     from metaapo_nemo.config.loader import load_config
     from metaapo_nemo.models.arch import load_arch
     from metaapo_nemo.models.convert import export_hf

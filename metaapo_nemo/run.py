@@ -184,7 +184,7 @@ class _PeriodicEval:
         self.run, self.fn, self.every = run, fn, run.cfg.eval.every_steps
 
     def on_train_start(self, state: TrainState) -> None:
-        from metaapo_nemo.checkpoint import truncate_jsonl
+        from metaapo_nemo.checkpoint_io import truncate_jsonl
 
         if self.run.ctx.is_main:
             truncate_jsonl(self.run.run_dir / EVAL_CURVE, lambda rec: rec.get("step", 0) <= state.step)

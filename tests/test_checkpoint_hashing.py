@@ -10,7 +10,7 @@ import zlib
 import pytest
 
 from metaapo_nemo import checksum
-from metaapo_nemo.checkpoint import assign_by_bytes, barrier_timeout, owner_rank
+from metaapo_nemo.checkpoint_io import assign_by_bytes, barrier_timeout, owner_rank
 
 
 def test_each_file_is_hashed_by_the_rank_that_wrote_it():

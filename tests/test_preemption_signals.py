@@ -20,7 +20,7 @@ import os, signal, sys, time
 
 def main(fixed):
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-    from metaapo_nemo import checkpoint
+    from metaapo_nemo import checkpoint_model as checkpoint
     if fixed:
         checkpoint._signal_safe_results_queue()
     q = fa._get_write_results_queue()  # what every megatron save uses after the first one

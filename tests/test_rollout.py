@@ -244,7 +244,7 @@ def test_budget_split_keeps_seeded_samples(trained):
 
         import logging
 
-        from metaapo_nemo.rollout.vllm_backend import _LAYERWISE_LOGGER, _RELOAD_LOGGER
+        from metaapo_nemo.rollout.vllm_logs import _LAYERWISE_LOGGER, _RELOAD_LOGGER
 
         class Seen(logging.Handler):
             records: list[str] = []
@@ -391,7 +391,7 @@ def test_tp2_and_pp2_layouts(tmp_path, tiny_llama):
 def test_push_reports_only_weights_that_no_bucket_loaded():
     import logging
 
-    from metaapo_nemo.rollout.vllm_backend import _NOT_LOADED, _RELOAD_LOGGER, _UnloadedWeights
+    from metaapo_nemo.rollout.vllm_logs import _NOT_LOADED, _RELOAD_LOGGER, _UnloadedWeights
 
     f = _UnloadedWeights()
     logger = logging.getLogger(_RELOAD_LOGGER)

@@ -137,7 +137,7 @@ def test_dp2_run_across_two_nodes(cluster, reference, out):
 def test_preemption_checkpoints_exits_85_requeues_and_resumes_bitwise(cluster, out, reference):
     # A periodic checkpoint first (step 8): megatron's checkpoint writer then keeps a helper
     # process for the rest of the run, which SLURM's USR1 killed before the fix
-    # (checkpoint._signal_safe_results_queue).
+    # (checkpoint_model._signal_safe_results_queue).
     t0 = time.monotonic()
     job = _submit(cluster, out, "checkpoint.every_steps=8")
     run = out / f"{JOB_NAME}-{job}"

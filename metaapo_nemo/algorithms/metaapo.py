@@ -138,7 +138,7 @@ class MetaAPO:
                                    after_step=lambda m: O.sync_meta_learner(self.learner, ctx, m))]
 
     def begin(self, st: TrainState, resumed: bool) -> None:
-        from metaapo_nemo.checkpoint import truncate_jsonl
+        from metaapo_nemo.checkpoint_io import truncate_jsonl
 
         items, run = self.round.items, self.run
         if items is not None and any(it.online is not None and it.online.ref_chosen is None for it in items):

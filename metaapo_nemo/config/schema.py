@@ -1,60 +1,45 @@
-"""Typed configuration schema: every default lives here and nowhere else.
+"""Typed configuration schema: ``Config`` and the training sections.
 
 A recipe YAML (``conf/*.yaml``) is merged by ``loader.load_config`` and validated into
 ``Config``. Field constraints catch single bad values; the ``model_validator``s catch
 combinations and fail with the key, the value, the arithmetic and the fix. Checks that need
-the world size or the checkpoint's shape live in ``check_layout``, called at start-up and by
-``--dry-run``.
+the world size or the checkpoint's shape live in ``check_layout`` (config/checks.py), called at
+start-up and by ``--dry-run``. Every default lives in the schema and nowhere else: here, and in
+config/runtime.py for the run/checkpoint/planner/logging/eval sections. Names defined in those
+modules are importable from here as before.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from metaapo_nemo.parallel.dims import ParallelDims
+from metaapo_nemo.config.base import ConfigError, _divisors, _or_list, _Section, fmt
+from metaapo_nemo.config.checks import (
+    _context_error,
+    _key_list,
+    batch_error,
+    check_layout,
+    round_size_error,
+    set_keys,
+)
+from metaapo_nemo.config.runtime import (
+    MLFLOW_REFUSED,
+    CheckpointConfig,
+    EvalConfig,
+    LoggingConfig,
+    PlannerConfig,
+    RunConfig,
+)
 
-
-class ConfigError(ValueError):
-    """A recipe, override or layout that cannot run; the message says what to change."""
-
-
-def fmt(value: Any) -> str:
-    """Format a value the way it would be written in YAML (``true``, ``null``, ``5e-07``)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _or_list(values: list[Any]) -> str:
-    items = [fmt(v) for v in values]
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
-
-
-def _divisors(n: int) -> list[int]:
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    return sorted(set(small + [n // d for d in small]))
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class RunConfig(_Section):
-    """Where and how a run is recorded."""
-
-    name: str = Field("run", min_length=1)
-    output_dir: str = "runs"  # the run directory is output_dir/name
-    seed: int = 1234
-    cache_dir: str = ".cache"  # where tiny models are built and cached
-    # false: the terminal shows the run's own lines and library WARNINGs (vLLM, megatron,
-    # transformers); their INFO records go to run_dir/log.txt. true: everything on the terminal.
-    verbose: bool = False
-
+__all__ = [
+    "MLFLOW_REFUSED", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
+    "LoggingConfig", "LossConfig", "MetaAPOConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "PlannerConfig", "ReferenceConfig", "RewardConfig", "RolloutConfig", "RunConfig",
+    "TinyModelConfig", "TrainConfig", "batch_error", "check_layout", "fmt", "round_size_error",
+    "set_keys",
+]
 
 class TinyModelConfig(_Section):
     """A small random model built locally (saved in HF format, then imported as usual)."""
@@ -297,15 +282,6 @@ class MetaAPOConfig(_Section):
     meta_clip_grad: float = Field(1.0, gt=0)
 
 
-def round_size_error(round_size: int, global_batch_size: int) -> str | None:
-    """The message when a MetaAPO round is not whole optimiser steps, else None."""
-    R, G = round_size, global_batch_size
-    if R % G == 0:
-        return None
-    fix = f"{G}" if R < G else f"{R - R % G} or {R - R % G + G}"
-    return f"metaapo.round_size={R} is not a multiple of train.global_batch_size={G}; use {fix}"
-
-
 class RolloutConfig(_Section):
     """Online generation with vLLM (metaapo_nemo.rollout): sampling, engine memory, refit.
 
@@ -399,94 +375,6 @@ class RewardConfig(_Section):
         if errors:
             raise ValueError("\n".join(errors))
         return self
-
-
-class CheckpointConfig(_Section):
-    """Checkpoints, resume, preemption and non-finite guards (metaapo_nemo/checkpoint.py).
-
-    A checkpoint is a directory run_dir/checkpoints/step_<N>: the policy (and optimiser,
-    scheduler) as a megatron distributed checkpoint that loads onto any TP/PP layout, the
-    per-round reference when it moves, every rank's meta-learner/RNG/cache state, the
-    trainer position, and a manifest with every file's size and SHA-256, written last;
-    the directory is renamed into place and `latest` updated only after that.
-    """
-
-    every_steps: int | None = Field(None, gt=0)  # None: only on preemption / at the end
-    keep_last: int = Field(2, gt=0)  # older checkpoints are deleted once a newer one is good
-    save_at_end: bool = True
-    resume: str = "auto"  # auto: the newest good checkpoint of this run dir; never; or a path
-    verify: Literal["checksum", "size"] = "checksum"  # what loading checks against the manifest
-    # A non-finite loss or gradient norm: skip the update (counted, logged; stop after
-    # max_skips in a row) or stop at once. Either way the bad state is never saved.
-    on_nonfinite: Literal["skip", "stop"] = "skip"
-    max_skips: int = Field(3, gt=0)
-    requeue_exit_code: int = Field(85, ge=1, le=255)  # SIGTERM/SIGUSR1: save, exit with this
-    # Manifest checksum; every rank hashes the files it wrote (benchmarks/checksum_bench.py).
-    checksum: Literal["sha256", "blake2b", "crc32", "adler32"] = "sha256"
-    # Save barrier timeout in seconds; null: sized from the largest rank's share and
-    # fs_write_gbps (checkpoint.barrier_timeout: max(600, 3 x (write + hash time))).
-    barrier_timeout_s: float | None = Field(None, gt=0)
-    # Stated per-rank write bandwidth of the checkpoint file system (GB/s); also what the
-    # sbatch USR1 lead time is derived from (docs/checkpoint_sizing.md).
-    fs_write_gbps: float = Field(0.5, gt=0)
-
-
-class PlannerConfig(_Section):
-    """Per-GPU memory check (metaapo_nemo/planner.py): printed by --dry-run, enforced at
-    start-up on GPU machines."""
-
-    gpu_memory_gib: float = Field(80.0, gt=0)  # H100 80GB
-    on_exceed: Literal["error", "warn"] = "error"
-
-
-MLFLOW_REFUSED = (
-    "logging.trackers: mlflow is not offered: no MLflow release >= 2 installs beside this "
-    "project's pins (mlflow 3.x needs cryptography<50, cachetools<8, pyarrow<26; the pins are "
-    "cryptography 50.0.2, cachetools 8.0.1, pyarrow 26.0.1: `pip install --dry-run -c "
-    "constraints.txt mlflow`); use tensorboard and/or wandb"
-)
-
-
-class LoggingConfig(_Section):
-    """Experiment trackers beside run_dir/metrics.jsonl and rounds.jsonl (always written):
-    each logs every step's and every round's metrics and the resolved config, main rank
-    only (metaapo_nemo/trainer/trackers.py)."""
-
-    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
-    wandb_project: str = "metaapo_nemo"
-    wandb_entity: str | None = None  # null: the account's default entity
-    # null: the WANDB_MODE environment variable, else online; offline writes run_dir/wandb/
-    # for `wandb sync` later (compute nodes without internet)
-    wandb_mode: Literal["online", "offline", "disabled"] | None = None
-
-    @field_validator("trackers", mode="before")
-    @classmethod
-    def _no_mlflow(cls, value: Any) -> Any:
-        if isinstance(value, (list, tuple)) and "mlflow" in value:
-            raise ValueError(MLFLOW_REFUSED)
-        return value
-
-
-class EvalConfig(_Section):
-    """Evaluation at the end of training: the function ``task`` names (metaapo_nemo/evals.py),
-    e.g. tasks.ifeval_eval:evaluate_run (held-out IFEval-style prompts, greedy + sampled,
-    before/after), which reads the settings below."""
-
-    task: str  # a name given to evals.register_eval, or "module:function"
-    num_prompts: int = Field(64, gt=0)  # held-out prompts (templates and topics unseen in training)
-    # The first held-out prompt used: prompts [first_prompt, first_prompt + num_prompts) of the
-    # seeded held-out list, so disjoint splits (a tuning split beside the final one) share a seed.
-    first_prompt: int = Field(0, ge=0)
-    seed: int = 0  # prompt generation and sampling seed
-    max_new_tokens: int = Field(64, gt=0)
-    temperature: float = Field(1.0, gt=0)  # the sampled evaluation (greedy always runs too)
-    top_p: float = Field(1.0, gt=0, le=1)
-    samples_per_prompt: int = Field(2, gt=0)
-    examples: int = Field(5, ge=0)  # prompts shown with responses before/after in summary.md
-    cache_before: bool = True  # reuse the initial checkpoint's scores (run.cache_dir/<the task>)
-    # Also evaluate every N optimiser steps during training (a gold-vs-steps curve: the task's
-    # eval_curve.jsonl); each point costs one evaluation of the policy. None: at the end only.
-    every_steps: int | None = Field(None, gt=0)
 
 
 Method = Literal["dpo", "metaapo"]
@@ -626,91 +514,3 @@ class Config(BaseModel):
         return errors
 
 
-def set_keys(section: BaseModel | None, prefix: str) -> list[str]:
-    """The dotted keys a user set in ``section`` (schema order), or [prefix] for an empty
-    section that was given; [] for None."""
-    if section is None:
-        return []
-    keys: list[str] = []
-    for name in type(section).model_fields:
-        if name in section.model_fields_set:
-            value = getattr(section, name)
-            nested = set_keys(value, f"{prefix}.{name}") if isinstance(value, BaseModel) else []
-            keys += nested or [f"{prefix}.{name}"]
-    return keys or [prefix]
-
-
-def _key_list(keys: list[str]) -> str:
-    return f"{keys[0]} is a" if len(keys) == 1 else f"{', '.join(keys)} are"
-
-
-def _context_error(max_length: int, max_pos: int | None, prefix: str = "model.") -> list[str]:
-    if max_pos is None or max_length <= max_pos:
-        return []
-    return [
-        f"data.max_length={max_length} exceeds {prefix}max_position_embeddings={max_pos}; "
-        f"use data.max_length <= {max_pos}"
-    ]
-
-
-def batch_error(global_batch: int, micro_batch: int, dp: int) -> str | None:
-    """Explain why ``global_batch`` does not split into ``micro_batch x dp`` pieces.
-
-    Returns:
-        None when ``global_batch % (micro_batch * dp) == 0``, else the error with the fix.
-    """
-    step = micro_batch * dp
-    if global_batch % step == 0:
-        return None
-    lo = (global_batch // step) * step
-    globals_ok = [x for x in (lo, lo + step) if x > 0]
-    micros = [m for m in _divisors(global_batch) if global_batch % (m * dp) == 0]
-    fix = f", or micro_batch_size {_or_list(micros)}" if micros else ""
-    return (
-        f"train.global_batch_size={global_batch} is not divisible by "
-        f"train.micro_batch_size={micro_batch} x data-parallel size {dp} = {step}; "
-        f"use a global batch of {_or_list(globals_ok)}{fix}"
-    )
-
-
-_HF_KEYS = {
-    "num_hidden_layers": "num_layers",
-    "num_key_value_heads": "num_kv_heads",
-}
-
-
-def check_layout(cfg: Config, world_size: int, model_dims: dict | None = None) -> ParallelDims:
-    """Validate what needs the world size and the model's shape; return the layout.
-
-    Args:
-        cfg: A validated config.
-        world_size: Number of ranks (``WORLD_SIZE``).
-        model_dims: The model's shape from ``cli.read_model_dims`` (keys ``num_layers``,
-            ``num_attention_heads``, ``num_kv_heads``, optionally
-            ``max_position_embeddings``; HF names ``num_hidden_layers`` /
-            ``num_key_value_heads`` are accepted too), or None to skip shape checks.
-
-    Returns:
-        The validated ``ParallelDims``.
-
-    Raises:
-        ConfigError: Every problem found, each with the arithmetic and the fix.
-    """
-    dims_in = {_HF_KEYS.get(k, k): v for k, v in (model_dims or {}).items()}
-    p = cfg.parallel
-    dims = ParallelDims(world_size=world_size, tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp)
-    try:
-        dims.validate(
-            num_layers=dims_in.get("num_layers"),
-            num_attention_heads=dims_in.get("num_attention_heads"),
-            num_kv_heads=dims_in.get("num_kv_heads"),
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    errors = _context_error(cfg.data.max_length, dims_in.get("max_position_embeddings"))
-    batch = batch_error(cfg.train.global_batch_size, cfg.train.micro_batch_size, dims.dp)
-    if batch:
-        errors.append(batch)
-    if errors:
-        raise ConfigError("\n".join(errors))
-    return dims

@@ -58,7 +58,7 @@ import torch
 
 from metaapo_nemo import console
 from metaapo_nemo.parallel import cpu_compat
-from metaapo_nemo.rollout import vllm_groups
+from metaapo_nemo.rollout import vllm_groups, vllm_logs
 from metaapo_nemo.rollout.generator import (
     GenerationError,
     PromptBatch,
@@ -73,43 +73,6 @@ from metaapo_nemo.rollout.generator import (
 )
 
 log = logging.getLogger(__name__)
-_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.inplace"
-_NOT_LOADED = "Following weights were not loaded from checkpoint"
-# The same per-bucket false alarm, per layer and by class name only ("RMSNorm: Failed to load
-# weights": a layer of no weight in this bucket keeps its tensors): dropped during a push, whose
-# by-name check (`_UnloadedWeights.never_loaded`) covers every weight.
-_LAYERWISE_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
-_LAYER_NOT_LOADED = "%s: Failed to load weights"
-
-
-def _drop_layer_not_loaded(record: logging.LogRecord) -> bool:
-    return record.msg != _LAYER_NOT_LOADED
-
-
-class _UnloadedWeights(logging.Filter):
-    """Collects vLLM's per-reload "weights were not loaded" sets during one bucketed push.
-
-    A bucket carries a subset of the weights by design, so vLLM's in-place reload names every
-    other weight, once per bucket (a wall of false alarms in every log). Only a weight that NO
-    bucket of the push loaded is a problem: `never_loaded` (the intersection), which the push
-    reports once itself.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sets: list[set[str]] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and record.msg.startswith(_NOT_LOADED) and record.args:
-            self.sets.append({str(n) for n in record.args[0]})
-            return False
-        return True
-
-    def never_loaded(self, buckets: int) -> set[str]:
-        """Weights missing from every one of `buckets` reloads (a silent reload loaded all)."""
-        if not self.sets or len(self.sets) < buckets:
-            return set()
-        return set.intersection(*self.sets)
 
 WAKE_ORDER = ("weights", "kv_cache")  # vLLM's sleep tags, in the order they come back
 
@@ -387,11 +350,7 @@ class VllmGenerator:
         self._weights_step = None
         self._stale_reason = f"the push for policy step {policy_step} did not finish"
         it, b = iter(buckets), 0
-        unloaded = _UnloadedWeights()
-        reload_log, layer_log = logging.getLogger(_RELOAD_LOGGER), logging.getLogger(_LAYERWISE_LOGGER)
-        reload_log.addFilter(unloaded)
-        layer_log.addFilter(_drop_layer_not_loaded)
-        try:
+        with vllm_logs.quiet_push() as unloaded:
             while True:
                 try:
                     bucket = next(it)
@@ -405,9 +364,6 @@ class VllmGenerator:
                     self._recover()
                     self._fail(policy_step, b, exc, "loading it into vLLM")
                 b += 1
-        finally:
-            reload_log.removeFilter(unloaded)
-            layer_log.removeFilter(_drop_layer_not_loaded)
         missing = unloaded.never_loaded(b)
         if missing:
             log.warning("the weight push for policy step %d sent no value for %d of the engine's weights "

@@ -52,7 +52,7 @@ class MetricsLogger:
         self.log_every = log_every
         self.last: dict[str, Any] = {}  # the latest step's metrics (the final table reads it)
         if enabled and resume_step is not None:
-            from metaapo_nemo.checkpoint import truncate_jsonl
+            from metaapo_nemo.checkpoint_io import truncate_jsonl
 
             truncate_jsonl(self.path, lambda r: r.get("step", 0) <= resume_step)
         mode = "w" if resume_step is None else "a"

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from metaapo_nemo.checkpoint import Checkpointer, rng_state, set_rng_state, step_of
+from metaapo_nemo.checkpoint import Checkpointer, step_of
+from metaapo_nemo.checkpoint_io import rng_state, set_rng_state
 from metaapo_nemo.config.schema import Config
 from metaapo_nemo.parallel.state import ParallelContext
 from metaapo_nemo.trainer.callbacks import TrainState

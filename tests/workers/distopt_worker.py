@@ -4,11 +4,12 @@
 
 SPEC.json: ``{"hf_dir", "dir", "out", "steps": n}``. Builds the tiny policy with megatron's
 distributed optimiser, takes `steps` Adam steps on seeded synthetic gradients, saves with
-`checkpoint._save_model`, builds a FRESH policy, loads it with `checkpoint._load_model`, and
-compares on every rank, bitwise: the fp32 main parameters, each Adam state tensor (exp_avg,
-exp_avg_sq, step) and the model weights; then two more steps on both with the same
-gradients, and the weights and Adam state after them. With ``"run_dir"`` also a whole
-`Checkpointer.save` + `find` (per-rank hashing, sized barrier, verification). Writes the mismatches (max |diff|) to ``out``.
+`checkpoint_model._save_model`, builds a FRESH policy, loads it with
+`checkpoint_model._load_model`, and compares on every rank, bitwise: the fp32 main parameters,
+each Adam state tensor (exp_avg, exp_avg_sq, step) and the model weights; then two more steps
+on both with the same gradients, and the weights and Adam state after them. With ``"run_dir"``
+also a whole `Checkpointer.save` + `find` (per-rank hashing, sized barrier, verification).
+Writes the mismatches (max |diff|) to ``out``.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _diff(a: dict, b: dict) -> dict[str, float]:
 
 
 def main() -> None:
-    from metaapo_nemo import checkpoint
+    from metaapo_nemo import checkpoint, checkpoint_model
     from metaapo_nemo.parallel import state
 
     spec = json.loads(Path(sys.argv[1]).read_text())
@@ -89,10 +90,10 @@ def main() -> None:
     if ctx.is_main:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    checkpoint._save_model(a, directory, with_optimizer=True)
+    checkpoint_model._save_model(a, directory, with_optimizer=True)
     dist.barrier()
     b = _policy(spec["hf_dir"], ctx)
-    checkpoint._load_model(b, directory, with_optimizer=True)
+    checkpoint_model._load_model(b, directory, with_optimizer=True)
     result = {"state": _diff(_adam_states(a), _adam_states(b)), "weights": _diff(_weights(a), _weights(b))}
     for s in range(spec["steps"], spec["steps"] + 2):  # two more steps on both
         _step(a, s)
