@@ -205,6 +205,27 @@ def _all_or_none(values: list[float], ok) -> str:
     return "inconclusive"
 
 
+def edge_lines(tuning: dict) -> list[str]:
+    """The edge check's rows (cells past the grid's edge when the chosen lr sits on it), if run."""
+    edge, best = tuning.get("edge"), tuning["best"]
+    if not edge:
+        return []
+    lines = [f"Edge check (after the choice, which it does not change): the chosen lr {best['lr']:g} is on "
+             f"the grid's edge, so offline DPO also ran past it at beta {best['beta']:g}:", "",
+             "| lr | beta | sampled gold | greedy gold |", "|---|---|---|---|"]
+    lines += [f"| {e['lr']:g} | {e['beta']:g} | {e['sampled']:.3f} | {e['greedy']:.3f} |" for e in edge]
+    better = [e for e in edge if e["sampled"] > best["sampled"]]
+    if better:
+        top = max(better, key=lambda e: e["sampled"])
+        lines += ["", f"**The optimum lies past the grid**: lr {top['lr']:g} beats the chosen setting on the "
+                      f"tuning split ({top['sampled']:.3f} vs {best['sampled']:.3f} sampled gold), so every method "
+                      "ran at a learning rate below offline DPO's best; read the comparison with that in mind."]
+    else:
+        lines += ["", f"Neither beats the chosen setting ({best['sampled']:.3f} sampled gold): the grid's edge is "
+                      "a maximum along lr at this beta."]
+    return lines + [""]
+
+
 def analyse(cells: dict[str, dict[int, dict]], tuning: dict | None, resamples: int = 10_000) -> dict:
     """Tables and verdicts from `load_study`'s cells."""
     methods = [m for m in ORDER if m in cells]
@@ -338,6 +359,7 @@ def markdown(r: dict, meta: dict) -> str:
             star = " **(chosen)**" if g == t["best"] else ""
             lines.append(f"| {g['lr']:g} | {g['beta']:g} | {g['sampled']:.3f}{star} | {g['greedy']:.3f} |")
         lines += [f"\nSFT start on the tuning split: sampled gold {t['grid'][0]['before_sampled']:.3f}.", ""]
+        lines += edge_lines(t)
     lines += ["## Results (held-out gold; mean over prompts and seeds)", "",
               "G_s: sampled gold (primary), G_g: greedy gold. Differences are MetaAPO minus the row, paired by "
               "prompt and seed, with 95% two-level bootstrap intervals. A: samples generated / (K x prompts in the "

