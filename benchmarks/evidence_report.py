@@ -74,7 +74,7 @@ def digest(cells: dict[str, dict[int, dict]], tuning: dict | None) -> dict:
         for c in by_seed.values():
             ev = c["eval"]
             out.append({k: c[k] for k in ("name", "method", "seed", "wall_s", "command", "finished", "config")}
-                       | {"loadavg_1m_at_end": c.get("loadavg_1m_at_end")}
+                       | {"loadavg_1m_at_end": c.get("loadavg_1m_at_end"), "concurrent_cells": c.get("concurrent_cells", 1)}
                        | {"eval": {part: {mode: {"scores": _rounded(ev[part][mode]["scores"])} for mode in ("greedy", "sampled")}
                                    for part in ("before", "after")} | {"prompts": [p["key"] if "key" in p else i
                                                                                    for i, p in enumerate(ev["prompts"])]},
@@ -206,23 +206,33 @@ def _all_or_none(values: list[float], ok) -> str:
 
 
 def edge_lines(tuning: dict) -> list[str]:
-    """The edge check's rows (cells past the grid's edge when the chosen lr sits on it), if run."""
+    """The tuning cells past the grid (run when the grid's best lr sat on its edge), if any, and
+    which rule chose the setting: the grid's best ("grid", the first study) or the best of all
+    tuning cells ("extend", claims.md amendment 3)."""
     edge, best = tuning.get("edge"), tuning["best"]
     if not edge:
         return []
-    lines = [f"Edge check (after the choice, which it does not change): the chosen lr {best['lr']:g} is on "
-             f"the grid's edge, so offline DPO also ran past it at beta {best['beta']:g}:", "",
-             "| lr | beta | sampled gold | greedy gold |", "|---|---|---|---|"]
-    lines += [f"| {e['lr']:g} | {e['beta']:g} | {e['sampled']:.3f} | {e['greedy']:.3f} |" for e in edge]
-    better = [e for e in edge if e["sampled"] > best["sampled"]]
-    if better:
-        top = max(better, key=lambda e: e["sampled"])
+    grid_best = tuning.get("grid_best", best)
+    extend = tuning.get("rule") == "extend"
+    lines = [f"Past the grid: the grid's best lr {grid_best['lr']:g} sat on its edge, so offline DPO also ran "
+             "past it (half and a whole grid step, repeated while the best stayed on the edge; then the grid's "
+             "betas at the best lr):", "", "| lr | beta | sampled gold | greedy gold |", "|---|---|---|---|"]
+    for e in edge:
+        star = " **(chosen)**" if extend and e == best else ""
+        lines.append(f"| {e['lr']:g} | {e['beta']:g} | {e['sampled']:.3f}{star} | {e['greedy']:.3f} |")
+    top = max(edge, key=lambda e: (e["sampled"], e["greedy"]))
+    if extend:
+        lines += ["", f"Every method uses the best of ALL tuning cells (claims.md amendment 3): lr {best['lr']:g}, "
+                      f"beta {best['beta']:g} ({best['sampled']:.3f} sampled gold; the grid's best: "
+                      f"{grid_best['sampled']:.3f})."]
+    elif top["sampled"] > grid_best["sampled"]:
         lines += ["", f"**The optimum lies past the grid**: lr {top['lr']:g} beats the chosen setting on the "
-                      f"tuning split ({top['sampled']:.3f} vs {best['sampled']:.3f} sampled gold), so every method "
-                      "ran at a learning rate below offline DPO's best; read the comparison with that in mind."]
+                      f"tuning split ({top['sampled']:.3f} vs {grid_best['sampled']:.3f} sampled gold), so every "
+                      "method ran at a learning rate below offline DPO's best; read the comparison with that in "
+                      "mind (claims.md amendment 3)."]
     else:
-        lines += ["", f"Neither beats the chosen setting ({best['sampled']:.3f} sampled gold): the grid's edge is "
-                      "a maximum along lr at this beta."]
+        lines += ["", f"None beats the chosen setting ({grid_best['sampled']:.3f} sampled gold): the grid's edge "
+                      "is a maximum along lr at this beta."]
     return lines + [""]
 
 
@@ -233,7 +243,9 @@ def analyse(cells: dict[str, dict[int, dict]], tuning: dict | None, resamples: i
     every = sorted(set().union(*(set(cells[m]) for m in methods))) if methods else []
     missing = [m for m in ORDER if m not in cells] + [f"{m} seed {s}" for m in methods for s in every
                                                       if s not in cells[m]]
-    result: dict = {"seeds": seeds, "methods": methods, "missing": missing}
+    result: dict = {"seeds": seeds, "methods": methods, "missing": missing,
+                    "concurrent_cells": max((c.get("concurrent_cells", 1) for m in methods
+                                             for c in cells[m].values()), default=1)}
     if not seeds:
         return result | {"rows": [], "claims": []}
     settings = {(c["config"]["lr"], c["config"]["beta"], c["config"]["max_steps"])
@@ -382,9 +394,12 @@ def markdown(r: dict, meta: dict) -> str:
                       "/".join(map(str, row["steps"])), "/".join(f"{w:.0f}" for w in row["wall_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     loaded = [f"{row['label']} seed {seed} ({load:.1f})" for row in r["rows"] for seed, load in row.get("loaded", [])]
+    jobs = r.get("concurrent_cells", 1)
     lines += ["", "Wall s: per seed, the cell's whole process (training and both evaluations)."
               + (f" Cells that ended with the 1-minute load average above {LOADED:g} on the 2 cores (other jobs "
-                 f"shared the machine, so their wall time is inflated): {', '.join(loaded)}." if loaded else "")]
+                 f"shared the machine, so their wall time is inflated): {', '.join(loaded)}." if loaded else "")
+              + (f" Up to {jobs} cells ran at once (`--jobs {jobs}`, each with cpus/{jobs} threads): the wall times "
+                 "are of cells sharing the cores." if jobs > 1 else "")]
     lines += ["", "## Claims (rules fixed in claims.md)", "", "| id | claim | estimate | verdict |", "|---|---|---|---|"]
     for c in r["claims"]:
         est = c["estimate"]

