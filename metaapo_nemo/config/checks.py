@@ -4,15 +4,12 @@ so it runs at start-up and in ``--dry-run`` rather than in the schema's validato
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from pydantic import BaseModel
 
 from metaapo_nemo.config.base import ConfigError, _divisors, _or_list
 from metaapo_nemo.parallel.dims import ParallelDims
-
-if TYPE_CHECKING:
-    from metaapo_nemo.config.schema import Config
 
 
 def round_size_error(round_size: int, global_batch_size: int) -> str | None:
@@ -77,11 +74,11 @@ _HF_KEYS = {
 }
 
 
-def check_layout(cfg: Config, world_size: int, model_dims: dict | None = None) -> ParallelDims:
+def check_layout(cfg: Any, world_size: int, model_dims: dict | None = None) -> ParallelDims:
     """Validate what needs the world size and the model's shape; return the layout.
 
     Args:
-        cfg: A validated config.
+        cfg: A validated `config.schema.Config` (not imported here: schema imports this module).
         world_size: Number of ranks (``WORLD_SIZE``).
         model_dims: The model's shape from ``cli.read_model_dims`` (keys ``num_layers``,
             ``num_attention_heads``, ``num_kv_heads``, optionally
