@@ -205,6 +205,15 @@ def _all_or_none(values: list[float], ok) -> str:
     return "inconclusive"
 
 
+def tuning_table(rows: list[dict], chosen: dict | None) -> list[str]:
+    """Tuning cells as a markdown table; the row equal to `chosen` is marked."""
+    lines = ["| lr | beta | sampled gold | greedy gold |", "|---|---|---|---|"]
+    for g in rows:
+        star = " **(chosen)**" if g == chosen else ""
+        lines.append(f"| {g['lr']:g} | {g['beta']:g} | {g['sampled']:.3f}{star} | {g['greedy']:.3f} |")
+    return lines
+
+
 def edge_lines(tuning: dict) -> list[str]:
     """The tuning cells past the grid (run when the grid's best lr sat on its edge), if any, and
     which rule chose the setting: the grid's best ("grid", the first study) or the best of all
@@ -216,10 +225,7 @@ def edge_lines(tuning: dict) -> list[str]:
     extend = tuning.get("rule") == "extend"
     lines = [f"Past the grid: the grid's best lr {grid_best['lr']:g} sat on its edge, so offline DPO also ran "
              "past it (half and a whole grid step, repeated while the best stayed on the edge; then the grid's "
-             "betas at the best lr):", "", "| lr | beta | sampled gold | greedy gold |", "|---|---|---|---|"]
-    for e in edge:
-        star = " **(chosen)**" if extend and e == best else ""
-        lines.append(f"| {e['lr']:g} | {e['beta']:g} | {e['sampled']:.3f}{star} | {e['greedy']:.3f} |")
+             "betas at the best lr):", "", *tuning_table(edge, best if extend else None)]
     top = max(edge, key=lambda e: (e["sampled"], e["greedy"]))
     if extend:
         lines += ["", f"Every method uses the best of ALL tuning cells (claims.md amendment 3): lr {best['lr']:g}, "
@@ -366,10 +372,7 @@ def markdown(r: dict, meta: dict) -> str:
     t = r.get("tuning")
     if t:
         lines += ["## Tuning (offline DPO only, seed 0, tuning split of the held-out prompts)", "",
-                  "| lr | beta | sampled gold | greedy gold |", "|---|---|---|---|"]
-        for g in t["grid"]:
-            star = " **(chosen)**" if g == t["best"] else ""
-            lines.append(f"| {g['lr']:g} | {g['beta']:g} | {g['sampled']:.3f}{star} | {g['greedy']:.3f} |")
+                  *tuning_table(t["grid"], t["best"])]
         lines += [f"\nSFT start on the tuning split: sampled gold {t['grid'][0]['before_sampled']:.3f}.", ""]
         lines += edge_lines(t)
     lines += ["## Results (held-out gold; mean over prompts and seeds)", "",
