@@ -374,6 +374,9 @@ def markdown(r: dict, meta: dict) -> str:
         lines += ["## Tuning (offline DPO only, seed 0, tuning split of the held-out prompts)", "",
                   *tuning_table(t["grid"], t["best"])]
         lines += [f"\nSFT start on the tuning split: sampled gold {t['grid'][0]['before_sampled']:.3f}.", ""]
+        if t.get("from"):
+            lines += [f"These tuning results are {t['from']}'s, replayed through the rule (`--tuning-from`), "
+                      "not rerun.", ""]
         lines += edge_lines(t)
     lines += ["## Results (held-out gold; mean over prompts and seeds)", "",
               "G_s: sampled gold (primary), G_g: greedy gold. Differences are MetaAPO minus the row, paired by "

@@ -47,6 +47,15 @@ shared (``--tune-work``): the tuned SmolLM2 study (amendment 3) is
     python benchmarks/evidence_study.py --work runs/evidence_smollm2_tuned \
         --tune-work runs/evidence_smollm2 --prefix evidence_smollm2_tuned
 
+or, without the first study's cells on disk, with their published results replayed through
+the same rule (``--tuning-from``; the 15 tuning cells cost ~49 min):
+
+    python benchmarks/evidence_study.py --work runs/evidence_smollm2_tuned \
+        --tuning-from benchmarks/results/evidence_smollm2.json --prefix evidence_smollm2_tuned
+
+``--curve-every N`` evaluates the main cells every N optimiser steps too (the gold-vs-steps
+curve between the end points; each SmolLM2 point costs ~100 s per cell).
+
 ``--jobs N`` runs N cells at once (cpus/N threads each): for the toy task and CI sizes, whose
 cells are mostly start-up and small matmuls; not for SmolLM2's compute-bound cells.
 
@@ -221,20 +230,55 @@ def _best(rows: list[dict]) -> dict:
 MAX_EXTENSIONS = 3
 
 
+def recorded_tuning(path: Path, plan: Plan):
+    """A `measure` for `pick_setting`/`extend_tuning` that reads the tuning cells' results from a
+    published record instead of running them (``--tuning-from``): a report's ``.json`` (its
+    ``tuning`` key) or a study's ``tuning.json``. The rule is replayed on the record, so the
+    setting is the one the tuning stage would choose; a point the rule asks for that the record
+    lacks, or a record of another grid, is an error."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--tuning-from {path}: cannot read it ({e})")
+    t = data.get("tuning", data) if isinstance(data, dict) else None
+    if not isinstance(t, dict) or not isinstance(t.get("grid"), list):
+        raise SystemExit(f"--tuning-from {path}: no tuning record in it (a report's .json with a 'tuning' key, "
+                         "or a study's tuning.json)")
+    rows = {(r["lr"], r["beta"]): r for r in t["grid"] + t.get("edge", [])}
+    grid = {(r["lr"], r["beta"]) for r in t["grid"]}
+    want = set(itertools.product(plan.lrs, plan.betas))
+    if grid != want:
+        raise SystemExit(f"--tuning-from {path}: its grid {sorted(grid)} is not this study's "
+                         f"{sorted(want)}; run the tuning stage instead (--tune-work)")
+
+    def measure(points: list[tuple[float, float]]) -> list[dict]:
+        missing = [p for p in points if p not in rows]
+        if missing:
+            raise SystemExit(f"--tuning-from {path}: the tuning rule asks for (lr, beta) {missing}, which the "
+                             "record has not run; run the tuning stage instead (--tune-work)")
+        return [dict(rows[p]) for p in points]
+
+    return measure
+
+
 def extend_tuning(plan: Plan, work: Path, cache: Path, chosen: dict, log, env: dict[str, str],
-                  jobs: int = 1, choose: bool = True) -> dict:
+                  jobs: int = 1, choose: bool = True, measure=None) -> dict:
     """claims.md amendment 3: look past the grid's edge until the best lr is interior.
 
     While the best lr (at the best beta) is on an edge of the lrs tried at that beta, two cells
     past it (`edge_lrs`); at most `MAX_EXTENSIONS` times. If the best lr is then off the grid,
     the grid's other betas run at it. `choose`: the best over every tuning cell becomes the
     setting (amendment 3); false keeps the grid's choice and only reports the cells (the first
-    study's rule). Adds ``chosen["edge"]`` (the extra rows) and ``chosen["rule"]``.
+    study's rule). Adds ``chosen["edge"]`` (the extra rows) and ``chosen["rule"]``. `measure`
+    (points -> rows): how a tuning cell's result is had (default: run it; `recorded_tuning`).
     """
     grid_best = chosen["best"]
     rows, extra = list(chosen["grid"]), []
 
     def run(points: list[tuple[float, float]]) -> None:
+        if measure is not None:
+            extra.extend(measure(points))
+            return
         cells = [tune_cell(plan, work, cache, lr, beta) for lr, beta in points]
         run_cells(cells, work, log, env, jobs)
         extra.extend(_tune_row(work, c, lr, beta) for c, (lr, beta) in zip(cells, points))
@@ -323,10 +367,12 @@ def run_cells(cells: list[Cell], work: Path, log, env: dict[str, str], jobs: int
             raise
 
 
-def pick_setting(plan: Plan, work: Path) -> dict:
-    """The tuning grid's best (lr, beta) by held-out sampled gold on the tuning split."""
-    rows = [_tune_row(work, cell, lr, beta)
-            for (lr, beta), cell in zip(itertools.product(plan.lrs, plan.betas), tune_cells(plan, work, work))]
+def pick_setting(plan: Plan, work: Path, measure=None) -> dict:
+    """The tuning grid's best (lr, beta) by held-out sampled gold on the tuning split (from the
+    cells in `work`, or `measure`: see `extend_tuning`)."""
+    points = list(itertools.product(plan.lrs, plan.betas))
+    rows = measure(points) if measure is not None else [
+        _tune_row(work, cell, lr, beta) for (lr, beta), cell in zip(points, tune_cells(plan, work, work))]
     return {"grid": rows, "best": _best(rows)}
 
 
@@ -354,7 +400,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-work", default=None,
                         help="where the tuning cells live (default --work): a rerun of the main stage in "
                              "its own --work shares the tuning cells of another")
+    parser.add_argument("--tuning-from", default=None,
+                        help="take the tuning cells' results from a published record (a report's .json, e.g. "
+                             "benchmarks/results/evidence_smollm2.json, or a tuning.json) instead of running "
+                             "them; the --tuning rule is replayed on it")
+    parser.add_argument("--curve-every", type=int, default=None,
+                        help="eval.every_steps of the main cells: held-out gold every N optimiser steps "
+                             "(the gold-vs-steps curve; a SmolLM2 point costs ~100 s per cell)")
     args = parser.parse_args(argv)
+    if args.curve_every is not None and args.curve_every <= 0:
+        parser.error(f"--curve-every must be a positive number of steps, got {args.curve_every}")
+    if args.tuning_from and args.tune_work:
+        parser.error("--tuning-from and --tune-work both say where the tuning comes from: give one")
 
     toy = args.task == "toy"
     if args.ci and not args.model and not toy:
@@ -372,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = dataclasses.replace(plan, seeds=tuple(args.seeds))
     if args.methods:
         plan = dataclasses.replace(plan, methods=tuple(args.methods))
+    if args.curve_every is not None:
+        plan = dataclasses.replace(plan, curve_every=args.curve_every)
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache" if args.ci or toy else ROOT / ".cache"
     if not toy and not args.ci and not args.model and not (ROOT / ".cache/smollm2/hf/config.json").is_file():
@@ -394,15 +453,21 @@ def main(argv: list[str] | None = None) -> int:
         task_meta = json.loads((work / "task" / "task.json").read_text())
     if args.stage in ("all", "tune", "main"):
         tw = Path(args.tune_work).resolve() if args.tune_work else work
-        run_cells(tune_cells(plan, tw, cache), tw, log, dict(plan.env), args.jobs)
-        chosen = pick_setting(plan, tw)
+        measure = recorded_tuning(Path(args.tuning_from), plan) if args.tuning_from else None
+        if measure is None:
+            run_cells(tune_cells(plan, tw, cache), tw, log, dict(plan.env), args.jobs)
+        else:
+            log(f"tuning: the cells' results from {args.tuning_from} (not rerun)")
+        chosen = pick_setting(plan, tw, measure)
         g = chosen["best"]
         log(f"tuning: the grid's best lr={g['lr']:g} beta={g['beta']:g} (tuning-split sampled gold {g['sampled']:.3f})")
         if args.tuning != "grid-only":
             chosen = extend_tuning(plan, tw, cache, chosen, log, dict(plan.env), args.jobs,
-                                   choose=args.tuning == "extend")
+                                   choose=args.tuning == "extend", measure=measure)
             for e in chosen["edge"]:
                 log(f"tuning past the grid: lr={e['lr']:g} beta={e['beta']:g} sampled gold {e['sampled']:.3f}")
+        if args.tuning_from:
+            chosen["from"] = args.tuning_from
         best = chosen["best"]
         log(f"tuning ({args.tuning}): every method uses lr={best['lr']:g} beta={best['beta']:g}")
         (work / "tuning.json").write_text(json.dumps(chosen, indent=1))

