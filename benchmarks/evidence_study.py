@@ -53,6 +53,10 @@ the same rule (``--tuning-from``; the 15 tuning cells cost ~49 min):
     python benchmarks/evidence_study.py --work runs/evidence_smollm2_tuned \
         --tuning-from benchmarks/results/evidence_smollm2.json --prefix evidence_smollm2_tuned
 
+A study whose run directories are gone (a new machine, a new session) resumes from what it
+published: ``--cells-from benchmarks/results/<prefix>_cells.json`` skips the main cells that
+digest holds (checked: run with the same overrides) and reports them with the new ones.
+
 ``--curve-every N`` evaluates the main cells every N optimiser steps too (the gold-vs-steps
 curve between the end points; each SmolLM2 point costs ~100 s per cell).
 
@@ -345,6 +349,33 @@ def run_cell(cell: Cell, work: Path, log, env: dict[str, str] | None = None, job
     return record
 
 
+# Overrides that name this checkout's paths: a cell recorded in another checkout differs there only.
+_PATH_KEYS = ("run.output_dir=", "run.cache_dir=")
+
+
+def recorded_cells(path: Path, cells: list[Cell], log) -> list[Cell]:
+    """The `cells` not already in the digest at `path` (``--cells-from``: a report's
+    ``_cells.json``, which keeps what the report needs of each cell). A recorded cell must have
+    run with this study's overrides (paths aside), else the study stops naming both."""
+    try:
+        recorded = {(c["method"], c["seed"]): c for c in json.loads(Path(path).read_text())["cells"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--cells-from {path}: not a study digest (a report's _cells.json): {e}")
+    todo = []
+    for cell in cells:
+        rec = recorded.get((cell.method, cell.seed))
+        if rec is None:
+            todo.append(cell)
+            continue
+        ran = [o for o in rec["command"].split()[3:] if not o.startswith(_PATH_KEYS)]
+        asks = [o for o in cell.overrides if not o.startswith(_PATH_KEYS)]
+        if ran != asks:
+            raise SystemExit(f"--cells-from {path}: its {cell.name} ran with other settings than this study "
+                             f"asks for:\n  ran:  {ran}\n  asks: {asks}")
+        log(f"{cell.name}: recorded in {path} ({rec['finished']}), not rerun")
+    return todo
+
+
 def run_cells(cells: list[Cell], work: Path, log, env: dict[str, str], jobs: int = 1) -> list[dict]:
     """Runs `cells` (independent run directories), `jobs` at a time.
 
@@ -407,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curve-every", type=int, default=None,
                         help="eval.every_steps of the main cells: held-out gold every N optimiser steps "
                              "(the gold-vs-steps curve; a SmolLM2 point costs ~100 s per cell)")
+    parser.add_argument("--cells-from", default=None,
+                        help="a digest of main cells run earlier (a report's _cells.json, e.g. from a session "
+                             "whose run directories are gone): those cells are not rerun and join the report")
     args = parser.parse_args(argv)
     if args.curve_every is not None and args.curve_every <= 0:
         parser.error(f"--curve-every must be a positive number of steps, got {args.curve_every}")
@@ -472,7 +506,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"tuning ({args.tuning}): every method uses lr={best['lr']:g} beta={best['beta']:g}")
         (work / "tuning.json").write_text(json.dumps(chosen, indent=1))
         if args.stage in ("all", "main"):
-            run_cells(main_cells(plan, work, cache, best["lr"], best["beta"]), work, log, dict(plan.env), args.jobs)
+            todo = main_cells(plan, work, cache, best["lr"], best["beta"])
+            if args.cells_from:
+                todo = recorded_cells(Path(args.cells_from), todo, log)
+            run_cells(todo, work, log, dict(plan.env), args.jobs)
     if args.stage in ("all", "report"):
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from evidence_report import report
@@ -481,11 +518,14 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
                 "date": time.strftime("%Y-%m-%d"), "ci": args.ci,
                 "command": "python benchmarks/evidence_study.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+        if args.cells_from:
+            meta["cells_from"] = args.cells_from
         if toy:
             meta |= {"title": "the toy alignment task (tiny Llama SFT policy, gold rule reward; claims.md "
                               "amendment 2)", "task": task_meta}
         out = report(work, Path(args.results) if Path(args.results).is_absolute() else ROOT / args.results,
-                     prefix, meta, bootstrap=args.bootstrap)
+                     prefix, meta, bootstrap=args.bootstrap,
+                     cells_from=Path(args.cells_from) if args.cells_from else None)
         log(f"report: {out}")
     log(f"study invocation: {time.perf_counter() - t0:.0f} s")
     return 0

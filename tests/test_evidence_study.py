@@ -190,6 +190,23 @@ def test_study_at_ci_size_runs_every_stage_and_reports(tiny_llama, tmp_path):
     cells = sorted(p.stat().st_mtime for p in (work / "cells").glob("*/cell.json"))
     assert ES.main(args + ["--stage", "main"]) == 0
     assert sorted(p.stat().st_mtime for p in (work / "cells").glob("*/cell.json")) == cells
+    # a later session without the run directories: the published tuning and cells are replayed
+    # (--tuning-from, --cells-from), no cell runs, and the report is the same
+    again, results2 = tmp_path / "again", tmp_path / "results2"
+    assert ES.main(["--ci", "--model", str(tiny_llama), "--work", str(again), "--results", str(results2),
+                    "--bootstrap", "300", "--tuning-from", str(results / "evidence_smollm2.json"),
+                    "--cells-from", str(results / "evidence_smollm2_cells.json")]) == 0
+    assert not (again / "cells").exists()
+    out2 = json.loads((results2 / "evidence_smollm2.json").read_text())
+    assert out2["rows"] == out["rows"] and out2["claims"] == out["claims"]
+    assert "Cells run earlier come from" in (results2 / "evidence_smollm2.md").read_text()
+    # a digest whose cell ran with other settings is refused, naming the cell
+    digest = json.loads((results / "evidence_smollm2_cells.json").read_text())
+    digest["cells"][0]["command"] = digest["cells"][0]["command"].replace("train.max_steps=4", "train.max_steps=5")
+    (tmp_path / "other.json").write_text(json.dumps(digest))
+    with pytest.raises(SystemExit, match=f"its {digest['cells'][0]['name']} ran with other settings"):
+        ES.main(["--ci", "--model", str(tiny_llama), "--work", str(again), "--stage", "main",
+                 "--tuning-from", str(results / "evidence_smollm2.json"), "--cells-from", str(tmp_path / "other.json")])
 
 
 def test_annotation_counts_every_draw_and_the_untrained_pairs():
