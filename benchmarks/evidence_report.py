@@ -377,6 +377,12 @@ def markdown(r: dict, meta: dict) -> str:
         return "\n".join(lines + ["No finished cells yet."]) + "\n"
     lines += [f"Seeds: {r['seeds']}; held-out prompts per seed: {r['prompts']}; "
               f"missing methods: {r['missing'] or 'none'}.", ""]
+    planned = (meta.get("plan") or {}).get("seeds")
+    short = sorted(set(planned or ()) - set(r["seeds"]))
+    if short:
+        lines += [f"**INTERIM**: the study plans seeds {sorted(planned)}; seed(s) {short} have no complete "
+                  f"set of cells yet, so every interval and verdict below rests on {len(r['seeds'])} seed(s) and "
+                  "is not the study's answer (claims.md fixes the seeds).", ""]
     if r.get("unequal_budget"):
         lines += [f"**UNEQUAL BUDGET**: optimiser steps per method and seed {r['unequal_budget']}; the "
                   "comparison does not meet claims.md's equal-budget rule.", ""]

@@ -200,6 +200,10 @@ def test_study_at_ci_size_runs_every_stage_and_reports(tiny_llama, tmp_path):
     out2 = json.loads((results2 / "evidence_smollm2.json").read_text())
     assert out2["rows"] == out["rows"] and out2["claims"] == out["claims"]
     assert "Cells run earlier come from" in (results2 / "evidence_smollm2.md").read_text()
+    assert "INTERIM" not in md  # every planned seed is complete
+    ER.report(work, results2, "interim", {"plan": {"seeds": [0, 1]}}, bootstrap=100)
+    assert "**INTERIM**: the study plans seeds [0, 1]; seed(s) [1] have no complete" in (
+        results2 / "interim.md").read_text()
     # a digest whose cell ran with other settings is refused, naming the cell
     digest = json.loads((results / "evidence_smollm2_cells.json").read_text())
     digest["cells"][0]["command"] = digest["cells"][0]["command"].replace("train.max_steps=4", "train.max_steps=5")
