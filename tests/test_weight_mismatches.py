@@ -45,7 +45,7 @@ def test_an_element_beyond_adams_step_bound_fails() -> None:
 def test_more_outliers_than_allowed_fail() -> None:
     want = _weights()  # 65536 elements: 6 may be outliers
     got = {n: w.clone() for n, w in want.items()}
-    got["o_proj"].view(-1)[:64] += 2.3e-4  # a whole row of 64 moved by an Adam step
+    got["o_proj"][0] += 2.3e-4  # a whole row (256 elements) moved by an Adam step
     bad = weight_mismatches(got, want, 3e-5, BOUND)
     assert list(bad) == ["o_proj"] and "without its 6 largest" in bad["o_proj"]
 
