@@ -92,6 +92,7 @@ class PlanInput:
     vllm_sleeps_after_build: bool = True  # rollout/vllm_backend.py: asleep before round 0
     vllm_overhead_gib: float = 0.25  # what a sleeping engine keeps (allocator pools, buffers)
     rollout: bool = True  # False: no vLLM engine (offline DPO), no generate phase
+    engine_on_host: bool = False  # rollout.backend=hf: the engine is a CPU model, no GPU bytes
     reward_arch: ModelArch | None = None
     reward_dtype: str = "bfloat16"
     reward_offloaded: bool = True
@@ -279,7 +280,7 @@ def plan_memory(x: PlanInput) -> Plan:
              "nccl": (train_comms + (vllm_comms if x.rollout else 0)) * x.nccl_gib_per_comm}
     resident = {"weights": g(n * wbytes), "grads": g(4 * n), "optimizer": g(opt_bytes)} | fixed
     plan = Plan(params_per_rank=n)
-    asleep = x.vllm_overhead_gib if x.rollout else 0.0
+    asleep = x.vllm_overhead_gib if x.rollout and not x.engine_on_host else 0.0
     engine = x.rollout or x.eval_engine
     plan.assumptions += [
         f"CUDA context + library workspaces {x.cuda_context_gib:.2f} GiB (one process"
@@ -292,8 +293,12 @@ def plan_memory(x: PlanInput) -> Plan:
             f"reference offloaded to the CPU: on the GPU ({g(reference_weights):.2f} GiB) only for its "
             "forward passes (margins phase), on the CPU in every other phase"
         )
-    vllm_awake = _engine(x, plan) if engine else 0.0
-    if x.rollout:
+    vllm_awake = _engine(x, plan) if engine and not x.engine_on_host else 0.0
+    if engine and x.engine_on_host:
+        plan.assumptions.append(
+            f"rollout.backend=hf: the engine is a {g(a.num_parameters * _BYTES['float32']):.2f} GiB "
+            "float32 model in host memory (one per model replica), no GPU memory")
+    if x.rollout and not x.engine_on_host:
         plan.assumptions.append(
             "the engine sleeps (level 1) right after it is built and after each generation; it keeps "
             f"{x.vllm_overhead_gib:.2f} GiB asleep"
@@ -400,6 +405,7 @@ def plan_input_from_config(cfg, arch: ModelArch, tp: int, pp: int, dp: int, accu
         seq_length=cfg.data.max_length, micro_batch_rows=mbs * (4 if metaapo else 2), margin_rows=mbs * 2,
         num_microbatches=accum, reference_offloaded=cfg.reference.offload_to_cpu,
         reference_resident=cfg.loss.name != "simpo", rollout=sampling, eval_engine=cfg.eval is not None,
+        engine_on_host=engine and r.backend == "hf",
         vllm_tp=r.tp if engine else 1,
         vllm_gpu_memory_utilization=r.gpu_memory_utilization if engine else None,
         vllm_max_num_batched_tokens=r.max_num_batched_tokens if engine else 16384,

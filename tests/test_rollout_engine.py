@@ -180,7 +180,7 @@ def test_changed_api_fails_before_the_build_naming_version_and_calls():
     with pytest.raises(vllm_api.VllmApiError) as info:
         vllm_api.check_vllm_api(["model", "dtype", "logprobs_mode"], True, _drifted_vllm())
     msg = str(info.value)
-    assert "vllm 0.9.2" in msg and "supported: vLLM >= 0.32, < 0.34" in msg
+    assert "vllm 0.9.2" in msg and "supported: vLLM >= 0.32, < 0.35" in msg
     assert "LLM.wake_up has no parameter 'tags'" in msg
     assert "engine argument 'logprobs_mode'" in msg and "'dtype'" not in msg
     assert "SamplingParams has no field 'seed'" in msg

@@ -1,4 +1,6 @@
-"""logging.trackers: TensorBoard and Weights & Biases (offline mode, read back from its file)."""
+"""logging.trackers: TensorBoard, Weights & Biases (offline mode, read back from its file) and
+MLflow (a local file store, read back with MLflow's own client; a preempted and resumed run
+continues the same MLflow run)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import yaml
 
 from metaapo_nemo.config.loader import load_config
 from metaapo_nemo.config.schema import ConfigError
@@ -40,10 +43,8 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
-def test_default_is_tensorboard_and_mlflow_is_refused_with_the_reason():
+def test_default_is_tensorboard_and_unknown_trackers_are_refused():
     assert load_config("conf/tiny_cpu_dpo.yaml").logging.trackers == ["tensorboard"]
-    with pytest.raises(ConfigError, match="mlflow is not offered.*cryptography<50"):
-        load_config("conf/tiny_cpu_dpo.yaml", ["logging.trackers=[tensorboard,mlflow]"])
     with pytest.raises(ConfigError, match="logging.trackers"):
         load_config("conf/tiny_cpu_dpo.yaml", ["logging.trackers=[neptune]"])
     assert tracker_callbacks(load_config("conf/tiny_cpu_dpo.yaml", ["logging.trackers=[]"]), Path("."), True) == []
@@ -90,3 +91,62 @@ def test_other_ranks_track_nothing(tmp_path):
     for c in tracker_callbacks(cfg, tmp_path, is_main=False):
         c.on_step_end(TrainState(step=1, metrics={"loss": 1.0}))
     assert not list(tmp_path.iterdir())
+
+
+def test_mlflow_file_store_follows_a_preempted_run_to_its_end(tmp_path, monkeypatch):
+    """Steps, the resolved config and the run's status through the real entry point: the run
+    is signalled at step 3 (exit 85, the run KILLED), resumed in the same run directory, and
+    MLflow holds ONE run with every step once, FINISHED."""
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed: pip install -e '.[mlflow]'")
+    import os
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from metaapo_nemo import run as R
+    from metaapo_nemo.trainer.trackers import RUN_KEY_TAG, run_key
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "mlruns"
+    args = [f"run.output_dir={tmp_path}", "run.name=tracked", "data.limit=16", "train.global_batch_size=4",
+            "train.micro_batch_size=2", "train.progress_bar=off", "logging.trackers=[mlflow]",
+            f"logging.mlflow_tracking_uri={store.as_uri()}", "logging.mlflow_experiment=trackers_test"]
+
+    class _SignalAt3:
+        def on_step_end(self, state) -> None:
+            if state.step == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    assert R.main(args, method="dpo", extend=lambda run: run.callbacks.callbacks.append(_SignalAt3())) == 85
+    client = MlflowClient(tracking_uri=store.as_uri())
+    exp = client.get_experiment_by_name("trackers_test")
+    (first,) = client.search_runs([exp.experiment_id])
+    assert first.info.status == "KILLED" and first.info.run_name == "tracked"
+    assert first.data.tags[RUN_KEY_TAG] == run_key(tmp_path / "tracked")
+    assert [m.step for m in client.get_metric_history(first.info.run_id, "train/loss")] == [1, 2, 3]
+
+    assert R.main(args, method="dpo") == 0  # resumes from step 3's preemption checkpoint
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    rows = [json.loads(line) for line in (tmp_path / "tracked" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m.step, m.value) for m in losses] == [(r["step"], r["loss"]) for r in rows]
+    assert len(rows) == 4 and run.data.params["method"] == "dpo" and run.data.params["train.micro_batch_size"] == "2"
+    config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
+    assert yaml.safe_load(config.read_text())["logging"]["mlflow_experiment"] == "trackers_test"
+
+
+def test_mlflow_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mlflow(name, *a, **k):
+        if name.startswith("mlflow"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_mlflow)
+    cfg = load_config("conf/tiny_cpu_dpo.yaml", ["logging.trackers=[mlflow]"])
+    with pytest.raises(ConfigError, match=r"pip install -e '.\[mlflow\]'"):
+        tracker_callbacks(cfg, tmp_path, is_main=True)

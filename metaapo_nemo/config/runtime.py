@@ -4,9 +4,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from metaapo_nemo.config.base import _Section
 
@@ -61,32 +61,22 @@ class PlannerConfig(_Section):
     on_exceed: Literal["error", "warn"] = "error"
 
 
-MLFLOW_REFUSED = (
-    "logging.trackers: mlflow is not offered: no MLflow release >= 2 installs beside this "
-    "project's pins (mlflow 3.x needs cryptography<50, cachetools<8, pyarrow<26; the pins are "
-    "cryptography 50.0.2, cachetools 8.0.1, pyarrow 26.0.1: `pip install --dry-run -c "
-    "constraints.txt mlflow`); use tensorboard and/or wandb"
-)
-
-
 class LoggingConfig(_Section):
     """Experiment trackers beside run_dir/metrics.jsonl and rounds.jsonl (always written):
     each logs every step's and every round's metrics and the resolved config, main rank
     only (metaapo_nemo/trainer/trackers.py)."""
 
-    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"])
     wandb_project: str = "metaapo_nemo"
     wandb_entity: str | None = None  # null: the account's default entity
     # null: the WANDB_MODE environment variable, else online; offline writes run_dir/wandb/
     # for `wandb sync` later (compute nodes without internet)
     wandb_mode: Literal["online", "offline", "disabled"] | None = None
-
-    @field_validator("trackers", mode="before")
-    @classmethod
-    def _no_mlflow(cls, value: Any) -> Any:
-        if isinstance(value, (list, tuple)) and "mlflow" in value:
-            raise ValueError(MLFLOW_REFUSED)
-        return value
+    # MLflow (the [mlflow] extra): null takes MLFLOW_TRACKING_URI, else a file store in
+    # run_dir/mlruns (`mlflow ui --backend-store-uri run_dir/mlruns`); a server: http://host:5000
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "metaapo_nemo"
 
 
 class EvalConfig(_Section):

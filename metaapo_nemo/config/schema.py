@@ -28,7 +28,6 @@ from metaapo_nemo.config.checks import (
 from metaapo_nemo.config.model import ModelConfig, TinyModelConfig
 from metaapo_nemo.config.online import MetaAPOConfig, RewardConfig, RolloutConfig
 from metaapo_nemo.config.runtime import (
-    MLFLOW_REFUSED,
     CheckpointConfig,
     EvalConfig,
     LoggingConfig,
@@ -37,7 +36,7 @@ from metaapo_nemo.config.runtime import (
 )
 
 __all__ = [
-    "MLFLOW_REFUSED", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
+    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
     "LoggingConfig", "LossConfig", "MetaAPOConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
     "PlannerConfig", "ReferenceConfig", "RewardConfig", "RolloutConfig", "RunConfig",
     "TinyModelConfig", "TrainConfig", "batch_error", "check_layout", "fmt", "round_size_error",

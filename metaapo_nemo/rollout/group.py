@@ -275,7 +275,10 @@ class RolloutGroup:
 def build_rollout_group(
     cfg: Any, model_dir: str, ctx: Any | None, initial_step: int | None = 0
 ) -> RolloutGroup:
-    """The vLLM rollout group of this rank for a validated `Config` (call on every rank).
+    """The rollout group of this rank for a validated `Config` (call on every rank).
+
+    ``rollout.backend=vllm`` (placement by `EnginePlacement.for_context`) or ``hf`` (one
+    `HfGenerator` per model replica, the ``host`` placement on every machine).
 
     Args:
         cfg: The validated `Config` (``rollout``, ``model.dtype``, ``data``, ``run.seed``).
@@ -284,6 +287,13 @@ def build_rollout_group(
         initial_step: Policy step of `model_dir`'s weights: 0 for a fresh run; None after
             a resume (the engines then refuse to generate until the first push).
     """
+    if cfg.rollout.backend == "hf":
+        from metaapo_nemo.rollout.hf_backend import HfEngineSettings, HfGenerator
+
+        placement = EnginePlacement.for_context(ctx, cfg.rollout.tp, on_gpu=False)
+        hf = HfEngineSettings.from_config(cfg, model_dir)
+        generator = HfGenerator(hf, initial_step) if placement.hosts_engine else None
+        return RolloutGroup(generator, placement, ctx, initial_step)
     from metaapo_nemo.rollout import vllm_backend, vllm_groups
 
     placement = EnginePlacement.for_context(ctx, cfg.rollout.tp)

