@@ -67,8 +67,8 @@ venv-gpu-stack: $(STACK_STAMP)
 
 # The second test tier (.ci/run runs it after the CPU tiers): tests marked `stack`, on Python 3.12
 # and megatron-core 0.19, plus the cross-stack checkpoint tests that need .venv (CPU) beside it.
-test-gpu-stack: $(STACK_STAMP)
-	$(VENV_STACK)/bin/python -m pytest -m "stack and not slow and not gpu and not cluster" -q
+test-gpu-stack: $(STAMP) $(STACK_STAMP)
+	METAAPO_CROSS_STACK=required $(VENV_STACK)/bin/python -m pytest -m "stack and not gpu and not cluster" -q
 
 # On an H100 node (Python 3.12, a CUDA 13 toolkit with nvcc for Transformer Engine's torch
 # extension, the NVIDIA driver): the whole GPU set. TE's extension compiles against the torch

@@ -132,7 +132,8 @@ class Checkpointer:
             _torch_save(rank, tmp / f"rank_{dist.get_rank() if dist.is_initialized() else 0:05d}.pt")
             if ctx.is_main:
                 body = {"format": FORMAT, "step": step, "world_size": ctx.dims.world_size,
-                        "layout": {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp}, **trainer}
+                        "layout": {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp},
+                        "written_by": written_by(), **trainer}
                 _write_bytes(tmp / "trainer.json", json.dumps(body, indent=1).encode())
                 _torch_save(shared or {}, tmp / "shared.pt")
                 _write_bytes(tmp / "config.yaml", self.config_yaml.encode())
@@ -349,9 +350,12 @@ class Checkpointer:
         if trainer.get("format") != FORMAT:
             raise CheckpointError(f"{directory}/trainer.json has format {trainer.get('format')}, "
                                   f"this code reads format {FORMAT}")
-        _load_model(policy, directory / "policy", with_optimizer=True)
-        if reference is not None and (directory / "reference").exists():
-            _load_model(reference, directory / "reference", with_optimizer=False)
+        try:
+            _load_model(policy, directory / "policy", with_optimizer=True)
+            if reference is not None and (directory / "reference").exists():
+                _load_model(reference, directory / "reference", with_optimizer=False)
+        except Exception as exc:  # noqa: BLE001 - megatron's load errors, named with both stacks
+            raise CheckpointError(stack_mismatch_message(directory, trainer, exc)) from exc
         shared = torch.load(directory / "shared.pt", weights_only=False)
         rank = dist.get_rank() if dist.is_initialized() else 0
         rank_file = directory / f"rank_{rank:05d}.pt"
@@ -363,6 +367,28 @@ class Checkpointer:
             rank_state["layout_changed"] = True
         self.last_saved_step = int(trainer["step"])
         return Restored(directory, trainer, shared, rank_state)
+
+
+def written_by() -> dict[str, str]:
+    """The stack that writes a checkpoint (trainer.json), for the reader's messages."""
+    import platform
+
+    from metaapo_nemo.parallel import compat
+
+    return {"megatron_core": compat.info().version, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def stack_mismatch_message(directory: Path, trainer: dict[str, Any], exc: BaseException) -> str:
+    """Why a checkpoint's model state did not load, naming the writing and the reading stack."""
+    here, there = written_by(), trainer.get("written_by") or {}
+    writer = (f"megatron-core {there['megatron_core']} (torch {there.get('torch')}, Python "
+              f"{there.get('python')})" if "megatron_core" in there else "an unrecorded stack (before 2026-12)")
+    fix = ("" if there.get("megatron_core") == here["megatron_core"] else
+           f"; it was written by {writer} and this is megatron-core {here['megatron_core']}: resume or "
+           f"export it with the writing stack (`make venv` for 0.16 on Python 3.11, `make venv-gpu-stack` "
+           f"or the H100 environment for 0.19), or report the format difference")
+    return (f"{directory}: the model state did not load ({type(exc).__name__}: {exc})" + fix)
 
 
 def _size(n: int) -> str:

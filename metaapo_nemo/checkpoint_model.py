@@ -101,7 +101,9 @@ def _load_model(model, directory: Path, with_optimizer: bool) -> None:
     if with_optimizer:
         _materialise_optimizer_state(model.optimizer)
         sd["optimizer"] = model.optimizer.sharded_state_dict(sd, is_loading=True, metadata=OPTIMIZER_METADATA)
-    loaded = dist_checkpointing.load(sd, str(directory))
+    from metaapo_nemo.parallel.compat import dist_checkpoint_load_kwargs
+
+    loaded = dist_checkpointing.load(sd, str(directory), **dist_checkpoint_load_kwargs())
     for i, m in enumerate(model.modules()):
         m.load_state_dict(loaded[f"model{i}"])
     if with_optimizer:

@@ -14,6 +14,7 @@ tokenizer and config copied from the source model).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from metaapo_nemo.config.schema import ConfigError
@@ -52,7 +53,7 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: str | None = Non
     """
     import torch
 
-    from metaapo_nemo.checkpoint import Checkpointer
+    from metaapo_nemo.checkpoint import Checkpointer, CheckpointError, stack_mismatch_message
     from metaapo_nemo.checkpoint_model import _load_model
     from metaapo_nemo.config.loader import load_config
     from metaapo_nemo.models.arch import load_arch
@@ -79,7 +80,11 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: str | None = Non
         model_dir = S.resolve_model_dir(cfg, ctx)
         arch = load_arch(model_dir)
         policy = MegatronLM(arch, ctx, model_dir, S.build_options(cfg))
-        _load_model(policy, step / "policy", with_optimizer=False)  # the weights only
+        try:
+            _load_model(policy, step / "policy", with_optimizer=False)  # the weights only
+        except Exception as exc:  # noqa: BLE001 - named with the writing and the reading stack
+            trainer = json.loads((step / "trainer.json").read_text())
+            raise CheckpointError(stack_mismatch_message(step, trainer, exc)) from exc
         torch_dtype = None if dtype is None else getattr(torch, dtype)
         return export_hf(policy.modules(), arch, ctx, model_dir, out, dtype=torch_dtype)
     finally:

@@ -41,7 +41,8 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def torchrun(nproc: int, script: Path, args: list[str], log: Path, timeout: float = 900) -> None:
+def torchrun(nproc: int, script: Path, args: list[str], log: Path, timeout: float = 900,
+             python: str | Path = sys.executable) -> None:
     """Runs ``torchrun --standalone --nproc-per-node nproc script *args``; raises on failure.
 
     Args:
@@ -50,11 +51,12 @@ def torchrun(nproc: int, script: Path, args: list[str], log: Path, timeout: floa
         args: Its arguments.
         log: Where stdout and stderr of all ranks go (shown, last 80 lines, on failure).
         timeout: Seconds before the launch is killed and the test fails.
+        python: The interpreter (another environment's, for the cross-stack checks).
 
     Raises:
         AssertionError: Non-zero exit or timeout, with the tail of the log.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    cmd = [str(python), "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "--max-restarts=0", str(script), *args]
     with open(log, "w") as out:
         try:

@@ -23,6 +23,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+pytestmark = pytest.mark.stack  # in the H100 stack's tier too (make test-gpu-stack)
+
 REPO = Path(__file__).resolve().parents[1]
 CPU, GPU = REPO / "constraints.txt", REPO / "constraints-gpu.txt"
 DOCKERFILE = REPO / "docker" / "Dockerfile.h100"

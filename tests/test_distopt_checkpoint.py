@@ -17,6 +17,8 @@ import pytest
 
 from tests.dist_utils import REPO, torchrun
 
+pytestmark = pytest.mark.stack  # in the H100 stack's tier too (make test-gpu-stack)
+
 
 @pytest.mark.dist
 def test_dp2_distributed_optimizer_state_round_trip_is_bitwise(tmp_path, tiny_llama):

@@ -13,6 +13,8 @@ import torch
 from metaapo_nemo import run as R
 from metaapo_nemo.config.loader import REPO_ROOT, load_config
 
+pytestmark = pytest.mark.stack  # in the H100 stack's tier too (make test-gpu-stack)
+
 _main = partial(R.main, method="dpo")
 
 

@@ -14,6 +14,8 @@ from metaapo_nemo.config.loader import CONF_DIR, REPO_ROOT, load_config
 from metaapo_nemo.config.schema import ConfigError
 from metaapo_nemo.config.world import planned_world_size, read_sbatch, scripts_running
 
+pytestmark = pytest.mark.stack  # in the H100 stack's tier too (make test-gpu-stack)
+
 CONFIGS = sorted(CONF_DIR.glob("*.yaml"))
 SBATCH = sorted((REPO_ROOT / "slurm").glob("*.sbatch"))
 

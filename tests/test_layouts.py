@@ -7,7 +7,7 @@ by process count and tier; each group is ONE torchrun launch of
 ``tests/workers/layout_worker.py`` that runs its jobs one after another (start-up is most
 of the cost on 2 cores), started lazily by the first test that needs it.
 
-Default tier: TP2, PP2 (1F1B), PP2 x VPP2, DP2, DP2 + distributed optimiser, TP2 x PP2,
+Default tier (and the H100 stack's tier, marker ``stack``): TP2, PP2 (1F1B), PP2 x VPP2, DP2, DP2 + distributed optimiser, TP2 x PP2,
 Qwen2 (tied embeddings, qkv bias) under PP2, the memory options (recompute selective /
 full, reference CPU offload), the TP2 x PP2 (x VPP2) HF round trips and the TP2 log-probs.
 ``slow``: the distributed optimiser under TP2 / PP2 / VPP / TP2 x PP2 / DP2 x TP2 / DP2 x PP2
@@ -197,6 +197,7 @@ DEFAULT = [lay.name for lay in LAYOUTS if not lay.slow]
 SLOW = [lay.name for lay in LAYOUTS if lay.slow]
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("name", DEFAULT)
 def test_layout_matches_single_process(name: str, runs: Runs) -> None:
     lay = BY_NAME[name]
@@ -210,6 +211,7 @@ def test_layout_matches_single_process_slow(name: str, runs: Runs) -> None:
     assert_same_training(runs.run_dir(name), runs.run_dir(f"{lay.arch}_ref"))
 
 
+@pytest.mark.stack
 def test_reference_runs_learn(runs: Runs) -> None:
     """The comparisons are not vacuous: weights moved and the loss fell from ln 2."""
     for arch in ("llama", "qwen2"):
@@ -223,6 +225,7 @@ def test_reference_runs_learn(runs: Runs) -> None:
             assert "lm_head.weight" not in out
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("name", list(ROUND_TRIPS))
 def test_hf_megatron_hf_round_trip_is_bit_exact(name: str, runs: Runs) -> None:
     ckpt, tp, pp, vpp = ROUND_TRIPS[name]
@@ -251,6 +254,7 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(name: str, runs: Runs) -> None:
         assert dst["lm_head.weight"].shape[0] == MISTRAL_VOCAB
 
 
+@pytest.mark.stack
 def test_vocab_parallel_logprobs_tp2_equal_gathered(runs: Runs) -> None:
     """TP=2 sharded log-probs == log_softmax of the gathered logits (fp32, 1e-6), with a
     padded vocabulary; and on a real checkpoint the full [B, T, V] logits never exist."""
@@ -273,6 +277,7 @@ def test_vocab_parallel_logprobs_tp2_equal_gathered(runs: Runs) -> None:
         assert c["model_max_diff"] < 1e-5
 
 
+@pytest.mark.stack
 def test_pipeline_object_broadcast_uses_per_pipeline_gloo_groups(runs: Runs) -> None:
     """Issue 19 finding 3: under NCCL the margins' broadcast across stages used the WORLD group
     with a per-pipeline source. The group chosen for NCCL (a gloo group per pipeline, built

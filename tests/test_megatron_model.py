@@ -11,6 +11,8 @@ from metaapo_nemo.models.arch import arch_from_hf_dict, load_arch
 from metaapo_nemo.models.convert import export_hf, fuse_gate_up, fuse_qkv, load_hf_weights, split_gate_up, split_qkv
 from metaapo_nemo.models.megatron_model import BuildOptions, build_gpt_chunks, causal_mask
 
+pytestmark = pytest.mark.stack  # in the H100 stack's tier too (make test-gpu-stack)
+
 
 def _hf_model(path):
     from transformers import AutoModelForCausalLM

@@ -11,6 +11,8 @@ from metaapo_nemo.models.logprobs import token_logprobs
 from metaapo_nemo.models.megatron_model import BuildOptions, build_gpt_chunks, causal_mask
 from tests.dist_utils import build_mistral_checkpoint
 
+pytestmark = pytest.mark.stack  # in the H100 stack's tier too (make test-gpu-stack)
+
 
 @pytest.fixture(scope="module")
 def tiny_mistral(tmp_path_factory):

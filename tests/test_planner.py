@@ -16,6 +16,8 @@ from metaapo_nemo.planner import (
     plan_memory,
 )
 
+pytestmark = pytest.mark.stack  # in the H100 stack's tier too (make test-gpu-stack)
+
 LLAMA31 = dict(model_type="llama", vocab_size=128256, num_attention_heads=32 // 1, num_key_value_heads=8,
                rope_theta=5e5, max_position_embeddings=131072, tie_word_embeddings=False,
                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -21,6 +21,8 @@ from metaapo_nemo.rollout.generator import (
 )
 from metaapo_nemo.rollout.hf_backend import HfEngineSettings, HfGenerator, processed_logprobs
 
+pytestmark = pytest.mark.stack  # in the H100 stack's tier too (make test-gpu-stack)
+
 PROMPTS = [[1, 5, 9, 13, 4], [1, 22, 7], [1, 30, 31, 32, 33, 34, 35]]
 
 

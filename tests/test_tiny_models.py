@@ -22,6 +22,8 @@ from metaapo_nemo.models.tiny import (
 )
 from metaapo_nemo.models.tokenizer import MIN_VOCAB_SIZE, build_tokenizer, builtin_corpus
 
+pytestmark = pytest.mark.stack  # in the H100 stack's tier too (make test-gpu-stack)
+
 ARCHS = ("llama", "qwen2")
 # Smallest spec vLLM would still accept (head_dim 32); keeps every build well under 1 s.
 SMALL = dict(hidden_size=64, num_layers=1, num_attention_heads=2, num_key_value_heads=1,

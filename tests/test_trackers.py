@@ -16,6 +16,8 @@ from metaapo_nemo.config.schema import ConfigError
 from metaapo_nemo.trainer.callbacks import TrainState
 from metaapo_nemo.trainer.trackers import tracker_callbacks
 
+pytestmark = pytest.mark.stack  # in the H100 stack's tier too (make test-gpu-stack)
+
 
 def read_wandb_records(path: Path) -> list:
     """The protobuf records of a W&B run file (a ':W&B' header, then LevelDB-log blocks)."""

@@ -25,12 +25,19 @@ Known differences handled here:
   `untie_adam_steps_after_load` gives each parameter its own copy (detected by identity,
   not by version). 0.16's `_set_main_param_and_optimizer_states` on the fully-reshardable
   path also expects a `step` the source lacks: `keep_adam_step_on_reshardable_load`.
+- Distributed checkpoints: 0.17+ keep the common (non-sharded) state INSIDE the `.distcp`
+  files, as the ShardedObject ``common_state``, and write no ``common.pt``; 0.16 reads only
+  ``common.pt``, so it could not load, resume or export a checkpoint written on a cluster.
+  `dist_checkpoint_load_kwargs` gives 0.16 a common-state reader that falls back to that
+  object (detected by whether megatron's own reader knows the new format). 0.19 reads 0.16's
+  ``common.pt`` natively. Checkpoints therefore cross both ways (tests/test_cross_stack.py).
 - CUDA-only calls inside megatron (streams in 0.19's grad sync, device="cuda" tensors) are
   CPU shims, not version differences: see `cpu_compat`.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import re
 import warnings
@@ -43,7 +50,9 @@ import torch
 # Oldest release the code runs on, and the newest one it is written against.
 MIN_VERSION = (0, 16)
 NEWEST_KNOWN = (0, 19)
-CPU_CI_SERIES = (0, 16)  # the series the CPU test tier runs (Python 3.11 tops out there)
+# The series the two test tiers run: the CPU tier (Python 3.11 tops out at 0.16) and the H100
+# stack's tier (constraints-gpu.txt, Python 3.12), both in CI.
+TESTED_SERIES = ((0, 16), (0, 19))
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,12 @@ def info() -> McoreInfo:
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.models.gpt import GPTModel
 
-    version = str(getattr(mcore, "__version__", "0.0.0"))
+    # The distribution's own version: 0.19's `__version__` appends `git rev-parse HEAD` of
+    # whatever repository its files sit in (a venv inside this checkout reads OUR commit).
+    try:
+        version = importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on PYTHONPATH
+        version = str(getattr(mcore, "__version__", "0.0.0"))
     return McoreInfo(
         version=version,
         version_tuple=parse_version(version),
@@ -145,6 +159,66 @@ def finalize_grads_without_token_scaling():
         return finalize_model_grads(models, None, **kwargs)
 
     return finalize
+
+
+def dist_checkpoint_load_kwargs() -> dict[str, Any]:
+    """Extra `dist_checkpointing.load(...)` keywords: none where megatron reads both common-state
+    formats itself (0.17+); else a common-state reader that also takes 0.17+'s format."""
+    from megatron.core.dist_checkpointing import serialization
+
+    if hasattr(serialization, "_legacy_common_state_exists"):  # 0.17+: reads common.pt and the object
+        return {}
+    return {"common_strategy": _common_reader_for_both_formats()}
+
+
+COMMON_STATE_KEY = "common_state"  # 0.17+'s ShardedObject holding the common state
+
+
+def read_common_state_object(checkpoint_dir: str) -> Any:
+    """The common state of a 0.17+ checkpoint, read from its ``common_state`` ShardedObject
+    (the same bytes 0.19's own reader takes: a torch-saved list whose first item is the dict)."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    key = ShardedObject(COMMON_STATE_KEY, None, (1,), (0,)).unique_key
+    holder = {key: io.BytesIO()}
+    dcp.load(holder, storage_reader=dcp.FileSystemReader(str(checkpoint_dir)), no_dist=True)
+    loaded = holder[key]
+    if isinstance(loaded, io.BytesIO):
+        loaded.seek(0)
+        loaded = torch.load(loaded, weights_only=True)
+    return loaded[0]
+
+
+@cache
+def _common_reader_for_both_formats() -> Any:
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from megatron.core.dist_checkpointing.strategies.common import (
+        COMMON_STATE_FNAME,
+        TorchCommonLoadStrategy,
+    )
+
+    class CommonStateReader(TorchCommonLoadStrategy):
+        """megatron's torch common-state reader, plus 0.17+'s format when common.pt is absent."""
+
+        def load_common(self, checkpoint_dir):
+            from pathlib import Path
+
+            if (Path(checkpoint_dir) / COMMON_STATE_FNAME).exists():
+                return super().load_common(checkpoint_dir)
+            from torch.distributed.checkpoint.api import CheckpointException
+
+            try:
+                return read_common_state_object(str(checkpoint_dir))
+            except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's is a BaseException
+                raise CheckpointingException(
+                    f"{checkpoint_dir}: neither {COMMON_STATE_FNAME} (megatron-core <= 0.16) nor a "
+                    f"'{COMMON_STATE_KEY}' object (0.17+) could be read: {type(exc).__name__}: {exc}"
+                ) from exc
+
+    return CommonStateReader()
 
 
 def forward_backward_func():
