@@ -122,6 +122,11 @@ def _check_static(tokens: list[str]) -> None:
     elif prog == "sbatch":
         script = next(a for a in args if a.endswith(".sbatch"))
         assert (REPO_ROOT / script).is_file(), script
+    elif prog == "docker":  # the container recipe: the Dockerfile it names exists
+        assert args[0] == "build" and "-f" in args, tokens
+        assert (REPO_ROOT / args[args.index("-f") + 1]).is_file(), args[args.index("-f") + 1]
+    elif prog == "enroot":  # turns the built image into a squashfs for pyxis
+        assert args[0] == "import" and args[1].startswith("dockerd://"), tokens
     elif tokens[0].startswith(REPO_DIRS):
         assert (REPO_ROOT / tokens[0]).is_file(), tokens[0]
     else:

