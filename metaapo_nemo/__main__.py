@@ -2,7 +2,7 @@
 
 import sys
 
-from metaapo_nemo.cli import main
+from metaapo_nemo.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

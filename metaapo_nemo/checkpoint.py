@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 
 from metaapo_nemo import checksum as _checksum
+from metaapo_nemo import preempt
 from metaapo_nemo.checkpoint_io import (
     MANIFEST,
     _entry_checksum,
@@ -127,6 +128,7 @@ class Checkpointer:
         error = None
         try:  # a failed write (disk full, quota, I/O) must not strand the other ranks
             _save_model(policy, tmp / "policy", with_optimizer=True)
+            preempt.reached("checkpoint_write")  # half-written: nothing is committed yet
             if reference is not None:
                 _save_model(reference, tmp / "reference", with_optimizer=False)
             _torch_save(rank, tmp / f"rank_{dist.get_rank() if dist.is_initialized() else 0:05d}.pt")

@@ -157,5 +157,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def entry() -> int:
+    """The installed ``metaapo-nemo`` command (and ``python -m metaapo_nemo``): `main`, with
+    preemption signals handled from the first line of a training process (metaapo_nemo.preempt)."""
+    if sys.argv[1:2] == ["train"]:
+        from metaapo_nemo import preempt
+
+        preempt.install()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from metaapo_nemo import console
+from metaapo_nemo import console, preempt
 from metaapo_nemo.config.schema import Config, ConfigError
 from metaapo_nemo.evals import EVAL_CURVE, get_eval
 from metaapo_nemo.losses import PreferenceLoss
@@ -118,6 +118,7 @@ def build(cfg: Config, method: str | None = None, pairs: list | None = None) -> 
     d = cfg.data
     if pairs is None:
         spec = DataSpec(S.data_source(d.path), d.split, d.max_length, d.max_prompt_length, d.on_bad_row, d.limit)
+        preempt.reached("data")
         data = load_preference_data(spec, tokenizer)
     else:
         data = PreferenceData(list(pairs), {}, f"{len(pairs)} given pairs")
@@ -127,10 +128,12 @@ def build(cfg: Config, method: str | None = None, pairs: list | None = None) -> 
     plan.validate()
     layout = layout_from_config(cfg, build_opts.spec_choice(on_gpu=ctx.device.type == "cuda").impl)
     pad_id = tokenizer.pad_token_id
+    preempt.reached("model")  # HF -> Megatron conversion, optimiser
     policy = MegatronLM(arch, ctx, model_dir, build_opts, S.optim_settings(cfg, steps), pad_id=pad_id)
     loss = S.loss_from_config(cfg)
     reference = None
     if loss.needs_reference:
+        preempt.reached("reference")
         reference = FrozenReference(MegatronLM(arch, ctx, model_dir, build_opts, pad_id=pad_id), ctx.device,
                                     cfg.reference.offload_to_cpu)
     guard = build_run_guard(cfg, ctx, run_dir)
@@ -231,6 +234,7 @@ def finish(run: Run, st: TrainState) -> None:
     run.algorithm.close()
     out = None
     if run.cfg.train.save_final_hf and st.exit_code == 0:  # preempted: the checkpoint is enough
+        preempt.reached("export")
         out = export_hf(run.policy.modules(), run.policy.arch, run.ctx, run.model_dir, run.run_dir / "hf_final")
     if run.ctx.is_main:
         summary = write_summary(run.run_dir, title=f"{run.algorithm.name} run {run.cfg.run.name}")
@@ -250,6 +254,7 @@ def main(argv: list[str] | None = None, method: str = "metaapo", doc: str | None
     from metaapo_nemo.config.schema import ConfigError
 
     cfg, args = parse(argv, description=doc, method=method)
+    preempt.reached("config")
     if args.dry_run:
         try:
             print(plan_report(cfg, args))

@@ -16,7 +16,10 @@ an HF checkpoint. The loss is `loss.name`; everything runs through the one train
 
 import sys
 
-from metaapo_nemo.run import main
-
 if __name__ == "__main__":
+    from metaapo_nemo import preempt
+
+    preempt.install()  # SIGUSR1 / SIGTERM from here on: before training a signal exits 85 (requeue)
+    from metaapo_nemo.run import main
+
     sys.exit(main(method="dpo", doc=__doc__))

@@ -18,7 +18,10 @@ trained by the one loop (`metaapo_nemo.trainer.loop`).
 
 import sys
 
-from metaapo_nemo.run import main
-
 if __name__ == "__main__":
+    from metaapo_nemo import preempt
+
+    preempt.install()  # SIGUSR1 / SIGTERM from here on: before training a signal exits 85 (requeue)
+    from metaapo_nemo.run import main
+
     sys.exit(main(method="metaapo", doc=__doc__))

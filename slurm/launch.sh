@@ -17,8 +17,15 @@
 # resumes from the run directory's latest checkpoint by itself. Every sbatch script, GPU and
 # CPU, goes through here: the requeue logic exists once.
 #
+# A signal at ANY moment, also while the tasks are still starting (SLURM's --signal time is only
+# accurate to ~60 s, and a requeued job starts its clock again), ends in a requeue: every rank
+# handles SIGUSR1/SIGTERM from its first line (metaapo_nemo/preempt.py) and exits 85, and each
+# rank that got a signal writes $RUN_DIR/.preempted, so a job whose srun status is not 85 (a
+# rank killed while blocked in a collective) is requeued too.
+#
 # Run directory: $OUTPUT_DIR/$RUN_NAME, default runs/<job name>-<job id>; an array task uses
 # <job name>-<array job id>_<array task id>, so a sweep's tasks never share a directory.
+# run.output_dir=... / run.name=... among the overrides win, for the run and for train.log.
 set -euo pipefail
 : "${SLURM_JOB_ID:?run this inside an sbatch/salloc allocation}"
 [ $# -ge 2 ] || { echo "usage: $0 RECIPE_SCRIPT RECIPE_YAML [a.b=c ...]" >&2; exit 2; }
@@ -43,7 +50,20 @@ else
   RUN_NAME=${RUN_NAME:-${SLURM_JOB_NAME:-job}-${SLURM_JOB_ID}}
 fi
 OUTPUT_DIR=${OUTPUT_DIR:-$REPO/runs}
-mkdir -p "$OUTPUT_DIR/$RUN_NAME"
+for arg in "$@"; do  # the last override wins, as in the recipe's own parsing
+  case "$arg" in
+    run.output_dir=*) OUTPUT_DIR=${arg#run.output_dir=} ;;
+    run.name=*) RUN_NAME=${arg#run.name=} ;;
+  esac
+done
+case "$OUTPUT_DIR" in  # a relative path as the recipe resolves it: the cwd if it is there, else the repo
+  /*) ;;
+  *) if [ -e "$OUTPUT_DIR" ]; then OUTPUT_DIR=$PWD/$OUTPUT_DIR; else OUTPUT_DIR=$REPO/$OUTPUT_DIR; fi ;;
+esac
+RUN_DIR=$OUTPUT_DIR/$RUN_NAME
+mkdir -p "$RUN_DIR"
+export METAAPO_PREEMPT_MARKER=$RUN_DIR/.preempted  # written by every rank that gets a signal
+rm -f "$METAAPO_PREEMPT_MARKER"
 
 # Outside a container use the project's venv if there is one; inside, the image's python.
 PYTHON=${PYTHON:-python}
@@ -57,18 +77,23 @@ if [ -n "${CONTAINER_IMAGE:-}" ]; then
 fi
 
 echo "launch: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NTASKS tasks on" \
-  "$SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $OUTPUT_DIR/$RUN_NAME"
+  "$SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR" | tee -a "$RUN_DIR/train.log"
 set +e
 srun --kill-on-bad-exit=1 --cpu-bind=none "${CONTAINER_ARGS[@]}" \
   "$PYTHON" "$REPO/$SCRIPT" --config "$REPO/$RECIPE" \
-  run.name="$RUN_NAME" run.output_dir="$OUTPUT_DIR" "$@" \
-  2>&1 | tee -a "$OUTPUT_DIR/$RUN_NAME/train.log"
+  "$@" run.name="$RUN_NAME" run.output_dir="$OUTPUT_DIR" \
+  2>&1 | tee -a "$RUN_DIR/train.log"
 rc=${PIPESTATUS[0]}
 set -e
 REQUEUE_EXIT=${REQUEUE_EXIT:-85}  # the trainer's "checkpoint written, please requeue me" status
+if [ "$rc" -ne 0 ] && [ "$rc" -ne "$REQUEUE_EXIT" ] && [ -s "$METAAPO_PREEMPT_MARKER" ]; then
+  echo "srun exited $rc after a preemption signal (a rank did not exit $REQUEUE_EXIT itself):" \
+    "$(head -n 3 "$METAAPO_PREEMPT_MARKER" | tr '\n' ';')" | tee -a "$RUN_DIR/train.log"
+  rc=$REQUEUE_EXIT
+fi
 if [ "$rc" -eq "$REQUEUE_EXIT" ]; then
-  echo "preempted/time limit: checkpoint written; requeueing job $SLURM_JOB_ID" \
-    | tee -a "$OUTPUT_DIR/$RUN_NAME/train.log"
+  echo "preempted/time limit: latest checkpoint complete; requeueing job $SLURM_JOB_ID" \
+    | tee -a "$RUN_DIR/train.log"
   # Only a batch job can be requeued (not salloc/srun): then say how to resume and keep 85.
   scontrol requeue "$SLURM_JOB_ID" && exit 0
   echo "could not requeue job $SLURM_JOB_ID; rerun the same command to resume" >&2

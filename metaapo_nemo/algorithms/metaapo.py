@@ -9,6 +9,7 @@ meta-learner step every T_meta optimiser steps (a loop callback).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from metaapo_nemo import preempt
 from metaapo_nemo.algorithms import online as O
 from metaapo_nemo.algorithms.rounds import (
     RoundItem,
@@ -27,6 +29,7 @@ from metaapo_nemo.algorithms.rounds import (
     round_microbatches,
     sum_round_stats,
 )
+from metaapo_nemo.checkpoint_io import rng_state, set_rng_state
 from metaapo_nemo.config.schema import Config
 from metaapo_nemo.data.collate import epoch_order
 from metaapo_nemo.meta import MetaLearner, MetaSettings, MetaUpdateCallback, select_for_sampling
@@ -34,6 +37,7 @@ from metaapo_nemo.trainer.algorithm import StepWork
 from metaapo_nemo.trainer.batching import StepPlan, rank_microbatches, to_microbatches
 from metaapo_nemo.trainer.callbacks import TrainState
 from metaapo_nemo.trainer.metrics import reduce_stats
+from metaapo_nemo.trainer.resilience import Preempted
 
 
 def total_steps(num_pairs: int, cfg: Config) -> int:
@@ -107,10 +111,12 @@ class MetaAPO:
             from metaapo_nemo.reward import build_reward_model
             from metaapo_nemo.rollout.group import build_rollout_group
 
+            preempt.reached("engine")
             self.rollout = build_rollout_group(cfg, str(run.model_dir), ctx, initial_step=0)
             from metaapo_nemo.trainer.setup import main_first
 
             cache = str(resolve_repo_path(cfg.run.cache_dir))  # a tiny RM is built there once
+            preempt.reached("reward")
             self.reward = main_first(ctx, lambda: build_reward_model(cfg.reward, cache_dir=cache))
         self.sampling = SamplingSettings.from_config(cfg.rollout)
         self.plan = StepPlan(cfg.train.global_batch_size, cfg.train.micro_batch_size, ctx.dims.dp)
@@ -189,8 +195,14 @@ class MetaAPO:
                 break
             pos.epoch, pos.round_in_epoch, self._rounds = pos.epoch + 1, 0, None
         r = pos.round_in_epoch
+        before = (copy.deepcopy(pos.state_dict()), rng_state())
         pos.round_in_epoch, pos.next_start = r + 1, 0
-        items, pos.round_record = self._prepare_round([self.run.pairs[i] for i in self._rounds[r]], st)
+        try:
+            items, pos.round_record = self._prepare_round([self.run.pairs[i] for i in self._rounds[r]], st)
+        except Preempted:  # abandoned at a check point: back to the last step boundary's state
+            pos.load_state_dict(before[0])
+            set_rng_state(before[1])
+            raise
         self.round.items, self._order = items, None
         return True
 
@@ -207,13 +219,15 @@ class MetaAPO:
                                                           ctx.dims.dp), ctx.dp_rank, run.pad_id, ctx.device,
                                     run.layout)
             margins = offline_margins(run.policy, run.reference, run.loss, mbs, ctx, ref_cache=run.ref_cache)
+            run.guard.preemption.check(ctx, "margins")
             w = self.learner.weights(torch.tensor([margins[k] for k in keys], dtype=torch.float32))
         else:  # the weights the steps use (h_phi is read nowhere); offline references come per step
             w = self._weigher()(torch.zeros(len(keys), dtype=torch.float32))
         selected = select_for_sampling(w, keys, cfg.run.seed, pos.round_idx, m.sampling)
         chosen = [p for p, s in zip(round_pairs, selected.tolist()) if s]
         report = O.online_pairs(chosen, self.rollout, self.reward, run.policy, self.sampling, cfg,
-                                pos.round_idx, st.step, ctx)
+                                pos.round_idx, st.step, ctx,
+                                check=lambda where: run.guard.preemption.check(ctx, where))
         totals = AnnotationCounters(**pos.counters)
         totals.add(report.counters)
         pos.counters = totals.as_dict()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +64,14 @@ def online_pairs(
     round_idx: int,
     policy_step: int,
     ctx: ParallelContext,
+    check: Callable[[str], None] = lambda where: None,
 ) -> RolloutReport:
-    """Refit -> K samples per selected prompt -> RM scores -> best/worst pairs (all ranks)."""
+    """Refit -> K samples per selected prompt -> RM scores -> best/worst pairs (all ranks).
+
+    `check(where)` is called by every rank at the same points (after the refit, after each
+    call of ``rollout.prompts_per_call`` prompts, after scoring): the loop's preemption check
+    point, which may raise to abandon the round.
+    """
     from metaapo_nemo.rollout.generator import PromptBatch
     from metaapo_nemo.rollout.pairs import AnnotationCounters
 
@@ -75,14 +81,21 @@ def online_pairs(
     t0 = time.perf_counter()
     rollout.wake()
     rollout.push_megatron(policy.modules(), policy.arch, policy_step, cfg.rollout.refit_bucket_mb << 20)
+    check("refit")
     t1 = time.perf_counter()
     batch = PromptBatch.build([p.prompt_ids for p in selected], [p.index for p in selected],
                               round=round_idx, messages=[p.messages() for p in selected])
-    groups = rollout.generate(batch, settings, policy_step)
+    groups = []
+    step = cfg.rollout.prompts_per_call or len(batch)
+    for start in range(0, len(batch), step):  # seeds are per sample: the split changes no sample
+        groups += rollout.generate(batch.select(range(start, min(start + step, len(batch)))), settings,
+                                   policy_step)
+        check("generate")
     rollout.sleep()  # the engine sleeps while the reward model scores (the memory plan's order)
     t2 = time.perf_counter()
     known: dict[tuple[int, int], float] = {}  # every rank's scores, by (prompt key, sample index)
     pairs, counters = _annotate_shared(batch, groups, reward, cfg, policy_step, ctx, known)
+    check("score")
     generate_s, score_s = t2 - t1, time.perf_counter() - t2
     generated = sum(len(s.token_ids) for g in groups for s in g.samples)
     by_group = {g.key: g for g in groups}

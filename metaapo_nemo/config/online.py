@@ -74,6 +74,10 @@ class RolloutConfig(_Section):
     # it without chunked prefill (per-request seeds crash on a chunked prefill there).
     max_num_batched_tokens: int = Field(16384, gt=0)
     refit_bucket_mb: int = Field(256, gt=0)  # weight push: bytes per bucket (a cap)
+    # Prompts per world-level generate call. A preemption signal is acted on between calls
+    # (the round is abandoned, the last step checkpointed): this bounds that latency at scale.
+    # null: the round's prompts in one call.
+    prompts_per_call: int | None = Field(1024, gt=0)
     tp: int = Field(1, ge=1)  # generation tensor parallel (GPU, vLLM external_launcher)
     truncated: Literal["keep", "drop", "worst"] = "drop"  # samples cut at max_new_tokens
     # A selected prompt whose K samples give no pair (all scores tie, same text, too few

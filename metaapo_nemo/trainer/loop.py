@@ -4,6 +4,8 @@
         work = algorithm.next_step(state)          # micro-batches + loss of this rank
         zero grads -> megatron forward/backward -> non-finite check -> optimiser step
         -> metrics -> callbacks -> checkpoint / preemption
+    (a preemption signal during `next_step`'s preparation, e.g. a MetaAPO round's rollout,
+    abandons it at the next check point: `Preempted`, then the same checkpoint-and-exit)
 
 What differs between methods (offline DPO family, MetaAPO and its baselines) lives behind
 `trainer.algorithm.Algorithm`; the state a resume needs is registered once with the
@@ -16,10 +18,12 @@ import math
 import time
 from dataclasses import dataclass
 
+from metaapo_nemo import preempt
 from metaapo_nemo.models.policy import MegatronLM
 from metaapo_nemo.parallel.state import ParallelContext
 from metaapo_nemo.trainer.algorithm import Algorithm, StepWork
 from metaapo_nemo.trainer.callbacks import CallbackList, TrainState
+from metaapo_nemo.trainer.resilience import Preempted
 from metaapo_nemo.trainer.resume import RunGuard
 
 
@@ -39,20 +43,29 @@ class Trainer:
         self.algorithm.begin(st, resumed)
         save = lambda: self.guard.save(st, self.policy)  # noqa: E731
         self.callbacks.fire("on_train_start", st)
+        preempt.enter("train")  # from here a signal is acted on at the loop's check points
         while st.step < st.total_steps and not st.stop:
-            work = self.algorithm.next_step(st)
+            try:
+                work = self.algorithm.next_step(st)
+            except Preempted as exc:  # the preparation was abandoned; its state rolled back
+                self.guard.preempted(st, save, f", {exc}")
+                break
             if work is None:
                 break
             self.train_step(st, work, save)
         if not st.stop:  # a preempted run's checkpoint holds the unfinished round / epoch
             self.algorithm.end(st)
         self.guard.at_end(st, save)
+        if st.exit_code == 0 and self.guard.preemption.requested(self.ctx):  # during the last save
+            st.exit_code = self.guard.cfg.checkpoint.requeue_exit_code  # the requeued job only exports
         self.callbacks.fire("on_train_end", st)
+        preempt.enter("done")  # the state is on disk: a signal from here on exits at once
         return st
 
     def train_step(self, st: TrainState, work: StepWork, save) -> None:
         """One optimiser step: the step body every method shares."""
         policy, mbs = self.policy, work.microbatches
+        preempt.reached("step")
         policy.zero_grad()
         outs = policy.run(mbs, work.loss_fn, forward_only=False)
         lr = policy.lr  # the rate this step applies

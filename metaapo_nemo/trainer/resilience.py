@@ -1,9 +1,11 @@
 """Preemption signals and non-finite guards for the training loops.
 
-- `Preemption`: SIGTERM / SIGUSR1 (SLURM's `--signal=USR1@<s>` and scancel/preemption) set
-  a flag; the loop asks `requested()` after each optimiser step (a MAX over all ranks, so a
-  signal seen by any rank stops every rank at the same step), saves a checkpoint and exits
-  with `checkpoint.requeue_exit_code` (85), which slurm/launch.sh turns into a requeue.
+- `Preemption`: the loop's view of SIGTERM / SIGUSR1 (`metaapo_nemo.preempt` handles them from
+  the first line of the process; an in-process run installs a recording handler here). The
+  loop asks `requested()` at its check points (a MAX over all ranks, so a signal seen by any
+  rank stops every rank at the same point): after each optimiser step, and between the parts
+  of a MetaAPO round's preparation (`check`, which raises `Preempted`). It saves a checkpoint
+  and exits with `checkpoint.requeue_exit_code` (85), which slurm/launch.sh turns into a requeue.
 - `NonFiniteGuard`: a non-finite loss or gradient is caught BEFORE the optimiser applies
   it; per config the update is skipped (counted; `max_skips` in a row stop the run) or
   the run stops. The parameters never hold a non-finite update, so the state saved on
@@ -21,39 +23,59 @@ import sys
 import torch
 import torch.distributed as dist
 
+from metaapo_nemo import preempt
 from metaapo_nemo.parallel.state import ParallelContext
 
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPT_SIGNALS = preempt.SIGNALS
 
 
 class NonFiniteError(FloatingPointError):
     """Training stopped on a non-finite loss/gradient; the message says what was saved."""
 
 
+class Preempted(Exception):
+    """A preemption signal reached a check point inside a step's preparation (a MetaAPO round):
+    the preparation is abandoned and the loop checkpoints the last step boundary."""
+
+
 class Preemption:
-    """Installs SIGTERM/SIGUSR1 handlers that only set a flag (the step always finishes)."""
+    """The loop's preemption state over `metaapo_nemo.preempt` (see the module docstring)."""
 
     def __init__(self, signals=PREEMPT_SIGNALS):
-        self.signal_name: str | None = None
         self._exit_now = None
         self._previous = {}
+        if preempt.installed():  # an entry point: its handler records (train) or exits (start/done)
+            return
+        preempt.forget()  # in-process: a signal of an earlier run in this process is not ours
         for sig in signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. some test runners): no handler
                 pass
 
+    @property
+    def signal_name(self) -> str | None:
+        return preempt.signalled()
+
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name} received: finishing this optimiser step, then checkpoint and exit",
+        name = preempt.record(signum)
+        print(f"\n{name} received: finishing this optimiser step, then checkpoint and exit",
               file=sys.stderr, flush=True)
 
     def requested(self, ctx: ParallelContext) -> bool:
-        """True on every rank if any rank got a signal (one tiny all-reduce per step)."""
+        """True on every rank if any rank got a signal (one tiny all-reduce per call)."""
         flag = torch.tensor([1.0 if self.signal_name else 0.0], device=ctx.device)
         if dist.is_initialized() and ctx.dims.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
+
+    def check(self, ctx: ParallelContext, where: str) -> None:
+        """A check point inside a step's preparation (collective: every rank calls it at the
+        same point): raises `Preempted` on every rank if any rank got a signal."""
+        preempt.reached(where)
+        if self.requested(ctx):
+            raise Preempted(f"a preemption signal ({self.signal_name or 'on another rank'}) "
+                            f"reached {where}")
 
     def exit_when_signalled(self, code: int) -> None:
         """After the preemption checkpoint: a further SIGTERM/SIGUSR1 ends the process at once
@@ -70,8 +92,12 @@ class Preemption:
         `restore()` undoes both (a single process, e.g. an in-process test, carries on).
         """
         self._exit_now = lambda *_: (sys.stdout.flush(), sys.stderr.flush(), os._exit(code))
-        for sig in self._previous:
-            signal.signal(sig, self._exit_now)
+        if preempt.installed():
+            preempt.set_exit_code(code)
+            preempt.enter("done")  # its handler now exits at once
+        else:
+            for sig in self._previous:
+                signal.signal(sig, self._exit_now)
         atexit.register(self._exit_now)
 
     def restore(self) -> None:

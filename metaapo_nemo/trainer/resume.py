@@ -9,6 +9,7 @@ them plus what every run has (metrics, scheduler, non-finite counters, RNG). The
     verdict = guard.check_step(policy, loss)     # before policy.step(): apply / skip / stop
     ...
     guard.after_step(st, save)                   # checkpoint if due or preempted
+    guard.preempted(st, save, ...)               # a step's preparation was abandoned (Preempted)
 
 and `guard.at_end(st, save)` once after the loop, with `save = lambda: guard.save(st, policy)`.
 """
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from metaapo_nemo import preempt
 from metaapo_nemo.checkpoint import Checkpointer, step_of
 from metaapo_nemo.checkpoint_io import rng_state, set_rng_state
 from metaapo_nemo.config.schema import Config
@@ -59,17 +61,23 @@ class RunGuard:
 
     def after_step(self, st: TrainState, save: Callable[[], None]) -> None:
         every = self.cfg.checkpoint.every_steps
-        preempted = self.preemption.requested(self.ctx)
-        if preempted or (every and st.step % every == 0):
+        if every and st.step % every == 0:
             save()
-        if preempted:
-            st.stop = True
-            st.exit_code = self.cfg.checkpoint.requeue_exit_code
-            self.preemption.exit_when_signalled(st.exit_code)
-            if self.ctx.is_main:
-                print(f"preempted ({self.preemption.signal_name or 'signal on another rank'}): "
-                      f"checkpoint at step {st.step} saved in {self.ckpt.root}; exiting with "
-                      f"{st.exit_code} so the job is requeued", flush=True)
+        if self.preemption.requested(self.ctx):  # also a signal that came during that save
+            self.preempted(st, save)
+
+    def preempted(self, st: TrainState, save: Callable[[], None], where: str = "") -> None:
+        """Checkpoints the state of step `st.step` (unless `latest` holds it) and ends the run
+        with the requeue status; after a step, or when a step's preparation was abandoned."""
+        if st.step > 0 and self.ckpt.last_saved_step != st.step:  # step 0: the model's own weights
+            save()
+        st.stop = True
+        st.exit_code = self.cfg.checkpoint.requeue_exit_code
+        self.preemption.exit_when_signalled(st.exit_code)
+        if self.ctx.is_main:
+            print(f"preempted ({self.preemption.signal_name or 'signal on another rank'}{where}): "
+                  f"checkpoint at step {st.step} in {self.ckpt.root}; exiting with "
+                  f"{st.exit_code} so the job is requeued", flush=True)
 
     def at_end(self, st: TrainState, save: Callable[[], None]) -> None:
         if st.exit_code == 0 and self.cfg.checkpoint.save_at_end and self.ckpt.last_saved_step != st.step:
@@ -108,6 +116,7 @@ class RunGuard:
         if self.resume_from is None:
             return False
         r = self.ckpt.load(self.resume_from, policy, self.moving_reference)
+        preempt.reached("resume")
         if self.ctx.is_main:
             print(f"resumed from {self.resume_from} (step {r.trainer['step']})", flush=True)
         t = r.trainer
@@ -128,6 +137,7 @@ def build_run_guard(cfg: Config, ctx: ParallelContext, run_dir: Path) -> RunGuar
     from metaapo_nemo.config.loader import to_yaml
 
     c = cfg.checkpoint
+    preempt.set_exit_code(c.requeue_exit_code)
     ckpt = Checkpointer(run_dir, ctx, keep_last=c.keep_last, verify=c.verify, config_yaml=to_yaml(cfg))
     resume_from = None if c.resume == "never" else ckpt.find(None if c.resume == "auto" else c.resume)
     return RunGuard(cfg, ctx, ckpt, Preemption(), NonFiniteGuard(c.on_nonfinite, c.max_skips), resume_from)
