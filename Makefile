@@ -35,7 +35,7 @@ test: $(STAMP)
 # when missing): slurm/testing/cluster.sh, tests/test_slurm_cluster.py, tests/test_disk_full.py.
 # About 10-15 minutes on a 2-core machine.
 test-cluster: $(STAMP)
-	$(PY) -m pytest -m cluster -q
+	$(PY) -m pytest -m "cluster and not slow" -q
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

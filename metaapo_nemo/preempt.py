@@ -27,9 +27,10 @@ so a rank killed while blocked in a collective cannot turn a preemption into a l
 In-process use (tests calling `run.main`, notebooks) never installs the exiting handler: the
 trainer's `Preemption` installs a recording one, as it always did.
 
-Test hook: ``METAAPO_SIGNAL_AT=<checkpoint>[:<signal>]`` makes `reached(<checkpoint>)` send
-this process that signal (default SIGUSR1), so tests can place a signal in any phase without
-sleeping on machine speed. The names are `CHECKPOINTS`.
+Test hook: ``METAAPO_SIGNAL_AT=<point>[:<signal>][,<point>[:<signal>]...]`` makes
+`reached(<point>)` send this process that signal (default SIGUSR1), once per listed point, so
+tests can place signals in any phase without sleeping on machine speed. The points are
+`CHECKPOINTS`.
 """
 
 from __future__ import annotations
@@ -114,11 +115,15 @@ def reached(where: str) -> None:
     """Marks a point of the run (the messages name it) and applies the test hook."""
     _S.where = where
     hook = os.environ.get("METAAPO_SIGNAL_AT", "")
-    if hook:
-        name, _, sig = hook.partition(":")
-        if name == where:
-            os.environ.pop("METAAPO_SIGNAL_AT")  # once
+    if not hook:
+        return
+    points = hook.split(",")
+    for i, point in enumerate(points):
+        name, _, sig = point.partition(":")
+        if name == where:  # each point fires once, in order of arrival
+            os.environ["METAAPO_SIGNAL_AT"] = ",".join(points[:i] + points[i + 1:])
             os.kill(os.getpid(), getattr(signal, sig or "SIGUSR1"))
+            return
 
 
 def record(signum: int) -> str:

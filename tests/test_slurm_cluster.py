@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from tests.slurm_cluster import (
+    TERMINAL,
     LocalCluster,
     assert_same_run,
     cannot_run_daemons,
@@ -155,6 +156,82 @@ def test_preemption_checkpoints_exits_85_requeues_and_resumes_bitwise(cluster, o
     assert 12 <= int(saved.group(1)) < STEPS
     assert_same_run(reference, run)
     print(f"\npreempted at step {saved.group(1)}, requeued and finished: {time.monotonic() - t0:.0f} s")
+
+
+def _release(cluster: LocalCluster, job: int, restarts: int) -> None:
+    """Waits until the job is requeued for the `restarts`-th time and lets it start now: a
+    requeued job waits ~2 min for its BeginTime (what an operator may also skip)."""
+    cluster.wait(job, timeout=300, poll=0.5, until=lambda j: j["Restarts"] == str(restarts) and (
+        j["JobState"] != "PENDING" or cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now",
+                                                    check=False).returncode == 0))
+
+
+def _ranks_started(cluster: LocalCluster) -> bool:
+    try:
+        return all(_rank_pid(cluster, rank) for rank in (0, 1))
+    except AssertionError:
+        return False
+
+
+def test_a_signal_while_the_tasks_start_requeues_too_and_the_log_follows_the_run(cluster, out, reference):
+    """Issue 30's lost job: after a requeue SLURM signals the tasks again while they are still
+    starting (the signal time is only accurate to ~60 s; a requeued job starts its clock
+    again). Attempt 0: USR1 mid-training (checkpoint, 85); attempt 1: USR1 as soon as both
+    ranks' processes exist (start-up: 85 at once, latest untouched); attempt 2 runs to the
+    end, bitwise equal to the uninterrupted job. run.output_dir on the command line moves the
+    run AND launch.sh's train.log."""
+    elsewhere = out / "elsewhere"
+    job = _submit(cluster, out, "checkpoint.every_steps=8", f"run.output_dir={elsewhere}")
+    run = elsewhere / f"{JOB_NAME}-{job}"
+    wait_for_step(run, 10, timeout=300)
+    cluster.run("scancel", "--signal=USR1", str(job))
+    _release(cluster, job, restarts=1)
+    deadline = time.monotonic() + 300
+    while not _ranks_started(cluster):
+        assert time.monotonic() < deadline, "the requeued job's ranks did not start"
+        time.sleep(0.05)
+    latest = (run / "checkpoints" / "latest").read_text()
+    cluster.run("scancel", "--signal=USR1", str(job))  # while they import, build, load
+    _release(cluster, job, restarts=2)
+    j = cluster.wait(job, timeout=600)
+    log = (out / f"slurm-{job}.out").read_text()
+    assert j["JobState"] == "COMPLETED" and j["Restarts"] == "2", f"{j}\n{log[-4000:]}"
+    assert len(re.findall(r"task \d: Exited with exit code 85", log)) == 4, log[-4000:]
+    starting = re.findall(r"SIGUSR1 received during (\w+): nothing was trained", log)
+    assert len(starting) == 2, log[-4000:]  # both ranks of attempt 1, in a start-up point
+    assert log.count("requeueing job") == 2 and "restart 2: 2 tasks" in log
+    train_log = (run / "train.log").read_text()
+    assert all(f"restart {i}: 2 tasks" in train_log for i in range(3)) and not (out / run.name).exists()
+    resumed = re.findall(r"resumed from \S+(step_\d+) \(step (\d+)\)", log)
+    assert resumed and resumed[-1][0] == latest  # attempt 1 left latest as it was
+    assert_same_run(reference, run)
+    print(f"\nUSR1 at start-up of restart 1 (during {starting[0]}): requeued, resumed from {latest}")
+
+
+@pytest.mark.slow
+def test_time_limit_signal_requeues_until_the_run_ends(cluster, out):
+    """The issue's literal job: `sbatch --time=2 --signal=USR1@100` over a run longer than one
+    allocation, requeued by SLURM's own signal as often as it takes, ends equal to the same run
+    uninterrupted (3 epochs, 96 steps)."""
+    long = ("train.epochs=3", "train.max_steps=96", "checkpoint.every_steps=8")
+    ref_job = _submit(cluster, out, *long)
+    assert cluster.wait(ref_job, timeout=1200)["JobState"] == "COMPLETED"
+    job = _submit(cluster, out, *long, options=("--time=2", "--signal=USR1@100"))
+    restarts = 0
+    deadline = time.monotonic() + 3600
+    while True:
+        j = cluster.job(job)
+        if j["JobState"] in TERMINAL:
+            break
+        if int(j["Restarts"]) > restarts:
+            restarts = int(j["Restarts"])
+            _release(cluster, job, restarts)
+        assert time.monotonic() < deadline, j
+        time.sleep(1)
+    log = (out / f"slurm-{job}.out").read_text()
+    assert j["JobState"] == "COMPLETED" and int(j["Restarts"]) >= 2, f"{j}\n{log[-4000:]}"
+    assert_same_run(out / f"{JOB_NAME}-{ref_job}", out / f"{JOB_NAME}-{job}")
+    print(f"\n--time=2 --signal=USR1@100: {j['Restarts']} requeues, finished equal to the uninterrupted run")
 
 
 def test_node_failure_ends_the_job_and_a_resubmission_resumes_bitwise(cluster, out, reference):

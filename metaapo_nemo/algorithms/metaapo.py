@@ -218,8 +218,10 @@ class MetaAPO:
             mbs = rank_microbatches(round_pairs, StepPlan(len(round_pairs), cfg.train.micro_batch_size,
                                                           ctx.dims.dp), ctx.dp_rank, run.pad_id, ctx.device,
                                     run.layout)
-            margins = offline_margins(run.policy, run.reference, run.loss, mbs, ctx, ref_cache=run.ref_cache)
-            run.guard.preemption.check(ctx, "margins")
+            margins = {}
+            for part in O.chunk_microbatches(mbs, len(round_pairs), m.prompts_per_chunk, ctx):
+                margins |= offline_margins(run.policy, run.reference, run.loss, part, ctx, ref_cache=run.ref_cache)
+                run.guard.preemption.check(ctx, "margins")
             w = self.learner.weights(torch.tensor([margins[k] for k in keys], dtype=torch.float32))
         else:  # the weights the steps use (h_phi is read nowhere); offline references come per step
             w = self._weigher()(torch.zeros(len(keys), dtype=torch.float32))

@@ -68,9 +68,10 @@ def online_pairs(
 ) -> RolloutReport:
     """Refit -> K samples per selected prompt -> RM scores -> best/worst pairs (all ranks).
 
+    The selected prompts go in chunks of ``metaapo.prompts_per_chunk`` (generate, then score);
     `check(where)` is called by every rank at the same points (after the refit, after each
-    call of ``rollout.prompts_per_call`` prompts, after scoring): the loop's preemption check
-    point, which may raise to abandon the round.
+    chunk's generation and its scoring): the loop's preemption check point, which may raise to
+    abandon the round.
     """
     from metaapo_nemo.rollout.generator import PromptBatch
     from metaapo_nemo.rollout.pairs import AnnotationCounters
@@ -85,18 +86,22 @@ def online_pairs(
     t1 = time.perf_counter()
     batch = PromptBatch.build([p.prompt_ids for p in selected], [p.index for p in selected],
                               round=round_idx, messages=[p.messages() for p in selected])
-    groups = []
-    step = cfg.rollout.prompts_per_call or len(batch)
-    for start in range(0, len(batch), step):  # seeds are per sample: the split changes no sample
-        groups += rollout.generate(batch.select(range(start, min(start + step, len(batch)))), settings,
-                                   policy_step)
-        check("generate")
-    rollout.sleep()  # the engine sleeps while the reward model scores (the memory plan's order)
-    t2 = time.perf_counter()
+    groups, pairs, generate_s, score_s = [], [], 0.0, 0.0
     known: dict[tuple[int, int], float] = {}  # every rank's scores, by (prompt key, sample index)
-    pairs, counters = _annotate_shared(batch, groups, reward, cfg, policy_step, ctx, known)
-    check("score")
-    generate_s, score_s = t2 - t1, time.perf_counter() - t2
+    step = cfg.metaapo.prompts_per_chunk or len(batch)
+    for start in range(0, len(batch), step):  # seeds are per sample: the split changes no sample
+        chunk = batch.select(range(start, min(start + step, len(batch))))
+        t_gen = time.perf_counter()
+        got = rollout.generate(chunk, settings, policy_step)
+        rollout.sleep()  # the engine sleeps while the reward model scores (the memory plan's order)
+        check("generate")
+        t_score = time.perf_counter()
+        new_pairs, c = _annotate_shared(chunk, got, reward, cfg, policy_step, ctx, known)
+        groups, pairs = groups + got, pairs + new_pairs
+        counters.add(c)
+        check("score")
+        generate_s += t_score - t_gen
+        score_s += time.perf_counter() - t_score
     generated = sum(len(s.token_ids) for g in groups for s in g.samples)
     by_group = {g.key: g for g in groups}
     for attempt in range(1, cfg.rollout.tie_refills + 1):  # K more samples for prompts without a pair
@@ -142,6 +147,21 @@ def online_pairs(
         rm_chosen_mean=sum(chosen) / len(chosen) if chosen else float("nan"),
         rm_rejected_mean=sum(rejected) / len(rejected) if rejected else float("nan"),
     )
+
+
+def chunk_microbatches(mbs: list, prompts: int, per_chunk: int | None, ctx: ParallelContext) -> list[list]:
+    """This rank's micro-batches in contiguous chunks, the SAME number of chunks on every rank
+    (each chunk ends in collectives: the margins' gather, the preemption check): about
+    `prompts / per_chunk` of them, never more than the fewest micro-batches any rank has
+    (packed layouts may give ranks different counts). None: one chunk."""
+    from metaapo_nemo.rollout.group import split_indices
+
+    wanted = 1 if per_chunk is None else -(-prompts // per_chunk)
+    count = torch.tensor([min(wanted, len(mbs))], dtype=torch.int64, device=ctx.device)
+    if ctx.dims.world_size > 1:
+        dist.all_reduce(count, op=dist.ReduceOp.MIN)
+    n = max(1, int(count.item()))
+    return [[mbs[i] for i in split_indices(len(mbs), n, k)] for k in range(n)]
 
 
 def refill_settings(settings, round_idx: int, attempt: int):

@@ -31,6 +31,10 @@ class MetaAPOConfig(_Section):
     sampling: Literal["meta", "random", "all", "none"] = "meta"
     weights: Literal["meta", "zero", "one"] = "meta"  # w in the loss mix (zero: online only)
     meta_update: bool = True  # false: fixed-weights ablation (h_phi never steps)
+    # The round's margin pass and generation run in chunks of this many prompts; a preemption
+    # signal is acted on between chunks (the round is abandoned, the last step checkpointed),
+    # which bounds the job's reaction to SLURM's signal at scale. null: one chunk per round.
+    prompts_per_chunk: int | None = Field(1024, gt=0)
     unselected: Literal["offline", "drop"] = "offline"  # paper: offline; release: drop
     reference: Literal["fixed", "per_round"] = "fixed"  # paper: fixed SFT; release: per_round
     t_meta: int = Field(8, gt=0)  # policy optimiser steps per meta step
@@ -74,10 +78,6 @@ class RolloutConfig(_Section):
     # it without chunked prefill (per-request seeds crash on a chunked prefill there).
     max_num_batched_tokens: int = Field(16384, gt=0)
     refit_bucket_mb: int = Field(256, gt=0)  # weight push: bytes per bucket (a cap)
-    # Prompts per world-level generate call. A preemption signal is acted on between calls
-    # (the round is abandoned, the last step checkpointed): this bounds that latency at scale.
-    # null: the round's prompts in one call.
-    prompts_per_call: int | None = Field(1024, gt=0)
     tp: int = Field(1, ge=1)  # generation tensor parallel (GPU, vLLM external_launcher)
     truncated: Literal["keep", "drop", "worst"] = "drop"  # samples cut at max_new_tokens
     # A selected prompt whose K samples give no pair (all scores tie, same text, too few
