@@ -21,7 +21,7 @@
 # accurate to ~60 s, and a requeued job starts its clock again), ends in a requeue: every rank
 # handles SIGUSR1/SIGTERM from its first line (metaapo_nemo/preempt.py) and exits 85, and each
 # rank that got a signal writes $RUN_DIR/.preempted, so a job whose srun status is not 85 (a
-# rank killed while blocked in a collective) is requeued too.
+# rank killed while blocked in a collective) is requeued too when a rank saw SIGUSR1.
 #
 # Run directory: $OUTPUT_DIR/$RUN_NAME, default runs/<job name>-<job id>; an array task uses
 # <job name>-<array job id>_<array task id>, so a sweep's tasks never share a directory.
@@ -86,9 +86,17 @@ srun --kill-on-bad-exit=1 --cpu-bind=none "${CONTAINER_ARGS[@]}" \
 rc=${PIPESTATUS[0]}
 set -e
 REQUEUE_EXIT=${REQUEUE_EXIT:-85}  # the trainer's "checkpoint written, please requeue me" status
-if [ "$rc" -ne 0 ] && [ "$rc" -ne "$REQUEUE_EXIT" ] && [ -s "$METAAPO_PREEMPT_MARKER" ]; then
+# A rank can miss the handler: blocked in a collective when srun's --kill-on-bad-exit ends it,
+# or signalled in the ~0.1 s between exec and the recipe's first line (the interpreter's own
+# start-up: it dies of the signal, 128 + 10 = 138 for USR1). That is still a preemption, never
+# a lost job: requeue when any rank recorded SIGUSR1 (only ever sent to ask for a checkpoint:
+# --signal=USR1@N, scancel --signal=USR1) or srun's status is USR1's. A SIGTERM alone is not
+# enough: srun's --kill-on-bad-exit sends it to the survivors of a crashed or killed rank, and
+# a crash must end the job, not requeue it forever (SIGTERM preemption requeues on 85).
+if [ "$rc" -ne 0 ] && [ "$rc" -ne "$REQUEUE_EXIT" ] && \
+   { grep -qs " SIGUSR1 rank " "$METAAPO_PREEMPT_MARKER" || [ "$rc" -eq 138 ]; }; then
   echo "srun exited $rc after a preemption signal (a rank did not exit $REQUEUE_EXIT itself):" \
-    "$(head -n 3 "$METAAPO_PREEMPT_MARKER" | tr '\n' ';')" | tee -a "$RUN_DIR/train.log"
+    "$(head -n 3 "$METAAPO_PREEMPT_MARKER" 2>/dev/null | tr '\n' ';')" | tee -a "$RUN_DIR/train.log"
   rc=$REQUEUE_EXIT
 fi
 if [ "$rc" -eq "$REQUEUE_EXIT" ]; then

@@ -161,23 +161,44 @@ def test_preemption_checkpoints_exits_85_requeues_and_resumes_bitwise(cluster, o
 def _release(cluster: LocalCluster, job: int, restarts: int) -> None:
     """Waits until the job is requeued for the `restarts`-th time and lets it start now: a
     requeued job waits ~2 min for its BeginTime (what an operator may also skip)."""
-    cluster.wait(job, timeout=300, poll=0.5, until=lambda j: j["Restarts"] == str(restarts) and (
-        j["JobState"] != "PENDING" or cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now",
-                                                    check=False).returncode == 0))
+    cluster.wait(job, timeout=300, poll=0.2, until=lambda j: j["Restarts"] == str(restarts)
+                 and j["JobState"] == "PENDING")
+    # Not before the nodes have cleaned up the previous attempt: a start while they complete it
+    # fails for good ("Killing non-startable batch job: Job credential revoked", measured).
+    deadline = time.monotonic() + 120
+    while set(cluster.run("sinfo", "-h", "-N", "-o", "%T").stdout.split()) != {"idle"}:
+        assert time.monotonic() < deadline, "the nodes did not return to idle after the requeue"
+        time.sleep(0.5)
+    time.sleep(2)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    cluster.wait(job, timeout=120, poll=0.2, until=lambda j: j["JobState"] != "PENDING")
 
 
-def _ranks_started(cluster: LocalCluster) -> bool:
+def _ranks_catch_usr1(cluster: LocalCluster) -> bool:
+    """Both ranks' python processes exist and catch SIGUSR1 (their first lines have run: the
+    SigCgt mask of /proc/<pid>/status). Before that a signal kills the interpreter in its own
+    start-up, ~0.1 s, which slurm/launch.sh requeues on too (exit 138), but that is not what
+    this test is about."""
     try:
-        return all(_rank_pid(cluster, rank) for rank in (0, 1))
+        pids = [_rank_pid(cluster, rank, node) for rank, node in ((0, "node1"), (1, "node2"))]
     except AssertionError:
         return False
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+        if not caught >> (signal.SIGUSR1 - 1) & 1:
+            return False
+    return True
 
 
 def test_a_signal_while_the_tasks_start_requeues_too_and_the_log_follows_the_run(cluster, out, reference):
     """Issue 30's lost job: after a requeue SLURM signals the tasks again while they are still
     starting (the signal time is only accurate to ~60 s; a requeued job starts its clock
     again). Attempt 0: USR1 mid-training (checkpoint, 85); attempt 1: USR1 as soon as both
-    ranks' processes exist (start-up: 85 at once, latest untouched); attempt 2 runs to the
+    ranks' processes catch it (start-up: 85 at once, latest untouched); attempt 2 runs to the
     end, bitwise equal to the uninterrupted job. run.output_dir on the command line moves the
     run AND launch.sh's train.log."""
     elsewhere = out / "elsewhere"
@@ -187,9 +208,9 @@ def test_a_signal_while_the_tasks_start_requeues_too_and_the_log_follows_the_run
     cluster.run("scancel", "--signal=USR1", str(job))
     _release(cluster, job, restarts=1)
     deadline = time.monotonic() + 300
-    while not _ranks_started(cluster):
+    while not _ranks_catch_usr1(cluster):
         assert time.monotonic() < deadline, "the requeued job's ranks did not start"
-        time.sleep(0.05)
+        time.sleep(0.02)
     latest = (run / "checkpoints" / "latest").read_text()
     cluster.run("scancel", "--signal=USR1", str(job))  # while they import, build, load
     _release(cluster, job, restarts=2)
@@ -260,10 +281,10 @@ def test_node_failure_ends_the_job_and_a_resubmission_resumes_bitwise(cluster, o
           "the resubmission resumed at step 8")
 
 
-def _rank_pid(cluster: LocalCluster, rank: int) -> int:
-    """The python process of `rank` (node2's task in the two-node layout)."""
+def _rank_pid(cluster: LocalCluster, rank: int, node: str = "node2") -> int:
+    """The python process of `rank` (on `node`'s namespace in the two-node layout)."""
     candidates = []
-    pids = cluster.namespace_pids("node2") if cluster.mode == "two-node" else [
+    pids = cluster.namespace_pids(node) if cluster.mode == "two-node" else [
         int(p) for p in os.listdir("/proc") if p.isdigit()]
     for pid in pids:
         try:
@@ -271,7 +292,9 @@ def _rank_pid(cluster: LocalCluster, rank: int) -> int:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(c.endswith(b"recipes/metaapo.py") for c in cmd) and f"SLURM_PROCID={rank}".encode() in env:
+        # the interpreter running the recipe (not srun, whose arguments name it too, on node1)
+        if (len(cmd) > 1 and Path(cmd[0].decode()).name.startswith("python") and cmd[1].endswith(b"recipes/metaapo.py")
+                and f"SLURM_PROCID={rank}".encode() in env):
             candidates.append(pid)
     assert candidates, "rank process not found"
     return min(candidates)  # the rank itself, not a helper it spawned later

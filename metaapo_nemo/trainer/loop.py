@@ -48,7 +48,7 @@ class Trainer:
             try:
                 work = self.algorithm.next_step(st)
             except Preempted as exc:  # the preparation was abandoned; its state rolled back
-                self.guard.preempted(st, save, f", {exc}")
+                self.guard.preempted(st, save, f"; the round being prepared was abandoned at {exc.where}")
                 break
             if work is None:
                 break

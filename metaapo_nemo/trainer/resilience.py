@@ -37,6 +37,10 @@ class Preempted(Exception):
     """A preemption signal reached a check point inside a step's preparation (a MetaAPO round):
     the preparation is abandoned and the loop checkpoints the last step boundary."""
 
+    def __init__(self, where: str):
+        super().__init__(f"a preemption signal reached {where}")
+        self.where = where
+
 
 class Preemption:
     """The loop's preemption state over `metaapo_nemo.preempt` (see the module docstring)."""
@@ -74,8 +78,7 @@ class Preemption:
         same point): raises `Preempted` on every rank if any rank got a signal."""
         preempt.reached(where)
         if self.requested(ctx):
-            raise Preempted(f"a preemption signal ({self.signal_name or 'on another rank'}) "
-                            f"reached {where}")
+            raise Preempted(where)
 
     def exit_when_signalled(self, code: int) -> None:
         """After the preemption checkpoint: a further SIGTERM/SIGUSR1 ends the process at once

@@ -76,7 +76,7 @@ class RunGuard:
         self.preemption.exit_when_signalled(st.exit_code)
         if self.ctx.is_main:
             print(f"preempted ({self.preemption.signal_name or 'signal on another rank'}{where}): "
-                  f"checkpoint at step {st.step} in {self.ckpt.root}; exiting with "
+                  f"checkpoint at step {st.step} saved in {self.ckpt.root}; exiting with "
                   f"{st.exit_code} so the job is requeued", flush=True)
 
     def at_end(self, st: TrainState, save: Callable[[], None]) -> None:
