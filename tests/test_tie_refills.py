@@ -48,7 +48,7 @@ def _pair(i: int):
 
 def _cfg(refills: int):
     return SimpleNamespace(rollout=SimpleNamespace(refit_bucket_mb=1, tie_refills=refills, truncated="keep"),
-                           reward=SimpleNamespace(batch_size=8))
+                           reward=SimpleNamespace(batch_size=8), metaapo=SimpleNamespace(prompts_per_chunk=0))
 
 
 CTX = SimpleNamespace(dims=SimpleNamespace(world_size=1), rank=0)
