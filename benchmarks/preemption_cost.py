@@ -5,7 +5,9 @@
 
 Each point gets its own run directory and launch of the MetaAPO recipe (the real entry point,
 one process per rank with the launch variables srun sets), with the signal placed by the test
-hook ``METAAPO_SIGNAL_AT`` (metaapo_nemo/preempt.py) on every rank. The signal's time is the
+hook ``METAAPO_SIGNAL_AT`` (metaapo_nemo/preempt.py) on every rank; the resume load and the
+round points are measured after a first launch preempted at step 1 (so round 1's preparation,
+abandoned, costs a checkpoint of step 2). The signal's time is the
 first line of the run's preemption marker (written by the handler); the exit's is when the
 last rank has exited. Printed per point: the phase, what the run did (exited at once / a
 checkpoint of step N / abandoned a round), the seconds, and `latest` afterwards; the JSON goes
@@ -37,6 +39,11 @@ FAST = ("data.limit=32", "metaapo.round_size=16", "metaapo.t_meta=2", "rollout.s
         "metaapo.prompts_per_chunk=8")
 
 
+# Points measured from a run preempted after step 1: the resume load, and round 1's preparation
+# (reached after step 2 trains; abandoning it checkpoints step 2). The others start fresh.
+AFTER_STEP_1 = ("resume", "margins", "refit", "generate", "score")
+
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,6 +52,7 @@ def _port() -> int:
 
 def launch(run_dir: Path, nproc: int, point: str | None, cache: Path) -> tuple[list[int], float]:
     """Starts the ranks; returns their exit statuses and the time the last one exited."""
+    run_dir.mkdir(parents=True, exist_ok=True)  # as slurm/launch.sh does, for the marker
     port, procs = _port(), []
     args = [sys.executable, str(REPO / "recipes" / "metaapo.py"), *FAST, f"run.output_dir={run_dir.parent}",
             f"run.name={run_dir.name}", f"run.cache_dir={cache}"]
@@ -70,8 +78,8 @@ def latest(run_dir: Path) -> str | None:
 def measure(point: str, nproc: int, work: Path) -> dict:
     run_dir = work / point
     cache = work / "cache"
-    if point == "resume":  # a checkpoint to resume from first
-        launch(run_dir, nproc, "step", cache)
+    if point in AFTER_STEP_1:  # a checkpoint of step 1 first: the resume load, or round 1's
+        launch(run_dir, nproc, "step", cache)  # preparation after step 2 (then saved on abandon)
         (run_dir / ".preempted").unlink(missing_ok=True)
     before = latest(run_dir)
     codes, t_exit = launch(run_dir, nproc, point, cache)
