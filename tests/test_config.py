@@ -561,7 +561,7 @@ def test_read_model_dims_from_checkpoint_json(tmp_path):
     assert "params 494" in report or "params 49" in report
     missing = load_config(None, [f"model.path={tmp_path / 'nope'}", "model.tiny=null"])
     assert read_model_dims(missing) is None
-    assert "model shape unknown" in dry_run_report(missing, 1, None)
+    assert "the model's shape is unknown" in dry_run_report(missing, 1, None)
 
 
 def test_recipe_refuses_a_config_of_the_other_method(capsys):

@@ -85,15 +85,16 @@ def test_layout_that_does_not_fit_is_refused_with_the_arithmetic():
 # conf/llama31_70b_metaapo.yaml on 64, through the same inputs --dry-run builds.
 
 
-def _recipe_plan(conf: str, world: int):
-    from metaapo_nemo.config.cli import read_arch_json
+def _recipe_plan(conf: str, world: int, *overrides: str):
+    from metaapo_nemo.config.cli import read_arch_json, reward_arch_or_reason
     from metaapo_nemo.config.loader import load_config
 
-    cfg = load_config(conf, [])
+    cfg = load_config(conf, list(overrides))
     arch = arch_from_hf_dict(read_arch_json(cfg))
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     dp = world // (tp * pp)
-    x = plan_input_from_config(cfg, arch, tp, pp, dp, cfg.train.micro_batches_per_step(dp))
+    rm, unsized = reward_arch_or_reason(cfg)
+    x = plan_input_from_config(cfg, arch, tp, pp, dp, cfg.train.micro_batches_per_step(dp), rm, unsized)
     return x, plan_memory(x)
 
 
@@ -126,11 +127,39 @@ def test_llama31_8b_metaapo_recipe_every_term_by_hand():
     assert plan.terms["vllm_kv"] == pytest.approx(28.0 - weights - reserve)  # 16.40 GiB
     assert plan.terms["vllm_kv_naive"] == pytest.approx(28.0 - weights)  # 20.52 GiB
     assert plan.terms["vllm_kv_tokens"] == pytest.approx((28.0 - weights - reserve) * GiB / (2 * 32 * 4 * 128 * 2))
-    # pairs gather: ceil(20352 / 8) prompts x 2 samples x 2048 tokens x 18 B x (8 + 1)
-    assert sc["pairs_gather"] == pytest.approx(2544 * 2 * 2048 * 18 * 9 / GiB)
-    assert plan.terms["samples_gather_host"] == pytest.approx(5088 * 8 * 2048 * 18 * 9 / GiB)
+    # the reward model (conf/models/llama31_8b_rm.json, offloaded): 32 layers x 218,112,000 +
+    # the embedding + the final norm + the scalar head (no LM head), bf16, on the GPU while scoring
+    rm = 32 * 218_112_000 + 128256 * 4096 + 4096 + 4096
+    assert sc["reward"] == pytest.approx(2 * rm / GiB)  # 13.98 GiB
+    assert all(p.get("reward", 0.0) == 0.0 for p in (m, t, g))
+    # one forward of reward.batch_size 32 texts x (2048 prompt + 2048 new) tokens x
+    # (3 x 4096 + 2 x 8 x 128 + 3 x 14336) x 2 B
+    assert sc["reward_activations"] == pytest.approx(32 * 4096 * 57344 * 2 / GiB) == 14.0
+    # the gathers move one chunk (metaapo.prompts_per_chunk 128) at a time: pairs,
+    # ceil(128 / 8) prompts x 2 samples x 2048 tokens x 18 B x (8 + 1); samples (host), one
+    # engine's ceil(128 / 4) prompts x 8 samples
+    assert sc["pairs_gather"] == pytest.approx(16 * 2 * 2048 * 18 * 9 / GiB)
+    assert plan.terms["samples_gather_host"] == pytest.approx(32 * 8 * 2048 * 18 * 9 / GiB)
+    # host memory per rank (8 ranks per node), by phase
+    h = plan.host_per_phase
+    assert list(h) == ["margins", "train", "generate", "score", "checkpoint"]
+    pairs = 20352 * 2 * 2048 * 36 / GiB  # the round's pairs as token-id tuples, every rank
+    samples = 128 * 8 * 2048 * 76 / GiB  # one chunk's samples in Python
+    vllm_host = 8_030_261_248 * 2 / 2 / GiB  # sleep level 1: its TP2 shard of the weights
+    assert h["train"] == pytest.approx({"process": 5.0, "helpers": 0.35, "reference": 0.0, "reward": 2 * rm / GiB,
+                                        "vllm_asleep": vllm_host, "hf_engine": 0.0, "round_pairs": pairs})
+    assert h["generate"]["vllm_asleep"] == 0.0 and h["generate"]["chunk_samples"] == pytest.approx(samples)
+    assert h["generate"]["samples_gather"] == pytest.approx(plan.terms["samples_gather_host"])
+    assert h["score"]["reward"] == 0.0  # on the GPU while scoring
+    # a save: the fully reshardable optimiser state (12 B/param of the TP shard) on every
+    # DP rank's host, and the write share of the weights and the per-round reference
+    assert h["checkpoint"]["optimizer_gather"] == pytest.approx(12 * n / GiB)
+    assert h["checkpoint"]["write_staging"] == pytest.approx(n * 4 / 4 / GiB)
+    phase, node = plan.host_worst
+    assert phase == "checkpoint" and node == pytest.approx(8 * plan.host_peak("checkpoint"))
+    assert plan.host_fits and "host peak" in plan.report(80.0) and "tokenised dataset" in plan.report(80.0)
     assert checkpoint_bytes(x.arch, x.dtype, x.checkpoint_reference) == 8_030_261_248 * 16
-    assert plan.worst[0] == "generate" and check_fits(plan, 80.0) is None
+    assert plan.worst[0] == "score" and check_fits(plan, 80.0) is None
     report = plan.report(80.0)
     assert "headroom:" in report and "assumptions:" in report and "profiling reserve" in report
 
@@ -153,10 +182,65 @@ def test_llama31_70b_metaapo_recipe_every_term_by_hand():
     # the KV cache vLLM will really get is less than half of util x GPU - weights (7.57 GiB)
     assert plan.terms["vllm_kv_naive"] / plan.terms["vllm_kv"] == pytest.approx(2.31, abs=0.01)
     assert plan.terms["vllm_kv_tokens"] == pytest.approx((24.0 - weights - reserve) * GiB / 40960)
-    assert sc["pairs_gather"] == pytest.approx(318 * 2 * 2048 * 18 * 65 / GiB)
+    assert sc["pairs_gather"] == pytest.approx(4 * 2 * 2048 * 18 * 65 / GiB)  # ceil(256 / 64) prompts
+    # host: an offloaded reference (its TP8 x PP4 shard) beside the reward model on every rank
+    assert plan.host_per_phase["train"]["reference"] == pytest.approx(2 * n / GiB)
+    assert plan.host_per_phase["margins"]["reference"] == 0.0  # on the GPU for its forward
+    assert plan.host_per_phase["train"]["vllm_asleep"] == pytest.approx(70_553_706_496 * 2 / 8 / GiB)
     assert checkpoint_bytes(x.arch, x.dtype, True) == pytest.approx(1.1289e12, rel=1e-4)
     assert "1,128.9 GB, 17.6 GB per rank over 64" in checkpoint_report(x, 0.5, 0.45)
     assert check_fits(plan, 80.0) is None
+
+
+@pytest.mark.parametrize("conf,world", [("conf/llama31_8b_metaapo.yaml", 8), ("conf/qwen25_7b_metaapo.yaml", 8),
+                                        ("conf/llama31_70b_metaapo.yaml", 64)])
+def test_release_recipes_plan_their_reward_model_and_refuse_an_unsized_one(conf, world):
+    x, plan = _recipe_plan(conf, world)
+    assert x.reward_arch is not None and x.reward_unsized is None and x.reward_batch_size == 32
+    assert plan.per_phase["score"]["reward"] > 13.9 and "reward model: 7.50 B params" in plan.report(80.0)
+    # a reward model that will run but cannot be sized here: no "fits", the key to set named
+    _, unsized = _recipe_plan(conf, world, "reward.arch_config=null")
+    message = check_fits(unsized, 80.0)
+    assert message is not None and "reward.arch_config" in message and "DOES NOT FIT" in message
+    assert "/checkpoints/reward-model/config.json not readable here" in message
+    # kept on the GPU: counted in every phase; a bigger scoring batch shows in the score phase
+    _, resident = _recipe_plan(conf, world, "reward.offload_to_cpu=false", "reward.batch_size=64")
+    rm = plan.per_phase["score"]["reward"]
+    for phase in ("margins", "train", "generate", "score"):
+        assert resident.per_phase[phase]["reward"] == pytest.approx(rm)
+    assert resident.per_phase["score"]["reward_activations"] == pytest.approx(
+        2 * plan.per_phase["score"]["reward_activations"])
+
+
+def test_host_memory_over_the_node_is_refused_with_the_knobs():
+    x, plan = _recipe_plan("conf/llama31_8b_metaapo.yaml", 8, "planner.host_memory_gib=256")
+    assert x.host_memory_gib == 256 and not plan.host_fits
+    message = check_fits(plan, 80.0)
+    assert message.startswith("the checkpoint phase needs") and "planner.host_memory_gib" in message
+    assert "reward.offload_to_cpu=false" in message and "DOES NOT FIT" in message
+    # the reward model kept on the GPU leaves the host in every phase
+    _, resident = _recipe_plan("conf/llama31_8b_metaapo.yaml", 8, "reward.offload_to_cpu=false")
+    assert all(p["reward"] == 0.0 for p in resident.host_per_phase.values())
+    # a whole round per chunk holds that many samples at once
+    _, whole = _recipe_plan("conf/llama31_8b_metaapo.yaml", 8, "metaapo.prompts_per_chunk=null")
+    assert whole.host_per_phase["score"]["chunk_samples"] == pytest.approx(
+        20352 / 128 * plan.host_per_phase["score"]["chunk_samples"])
+
+
+def test_ranks_per_node_come_from_the_sbatch_script_or_the_flags():
+    from metaapo_nemo.config.world import planned_ranks_per_node
+
+    assert planned_ranks_per_node(64, sbatch="slurm/metaapo_llama31_70b.sbatch") == 8
+    assert planned_ranks_per_node(2, sbatch="slurm/tiny_cpu_metaapo.sbatch") == 1
+    assert planned_ranks_per_node(16, gpus_per_node=4) == 4
+    assert planned_ranks_per_node(2) == 2
+
+
+def test_an_unreadable_reward_shape_is_named():
+    # a config.json the planner cannot read (another family) is named with the reason
+    x, plan = _recipe_plan("conf/llama31_8b_metaapo.yaml", 8, "reward.arch_config=pyproject.toml")
+    assert x.reward_unsized is not None and "reward.arch_config=pyproject.toml" in x.reward_unsized
+    assert any("reward.arch_config" in p for p in plan.problems)
 
 
 def test_margin_pass_beside_an_awake_engine_is_shown():
@@ -230,7 +314,8 @@ def test_metaapo_plan_counts_its_reward_model_and_rows():
 
     rm = reward_arch(cfg)
     assert rm is not None and rm.hidden_size == 64  # conf/tiny_cpu.yaml's tiny RM
-    rm_gib = rm.num_parameters * 2 / GiB  # bf16 (reward.dtype auto: bf16 on GPU)
+    # bf16 (reward.dtype auto: bf16 on GPU); a scalar head in place of the LM head
+    rm_gib = (rm.num_parameters - (0 if rm.tie_word_embeddings else rm.vocab_size * 64) + 64) * 2 / GiB
     assert plan.per_phase["score"]["reward"] == pytest.approx(rm_gib)
     assert plan.per_phase["train"]["reward"] == pytest.approx(rm_gib)  # not offloaded
     x = plan_input_from_config(cfg, arch_from_hf_dict(_tiny_hf(cfg)), 1, 1, 1, 4)
@@ -253,3 +338,54 @@ def _tiny_hf(cfg) -> dict:
     from metaapo_nemo.config.cli import _tiny_hf_dict
 
     return _tiny_hf_dict(cfg.model.tiny)
+
+
+def _shipped_world(cfg, conf: str) -> int:
+    from metaapo_nemo.config.world import read_sbatch, scripts_running
+
+    scripts = scripts_running(conf)
+    if scripts:
+        return read_sbatch(scripts[0]).world_size()[0]
+    p = cfg.parallel
+    return max(p.tp * p.pp * p.cp, cfg.rollout.tp if cfg.rollout is not None else 1)
+
+
+@pytest.mark.parametrize("conf", sorted(str(p.relative_to(p.parents[1])) for p in
+                                        __import__("pathlib").Path(__file__).parents[1].glob("conf/*.yaml")))
+def test_every_shipped_recipe_plans_every_component_its_method_runs(conf):
+    """Each conf/*.yaml: whatever its method runs is counted in the plan (a phase term > 0), or
+    named as what the plan could not count; nothing that runs is silently absent."""
+    from metaapo_nemo.config.cli import memory_plan, read_arch_json
+    from metaapo_nemo.config.loader import load_config
+
+    cfg = load_config(conf, [])
+    assert cfg.model.tiny is not None or read_arch_json(cfg) is not None, f"{conf}: set model.arch_config"
+    world = _shipped_world(cfg, conf)
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    dp = world // (tp * pp)
+    plan = memory_plan(cfg, tp, pp, dp, cfg.train.micro_batches_per_step(dp))
+    assert plan is not None, f"{conf}: no plan"
+    train, margins = plan.per_phase["train"], plan.per_phase["margins"]
+    assert train["weights"] > 0 and train["grads"] > 0 and train["optimizer"] > 0 and train["activations"] > 0
+    if cfg.loss.name != "simpo":  # the reference runs its forward in the margins phase
+        assert margins["reference"] > 0
+    sampling = cfg.method == "metaapo" and cfg.metaapo.sampling != "none"
+    report = plan.report(cfg.planner.gpu_memory_gib)
+    if sampling:
+        assert {"generate", "score"} <= set(plan.per_phase)
+        engine_bytes = plan.per_phase["generate"].get("vllm", 0.0) + sum(
+            h.get("hf_engine", 0.0) for h in plan.host_per_phase.values())
+        assert engine_bytes > 0, f"{conf}: the rollout engine is not counted"
+        assert plan.host_per_phase["train"]["round_pairs"] > 0 and plan.host_per_phase["score"]["chunk_samples"] > 0
+        if cfg.reward.backend == "hf":
+            assert plan.per_phase["score"]["reward"] > 0 and plan.per_phase["score"]["reward_activations"] > 0
+        else:
+            assert "reward model: none (a rule reward" in report
+    else:
+        assert "generate" not in plan.per_phase and "score" not in plan.per_phase
+    if cfg.eval is not None:
+        assert "evaluate" in plan.per_phase
+    host = plan.host_per_phase
+    assert host["checkpoint"]["optimizer_gather"] > 0 and all(h["process"] > 0 for h in host.values())
+    assert any("tokenised dataset" in u for u in plan.host_uncounted)  # named where it is not counted
+    assert not plan.problems, f"{conf}: {plan.problems}"

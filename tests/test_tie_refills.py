@@ -93,3 +93,37 @@ def test_refill_seeds_differ_per_attempt_and_repeat_across_runs():
     first, _, _ = _run(2)
     again, _, _ = _run(2)
     assert first.pairs == again.pairs
+
+
+def test_a_scored_chunk_keeps_only_its_unpaired_prompts_samples():
+    """What a rank holds of a round (the planner's host plan): once a chunk is scored its
+    samples go, except those of prompts without a pair (a refill adds K to them); the pairs
+    keep token ids and scores only."""
+    import gc
+    import weakref
+
+    class Watched(_Rollout):
+        def __init__(self):
+            super().__init__()
+            self.refs: dict[int, list] = {}
+            self.alive_at_refill: dict[int, int] = {}
+
+        def generate(self, batch, settings, policy_step):
+            if settings.seed != 0 and not self.alive_at_refill:  # the first refill: every chunk scored
+                gc.collect()
+                self.alive_at_refill = {k: sum(r() is not None for r in refs) for k, refs in self.refs.items()}
+            out = super().generate(batch, settings, policy_step)
+            if settings.seed == 0:
+                for group in out:
+                    self.refs[group.key] = [weakref.ref(s) for s in group.samples]
+            return out
+
+    cfg = _cfg(2)
+    cfg.metaapo.prompts_per_chunk = 1  # three chunks of one prompt
+    rollout, reward = Watched(), _Reward()
+    report = online_pairs([_pair(i) for i in range(3)], rollout, reward, POLICY, SETTINGS, cfg,
+                          round_idx=0, policy_step=0, ctx=CTX)
+    assert rollout.calls == [(0,), (1,), (2,), (0, 1), (0,)]
+    # prompt 2 paired in its chunk: none of its 4 samples is held; 0 and 1 wait for a refill
+    assert rollout.alive_at_refill == {0: 4, 1: 4, 2: 0}
+    assert sorted(report.pairs) == [1, 2] and report.pairs == _run(2)[0].pairs  # chunking changes no pair

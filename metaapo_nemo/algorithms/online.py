@@ -86,7 +86,13 @@ def online_pairs(
     t1 = time.perf_counter()
     batch = PromptBatch.build([p.prompt_ids for p in selected], [p.index for p in selected],
                               round=round_idx, messages=[p.messages() for p in selected])
-    groups, pairs, generate_s, score_s = [], [], 0.0, 0.0
+    # What a rank keeps of a round (planner: host plan): the round's pairs as token ids and
+    # scores (every rank: the round's items and checkpoint hold them all), and the samples of
+    # prompts still without a pair (a tie refill adds K to them); each chunk's samples go
+    # once it is scored.
+    by_key: dict[int, OnlinePair] = {}
+    unpaired: dict[int, object] = {}  # PromptSamples of prompts without a pair, by key
+    generated, generate_s, score_s = 0, 0.0, 0.0
     known: dict[tuple[int, int], float] = {}  # every rank's scores, by (prompt key, sample index)
     step = cfg.metaapo.prompts_per_chunk or len(batch)
     for start in range(0, len(batch), step):  # seeds are per sample: the split changes no sample
@@ -97,16 +103,18 @@ def online_pairs(
         check("generate")
         t_score = time.perf_counter()
         new_pairs, c = _annotate_shared(chunk, got, reward, cfg, policy_step, ctx, known)
-        groups, pairs = groups + got, pairs + new_pairs
+        by_key |= new_pairs
+        generated += sum(len(s.token_ids) for g in got for s in g.samples)
+        if cfg.rollout.tie_refills:
+            unpaired |= {g.key: g for g in got if g.key not in new_pairs}
+        del got
         counters.add(c)
         check("score")
         generate_s += t_score - t_gen
         score_s += time.perf_counter() - t_score
-    generated = sum(len(s.token_ids) for g in groups for s in g.samples)
-    by_group = {g.key: g for g in groups}
+    by_group = unpaired
     for attempt in range(1, cfg.rollout.tie_refills + 1):  # K more samples for prompts without a pair
-        have = {p.key for p in pairs}
-        missing = [i for i, k in enumerate(batch.keys) if k not in have]
+        missing = [i for i, k in enumerate(batch.keys) if k not in by_key]
         if not missing:
             break
         t_gen = time.perf_counter()
@@ -121,7 +129,9 @@ def online_pairs(
             by_group[g.key] = dataclasses.replace(old, samples=old.samples + more)
         new_pairs, c = _annotate_shared(sub, [by_group[k] for k in sub.keys], reward, cfg, policy_step, ctx,
                                         known)
-        pairs = pairs + new_pairs
+        by_key |= new_pairs
+        for k in new_pairs:
+            del by_group[k]
         new_samples = sum(len(g.samples) for g in extra)
         # cost adds up; the outcome of the refilled prompts is the new one
         counters.prompts_generated += len(missing)
@@ -135,10 +145,6 @@ def online_pairs(
         counters.too_few_candidates = c.too_few_candidates
         generate_s += t_score - t_gen
         score_s += time.perf_counter() - t_score
-    by_key = {
-        p.key: OnlinePair(tuple(p.chosen.token_ids), tuple(p.rejected.token_ids), p.chosen_score, p.rejected_score)
-        for p in pairs
-    }
     chosen = [p.chosen_reward for p in by_key.values()]
     rejected = [p.rejected_reward for p in by_key.values()]
     return RolloutReport(
@@ -177,15 +183,18 @@ def refill_settings(settings, round_idx: int, attempt: int):
 def _annotate_shared(batch, groups, reward, cfg, policy_step: int, ctx: ParallelContext,
                      known: dict[tuple[int, int], float]):
     """`annotate` with the prompts split over ranks and the results shared: every rank ends
-    with all pairs, the summed counters and every new score (in `known`)."""
+    with all pairs (as `OnlinePair`s by prompt key: token ids and scores, not the samples'
+    texts and log-probs), the summed counters and every new score (in `known`)."""
     from metaapo_nemo.rollout.group import split_indices
     from metaapo_nemo.rollout.pairs import AnnotationCounters, annotate
 
     world = ctx.dims.world_size
     mine = split_indices(len(batch), world, ctx.rank)
     before = set(known)
-    pairs, counters = annotate(batch.select(mine), [groups[i] for i in mine], reward,
+    found, counters = annotate(batch.select(mine), [groups[i] for i in mine], reward,
                                cfg.rollout.truncated, cfg.reward.batch_size, policy_step, known)
+    pairs = [(p.key, OnlinePair(tuple(p.chosen.token_ids), tuple(p.rejected.token_ids), p.chosen_score,
+                                p.rejected_score)) for p in found]
     if world > 1:
         new = {k: v for k, v in known.items() if k not in before}
         gathered: list = [None] * world
@@ -195,7 +204,7 @@ def _annotate_shared(batch, groups, reward, cfg, policy_step: int, ctx: Parallel
         for _, c, scores in gathered:
             counters.add(AnnotationCounters(**c))
             known.update(scores)
-    return pairs, counters
+    return dict(pairs), counters
 
 
 def attach_reference_logps(reference: MegatronLM | None, microbatches: Sequence[MicroBatch]) -> None:

@@ -197,35 +197,58 @@ def _tiny_hf_dict(t) -> dict:
 
 
 def _arch_or_none(hf: dict | None):
+    return _arch_or_reason(hf)[0]
+
+
+def _arch_or_reason(hf: dict | None):
+    """(ModelArch, None), or (None, why the planner cannot read this shape)."""
     from metaapo_nemo.models.arch import arch_from_hf_dict
 
     if hf is None:
-        return None
+        return None, "no config"
     try:
-        return arch_from_hf_dict(hf.get("text_config", hf))
-    except (ValueError, KeyError, TypeError):
-        return None  # not an architecture the planner knows
+        return arch_from_hf_dict(hf.get("text_config", hf)), None
+    except (ValueError, KeyError, TypeError) as exc:
+        return None, f"not a shape the planner reads ({exc})"
 
 
 def reward_arch(cfg: Config):
     """The HF reward model's architecture from reward.tiny, reward.path's config.json or
     reward.arch_config; None for a rule reward, no reward, or a shape not readable here."""
+    return reward_arch_or_reason(cfg)[0]
+
+
+def reward_arch_or_reason(cfg: Config):
+    """(the HF reward model's ModelArch, None), or (None, why it cannot be sized here: a
+    sentence naming the keys tried), or (None, None) where no reward model runs (a rule
+    reward, no reward section)."""
     r = cfg.reward
     if r is None or r.backend != "hf":
-        return None
+        return None, None
     if r.tiny is not None:
-        return _arch_or_none(_tiny_hf_dict(r.tiny))
-    candidates = [resolve_repo_path(r.path) / "config.json"] if r.path is not None else []
-    candidates += [resolve_repo_path(r.arch_config)] if r.arch_config is not None else []
-    for candidate in candidates:
-        try:
-            return _arch_or_none(json.loads(candidate.read_text()))
-        except (OSError, ValueError):
+        return _arch_or_reason(_tiny_hf_dict(r.tiny))
+    tried = []
+    for key, value, candidate in (
+        ("reward.path", r.path, None if r.path is None else resolve_repo_path(r.path) / "config.json"),
+        ("reward.arch_config", r.arch_config, None if r.arch_config is None else resolve_repo_path(r.arch_config)),
+    ):
+        if candidate is None:
             continue
-    return None
+        try:
+            hf = json.loads(candidate.read_text())
+        except (OSError, ValueError) as exc:
+            tried.append(f"{key}={value} ({candidate} not readable here: {type(exc).__name__})")
+            continue
+        arch, why = _arch_or_reason(hf)
+        if arch is not None:
+            return arch, None
+        tried.append(f"{key}={value}: {why}")
+    if r.arch_config is None:
+        tried.append("reward.arch_config is not set")
+    return None, "; ".join(tried)
 
 
-def memory_plan(cfg: Config, tp: int, pp: int, dp: int, accum: int):
+def memory_plan(cfg: Config, tp: int, pp: int, dp: int, accum: int, ranks_per_node: int | None = None):
     """The planner's per-GPU estimate of what the config's method runs
     (`planner.plan_input_from_config`), or None if the architecture is unknown."""
     from metaapo_nemo.planner import plan_input_from_config, plan_memory
@@ -234,7 +257,9 @@ def memory_plan(cfg: Config, tp: int, pp: int, dp: int, accum: int):
     arch = _arch_or_none(hf)
     if arch is None:
         return None  # the rough estimate is printed instead
-    return plan_memory(plan_input_from_config(cfg, arch, tp, pp, dp, accum, reward_arch(cfg)))
+    rm, rm_unsized = reward_arch_or_reason(cfg)
+    return plan_memory(plan_input_from_config(cfg, arch, tp, pp, dp, accum, rm, reward_unsized=rm_unsized,
+                                              ranks_per_node=ranks_per_node))
 
 
 def estimate_params(dims: dict) -> int | None:
@@ -253,7 +278,8 @@ def estimate_params(dims: dict) -> int | None:
 def _memory_lines(cfg: Config, dims: dict | None, tp: int, pp: int, dp: int) -> list[str]:
     n = estimate_params(dims or {})
     if n is None:
-        return ["memory estimate: model shape unknown (model.path has no config.json here)"]
+        return ["memory estimate: none, the model's shape is unknown (model.path has no readable "
+                "config.json here): set model.arch_config to its config.json (conf/models/*.json)"]
     weight_bytes = 2 if cfg.model.resolved_dtype(on_gpu=True) == "bfloat16" else 4  # a GPU plan
     # Megatron keeps fp32 grads; Adam keeps two fp32 moments, plus fp32 master weights in bf16.
     optim_bytes = 8 + (4 if weight_bytes == 2 else 0)
@@ -279,18 +305,24 @@ def plan_report(cfg: Config, args: argparse.Namespace) -> str:
     """
     from metaapo_nemo.config.world import planned_world_size
 
+    from metaapo_nemo.config.world import planned_ranks_per_node
+
     world, source = planned_world_size(cfg, args.config, world_size=args.world_size, nodes=args.nodes,
                                        gpus_per_node=args.gpus_per_node, sbatch=args.sbatch)
-    return dry_run_report(cfg, world, read_model_dims(cfg)) + f"\nworld size {world}: {source}"
+    per_node = planned_ranks_per_node(world, gpus_per_node=args.gpus_per_node, sbatch=args.sbatch)
+    return (dry_run_report(cfg, world, read_model_dims(cfg), ranks_per_node=per_node)
+            + f"\nworld size {world}: {source}; {per_node} ranks per node")
 
 
-def dry_run_report(cfg: Config, world_size: int, model_dims: dict | None) -> str:
+def dry_run_report(cfg: Config, world_size: int, model_dims: dict | None,
+                   ranks_per_node: int | None = None) -> str:
     """Describe what a run would do, without building anything.
 
     Args:
         cfg: The validated config.
         world_size: Number of ranks (see ``world_size_from_env``).
         model_dims: From ``read_model_dims`` (None skips the shape checks and estimate).
+        ranks_per_node: Ranks sharing a node's host memory (None: min(world_size, 8)).
 
     Returns:
         The resolved YAML, the parallel layout, the micro-batch arithmetic and a memory
@@ -319,7 +351,7 @@ def dry_run_report(cfg: Config, world_size: int, model_dims: dict | None) -> str
     if model_dims is not None:
         shape = ", ".join(f"{k}={v}" for k, v in model_dims.items())
         lines.append(f"model: {shape}")
-    plan = memory_plan(cfg, dims.tp, dims.pp, dims.dp, accum)
+    plan = memory_plan(cfg, dims.tp, dims.pp, dims.dp, accum, ranks_per_node)
     if plan is None:
         lines += _memory_lines(cfg, model_dims, dims.tp, dims.pp, dims.dp)
     else:

@@ -58,6 +58,11 @@ class PlannerConfig(_Section):
     start-up on GPU machines."""
 
     gpu_memory_gib: float = Field(80.0, gt=0)  # H100 80GB
+    # Host memory of one node (GiB) the ranks on it share: the offloaded reference and reward
+    # model, vLLM's sleeping weights, the round's pairs and samples, a checkpoint's optimizer
+    # gather. 1024 is below every 8 x H100 node sold (1.8-2 TiB); set the nodes' memory, or
+    # the job's --mem.
+    host_memory_gib: float = Field(1024.0, gt=0)
     on_exceed: Literal["error", "warn"] = "error"
 
 

@@ -122,6 +122,29 @@ def scripts_running(config_path: str | Path) -> list[Path]:
     return out
 
 
+def planned_ranks_per_node(world: int, *, gpus_per_node: int | None = None,
+                           sbatch: str | Path | None = None) -> int:
+    """Ranks that share one node's host memory: the sbatch script's tasks (or GPUs) per node,
+    --gpus-per-node, the launcher's LOCAL_WORLD_SIZE / SLURM_NTASKS_PER_NODE, else
+    min(world, 8) (one process per GPU of an 8-GPU node)."""
+    import os
+
+    if gpus_per_node:
+        return gpus_per_node
+    if sbatch is not None:
+        layout = read_sbatch(sbatch)
+        per_node = layout.tasks_per_node or layout.gpus_per_node
+        if per_node is None and layout.ntasks is not None:
+            per_node = -(-layout.ntasks // (layout.nodes or 1))
+        if per_node:
+            return min(per_node, world)
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return min(int(value), world)
+    return min(world, 8)
+
+
 def planned_world_size(cfg: Config, config_path: str | Path, *, world_size: int | None = None,
                        nodes: int | None = None, gpus_per_node: int | None = None,
                        sbatch: str | Path | None = None) -> tuple[int, str]:
