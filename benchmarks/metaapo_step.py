@@ -12,6 +12,10 @@ algorithm's `StepWork`, `trainer.loop.Trainer.train_step`: megatron schedule + o
 - ``metaapo_fixed_rows``: ``metaapo`` with a row kept for every absent online pair
   (`RowLayout.fixed_rows`, what PP needs and what every layout did before 2026-12-03): a
   prompt without an online pair then costs a whole padded row more (not in packed layouts);
+- ``metaapo_h100`` / ``dpo_h100``: the H100 recipes' rows (`H100_ROWS`: packed as THD
+  `PackedSeqParams`, the Transformer Engine spec's packing, which the CPU runs through the
+  SDPA core's variable-length attention; no shared prompt: TE's attention cannot express it);
+  ``metaapo_h100_bucket``: what the H100 recipes ran before (length buckets, no sharing);
 - ``dpo``: the offline DPO step on the same offline pairs (default layout).
 
 Online pairs are synthetic (other prompts' responses stand in for samples) for
@@ -25,7 +29,8 @@ sequence through the policy per second of step time) is reported with the ratios
     python benchmarks/metaapo_step.py --record             # and appends it to benchmarks/results/
     python benchmarks/metaapo_step.py model.tiny.hidden_size=256 model.tiny.num_layers=4
 
-Target (issue 15): metaapo >= 0.9 x dpo tokens/s. Run it on a quiet machine.
+Targets: metaapo >= 0.9 x dpo tokens/s (issue 15); metaapo_h100 >= 0.9 x dpo (issue 34: the
+H100 layout on the CPU proxy; 0.64x with buckets). Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -45,11 +50,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "metaapo_step.jsonl"
+# The H100 recipes' rows on the CPU proxy: packed as THD PackedSeqParams (what the Transformer
+# Engine spec runs; here the SDPA core's variable-length attention), no shared prompt.
+H100_ROWS = ["train.batching=pack", "train.pack_format=thd", "train.share_prompt=false"]
 VARIANTS = {  # name: (method, overrides, RowLayout.fixed_rows forced on)
     "metaapo": ("metaapo", [], False),
     "metaapo_fixed_rows": ("metaapo", [], True),
     "metaapo_pad": ("metaapo", ["train.batching=pad", "train.share_prompt=false"], False),
+    "metaapo_h100": ("metaapo", H100_ROWS, False),
+    "metaapo_h100_bucket": ("metaapo", ["train.batching=bucket", "train.share_prompt=false"], False),
     "dpo": ("dpo", [], False),
+    "dpo_h100": ("dpo", H100_ROWS, False),
 }
 
 
@@ -165,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_metaapo_vs_pad": round(med["metaapo"] / med["metaapo_pad"], 3),
         "ratio_metaapo_vs_fixed_rows": round(med["metaapo"] / med["metaapo_fixed_rows"], 3),
         "ratio_metaapo_vs_dpo": round(med["metaapo"] / med["dpo"], 3),
+        # the H100 recipes' layout (THD-packed) vs today's GPU fallback (buckets, no sharing)
+        "ratio_metaapo_h100_vs_dpo": round(med["metaapo_h100"] / med["dpo"], 3),
+        "ratio_metaapo_h100_vs_dpo_h100": round(med["metaapo_h100"] / med["dpo_h100"], 3),
+        "ratio_metaapo_h100_bucket_vs_dpo": round(med["metaapo_h100_bucket"] / med["dpo"], 3),
         # the same with the round's online-pair reference pass spread over the round's steps
         # (DPO's reference is cached: nothing to add)
         "tokens_per_s_incl_round_reference": {v: round(statistics.median(x), 1) for v, x in incl.items()},

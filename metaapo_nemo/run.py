@@ -114,6 +114,14 @@ def build(cfg: Config, method: str | None = None, pairs: list | None = None) -> 
     model_dir = S.resolve_model_dir(cfg, ctx)
     arch = load_arch(model_dir)
     check_layout(cfg, ctx.dims.world_size, arch.to_dict() | {"num_layers": arch.num_layers})
+    from metaapo_nemo.config.cli import startup_memory_check
+
+    on_gpu = ctx.device.type == "cuda"
+    warning = startup_memory_check(cfg, arch, ctx.dims.tp, ctx.dims.pp, ctx.dims.dp, on_gpu,
+                                   torch.cuda.get_device_properties(ctx.device).total_memory / 2**30
+                                   if on_gpu else None)
+    if warning is not None and ctx.is_main:
+        console.say("WARNING: " + warning)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     d = cfg.data
     if pairs is None:

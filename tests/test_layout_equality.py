@@ -2,7 +2,8 @@
 
 The plain path is "pad" rows (one sequence per row, causal mask, positions 0..T-1) with
 megatron's own DotProductAttention and full logits. Against it, in fp32:
-bucketed, packed (block-diagonal mask, per-sequence positions), shared-prompt
+bucketed, packed (block-diagonal mask, per-sequence positions; or THD PackedSeqParams, the
+Transformer Engine spec's packing, with the SDPA core's variable-length attention), shared-prompt
 ([prompt | chosen | rejected] with the sibling-branch mask and restarting positions), both
 combined, SDPA attention, and logits computed only where a response token is scored.
 Tolerances: 1e-6 (relative for the sequence sums, which are ~-300 and so carry fp32
@@ -39,7 +40,7 @@ def _run(path, ctx, layout: RowLayout, attention: str = "megatron"):
     from metaapo_nemo.models.policy import MegatronLM, OptimSettings
     from metaapo_nemo.trainer.batching import to_microbatches
 
-    build = BuildOptions(explicit_positions=layout.explicit_positions, attention=attention)
+    build = BuildOptions(explicit_positions=layout.explicit_positions, packed_thd=layout.thd, attention=attention)
     model = MegatronLM(load_arch(path), ctx, path, build, OptimSettings(**OPTIM), pad_id=0)
     seqs: dict[int, torch.Tensor] = {}
 
@@ -76,6 +77,9 @@ CASES = {
     "sdpa": (RowLayout("pad"), "sdpa"),
     "bucket_shared_sdpa": (RowLayout("bucket", share_prompt=True), "sdpa"),
     "pack_shared_sdpa": (RowLayout("pack", share_prompt=True), "sdpa"),
+    # THD PackedSeqParams (the TE spec's packing) on the CPU: varlen attention, RoPE per sequence
+    "pack_thd": (RowLayout("pack", thd=True), "sdpa"),
+    "pack_budget_thd": (RowLayout("pack", pack_tokens=400, thd=True), "sdpa"),
 }
 
 

@@ -7,11 +7,13 @@ by process count and tier; each group is ONE torchrun launch of
 ``tests/workers/layout_worker.py`` that runs its jobs one after another (start-up is most
 of the cost on 2 cores), started lazily by the first test that needs it.
 
-Default tier (and the H100 stack's tier, marker ``stack``): TP2, PP2 (1F1B), PP2 x VPP2, DP2, DP2 + distributed optimiser, TP2 x PP2,
+Default tier (and the H100 stack's tier, marker ``stack``): TP2, PP2 (1F1B), PP2 x VPP2, DP2,
+DP2 + distributed optimiser, TP2 x PP2,
 Qwen2 (tied embeddings, qkv bias) under PP2, the memory options (recompute selective /
-full, reference CPU offload), the TP2 x PP2 (x VPP2) HF round trips and the TP2 log-probs.
-``slow``: the distributed optimiser under TP2 / PP2 / VPP / TP2 x PP2 / DP2 x TP2 / DP2 x PP2
-and more Qwen2 layouts (TP2, PP2 x VPP2, TP2 x PP2).
+full, reference CPU offload), THD-packed rows (1 process, DP2 + distributed optimiser), the
+TP2 x PP2 (x VPP2) HF round trips and the TP2 log-probs.
+``slow``: the distributed optimiser under TP2 / PP2 / VPP / TP2 x PP2 / DP2 x TP2 / DP2 x PP2,
+more Qwen2 layouts (TP2, PP2 x VPP2, TP2 x PP2) and THD-packed rows under TP2 and PP2.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Layout:
 
 
 REFERENCES = [Layout("llama_ref", 1), Layout("qwen2_ref", 1, arch="qwen2")]
+THD = ("train.batching=pack", "train.pack_format=thd", "train.share_prompt=false")
 LAYOUTS = [
     Layout("tp2", 2, ("parallel.tp=2",)),
     Layout("pp2", 2, ("parallel.pp=2",)),
@@ -75,6 +78,10 @@ LAYOUTS = [
     Layout("reference_offload", 1, ("reference.offload_to_cpu=true",)),
     Layout("reference_offload_precompute", 1,
            ("reference.offload_to_cpu=true", "reference.precompute=true")),
+    # rows packed as THD PackedSeqParams (the Transformer Engine spec's packing; here the SDPA
+    # core's variable-length attention) against the reference's shared-prompt buckets
+    Layout("pack_thd", 1, THD),
+    Layout("dp2_distopt_thd", 2, ("parallel.distributed_optimizer=true", *THD)),
     # slow tier
     Layout("tp2_distopt", 2, ("parallel.tp=2", "parallel.distributed_optimizer=true"), slow=True),
     Layout("pp2_distopt", 2, ("parallel.pp=2", "parallel.distributed_optimizer=true"), slow=True),
@@ -89,6 +96,8 @@ LAYOUTS = [
     Layout("dp2_pp2_distopt", 4, ("parallel.pp=2", "parallel.distributed_optimizer=true"),
            slow=True),
     Layout("qwen2_tp2_pp2", 4, ("parallel.tp=2", "parallel.pp=2"), arch="qwen2", slow=True),
+    Layout("tp2_thd", 2, ("parallel.tp=2", *THD), slow=True),
+    Layout("pp2_thd", 2, ("parallel.pp=2", *THD), slow=True),
 ]
 BY_NAME = {lay.name: lay for lay in REFERENCES + LAYOUTS}
 # HF -> Megatron -> HF round trips, run in the 4-process default group.

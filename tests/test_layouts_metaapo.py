@@ -14,10 +14,11 @@ DP2 is the regression test of "reference cache lacks offline pairs" (the round's
 pass filled each rank's cache with its own DP shard; the training steps deal the prompts
 out differently). Runs are grouped by process count into one torchrun launch each.
 Options that change how the model computes, not what (recompute full / selective, megatron's
-core attention instead of SDPA, reference CPU offload) run single-process against the same
-reference. Default tier: MetaAPO TP2, PP2, DP2, full recompute, megatron attention and Online
-DPO DP2. ``slow``: DP2 + distributed optimiser, PP2 x VPP2, TP2 x PP2 (4 processes) for both
-methods, the other options and the other Online DPO layouts.
+core attention instead of SDPA, reference CPU offload, THD-packed rows) run single-process
+against the same reference. Default tier: MetaAPO TP2, PP2, DP2, full recompute, megatron
+attention, THD-packed rows and Online DPO DP2; the stack tier adds THD at TP2, PP2 and DP2 +
+distributed optimiser. ``slow``: DP2 + distributed optimiser, PP2 x VPP2, TP2 x PP2 (4
+processes) for both methods, the other options and the other Online DPO layouts.
 """
 
 from __future__ import annotations
@@ -67,17 +68,24 @@ SHAPES = {  # name: (processes, overrides)
     "dp2_distopt": (2, ("parallel.distributed_optimizer=true",)),
     "pp2_vpp2": (2, ("parallel.pp=2", "parallel.vpp=2", "train.batching=bucket")),  # pack: refused
     "tp2_pp2": (4, ("parallel.tp=2", "parallel.pp=2")),
+    # packed rows as THD PackedSeqParams (the Transformer Engine spec's packing, run on the
+    # CPU by the SDPA core's variable-length attention), against the mask-packed reference
+    "tp2_thd": (2, ("parallel.tp=2", "train.pack_format=thd", "train.share_prompt=false")),
+    "pp2_thd": (2, ("parallel.pp=2", "train.pack_format=thd", "train.share_prompt=false")),
+    "dp2_thd": (2, ("parallel.distributed_optimizer=true", "train.pack_format=thd", "train.share_prompt=false")),
     # single-process options that change how the model computes, not what: same run expected
     "recompute_full": (1, ("parallel.recompute=full",)),
     "recompute_selective": (1, ("parallel.recompute=selective",)),
     "attention_megatron": (1, ("train.attention=megatron",)),
     "reference_offload": (1, ("reference.offload_to_cpu=true",)),
+    "pack_thd": (1, ("train.pack_format=thd", "train.share_prompt=false")),
 }
 DEFAULT = {("metaapo", "tp2"), ("metaapo", "pp2"), ("metaapo", "dp2"), ("online", "dp2"),
-           ("metaapo", "recompute_full"), ("metaapo", "attention_megatron")}
+           ("metaapo", "recompute_full"), ("metaapo", "attention_megatron"), ("metaapo", "pack_thd")}
 # The Python 3.12 / megatron-core 0.19 tier (`make test-gpu-stack`, marker `stack`): the default
 # cases and, from the slow ones, the distributed optimiser and interleaved PP.
-STACK = DEFAULT | {("metaapo", "dp2_distopt"), ("metaapo", "pp2_vpp2")}
+STACK = DEFAULT | {("metaapo", "dp2_distopt"), ("metaapo", "pp2_vpp2"), ("metaapo", "tp2_thd"),
+                   ("metaapo", "pp2_thd"), ("metaapo", "dp2_thd")}
 
 
 @dataclass(frozen=True)

@@ -227,13 +227,17 @@ def test_host_memory_over_the_node_is_refused_with_the_knobs():
         20352 / 128 * plan.host_per_phase["score"]["chunk_samples"])
 
 
-def test_ranks_per_node_come_from_the_sbatch_script_or_the_flags():
+def test_ranks_per_node_come_from_the_sbatch_script_or_the_flags(monkeypatch):
     from metaapo_nemo.config.world import planned_ranks_per_node
 
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(var, raising=False)
     assert planned_ranks_per_node(64, sbatch="slurm/metaapo_llama31_70b.sbatch") == 8
     assert planned_ranks_per_node(2, sbatch="slurm/tiny_cpu_metaapo.sbatch") == 1
     assert planned_ranks_per_node(16, gpus_per_node=4) == 4
     assert planned_ranks_per_node(2) == 2
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")  # under srun: the launcher's tasks per node
+    assert planned_ranks_per_node(16) == 4
 
 
 def test_an_unreadable_reward_shape_is_named():
@@ -389,3 +393,21 @@ def test_every_shipped_recipe_plans_every_component_its_method_runs(conf):
     assert host["checkpoint"]["optimizer_gather"] > 0 and all(h["process"] > 0 for h in host.values())
     assert any("tokenised dataset" in u for u in plan.host_uncounted)  # named where it is not counted
     assert not plan.problems, f"{conf}: {plan.problems}"
+
+
+def test_the_plan_is_enforced_when_a_run_starts_on_gpus():
+    """run.setup calls startup_memory_check with the loaded architecture and the device's memory."""
+    from metaapo_nemo.config.cli import read_arch_json, startup_memory_check
+    from metaapo_nemo.config.loader import load_config
+    from metaapo_nemo.config.schema import ConfigError
+
+    cfg = load_config("conf/llama31_8b_metaapo.yaml", [])
+    arch = arch_from_hf_dict(read_arch_json(cfg))
+    assert startup_memory_check(cfg, arch, 2, 1, 4, on_gpu=True, gpu_memory_gib=79.2) is None  # an H100 80GB
+    assert startup_memory_check(cfg, arch, 2, 1, 4, on_gpu=False) is None  # CPU runs are not refused
+    with pytest.raises(ConfigError, match="checked at start-up") as err:  # a 40 GiB device
+        startup_memory_check(cfg, arch, 2, 1, 4, on_gpu=True, gpu_memory_gib=40.0)
+    assert "vs 40 GiB per GPU: DOES NOT FIT" in str(err.value)
+    warn = load_config("conf/llama31_8b_metaapo.yaml", ["planner.on_exceed=warn"])
+    message = startup_memory_check(warn, arch, 2, 1, 4, on_gpu=True, gpu_memory_gib=40.0)
+    assert message is not None and "planner.on_exceed=warn: continuing" in message

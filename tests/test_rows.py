@@ -180,3 +180,103 @@ def test_layout_from_config_pads_for_fp8_only():
     assert not bf16.fixed_rows
     assert layout_from_config(SimpleNamespace(train=train, model=SimpleNamespace(fp8=None), parallel=pp2),
                               "transformer_engine").fixed_rows
+
+
+# ----------------------------------------------------------------- THD packing (issue 34)
+
+
+def test_sdpa_core_runs_thd_streams_as_varlen_causal_attention():
+    """SDPAttention with THD PackedSeqParams == one masked SDPA per sequence (what TE's fused
+    THD attention computes), real tokens exact to rounding, with each slot padded (pad_multiple
+    4, as context parallelism pads) and GQA; the padding tail is zero."""
+    from types import SimpleNamespace
+
+    from metaapo_nemo.models.attention import SDPAttention
+
+    torch.manual_seed(0)
+    config = SimpleNamespace(context_parallel_size=1, num_attention_heads=4, num_query_groups=2, kv_channels=8,
+                             apply_query_key_layer_scaling=False, attention_dropout=0.0)
+    core = SDPAttention(config, 1, None, "self", pg_collection=SimpleNamespace(tp=SimpleNamespace(size=lambda: 1)))
+    params = thd_packed_seq_params([[5, 6], [3]], row_length=16, pad_multiple=4)
+    t = int(params.cu_seqlens_q_padded[-1])
+    q, k, v = torch.randn(t, 4, 8), torch.randn(t, 2, 8), torch.randn(t, 2, 8)
+    out = core(q, k, v, None, packed_seq_params=params)
+    assert out.shape == (t, 32)
+    real, slots = params.cu_seqlens_q.tolist(), params.cu_seqlens_q_padded.tolist()
+    for i in range(len(real) - 1):
+        s, n = slots[i], real[i + 1] - real[i]
+        qi, ki, vi = (x[s:s + n].transpose(0, 1) for x in (q, k, v))
+        ki, vi = ki.repeat_interleave(2, dim=0), vi.repeat_interleave(2, dim=0)
+        want = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=True)
+        torch.testing.assert_close(out[s:s + n], want.transpose(0, 1).reshape(n, 32), rtol=1e-6, atol=1e-6)
+        assert not out[s + n:slots[i + 1]].any()
+    with pytest.raises(ValueError, match="cu_seqlens end"):
+        core(q[:-1], k[:-1], v[:-1], None, packed_seq_params=params)
+
+
+def _cfg_ns(batching="pack", share=False, pack_format="auto", attention="sdpa", cp=1, fp8=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(train=SimpleNamespace(batching=batching, share_prompt=share, pack_tokens=None,
+                                                 pack_format=pack_format, attention=attention),
+                           model=SimpleNamespace(fp8=fp8), parallel=SimpleNamespace(pp=1, cp=cp))
+
+
+def test_packed_rows_go_as_thd_on_the_te_spec_and_what_thd_cannot_run_is_refused():
+    from metaapo_nemo.trainer.rows import layout_from_config
+
+    te = layout_from_config(_cfg_ns(), "transformer_engine")  # auto: THD on the TE spec
+    assert te.batching == "pack" and te.thd and not te.explicit_positions
+    fp8 = layout_from_config(_cfg_ns(fp8="hybrid"), "transformer_engine")
+    assert fp8.thd and fp8.pad_multiple == 16  # FP8's shape rule: the stream a multiple of 16
+    local = layout_from_config(_cfg_ns(), "local")  # auto: the block-diagonal mask on CPU
+    assert not local.thd and local.explicit_positions
+    assert layout_from_config(_cfg_ns(pack_format="thd"), "local").thd  # the GPU's path on the CPU
+    assert not layout_from_config(_cfg_ns(batching="bucket", pack_format="thd"), "local").thd
+    refused = {
+        "share_prompt=true needs an arbitrary": (_cfg_ns(share=True), "transformer_engine"),
+        "pack_format=mask needs an arbitrary": (_cfg_ns(pack_format="mask"), "transformer_engine"),
+        "cannot express shared-prompt": (_cfg_ns(share=True, pack_format="thd"), "local"),
+        "needs train.attention=sdpa": (_cfg_ns(pack_format="thd", attention="megatron"), "local"),
+        "parallel.cp=2": (_cfg_ns(cp=2), "transformer_engine"),
+    }
+    for message, (cfg, impl) in refused.items():
+        with pytest.raises(ValueError, match=message):
+            layout_from_config(cfg, impl)
+
+
+def test_a_thd_packed_microbatch_runs_the_varlen_path(tiny_llama, single_ctx, monkeypatch):
+    """The model gets PackedSeqParams and no mask (the THD path, not the mask path), and the
+    sequence log-probs equal the mask-packed ones (tests/test_layout_equality.py: gradients)."""
+    from metaapo_nemo.models import attention
+    from metaapo_nemo.models.arch import load_arch
+    from metaapo_nemo.models.megatron_model import BuildOptions
+    from metaapo_nemo.models.policy import MegatronLM
+    from metaapo_nemo.trainer.batching import to_microbatches
+    from metaapo_nemo.trainer.preference import reference_loss_fn
+
+    pairs = synthetic_pairs(6, 250, chat_lengths((3, 40), (2, 40)), seed=3, eos_id=2)
+    seen = []
+    real_thd = attention.SDPAttention._thd
+    monkeypatch.setattr(attention.SDPAttention, "_thd",
+                        lambda self, q, k, v, p: seen.append(p.cu_seqlens_q.tolist()) or real_thd(self, q, k, v, p))
+    out = {}
+    for thd in (True, False):
+        layout = RowLayout("pack", thd=thd)
+        model = MegatronLM(load_arch(tiny_llama), single_ctx, tiny_llama,
+                           BuildOptions(explicit_positions=layout.explicit_positions, packed_thd=thd, attention="sdpa"))
+        mbs = to_microbatches(pairs, 2, 0, single_ctx.device, layout)
+        out[thd] = torch.cat([o["seq_logps_N"] for o in model.run(mbs, reference_loss_fn, forward_only=True)])
+    assert seen and all(len(cu) > 2 for cu in seen)  # several sequences per packed row
+    torch.testing.assert_close(out[True], out[False], rtol=1e-6, atol=1e-6)
+
+
+def test_the_dry_run_names_the_row_layout_of_each_spec():
+    from metaapo_nemo.trainer.rows import describe_rows
+
+    line = describe_rows(_cfg_ns(share=None))
+    assert line.startswith("rows: Transformer Engine spec (GPU): packed rows as THD PackedSeqParams")
+    assert "local spec (CPU): packed rows with a block-diagonal mask" in line
+    assert "each pair's prompt computed once" in line  # share_prompt null: on with the local spec
+    refused = describe_rows(_cfg_ns(share=True))
+    assert "Transformer Engine spec (GPU): refused (train.share_prompt=true needs" in refused

@@ -262,6 +262,41 @@ def memory_plan(cfg: Config, tp: int, pp: int, dp: int, accum: int, ranks_per_no
                                               ranks_per_node=ranks_per_node))
 
 
+def startup_memory_check(cfg: Config, arch, tp: int, pp: int, dp: int, on_gpu: bool,
+                         gpu_memory_gib: float | None = None) -> str | None:
+    """The memory plan enforced when a run starts on GPU machines (the dry run's plan, with
+    the architecture just loaded and ranks per node from the launcher): None if it fits or
+    this is a CPU run; the warning for planner.on_exceed=warn.
+
+    Args:
+        gpu_memory_gib: The device's memory (torch's total); the smaller of it and
+            planner.gpu_memory_gib is planned against.
+
+    Raises:
+        ConfigError: The plan does not fit (or has a problem) and planner.on_exceed=error.
+    """
+    if not on_gpu:
+        return None
+    from metaapo_nemo.config.world import planned_ranks_per_node
+    from metaapo_nemo.planner import check_fits, plan_input_from_config, plan_memory
+
+    rm, unsized = reward_arch_or_reason(cfg)
+    plan = plan_memory(plan_input_from_config(cfg, arch, tp, pp, dp, cfg.train.micro_batches_per_step(dp), rm,
+                                              reward_unsized=unsized,
+                                              ranks_per_node=planned_ranks_per_node(tp * pp * dp)))
+    limit = cfg.planner.gpu_memory_gib if gpu_memory_gib is None else min(gpu_memory_gib, cfg.planner.gpu_memory_gib)
+    problem = check_fits(plan, limit, cfg.planner.on_exceed)
+    if problem is not None and cfg.planner.on_exceed == "error":
+        raise ConfigError(f"{problem}\n(checked at start-up; planner.on_exceed=warn runs anyway)")
+    return problem
+
+
+def _rows_line(cfg: Config) -> str:
+    from metaapo_nemo.trainer.rows import describe_rows
+
+    return describe_rows(cfg)
+
+
 def estimate_params(dims: dict) -> int | None:
     """Approximate parameter count of a llama/qwen2-style decoder (None if shape unknown)."""
     keys = ("num_layers", "num_attention_heads", "num_kv_heads", "vocab_size", "hidden_size")
@@ -347,6 +382,7 @@ def dry_run_report(cfg: Config, world_size: int, model_dims: dict | None,
         "(gradient accumulation)",
         f"steps: max_steps={'null (all epochs)' if t.max_steps is None else t.max_steps}, "
         f"epochs={t.epochs}",
+        _rows_line(cfg),
     ]
     if model_dims is not None:
         shape = ", ".join(f"{k}={v}" for k, v in model_dims.items())

@@ -122,6 +122,12 @@ class TrainConfig(_Section):
     # takes no arbitrary mask).
     share_prompt: bool | None = None
     pack_tokens: int | None = Field(None, gt=1)  # pack row length; None: the step's longest pair
+    # How a packed row's sequences are kept apart: thd = megatron's THD PackedSeqParams
+    # (cu_seqlens: variable-length attention, RoPE restarting per sequence; what the
+    # Transformer Engine spec runs, and the local spec with train.attention=sdpa), mask = a
+    # block-diagonal mask with explicit positions (local spec only). auto: thd on the TE
+    # spec, mask on the local spec.
+    pack_format: Literal["auto", "mask", "thd"] = "auto"
     # Core attention of the local (CPU) layer spec: megatron's DotProductAttention, or torch
     # SDPA (same maths, blockwise; 3-5x faster on CPU at long rows). TE keeps its own.
     attention: Literal["megatron", "sdpa"] = "sdpa"

@@ -14,6 +14,10 @@ Masked entries: megatron adds -10000 before the softmax, SDPA -inf; both give ex
 weight whenever a query has at least one visible key, which every layout guarantees
 (the diagonal is always visible).
 
+Packed rows as THD `PackedSeqParams` (`train.pack_format=thd`): the same variable-length
+causal attention per sequence that TE's fused attention computes from ``cu_seqlens``, so
+the CPU runs the GPU's packing path (metadata, RoPE restarting per sequence, gathers).
+
 Used through `use_sdpa_core(spec)` (`train.attention=sdpa`); the TE spec on GPU keeps TE's fused attention.
 """
 
@@ -56,8 +60,10 @@ class SDPAttention(torch.nn.Module):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention supports neither packed_seq_params nor attention_bias")
+        if attention_bias is not None:
+            raise ValueError("SDPAttention does not support attention_bias")
+        if packed_seq_params is not None:
+            return self._thd(query, key, value, packed_seq_params)
         sq, b, np_, hn = query.shape
         # [s, b, n, h] -> [b, n, s, h]
         q = query.permute(1, 2, 0, 3)
@@ -77,6 +83,42 @@ class SDPAttention(torch.nn.Module):
                                                  scale=self.softmax_scale)
         # [b, n, s, h] -> [s, b, n * h]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+    def _thd(self, query, key, value, params):
+        """Variable-length causal attention over a THD stream, as TE's fused attention runs it.
+
+        query [t, np, hn], key/value [t, ng, hn] (megatron squeezes the dummy batch dim for
+        ``qkv_format="thd"``); sequence i's tokens are the slot ``cu_seqlens_q_padded[i] :
+        cu_seqlens_q_padded[i + 1]``, of which the first ``cu_seqlens_q[i + 1] -
+        cu_seqlens_q[i]`` are real. Each sequence attends causally to itself only; a slot's
+        padding tail gets zeros (nothing reads it: its tokens are never scored, and causal
+        attention keeps them out of every real token's keys). Returns [t, np * hn].
+        """
+        if params.qkv_format != "thd":
+            raise ValueError(f"SDPAttention takes packed_seq_params with qkv_format='thd', not "
+                             f"{params.qkv_format!r}")
+        real = params.cu_seqlens_q.tolist()
+        slots = (params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None
+                 else params.cu_seqlens_q).tolist()
+        t, np_, hn = query.shape
+        if slots[-1] != t:
+            raise ValueError(f"THD stream of {t} tokens, but cu_seqlens end at {slots[-1]}")
+        # [t, n, h] -> [n, t, h]
+        q, k, v = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        if self.groups != self.heads:
+            rep = self.heads // self.groups
+            k = k.repeat_interleave(rep, dim=0)
+            v = v.repeat_interleave(rep, dim=0)
+        pieces = []
+        for i in range(len(slots) - 1):
+            start, n, slot = slots[i], real[i + 1] - real[i], slots[i + 1] - slots[i]
+            sl = slice(start, start + n)
+            pieces.append(F.scaled_dot_product_attention(q[:, sl], k[:, sl], v[:, sl], is_causal=True,
+                                                         scale=self.softmax_scale))
+            if slot > n:
+                pieces.append(q.new_zeros(np_, slot - n, hn))
+        out = torch.cat(pieces, dim=1)  # [n, t, h]
+        return out.transpose(0, 1).reshape(t, np_ * hn)
 
 
 def _tp_size() -> int:

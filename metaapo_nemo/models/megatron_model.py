@@ -34,6 +34,9 @@ class BuildOptions:
     # 'rope' path ignores position_ids, its 'mrope' path with one section spanning every
     # rotary channel is ordinary RoPE at the given positions (see `explicit_positions`).
     explicit_positions: bool = False
+    # Packed rows go to the model as THD `PackedSeqParams` (models/packed_seq.py): no mask,
+    # RoPE restarts at each sequence's cu_seqlens offset.
+    packed_thd: bool = False
     attention: str = "megatron"  # local spec core attention: "megatron" | "sdpa"
     transformer_impl: str = "auto"  # auto | local | transformer_engine (see layer_spec.py)
     fp8: str | None = None  # None | hybrid | e4m3 (TE only)

@@ -205,7 +205,11 @@ class MegatronLM:
                 ids = mb.input_ids_NT.to(ctx.device)
                 self._selector.idx = None if sel is None else sel.hidden_idx_K
                 try:
-                    out = model(ids, self._positions(mb), self._mask(mb))
+                    if self.build.packed_thd and mb.extras.get("row_blocks"):
+                        out = model(ids, self._positions(mb, thd=True), None,
+                                    packed_seq_params=self._thd_params(mb))
+                    else:
+                        out = model(ids, self._positions(mb), self._mask(mb))
                 finally:
                     self._selector.idx = None
             return out, partial(loss_func, mb, sel)
@@ -231,9 +235,22 @@ class MegatronLM:
             )
         return list(out)[:real] if ctx.is_last_stage else []
 
-    def _positions(self, mb: MicroBatch) -> torch.Tensor:
-        """[N, T] positions, or [3, N, T] for the explicit-position (mrope) model."""
+    def _thd_params(self, mb: MicroBatch):
+        """THD `PackedSeqParams` of a packed micro-batch (one row; `trainer.rows` records each
+        sequence's token count in ``extras["row_blocks"]``)."""
+        from metaapo_nemo.models.packed_seq import thd_packed_seq_params
+
         n, t = mb.input_ids_NT.shape
+        if n != 1:
+            raise ValueError(f"a THD-packed micro-batch is one row, got {n}")
+        return thd_packed_seq_params(mb.extras["row_blocks"], t, device=self.ctx.device)
+
+    def _positions(self, mb: MicroBatch, thd: bool = False) -> torch.Tensor:
+        """[N, T] positions, or [3, N, T] for the explicit-position (mrope) model. THD rows
+        get 0..T-1: RoPE restarts at every sequence's cu_seqlens offset instead."""
+        n, t = mb.input_ids_NT.shape
+        if thd:
+            return torch.arange(t, device=self.ctx.device).unsqueeze(0).expand(n, t)
         if mb.position_ids_NT is not None and not self.build.explicit_positions:
             raise ValueError(
                 "this micro-batch has explicit positions (shared-prompt or packed rows) but the "

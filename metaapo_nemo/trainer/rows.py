@@ -98,6 +98,7 @@ class RowLayout:
     fixed_length: int | None = None
     pad_multiple: int = 1
     fixed_rows: bool = True
+    thd: bool = False  # packed rows as THD PackedSeqParams (module docstring of models/packed_seq.py)
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHINGS:
@@ -109,7 +110,7 @@ class RowLayout:
     @property
     def explicit_positions(self) -> bool:
         """Whether rows need per-token positions (a model built with explicit positions)."""
-        return self.share_prompt or self.batching == "pack"
+        return self.share_prompt or (self.batching == "pack" and not self.thd)
 
     def unit_tokens(self, unit: Unit) -> int:
         """Row tokens one unit's present responses occupy in this layout."""
@@ -130,20 +131,64 @@ def layout_from_config(cfg, impl: str = "local") -> RowLayout:
     Raises:
         ValueError: For layouts the TE spec cannot run: its fused attention ignores an
             arbitrary mask, so shared-prompt rows and mask-packed rows would silently
-            attend across sequences (packing on TE needs THD `PackedSeqParams`,
-            `metaapo_nemo.models.packed_seq`, which the GPU recipe wires in).
+            attend across sequences (packed rows go as THD `PackedSeqParams` there,
+            `metaapo_nemo.models.packed_seq`); THD with shared prompts, with megatron's
+            local attention, or with context parallelism.
     """
     t = cfg.train
     share = t.share_prompt if t.share_prompt is not None else impl == "local"
-    if impl != "local" and (share or t.batching == "pack"):
+    thd = t.batching == "pack" and (t.pack_format == "thd" or (t.pack_format == "auto" and impl != "local"))
+    if impl != "local" and share:
         raise ValueError(
-            f"train.share_prompt={str(share).lower()} / train.batching={t.batching} need an arbitrary "
-            "attention mask, which the Transformer Engine spec's fused attention does not take; "
-            "set train.share_prompt=false and train.batching=bucket (or pad) on GPU"
+            "train.share_prompt=true needs an arbitrary attention mask (each response sees its prompt, "
+            "not its sibling), which the Transformer Engine spec's fused attention does not take; set "
+            "train.share_prompt=false on GPU (train.batching=pack packs rows as THD there)"
         )
+    if impl != "local" and t.batching == "pack" and not thd:
+        raise ValueError(
+            "train.pack_format=mask needs an arbitrary attention mask, which the Transformer Engine spec's "
+            "fused attention does not take; use train.pack_format=thd (or auto) on GPU")
+    if thd:
+        if share:
+            raise ValueError(
+                "train.pack_format=thd cannot express shared-prompt rows (a branch must skip its sibling "
+                "inside one sequence): set train.share_prompt=false, or train.pack_format=mask on the "
+                "local (CPU) spec")
+        if impl == "local" and t.attention != "sdpa":
+            raise ValueError(
+                "train.pack_format=thd on the local (CPU) spec needs train.attention=sdpa (megatron's "
+                "local DotProductAttention takes no PackedSeqParams)")
+        if cfg.parallel.cp > 1:
+            raise ValueError(
+                f"train.pack_format=thd with parallel.cp={cfg.parallel.cp}: context parallelism needs "
+                "every packed sequence padded to a multiple of 2 x cp, which the packer does not reserve "
+                "yet; use train.batching=bucket with context parallelism")
     return RowLayout(t.batching, share, t.pack_tokens,
                      pad_multiple=FP8_TOKEN_MULTIPLE if cfg.model.fp8 is not None else 1,
-                     fixed_rows=cfg.parallel.pp > 1)
+                     fixed_rows=cfg.parallel.pp > 1, thd=thd)
+
+
+def describe_rows(cfg) -> str:
+    """The dry run's line on how a step's rows are laid out, on the GPU's Transformer Engine
+    spec and on the CPU's local spec, and why (or why a layout is refused there)."""
+    parts = []
+    for where, impl in (("Transformer Engine spec (GPU)", "transformer_engine"), ("local spec (CPU)", "local")):
+        try:
+            lay = layout_from_config(cfg, impl)
+        except ValueError as exc:
+            parts.append(f"{where}: refused ({exc})")
+            continue
+        if lay.batching == "pack":
+            how = ("packed rows as THD PackedSeqParams (variable-length attention from cu_seqlens, RoPE "
+                   "restarting per sequence: no padding, no cross-sequence attention)" if lay.thd else
+                   "packed rows with a block-diagonal mask and per-sequence positions")
+        else:
+            how = {"pad": "one sequence per row, padded", "bucket": "one sequence per row, length-bucketed"}[
+                lay.batching]
+        if lay.share_prompt:
+            how += ", each pair's prompt computed once (shared-prompt blocks)"
+        parts.append(f"{where}: {how}")
+    return "rows: " + "; ".join(parts)
 
 
 def data_tokens(unit: Unit) -> int:

@@ -99,7 +99,7 @@ def build_options(cfg: Config) -> BuildOptions:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     # shared-prompt / packed rows need RoPE at explicit per-token positions
-    return dataclasses.replace(opts, explicit_positions=layout.explicit_positions)
+    return dataclasses.replace(opts, explicit_positions=layout.explicit_positions, packed_thd=layout.thd)
 
 
 def optim_settings(cfg: Config, total_steps: int) -> OptimSettings:
