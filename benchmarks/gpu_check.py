@@ -14,6 +14,9 @@ Sections (each records its figures or its error; one failing section does not st
 - ``dpo_step``: benchmarks/gpu_dpo_step.py's functions (our training path) on its ~1.1B
   preset, bf16: tokens/s and MFU against the H200's measured 790 TFLOP/s bf16 matmul rate.
 - ``attention``: the same step with SDPA and with megatron's local core attention.
+- ``packed``: the same step with rows packed as THD `PackedSeqParams` (the H100 recipes'
+  layout: TE's fused varlen attention where TE is installed, else the local spec's SDPA
+  core's variable-length attention on CUDA) beside the padded rows.
 - ``planner``: a 2-layer, 4096-wide, 128,256-vocabulary Llama, one micro-batch of 4 x 4096
   tokens with full recompute: the step's peak `torch.cuda.max_memory_allocated` above the
   resident state vs the planner's per-layer activations + logits terms.
@@ -155,8 +158,8 @@ def _dpo_args(mod, cpu_dry: bool, work: Path):
     return args
 
 
-def dpo_step(mod, cpu_dry: bool, work: Path, attention: str = "sdpa") -> dict:
-    """gpu_dpo_step's timed recipe steps, with `train.attention` set."""
+def dpo_step(mod, cpu_dry: bool, work: Path, attention: str = "sdpa", extra: tuple[str, ...] = ()) -> dict:
+    """gpu_dpo_step's timed recipe steps, with `train.attention` (and `extra` overrides) set."""
     from metaapo_nemo.config import loader
 
     args = _dpo_args(mod, cpu_dry, work)
@@ -166,7 +169,7 @@ def dpo_step(mod, cpu_dry: bool, work: Path, attention: str = "sdpa") -> dict:
     original = loader.load_config
 
     def with_attention(path, overrides, *a, **k):
-        return original(path, [*overrides, f"train.attention={attention}"], *a, **k)
+        return original(path, [*overrides, f"train.attention={attention}", *extra], *a, **k)
 
     loader.load_config = with_attention
     try:
@@ -175,7 +178,7 @@ def dpo_step(mod, cpu_dry: bool, work: Path, attention: str = "sdpa") -> dict:
         loader.load_config = original
     return {"preset": args.preset, "params": arch.num_parameters, "seq_len": args.seq_len,
             "global_batch": args.global_batch, "dtype": args.dtype, "layer_spec": impl,
-            "attention": attention} | mod.figures(times, flops, args.global_batch, args.peak_tflops) \
+            "attention": attention, "extra": list(extra)} | mod.figures(times, flops, args.global_batch, args.peak_tflops) \
         | mod.peak_memory(args.device)
 
 
@@ -185,6 +188,18 @@ def attention_compare(mod, cpu_dry: bool, work: Path, sdpa: dict) -> dict:
     out = {"sdpa": {k: sdpa.get(k) for k in keys}, "megatron_local": {k: local.get(k) for k in keys}}
     if sdpa.get("step_time_s_median") and local.get("step_time_s_median"):
         out["sdpa_speedup"] = round(local["step_time_s_median"] / sdpa["step_time_s_median"], 3)
+    return out
+
+
+def packed_compare(mod, cpu_dry: bool, work: Path, padded: dict) -> dict:
+    """The same step with rows packed as THD PackedSeqParams (the H100 recipes' layout; on a
+    machine without Transformer Engine the local spec's SDPA core runs its variable-length
+    attention on CUDA) beside the padded rows of ``dpo_step``: step time, tokens/s, MFU, peak."""
+    packed = dpo_step(mod, cpu_dry, work, extra=("train.batching=pack", "train.pack_format=thd"))
+    keys = ("layer_spec", "step_time_s_median", "tokens_per_s", "mfu", "cuda_max_allocated_gib", "peak_rss_gib")
+    out = {"padded": {k: padded.get(k) for k in keys}, "pack_thd": {k: packed.get(k) for k in keys}}
+    if padded.get("step_time_s_median") and packed.get("step_time_s_median"):
+        out["pack_thd_speedup"] = round(padded["step_time_s_median"] / packed["step_time_s_median"], 3)
     return out
 
 
@@ -278,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                 _section(results, name, fn, *fargs)
         if "attention" not in args.skip and "error" not in results.get("dpo_step", {"error": 1}):
             _section(results, "attention", attention_compare, mod, args.cpu_dry, work, results["dpo_step"])
+        if "packed" not in args.skip and "error" not in results.get("dpo_step", {"error": 1}):
+            _section(results, "packed", packed_compare, mod, args.cpu_dry, work, results["dpo_step"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)} | {"out": str(args.out)}))
