@@ -580,3 +580,10 @@ def test_packing_with_interleaved_pipeline_is_refused_at_startup():
     """pack gives a varying micro-batch count per step; VPP needs a multiple of pp."""
     with pytest.raises(ConfigError, match="train.batching=pack .* parallel.vpp=2"):
         load_config(None, ["train.batching=pack", "parallel.pp=2", "parallel.vpp=2"], method="metaapo")
+
+
+def test_context_parallelism_is_refused_until_the_data_path_splits_sequences():
+    for method in ("dpo", "metaapo"):
+        msg = _config_error(None, ["parallel.cp=2"], method=method)
+        assert "parallel.cp=2: context parallelism is not wired into the training data path" in msg
+        assert "use parallel.cp=1" in msg

@@ -71,6 +71,13 @@ class ParallelConfig(_Section):
                 "activations across the tensor-parallel group; set "
                 "parallel.sequence_parallel=false or parallel.tp >= 2"
             )
+        if self.cp > 1:
+            errors.append(
+                f"parallel.cp={self.cp}: context parallelism is not wired into the training data path "
+                "(sequences are not split across the CP ranks, and the log-prob sums are not reduced "
+                "over them), so it would train on wrong attention; use parallel.cp=1 and "
+                "parallel.tp / parallel.pp (with parallel.recompute) for long rows"
+            )
         if errors:
             raise ValueError("\n".join(errors))
         return self
