@@ -100,8 +100,9 @@ def run_case(recipe: str, config: str | None, nproc: int, overrides: list[str], 
     port = _port()
     args = [sys.executable, str(REPO / recipe), *(["--config", config] if config else []), *overrides,
             f"run.output_dir={work}", "run.name=run", f"run.cache_dir={REPO / '.cache'}"]
+    logs = [open(work / f"rank{r}.err", "w+") for r in range(nproc)]  # a pipe could fill and block
     procs = [subprocess.Popen(args, cwd=REPO, env=_env(r, nproc, port), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for r in range(nproc)]
+                              stderr=logs[r]) for r in range(nproc)]
     own = [0] * nproc
     tree = [0] * nproc
     while any(p.poll() is None for p in procs):
@@ -115,7 +116,9 @@ def run_case(recipe: str, config: str | None, nproc: int, overrides: list[str], 
             except psutil.Error:
                 pass
         time.sleep(0.05)
-    errors = [p.stderr.read()[-2000:] for p in procs if p.returncode != 0]
+    errors = [(log.seek(0), log.read()[-2000:])[1] for p, log in zip(procs, logs) if p.returncode != 0]
+    for log in logs:
+        log.close()
     if errors:
         raise SystemExit(f"{recipe} {overrides} failed:\n{errors[0]}")
     return {"rank_peak_rss_gib": [o / GiB for o in own], "rank_tree_peak_pss_gib": [t / GiB for t in tree]}

@@ -58,7 +58,8 @@ L = layers, t = TP, p = PP, d = DP, V = vocabulary, I = MLP width):
   parameters with a scalar head in place of the LM head, x bytes(reward dtype); one
   no-grad forward of b = reward.batch_size texts of s = data.max_prompt_length +
   rollout.max_new_tokens tokens holds b s (3 h + 2 kv hd + 3 I) x bytes (residual, normed
-  input, q/k/v, SwiGLU gate/up/product; SDPA keeps no s x s scores).
+  input, q/k/v, SwiGLU gate/up/product; SDPA keeps no s x s scores) + b s^2 bytes (the
+  padded batch's 4-D boolean mask).
 - checkpoint: policy weights (dtype) + fp32 master + Adam m, v (12 B/param) + the moving
   reference (dtype), spread evenly over the ranks (`checkpoint_bytes`).
 """
@@ -271,13 +272,15 @@ def reward_parameters(arch: ModelArch) -> int:
 def reward_activation_bytes(x: PlanInput) -> float:
     """Working set of one no-grad RM forward (transformers, SDPA attention: no s x s scores):
     b x s tokens each holding the residual and the normed input (2h), q, k, v (h + 2 kv hd)
-    and the SwiGLU MLP's gate, up and their product (3I), in the RM's dtype."""
+    and the SwiGLU MLP's gate, up and their product (3I), in the RM's dtype, plus the 4-D
+    boolean attention mask transformers builds for a padded batch (b x s x s bytes)."""
     a = x.reward_arch
     if a is None:
         return 0.0
     s = x.reward_seq_length or x.seq_length
     per_token = 3 * a.hidden_size + 2 * a.num_kv_heads * a.head_dim + 3 * a.intermediate_size
-    return float(x.reward_batch_size) * s * per_token * _BYTES[x.reward_dtype]
+    padding_mask = float(x.reward_batch_size) * s * s  # transformers' 4-D boolean mask of a padded batch
+    return float(x.reward_batch_size) * s * per_token * _BYTES[x.reward_dtype] + padding_mask
 
 
 def chunk_prompts(x: PlanInput) -> int:
@@ -447,6 +450,7 @@ def plan_memory(x: PlanInput) -> Plan:
         plan.per_phase["evaluate"] = resident | {
             "nccl": (train_comms + vllm_comms) * x.nccl_gib_per_comm,
             "reference": g(reference),
+            "reward": g(reward_resident) if x.rollout else 0.0,  # loaded until the run ends
             "vllm": vllm_awake,
         }
     _host_plan(x, plan, n, reward)
@@ -536,11 +540,13 @@ def _host_plan(x: PlanInput, plan: Plan, n: int, reward_bytes: float) -> None:
     share = n * (wbytes + (wbytes if x.checkpoint_reference else 0)) / x.dp
     h["checkpoint"] = common | {"optimizer_gather": g(gathered), "write_staging": g(share)}
     if x.eval_engine:
-        h["evaluate"] = base | {"reference": offloaded_ref, "hf_engine": hf_engine}
+        # the reward model, the round's pairs and (eval.every_steps) the sleeping rollout engine
+        # are still held while the evaluation engine runs
+        h["evaluate"] = common | {"hf_engine": hf_engine}
     plan.assumptions.append(
         f"host: {x.process_host_gib:.2f} GiB per rank for the process (interpreter, libraries, CUDA host "
         f"state), {x.helper_host_gib:.2f} GiB for its checkpoint writer's spawned results-queue manager; "
-        "Python objects: samples {x.sample_bytes_per_token:g} B per token (ids, log-probs, text), "
+        f"Python objects: samples {x.sample_bytes_per_token:g} B per token (ids, log-probs, text), "
         f"pairs {x.pair_bytes_per_token:g} B per token (ids), measured; a chunk = {chunk} prompts "
         "(metaapo.prompts_per_chunk); every rank keeps the round's pairs (its items and checkpoint hold them) "
         "and drops each chunk's samples once scored")
@@ -607,6 +613,9 @@ def plan_input_from_config(cfg, arch: ModelArch, tp: int, pp: int, dp: int, accu
     """
     metaapo = cfg.method == "metaapo"
     sampling = metaapo and cfg.metaapo.sampling != "none"
+    rows, seq = cfg.train.micro_batch_size * (4 if metaapo else 2), cfg.data.max_length
+    if cfg.train.batching == "pack" and cfg.train.pack_tokens and cfg.train.pack_tokens > rows * seq:
+        rows, seq = 1, cfg.train.pack_tokens  # one packed row longer than a micro-batch of rows
     engine = sampling or cfg.eval is not None
     r = cfg.rollout
     mbs = cfg.train.micro_batch_size
@@ -615,7 +624,7 @@ def plan_input_from_config(cfg, arch: ModelArch, tp: int, pp: int, dp: int, accu
     return PlanInput(
         arch=arch, tp=tp, pp=pp, dp=dp, dtype=cfg.model.resolved_dtype(on_gpu=on_gpu),
         distributed_optimizer=cfg.parallel.distributed_optimizer, recompute=cfg.parallel.recompute,
-        seq_length=cfg.data.max_length, micro_batch_rows=mbs * (4 if metaapo else 2), margin_rows=mbs * 2,
+        seq_length=seq, micro_batch_rows=rows, margin_rows=mbs * 2 if rows > 1 else 1,
         num_microbatches=accum, reference_offloaded=cfg.reference.offload_to_cpu and on_gpu,
         reference_resident=cfg.loss.name != "simpo", rollout=sampling, eval_engine=cfg.eval is not None,
         engine_on_host=engine and r.backend == "hf",

@@ -133,8 +133,8 @@ def test_llama31_8b_metaapo_recipe_every_term_by_hand():
     assert sc["reward"] == pytest.approx(2 * rm / GiB)  # 13.98 GiB
     assert all(p.get("reward", 0.0) == 0.0 for p in (m, t, g))
     # one forward of reward.batch_size 32 texts x (2048 prompt + 2048 new) tokens x
-    # (3 x 4096 + 2 x 8 x 128 + 3 x 14336) x 2 B
-    assert sc["reward_activations"] == pytest.approx(32 * 4096 * 57344 * 2 / GiB) == 14.0
+    # (3 x 4096 + 2 x 8 x 128 + 3 x 14336) x 2 B, and the padded batch's 32 x 4096 x 4096 mask
+    assert sc["reward_activations"] == pytest.approx((32 * 4096 * 57344 * 2 + 32 * 4096**2) / GiB) == 14.5
     # the gathers move one chunk (metaapo.prompts_per_chunk 128) at a time: pairs,
     # ceil(128 / 8) prompts x 2 samples x 2048 tokens x 18 B x (8 + 1); samples (host), one
     # engine's ceil(128 / 4) prompts x 8 samples
@@ -238,6 +238,21 @@ def test_ranks_per_node_come_from_the_sbatch_script_or_the_flags(monkeypatch):
     assert planned_ranks_per_node(2) == 2
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")  # under srun: the launcher's tasks per node
     assert planned_ranks_per_node(16) == 4
+
+
+def test_a_packed_row_longer_than_a_microbatch_is_planned_at_pack_tokens():
+    x, _ = _recipe_plan("conf/llama31_8b_metaapo.yaml", 8)
+    assert (x.micro_batch_rows, x.seq_length) == (4, 4096)  # micro_batch_size 1 x 4 rows
+    x, _ = _recipe_plan("conf/llama31_8b_metaapo.yaml", 8, "train.pack_tokens=32768")
+    assert (x.micro_batch_rows, x.seq_length, x.margin_rows) == (1, 32768, 1)
+
+
+def test_the_reward_model_is_still_held_while_the_final_evaluation_runs():
+    cfg, plan = _dry_run_plan(None, "metaapo", "reward.offload_to_cpu=false",
+                              "eval.task=tasks.gold_eval:evaluate_run", "eval.max_new_tokens=8")
+    assert plan.per_phase["score"]["reward"] > 0
+    assert plan.per_phase["evaluate"]["reward"] == pytest.approx(plan.per_phase["score"]["reward"])
+    assert plan.host_per_phase["evaluate"]["round_pairs"] > 0
 
 
 def test_an_unreadable_reward_shape_is_named():

@@ -269,6 +269,13 @@ def test_a_thd_packed_microbatch_runs_the_varlen_path(tiny_llama, single_ctx, mo
         out[thd] = torch.cat([o["seq_logps_N"] for o in model.run(mbs, reference_loss_fn, forward_only=True)])
     assert seen and all(len(cu) > 2 for cu in seen)  # several sequences per packed row
     torch.testing.assert_close(out[True], out[False], rtol=1e-6, atol=1e-6)
+    # a THD row carries no T x T mask; a model built without packed_thd refuses it (its causal
+    # default would let the row's sequences attend across each other)
+    mbs = to_microbatches(pairs, 2, 0, single_ctx.device, RowLayout("pack", thd=True))
+    assert all(mb.attention_mask_N1TT is None and mb.extras["row_blocks"] for mb in mbs)
+    plain = MegatronLM(load_arch(tiny_llama), single_ctx, tiny_llama, BuildOptions(attention="sdpa"))
+    with pytest.raises(ValueError, match="without BuildOptions\\(packed_thd=True\\)"):
+        plain.run(mbs, reference_loss_fn, forward_only=True)
 
 
 def test_the_dry_run_names_the_row_layout_of_each_spec():
@@ -280,3 +287,16 @@ def test_the_dry_run_names_the_row_layout_of_each_spec():
     assert "each pair's prompt computed once" in line  # share_prompt null: on with the local spec
     refused = describe_rows(_cfg_ns(share=True))
     assert "Transformer Engine spec (GPU): refused (train.share_prompt=true needs" in refused
+
+
+def test_thd_on_transformer_engine_needs_te_1_10(monkeypatch):
+    import importlib.metadata
+
+    from metaapo_nemo.config.schema import ConfigError
+    from metaapo_nemo.trainer.setup import _require_te_for_thd
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda dist: "1.9.0+abc")
+    with pytest.raises(ConfigError, match=r"transformer-engine >= 1.10 \(found 1.9.0\+abc"):
+        _require_te_for_thd()
+    monkeypatch.setattr(importlib.metadata, "version", lambda dist: "2.20.2")
+    _require_te_for_thd()  # the GPU set's TE

@@ -130,7 +130,7 @@ def planned_ranks_per_node(world: int, *, gpus_per_node: int | None = None,
     import os
 
     if gpus_per_node:
-        return gpus_per_node
+        return min(gpus_per_node, world)
     if sbatch is not None:
         layout = read_sbatch(sbatch)
         per_node = layout.tasks_per_node or layout.gpus_per_node

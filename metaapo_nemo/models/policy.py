@@ -205,7 +205,7 @@ class MegatronLM:
                 ids = mb.input_ids_NT.to(ctx.device)
                 self._selector.idx = None if sel is None else sel.hidden_idx_K
                 try:
-                    if self.build.packed_thd and mb.extras.get("row_blocks"):
+                    if mb.attention_mask_N1TT is None and mb.extras.get("row_blocks"):  # a THD row
                         out = model(ids, self._positions(mb, thd=True), None,
                                     packed_seq_params=self._thd_params(mb))
                     else:
@@ -241,6 +241,10 @@ class MegatronLM:
         from metaapo_nemo.models.packed_seq import thd_packed_seq_params
 
         n, t = mb.input_ids_NT.shape
+        if not self.build.packed_thd:
+            raise ValueError(
+                "this micro-batch is packed for THD (no mask; RowLayout.thd) but the model was built "
+                "without BuildOptions(packed_thd=True): its sequences would attend across each other")
         if n != 1:
             raise ValueError(f"a THD-packed micro-batch is one row, got {n}")
         return thd_packed_seq_params(mb.extras["row_blocks"], t, device=self.ctx.device)

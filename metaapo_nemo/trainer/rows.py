@@ -273,11 +273,13 @@ def _row_mask(block_T: torch.Tensor, branch_T: torch.Tensor) -> torch.Tensor:
 
 
 def blocks_to_microbatch(rows: Sequence[Sequence[_Block]], units: Sequence[Unit],
-                         pad_id: int, length: int | None = None) -> MicroBatch:
+                         pad_id: int, length: int | None = None, mask: bool = True) -> MicroBatch:
     """Right-pads rows of blocks into one `MicroBatch` with mask, positions and targets.
 
     Padding tokens form their own block (they attend only to padding, and nothing real
-    attends to them), so no query is ever fully masked.
+    attends to them), so no query is ever fully masked. ``mask=False`` (THD rows: the
+    sequences are kept apart by ``extras["row_blocks"]``) builds no [N, 1, T, T] mask: at
+    T = 16k it would be 256 MiB per micro-batch, moved to the GPU and never read.
     """
     longest = max(sum(len(b.ids) for b in row) for row in rows)
     t = longest if length is None else length
@@ -301,11 +303,11 @@ def blocks_to_microbatch(rows: Sequence[Sequence[_Block]], units: Sequence[Unit]
             branch[i, start:stop] = torch.tensor(b.branch)
             block[i, start:stop] = k
             start = stop
-    mask = torch.stack([_row_mask(block[i], branch[i]) for i in range(n)]).unsqueeze(1)
+    attention = torch.stack([_row_mask(block[i], branch[i]) for i in range(n)]).unsqueeze(1) if mask else None
     return MicroBatch(
         ids, labels, (seq >= 0).float(),
         extras=_extras(units, rows),
-        attention_mask_N1TT=mask, position_ids_NT=pos, seq_index_NT=seq.clamp(min=0),
+        attention_mask_N1TT=attention, position_ids_NT=pos, seq_index_NT=seq.clamp(min=0),
         num_seqs=_responses_per_unit(units) * len(units), select_logits=True,
     )
 
@@ -420,4 +422,4 @@ def _rows_microbatch(group: Sequence[Unit], layout: RowLayout, pad_id: int,
         rows = [[b for bs in blocks for b in bs if any(q >= 0 for q in b.seq)]]
     else:  # one row per block: a unit of R responses takes R / 2 rows (absent pairs: see fixed_rows)
         rows = [[b] for bs in blocks for b in bs if layout.fixed_rows or any(q >= 0 for q in b.seq)]
-    return blocks_to_microbatch(rows, group, pad_id, layout.fixed_length)
+    return blocks_to_microbatch(rows, group, pad_id, layout.fixed_length, mask=not (one_row and layout.thd))

@@ -98,8 +98,32 @@ def build_options(cfg: Config) -> BuildOptions:
         layout = layout_from_config(cfg, impl)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if layout.thd and impl == "transformer_engine":
+        _require_te_for_thd()
     # shared-prompt / packed rows need RoPE at explicit per-token positions
     return dataclasses.replace(opts, explicit_positions=layout.explicit_positions, packed_thd=layout.thd)
+
+
+def _require_te_for_thd(minimum: tuple[int, int] = (1, 10)) -> None:
+    """megatron drops ``cu_seqlens_*_padded`` for Transformer Engine < 1.10, and THD rows carry
+    each row's padding in their last slot: an older TE would attend into the padding."""
+    import re
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("transformer-engine", "transformer_engine"):
+        try:
+            found = version(dist)
+            break
+        except PackageNotFoundError:
+            continue
+    else:
+        return  # the TE spec was chosen, so TE imports; no distribution metadata to check
+    major_minor = tuple(int(x) for x in re.findall(r"\d+", found)[:2])
+    if major_minor < minimum:
+        raise ConfigError(
+            "train.batching=pack on the Transformer Engine spec packs rows as THD, which needs "
+            f"transformer-engine >= {'.'.join(map(str, minimum))} (found {found}: megatron ignores padded "
+            "cu_seqlens before it); install constraints-gpu.txt's TE, or set train.batching=bucket")
 
 
 def optim_settings(cfg: Config, total_steps: int) -> OptimSettings:
