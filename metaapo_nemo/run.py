@@ -265,7 +265,9 @@ def main(argv: list[str] | None = None, method: str = "metaapo", doc: str | None
     preempt.reached("config")
     if args.dry_run:
         try:
-            print(plan_report(cfg, args))
+            from metaapo_nemo.trainer.rows import describe_rows
+
+            print(plan_report(cfg, args, rows_line=describe_rows(cfg)))
         except ConfigError as exc:  # the layout vs the world size or the model, the memory plan
             print(f"{Path(sys.argv[0]).name}: config error:\n{exc}", file=sys.stderr)
             return 2

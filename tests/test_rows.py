@@ -300,3 +300,10 @@ def test_thd_on_transformer_engine_needs_te_1_10(monkeypatch):
         _require_te_for_thd()
     monkeypatch.setattr(importlib.metadata, "version", lambda dist: "2.20.2")
     _require_te_for_thd()  # the GPU set's TE
+
+
+def test_the_dry_run_prints_the_rows_line(capsys):
+    from metaapo_nemo.run import main
+
+    assert main(["--dry-run"], method="metaapo") == 0  # conf/tiny_cpu.yaml: packed rows
+    assert "\nrows: Transformer Engine spec (GPU): packed rows as THD" in capsys.readouterr().out

@@ -291,12 +291,6 @@ def startup_memory_check(cfg: Config, arch, tp: int, pp: int, dp: int, on_gpu: b
     return problem
 
 
-def _rows_line(cfg: Config) -> str:
-    from metaapo_nemo.trainer.rows import describe_rows
-
-    return describe_rows(cfg)
-
-
 def estimate_params(dims: dict) -> int | None:
     """Approximate parameter count of a llama/qwen2-style decoder (None if shape unknown)."""
     keys = ("num_layers", "num_attention_heads", "num_kv_heads", "vocab_size", "hidden_size")
@@ -331,7 +325,7 @@ def _memory_lines(cfg: Config, dims: dict | None, tp: int, pp: int, dp: int) -> 
     ]
 
 
-def plan_report(cfg: Config, args: argparse.Namespace) -> str:
+def plan_report(cfg: Config, args: argparse.Namespace, rows_line: str | None = None) -> str:
     """`dry_run_report` at the world size the flags, the sbatch script or the launcher give
     (`config.world.planned_world_size`), with that source named.
 
@@ -345,12 +339,12 @@ def plan_report(cfg: Config, args: argparse.Namespace) -> str:
     world, source = planned_world_size(cfg, args.config, world_size=args.world_size, nodes=args.nodes,
                                        gpus_per_node=args.gpus_per_node, sbatch=args.sbatch)
     per_node = planned_ranks_per_node(world, gpus_per_node=args.gpus_per_node, sbatch=args.sbatch)
-    return (dry_run_report(cfg, world, read_model_dims(cfg), ranks_per_node=per_node)
+    return (dry_run_report(cfg, world, read_model_dims(cfg), ranks_per_node=per_node, rows_line=rows_line)
             + f"\nworld size {world}: {source}; {per_node} ranks per node")
 
 
 def dry_run_report(cfg: Config, world_size: int, model_dims: dict | None,
-                   ranks_per_node: int | None = None) -> str:
+                   ranks_per_node: int | None = None, rows_line: str | None = None) -> str:
     """Describe what a run would do, without building anything.
 
     Args:
@@ -358,6 +352,8 @@ def dry_run_report(cfg: Config, world_size: int, model_dims: dict | None,
         world_size: Number of ranks (see ``world_size_from_env``).
         model_dims: From ``read_model_dims`` (None skips the shape checks and estimate).
         ranks_per_node: Ranks sharing a node's host memory (None: min(world_size, 8)).
+        rows_line: How each layer spec lays out a step's rows (`trainer.rows.describe_rows`;
+            the caller computes it: config does not import trainer).
 
     Returns:
         The resolved YAML, the parallel layout, the micro-batch arithmetic and a memory
@@ -382,8 +378,9 @@ def dry_run_report(cfg: Config, world_size: int, model_dims: dict | None,
         "(gradient accumulation)",
         f"steps: max_steps={'null (all epochs)' if t.max_steps is None else t.max_steps}, "
         f"epochs={t.epochs}",
-        _rows_line(cfg),
     ]
+    if rows_line is not None:
+        lines.append(rows_line)
     if model_dims is not None:
         shape = ", ".join(f"{k}={v}" for k, v in model_dims.items())
         lines.append(f"model: {shape}")
