@@ -45,6 +45,29 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
+def read_finished_wandb_records(path: Path, timeout_s: float = 60.0) -> list:
+    """`read_wandb_records` once the run file holds its final ``exit`` record. W&B's service
+    process writes the file; `finish()` can return before the last bytes are on disk (seen in
+    CI's loaded stack tier: a record cut short, "Wire format was corrupt"), so read until the
+    file parses and is complete."""
+    import time
+
+    from google.protobuf.message import DecodeError
+
+    deadline, last = time.monotonic() + timeout_s, None
+    while True:
+        try:
+            records = read_wandb_records(path)
+            if records and records[-1].WhichOneof("record_type") == "exit":
+                return records
+            last = f"{len(records)} records, the last {records[-1].WhichOneof('record_type') if records else None}"
+        except DecodeError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} not complete after {timeout_s:.0f} s: {last}")
+        time.sleep(0.2)
+
+
 def test_default_is_tensorboard_and_unknown_trackers_are_refused():
     assert load_config("conf/tiny_cpu_dpo.yaml").logging.trackers == ["tensorboard"]
     with pytest.raises(ConfigError, match="logging.trackers"):
@@ -69,7 +92,7 @@ def test_wandb_offline_logs_steps_rounds_and_the_config(tmp_path, monkeypatch):
         c.on_train_end(st)
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     history, config = {}, {}
-    for r in read_wandb_records(run_file):
+    for r in read_finished_wandb_records(run_file):
         kind = r.WhichOneof("record_type")
         if kind == "history":
             items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
