@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from metaapo_nemo.models.convert import _LAYER_MAP, _hf_order
+from metaapo_nemo.models.convert import _hf_order
+from metaapo_nemo.models.families import FAMILIES
 from metaapo_nemo.models.layer_spec import SpecChoice, fp8_kwargs, select_impl
 
 
@@ -40,8 +41,9 @@ def test_fp8_refused_where_it_cannot_run():
 
 
 def test_converter_maps_te_fused_norm_names():
-    assert _LAYER_MAP["self_attention.linear_qkv.layer_norm_weight"][1] == ("input_layernorm.weight",)
-    assert _LAYER_MAP["mlp.linear_fc1.layer_norm_weight"][1] == ("post_attention_layernorm.weight",)
+    for family in FAMILIES.values():
+        assert family.layer["self_attention.linear_qkv.layer_norm_weight"][1] == ("input_layernorm.weight",)
+        assert family.layer["mlp.linear_fc1.layer_norm_weight"][1] == ("post_attention_layernorm.weight",)
 
 
 def test_hf_order_has_no_duplicates():

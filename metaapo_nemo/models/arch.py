@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED = ("llama", "qwen2", "mistral")
+from metaapo_nemo.models.families import SUPPORTED, family_of  # SUPPORTED: re-exported
 
 
 @dataclass(frozen=True)
@@ -88,10 +88,7 @@ def arch_from_hf_dict(cfg: dict[str, Any], source: str = "config") -> ModelArch:
         ValueError: for unsupported model types or features, naming the key.
     """
     model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED:
-        raise ValueError(
-            f"{source}: model_type={model_type!r} is not supported; supported: {', '.join(SUPPORTED)}"
-        )
+    family = family_of(model_type, source)
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     head_dim = cfg.get("head_dim") or hidden // heads
@@ -99,9 +96,7 @@ def arch_from_hf_dict(cfg: dict[str, Any], source: str = "config") -> ModelArch:
         raise ValueError(f"{source}: hidden_act={cfg['hidden_act']!r}; only silu (SwiGLU) is supported")
     if cfg.get("mlp_bias"):
         raise ValueError(f"{source}: mlp_bias=true is not supported")
-    window = cfg.get("sliding_window")
-    if model_type == "qwen2":
-        window = window if cfg.get("use_sliding_window") else None
+    window = family.sliding_window(cfg)
     max_pos = int(cfg.get("max_position_embeddings", 4096))
     if window is not None and int(window) < max_pos:
         raise ValueError(
@@ -109,7 +104,7 @@ def arch_from_hf_dict(cfg: dict[str, Any], source: str = "config") -> ModelArch:
             "sliding-window attention is not implemented in the converter"
         )
     theta, scaling = _rope(cfg)
-    qkv_bias = model_type == "qwen2" or bool(cfg.get("attention_bias", False))
+    qkv_bias = family.has_qkv_bias(cfg)
     return ModelArch(
         model_type=model_type,
         vocab_size=int(cfg["vocab_size"]),

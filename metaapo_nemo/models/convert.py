@@ -1,4 +1,5 @@
-"""HF <-> Megatron-Core weight conversion for Llama / Qwen2 / Mistral, TP- and PP-aware.
+"""HF <-> Megatron-Core weight conversion, TP- and PP-aware, driven by each family's mapping
+(`metaapo_nemo.models.families`: Llama, Qwen2, Mistral).
 
 Layout facts (megatron-core local and TE specs alike):
 - `linear_qkv` fuses Q, K, V PER QUERY GROUP: for each KV head g, rows are
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from metaapo_nemo.models.arch import ModelArch
+from metaapo_nemo.models.families import family_of
 from metaapo_nemo.models.megatron_model import padded_vocab_size
 from metaapo_nemo.parallel.state import ParallelContext
 
@@ -76,24 +78,7 @@ def pad_vocab(weight: torch.Tensor, padded: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------- name mapping
 
-# Megatron local-name suffix within a layer -> (kind, HF names in model.layers.{i}.)
-_LAYER_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
-    "input_layernorm.weight": ("replicated", ("input_layernorm.weight",)),
-    "self_attention.linear_qkv.weight": ("qkv", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")),
-    "self_attention.linear_qkv.bias": ("qkv", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")),
-    "self_attention.linear_proj.weight": ("row", ("self_attn.o_proj.weight",)),
-    "pre_mlp_layernorm.weight": ("replicated", ("post_attention_layernorm.weight",)),
-    "mlp.linear_fc1.weight": ("gate_up", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
-    "mlp.linear_fc2.weight": ("row", ("mlp.down_proj.weight",)),
-    # Transformer Engine spec: the norms are fused into the following linear layers.
-    "self_attention.linear_qkv.layer_norm_weight": ("replicated", ("input_layernorm.weight",)),
-    "mlp.linear_fc1.layer_norm_weight": ("replicated", ("post_attention_layernorm.weight",)),
-}
-_GLOBAL_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
-    "embedding.word_embeddings.weight": ("vocab", ("model.embed_tokens.weight",)),
-    "decoder.final_layernorm.weight": ("replicated", ("model.norm.weight",)),
-    "output_layer.weight": ("vocab", ("lm_head.weight",)),
-}
+# The names and split kinds of each family: metaapo_nemo/models/families/ (one file each).
 
 
 def _layer_numbers(chunk: torch.nn.Module) -> dict[int, int]:
@@ -101,17 +86,25 @@ def _layer_numbers(chunk: torch.nn.Module) -> dict[int, int]:
     return {i: layer.layer_number - 1 for i, layer in enumerate(chunk.decoder.layers)}
 
 
+def _mapped(mapping: dict, name: str, family) -> tuple[str, tuple[str, ...]]:
+    if name not in mapping:
+        raise ValueError(f"Megatron parameter {name!r} has no HF name in the {family.model_type} family's mapping "
+                         f"(metaapo_nemo/models/families/{family.model_type}.py); mapped: {sorted(mapping)}")
+    return mapping[name]
+
+
 def megatron_param_sources(chunk: torch.nn.Module, arch: ModelArch) -> Iterator[tuple[str, str, tuple[str, ...]]]:
     """Yields (megatron_name, kind, hf_names) for every parameter of one model chunk."""
     numbers = _layer_numbers(chunk)
+    family = family_of(arch.model_type)
     for name, _ in chunk.named_parameters():
         if name.startswith("decoder.layers."):
             local, suffix = name[len("decoder.layers."):].split(".", 1)
-            kind, hf = _LAYER_MAP[suffix]
+            kind, hf = _mapped(family.layer, suffix, family)
             prefix = f"model.layers.{numbers[int(local)]}."
             yield name, kind, tuple(prefix + h for h in hf)
         else:
-            kind, hf = _GLOBAL_MAP[name]
+            kind, hf = _mapped(family.globals, name, family)
             if name == "output_layer.weight" and arch.tie_word_embeddings:
                 hf = ("model.embed_tokens.weight",)  # tied: the last stage holds a copy
             yield name, kind, hf
@@ -214,7 +207,7 @@ def _hf_order(arch: ModelArch) -> list[str]:
     """Canonical HF tensor order: embeddings, layer by layer, final norm, lm_head."""
     names = ["model.embed_tokens.weight"]
     for i in range(arch.num_layers):
-        for _, hf in _LAYER_MAP.values():
+        for _, hf in family_of(arch.model_type).layer.values():
             if hf[0].endswith("bias") and not arch.qkv_bias:
                 continue
             names.extend(f"model.layers.{i}.{h}" for h in hf)

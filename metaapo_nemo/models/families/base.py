@@ -1,0 +1,67 @@
+"""The `Family` record and the standard decoder's mapping (Llama-style names) it starts from.
+
+Split kinds (how a Megatron tensor relates to its HF tensors under tensor parallelism):
+``replicated`` (norms), ``row`` (row-parallel: split on dim 1), ``gate_up`` ([gate; up] per
+rank), ``qkv`` (fused Q/K/V per query group), ``vocab`` (vocab-parallel, padded to TP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Mapping = dict[str, tuple[str, tuple[str, ...]]]  # megatron name -> (split kind, HF names)
+
+# Megatron local-name suffix within a layer -> (kind, HF names in model.layers.{i}.)
+STANDARD_LAYER: Mapping = {
+    "input_layernorm.weight": ("replicated", ("input_layernorm.weight",)),
+    "self_attention.linear_qkv.weight": ("qkv", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                  "self_attn.v_proj.weight")),
+    "self_attention.linear_qkv.bias": ("qkv", ("self_attn.q_proj.bias", "self_attn.k_proj.bias",
+                                                "self_attn.v_proj.bias")),
+    "self_attention.linear_proj.weight": ("row", ("self_attn.o_proj.weight",)),
+    "pre_mlp_layernorm.weight": ("replicated", ("post_attention_layernorm.weight",)),
+    "mlp.linear_fc1.weight": ("gate_up", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
+    "mlp.linear_fc2.weight": ("row", ("mlp.down_proj.weight",)),
+    # Transformer Engine spec: the norms are fused into the following linear layers.
+    "self_attention.linear_qkv.layer_norm_weight": ("replicated", ("input_layernorm.weight",)),
+    "mlp.linear_fc1.layer_norm_weight": ("replicated", ("post_attention_layernorm.weight",)),
+}
+# Megatron names outside the layers -> (kind, HF names)
+STANDARD_GLOBAL: Mapping = {
+    "embedding.word_embeddings.weight": ("vocab", ("model.embed_tokens.weight",)),
+    "decoder.final_layernorm.weight": ("replicated", ("model.norm.weight",)),
+    "output_layer.weight": ("vocab", ("lm_head.weight",)),
+}
+
+
+def _no_window(cfg: dict[str, Any]) -> int | None:
+    return cfg.get("sliding_window")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family's conversion facts.
+
+    Attributes:
+        model_type: HF ``config.json`` ``model_type``.
+        hf_architecture: The HF causal-LM class it exports as (``architectures[0]``).
+        layer: Megatron per-layer parameter suffix -> (split kind, HF names under
+            ``model.layers.{i}.``).
+        globals: Megatron parameters outside the layers -> (split kind, HF names).
+        qkv_bias: Whether q/k/v carry biases whatever the config says (Qwen2), else the
+            config's ``attention_bias`` decides.
+        sliding_window: The config's effective sliding window (None: full attention), which
+            the converter refuses when shorter than the context.
+    """
+
+    model_type: str
+    hf_architecture: str
+    layer: Mapping = field(default_factory=lambda: dict(STANDARD_LAYER))
+    globals: Mapping = field(default_factory=lambda: dict(STANDARD_GLOBAL))
+    qkv_bias: bool = False
+    sliding_window: Callable[[dict[str, Any]], int | None] = _no_window
+
+    def has_qkv_bias(self, cfg: dict[str, Any]) -> bool:
+        return self.qkv_bias or bool(cfg.get("attention_bias", False))

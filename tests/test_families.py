@@ -1,0 +1,52 @@
+"""One declarative mapping per model family (metaapo_nemo/models/families/): the registry,
+the config rules each family carries, and the messages for what no family maps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metaapo_nemo.models.arch import arch_from_hf_dict
+from metaapo_nemo.models.convert import megatron_param_sources
+from metaapo_nemo.models.families import FAMILIES, SUPPORTED, family_of
+
+pytestmark = pytest.mark.stack
+
+BASE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, max_position_embeddings=128)
+
+
+def test_one_family_per_model_type():
+    assert SUPPORTED == ("llama", "qwen2", "mistral") == tuple(FAMILIES)
+    for name, family in FAMILIES.items():
+        assert family.model_type == name and family.hf_architecture.endswith("ForCausalLM")
+        kinds = {kind for kind, _ in (*family.layer.values(), *family.globals.values())}
+        assert kinds <= {"replicated", "row", "gate_up", "qkv", "vocab"}
+    with pytest.raises(ValueError, match=r"model_type='gemma' is not supported; supported: llama, qwen2, mistral"):
+        family_of("gemma", "x/config.json")
+
+
+def test_family_rules_shape_the_arch():
+    assert arch_from_hf_dict(BASE | {"model_type": "qwen2"}).qkv_bias  # always, for Qwen2
+    assert not arch_from_hf_dict(BASE | {"model_type": "llama"}).qkv_bias
+    assert arch_from_hf_dict(BASE | {"model_type": "llama", "attention_bias": True}).qkv_bias
+    # Qwen2's window counts only with use_sliding_window; Mistral's always
+    assert arch_from_hf_dict(BASE | {"model_type": "qwen2", "sliding_window": 16}).model_type == "qwen2"
+    with pytest.raises(ValueError, match="sliding_window=16 < max_position_embeddings=128"):
+        arch_from_hf_dict(BASE | {"model_type": "qwen2", "sliding_window": 16, "use_sliding_window": True})
+    with pytest.raises(ValueError, match="sliding_window=16 < max_position_embeddings=128"):
+        arch_from_hf_dict(BASE | {"model_type": "mistral", "sliding_window": 16})
+
+
+def test_a_parameter_no_family_maps_is_named_with_the_family_file():
+    class Chunk(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = torch.nn.Module()
+            self.decoder.layers = torch.nn.ModuleList()
+            self.extra = torch.nn.Parameter(torch.zeros(1))
+
+    arch = arch_from_hf_dict(BASE | {"model_type": "llama"})
+    with pytest.raises(ValueError, match=r"'extra' has no HF name in the llama family's mapping "
+                                         r"\(metaapo_nemo/models/families/llama.py\)"):
+        list(megatron_param_sources(Chunk(), arch))
