@@ -46,7 +46,6 @@ class Family:
 
     Attributes:
         model_type: HF ``config.json`` ``model_type``.
-        hf_architecture: The HF causal-LM class it exports as (``architectures[0]``).
         layer: Megatron per-layer parameter suffix -> (split kind, HF names under
             ``model.layers.{i}.``).
         globals: Megatron parameters outside the layers -> (split kind, HF names).
@@ -57,7 +56,6 @@ class Family:
     """
 
     model_type: str
-    hf_architecture: str
     layer: Mapping = field(default_factory=lambda: dict(STANDARD_LAYER))
     globals: Mapping = field(default_factory=lambda: dict(STANDARD_GLOBAL))
     qkv_bias: bool = False

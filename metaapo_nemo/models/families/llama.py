@@ -3,4 +3,4 @@ the config sets ``attention_bias``."""
 
 from metaapo_nemo.models.families.base import Family
 
-FAMILY = Family(model_type="llama", hf_architecture="LlamaForCausalLM")
+FAMILY = Family(model_type="llama")

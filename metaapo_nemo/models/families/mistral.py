@@ -3,4 +3,4 @@ refused by the converter (v0.3 and later configs set it to null)."""
 
 from metaapo_nemo.models.families.base import Family
 
-FAMILY = Family(model_type="mistral", hf_architecture="MistralForCausalLM")
+FAMILY = Family(model_type="mistral")

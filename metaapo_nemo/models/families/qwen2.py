@@ -11,4 +11,4 @@ def _window(cfg: dict[str, Any]) -> int | None:
     return cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
 
 
-FAMILY = Family(model_type="qwen2", hf_architecture="Qwen2ForCausalLM", qkv_bias=True, sliding_window=_window)
+FAMILY = Family(model_type="qwen2", qkv_bias=True, sliding_window=_window)
