@@ -54,7 +54,7 @@ class CheckpointConfig(_Section):
 
 
 class PlannerConfig(_Section):
-    """Per-GPU memory check (metaapo_nemo/planner.py): printed by --dry-run, enforced at
+    """Per-GPU and per-node memory check (metaapo_nemo/planner/): printed by --dry-run, enforced at
     start-up on GPU machines."""
 
     gpu_memory_gib: float = Field(80.0, gt=0)  # H100 80GB

@@ -1,0 +1,114 @@
+"""The byte formulas of the memory plan (the package docstring states them)."""
+
+from __future__ import annotations
+
+from metaapo_nemo.models.arch import ModelArch
+from metaapo_nemo.planner.records import _BYTES, GiB, PlanInput
+
+
+def layer_params(arch: ModelArch) -> int:
+    h, hd = arch.hidden_size, arch.head_dim
+    attn = h * hd * (arch.num_attention_heads + 2 * arch.num_kv_heads) + hd * arch.num_attention_heads * h
+    if arch.qkv_bias:
+        attn += hd * (arch.num_attention_heads + 2 * arch.num_kv_heads)
+    return attn + 3 * h * arch.intermediate_size + 2 * h
+
+
+def params_per_rank(arch: ModelArch, tp: int, pp: int) -> int:
+    """Parameters on the heaviest pipeline stage of one TP rank."""
+    layers = -(-arch.num_layers // pp) * layer_params(arch) // tp
+    vocab = -(-arch.vocab_size // tp) * arch.hidden_size
+    first = layers + vocab
+    last = layers + arch.hidden_size + (vocab if (pp > 1 or not arch.tie_word_embeddings) else 0)
+    if pp == 1:
+        return layers + vocab + arch.hidden_size + (0 if arch.tie_word_embeddings else vocab)
+    return max(first, last)
+
+
+def activation_bytes_per_layer(arch: ModelArch, seq: int, rows: int, tp: int, recompute: str | None) -> float:
+    """bf16 bytes of one layer's saved activations for one micro-batch on one TP rank."""
+    s, b, h, a = seq, rows, arch.hidden_size, arch.num_attention_heads
+    if recompute == "full":
+        return 2.0 * s * b * h
+    per = s * b * h * (10.0 + 24.0 / tp)
+    if recompute != "selective":
+        per += s * b * h * 5.0 * a * s / (h * tp)
+    return per
+
+
+def nccl_communicators(x: PlanInput) -> tuple[int, int]:
+    """(Megatron's, vLLM's) NCCL communicators on one rank."""
+    train = int(x.tp > 1) + int(x.dp > 1) + int(x.world > 1) + (2 if x.pp > 1 else 0)
+    return train, int((x.rollout or x.eval_engine) and x.vllm_tp > 1)
+
+
+def vllm_profile_reserve_bytes(x: PlanInput) -> dict[str, float]:
+    """What vLLM's start-up profiling takes out of util x GPU before sizing its KV cache."""
+    a = x.arch
+    t = x.vllm_max_num_batched_tokens
+    return {
+        "forward": t * (3 * a.intermediate_size / x.vllm_tp + 4 * a.hidden_size) * 2.0,
+        "sampler": 3.0 * x.vllm_max_num_seqs * a.vocab_size * 4,
+        "cudagraphs": 0.0 if x.vllm_enforce_eager else x.vllm_cudagraph_gib * GiB,
+        "nccl": nccl_communicators(x)[1] * x.nccl_gib_per_comm * GiB,
+    }
+
+
+def kv_bytes_per_token(arch: ModelArch, vllm_tp: int) -> float:
+    """bf16 K and V of every layer for one token on one vLLM TP rank."""
+    kv_heads = max(1, arch.num_kv_heads // vllm_tp)
+    return 2.0 * arch.num_layers * kv_heads * arch.head_dim * 2
+
+
+def reward_parameters(arch: ModelArch) -> int:
+    """Parameters of a sequence-classification reward model on `arch`: the decoder and a
+    scalar head (h x 1) in place of the LM head (an untied one is not in the checkpoint)."""
+    lm_head = 0 if arch.tie_word_embeddings else arch.vocab_size * arch.hidden_size
+    return arch.num_parameters - lm_head + arch.hidden_size
+
+
+def reward_activation_bytes(x: PlanInput) -> float:
+    """Working set of one no-grad RM forward (transformers, SDPA attention: no s x s scores):
+    b x s tokens each holding the residual and the normed input (2h), q, k, v (h + 2 kv hd)
+    and the SwiGLU MLP's gate, up and their product (3I), in the RM's dtype, plus the 4-D
+    boolean attention mask transformers builds for a padded batch (b x s x s bytes)."""
+    a = x.reward_arch
+    if a is None:
+        return 0.0
+    s = x.reward_seq_length or x.seq_length
+    per_token = 3 * a.hidden_size + 2 * a.num_kv_heads * a.head_dim + 3 * a.intermediate_size
+    padding_mask = float(x.reward_batch_size) * s * s  # transformers' 4-D boolean mask of a padded batch
+    return float(x.reward_batch_size) * s * per_token * _BYTES[x.reward_dtype] + padding_mask
+
+
+def chunk_prompts(x: PlanInput) -> int:
+    """Prompts per chunk of a round's generation and scoring (metaapo.prompts_per_chunk):
+    the unit every gather moves."""
+    if x.prompts_per_chunk <= 0:
+        return x.round_prompts
+    return min(x.prompts_per_chunk, x.round_prompts)
+
+
+def pairs_gather_bytes(x: PlanInput) -> float:
+    """GPU staging of the trainer's all_gather_object of one chunk's pairs: (world + 1) x max."""
+    if x.round_prompts <= 0 or x.world == 1:
+        return 0.0
+    per_rank = -(-chunk_prompts(x) // x.world) * 2 * x.max_new_tokens * x.pickle_bytes_per_token
+    return (x.world + 1) * per_rank
+
+
+def samples_gather_host_bytes(x: PlanInput) -> float:
+    """Host staging of RolloutGroup.generate's gather of one chunk (gloo): (world + 1) x one
+    engine's pickled samples."""
+    if x.round_prompts <= 0 or x.world == 1:
+        return 0.0
+    engines = max(1, x.world // x.vllm_tp)
+    per_engine = -(-chunk_prompts(x) // engines) * x.samples_per_prompt * x.max_new_tokens
+    return (x.world + 1) * per_engine * x.pickle_bytes_per_token
+
+
+def checkpoint_bytes(arch: ModelArch, dtype: str, with_reference: bool) -> float:
+    """Bytes of one checkpoint: weights + fp32 master + Adam m, v (+ the moving reference)."""
+    w = _BYTES["bfloat16" if dtype == "fp8" else dtype]
+    per_param = w + 12 + (w if with_reference else 0)
+    return float(arch.num_parameters) * per_param
