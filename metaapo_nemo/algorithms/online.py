@@ -91,7 +91,7 @@ def online_pairs(
     # prompts still without a pair (a tie refill adds K to them); each chunk's samples go
     # once it is scored.
     by_key: dict[int, OnlinePair] = {}
-    unpaired: dict[int, object] = {}  # PromptSamples of prompts without a pair, by key
+    by_group: dict[int, object] = {}  # PromptSamples of prompts without a pair, by key
     generated, generate_s, score_s = 0, 0.0, 0.0
     known: dict[tuple[int, int], float] = {}  # every rank's scores, by (prompt key, sample index)
     step = cfg.metaapo.prompts_per_chunk or len(batch)
@@ -106,13 +106,12 @@ def online_pairs(
         by_key |= new_pairs
         generated += sum(len(s.token_ids) for g in got for s in g.samples)
         if cfg.rollout.tie_refills:
-            unpaired |= {g.key: g for g in got if g.key not in new_pairs}
+            by_group |= {g.key: g for g in got if g.key not in new_pairs}
         del got
         counters.add(c)
         check("score")
         generate_s += t_score - t_gen
         score_s += time.perf_counter() - t_score
-    by_group = unpaired
     for attempt in range(1, cfg.rollout.tie_refills + 1):  # K more samples for prompts without a pair
         missing = [i for i, k in enumerate(batch.keys) if k not in by_key]
         if not missing:

@@ -251,12 +251,17 @@ def reward_arch_or_reason(cfg: Config):
 def memory_plan(cfg: Config, tp: int, pp: int, dp: int, accum: int, ranks_per_node: int | None = None):
     """The planner's per-GPU estimate of what the config's method runs
     (`planner.plan_input_from_config`), or None if the architecture is unknown."""
-    from metaapo_nemo.planner import plan_input_from_config, plan_memory
-
     hf = _tiny_hf_dict(cfg.model.tiny) if cfg.model.tiny is not None else read_arch_json(cfg)
     arch = _arch_or_none(hf)
     if arch is None:
         return None  # the rough estimate is printed instead
+    return _plan(cfg, arch, tp, pp, dp, accum, ranks_per_node)
+
+
+def _plan(cfg: Config, arch, tp: int, pp: int, dp: int, accum: int, ranks_per_node: int | None):
+    """`plan_memory` of the config's method on `arch`, the reward model sized as the config says."""
+    from metaapo_nemo.planner import plan_input_from_config, plan_memory
+
     rm, rm_unsized = reward_arch_or_reason(cfg)
     return plan_memory(plan_input_from_config(cfg, arch, tp, pp, dp, accum, rm, reward_unsized=rm_unsized,
                                               ranks_per_node=ranks_per_node))
@@ -278,12 +283,9 @@ def startup_memory_check(cfg: Config, arch, tp: int, pp: int, dp: int, on_gpu: b
     if not on_gpu:
         return None
     from metaapo_nemo.config.world import planned_ranks_per_node
-    from metaapo_nemo.planner import check_fits, plan_input_from_config, plan_memory
+    from metaapo_nemo.planner import check_fits
 
-    rm, unsized = reward_arch_or_reason(cfg)
-    plan = plan_memory(plan_input_from_config(cfg, arch, tp, pp, dp, cfg.train.micro_batches_per_step(dp), rm,
-                                              reward_unsized=unsized,
-                                              ranks_per_node=planned_ranks_per_node(tp * pp * dp)))
+    plan = _plan(cfg, arch, tp, pp, dp, cfg.train.micro_batches_per_step(dp), planned_ranks_per_node(tp * pp * dp))
     limit = cfg.planner.gpu_memory_gib if gpu_memory_gib is None else min(gpu_memory_gib, cfg.planner.gpu_memory_gib)
     problem = check_fits(plan, limit, cfg.planner.on_exceed)
     if problem is not None and cfg.planner.on_exceed == "error":
@@ -332,9 +334,7 @@ def plan_report(cfg: Config, args: argparse.Namespace, rows_line: str | None = N
     Raises:
         ConfigError: As `planned_world_size` and `dry_run_report`.
     """
-    from metaapo_nemo.config.world import planned_world_size
-
-    from metaapo_nemo.config.world import planned_ranks_per_node
+    from metaapo_nemo.config.world import planned_ranks_per_node, planned_world_size
 
     world, source = planned_world_size(cfg, args.config, world_size=args.world_size, nodes=args.nodes,
                                        gpus_per_node=args.gpus_per_node, sbatch=args.sbatch)
