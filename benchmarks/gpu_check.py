@@ -17,6 +17,11 @@ Sections (each records its figures or its error; one failing section does not st
 - ``packed``: the same step with rows packed as THD `PackedSeqParams` (the H100 recipes'
   layout: TE's fused varlen attention where TE is installed, else the local spec's SDPA
   core's variable-length attention on CUDA) beside the padded rows.
+- ``context_parallel``: the tiny DPO recipe with THD-packed rows, once on one rank and once
+  split over 2 context-parallel ranks (TE's context-parallel attention on GPUs; the SDPA
+  core's all-gather stand-in on the CPU): per-step losses and grad norms side by side, and
+  their largest relative difference. Needs 2 GPUs; on one GPU the section records why it
+  did not run.
 - ``planner``: a 2-layer, 4096-wide, 128,256-vocabulary Llama, one micro-batch of 4 x 4096
   tokens with full recompute: the step's peak `torch.cuda.max_memory_allocated` above the
   resident state vs the planner's per-layer activations + logits terms.
@@ -203,6 +208,37 @@ def packed_compare(mod, cpu_dry: bool, work: Path, padded: dict) -> dict:
     return out
 
 
+def context_parallel(cpu_dry: bool, work: Path) -> dict:
+    """The tiny DPO recipe (THD rows) at cp=1 on one rank and cp=2 on two; losses side by side."""
+    import subprocess
+
+    import torch
+
+    gpus = torch.cuda.device_count() if not cpu_dry else 0
+    if not cpu_dry and gpus < 2:
+        return {"skipped": f"context parallelism splits each row over 2 ranks: needs 2 GPUs, this machine "
+                           f"has {gpus}"}
+    common = ["--config", "conf/tiny_cpu_dpo.yaml", "train.max_steps=3", "train.global_batch_size=8",
+              "train.micro_batch_size=2", "data.limit=24", "train.batching=pack", "train.pack_format=thd",
+              "train.share_prompt=false", "train.progress_bar=off", "train.save_final_hf=false",
+              f"run.output_dir={work / 'cp_runs'}", f"run.cache_dir={work / 'cp_cache'}"]
+    out: dict = {}
+    for name, nproc, extra in (("cp1", 1, []), ("cp2", 2, ["parallel.cp=2"])):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(REPO / "recipes" / "dpo.py"), *common, *extra, f"run.name={name}"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        if proc.returncode:
+            raise RuntimeError(f"{name} exited {proc.returncode}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        metrics = work / "cp_runs" / name / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        out[name] = {"wall_s": round(time.perf_counter() - t0, 1),
+                     "loss": [r["loss"] for r in rows], "grad_norm": [r["grad_norm"] for r in rows]}
+    pairs = [(a, b) for key in ("loss", "grad_norm") for a, b in zip(out["cp1"][key], out["cp2"][key])]
+    out["max_rel_diff"] = max(abs(a - b) / max(abs(a), 1e-12) for a, b in pairs)
+    return out
+
+
 def planner_check(cpu_dry: bool, work: Path) -> dict:
     """Peak allocated above the resident state for one 4 x 4096 micro-batch (full recompute)."""
     import torch
@@ -295,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             _section(results, "attention", attention_compare, mod, args.cpu_dry, work, results["dpo_step"])
         if "packed" not in args.skip and "error" not in results.get("dpo_step", {"error": 1}):
             _section(results, "packed", packed_compare, mod, args.cpu_dry, work, results["dpo_step"])
+        if "context_parallel" not in args.skip:
+            _section(results, "context_parallel", context_parallel, args.cpu_dry, work)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)} | {"out": str(args.out)}))

@@ -134,7 +134,7 @@ class Checkpointer:
             _torch_save(rank, tmp / f"rank_{dist.get_rank() if dist.is_initialized() else 0:05d}.pt")
             if ctx.is_main:
                 body = {"format": FORMAT, "step": step, "world_size": ctx.dims.world_size,
-                        "layout": {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "dp": ctx.dims.dp},
+                        "layout": {"tp": ctx.dims.tp, "pp": ctx.dims.pp, "cp": ctx.dims.cp, "dp": ctx.dims.dp},
                         "written_by": written_by(), **trainer}
                 _write_bytes(tmp / "trainer.json", json.dumps(body, indent=1).encode())
                 _torch_save(shared or {}, tmp / "shared.pt")

@@ -582,8 +582,11 @@ def test_packing_with_interleaved_pipeline_is_refused_at_startup():
         load_config(None, ["train.batching=pack", "parallel.pp=2", "parallel.vpp=2"], method="metaapo")
 
 
-def test_context_parallelism_is_refused_until_the_data_path_splits_sequences():
+def test_context_parallelism_needs_thd_packed_rows():
     for method in ("dpo", "metaapo"):
-        msg = _config_error(None, ["parallel.cp=2"], method=method)
-        assert "parallel.cp=2: context parallelism is not wired into the training data path" in msg
-        assert "use parallel.cp=1" in msg
+        msg = _config_error(None, ["parallel.cp=2", "train.batching=bucket"], method=method)
+        assert "parallel.cp=2: context parallelism splits every sequence of a THD-packed row" in msg
+        assert "set train.batching=pack, train.pack_format=thd and train.share_prompt=false" in msg
+        cfg = load_config(None, ["parallel.cp=2", "train.batching=pack", "train.pack_format=thd",
+                                 "train.share_prompt=false"], method=method)
+        assert cfg.parallel.cp == 2

@@ -21,12 +21,14 @@ def test_gpu_check_cpu_dry_runs_every_section(tmp_path):
                           timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
-    for section in ("cuda_context", "smoke", "dpo_step", "planner", "attention", "packed"):
+    for section in ("cuda_context", "smoke", "dpo_step", "planner", "attention", "packed", "context_parallel"):
         assert section in r and "error" not in r[section], (section, r.get(section))
     assert r["smoke"]["logprob_ok"] and r["smoke"]["export_bitwise"]
     assert r["dpo_step"]["tokens_per_s"] > 0 and r["dpo_step"]["layer_spec"] == "local"
     assert r["attention"]["sdpa"]["tokens_per_s"] and r["attention"]["megatron_local"]["tokens_per_s"]
     assert r["packed"]["pack_thd"]["tokens_per_s"] and r["packed"]["padded"]["tokens_per_s"]
+    cp = r["context_parallel"]  # one rank vs two context-parallel ranks, the same steps
+    assert len(cp["cp1"]["loss"]) == len(cp["cp2"]["loss"]) == 3 and cp["max_rel_diff"] < 1e-5
     # per layer (full recompute, fp32): 2 s b h x 2 = 2 * 64 * 4 * 128 * 2 bytes
     assert r["planner"]["planner_per_layer_gib"] * 2**30 == 2 * 64 * 4 * 128 * 2
     assert r["planner"]["planner_logits_gib"] * 2**30 == 2 * 64 * 4 * 512 * 4

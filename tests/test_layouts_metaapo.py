@@ -16,8 +16,8 @@ out differently). Runs are grouped by process count into one torchrun launch eac
 Options that change how the model computes, not what (recompute full / selective, megatron's
 core attention instead of SDPA, reference CPU offload, THD-packed rows) run single-process
 against the same reference. Default tier: MetaAPO TP2, PP2, DP2, full recompute, megatron
-attention, THD-packed rows and Online DPO DP2; the stack tier adds THD at TP2, PP2 and DP2 +
-distributed optimiser. ``slow``: DP2 + distributed optimiser, PP2 x VPP2, TP2 x PP2 (4
+attention, THD-packed rows (alone and split over 2 context-parallel ranks) and Online DPO DP2;
+the stack tier adds THD at TP2, PP2, DP2 + distributed optimiser and DP2 x CP2. ``slow``: DP2 + distributed optimiser, PP2 x VPP2, TP2 x PP2 (4
 processes) for both methods, the other options and the other Online DPO layouts.
 """
 
@@ -73,6 +73,9 @@ SHAPES = {  # name: (processes, overrides)
     "tp2_thd": (2, ("parallel.tp=2", "train.pack_format=thd", "train.share_prompt=false")),
     "pp2_thd": (2, ("parallel.pp=2", "train.pack_format=thd", "train.share_prompt=false")),
     "dp2_thd": (2, ("parallel.distributed_optimizer=true", "train.pack_format=thd", "train.share_prompt=false")),
+    "cp2_thd": (2, ("parallel.cp=2", "train.pack_format=thd", "train.share_prompt=false")),
+    "dp2_cp2_thd": (4, ("parallel.cp=2", "parallel.distributed_optimizer=true", "train.pack_format=thd",
+                        "train.share_prompt=false")),
     # single-process options that change how the model computes, not what: same run expected
     "recompute_full": (1, ("parallel.recompute=full",)),
     "recompute_selective": (1, ("parallel.recompute=selective",)),
@@ -81,11 +84,12 @@ SHAPES = {  # name: (processes, overrides)
     "pack_thd": (1, ("train.pack_format=thd", "train.share_prompt=false")),
 }
 DEFAULT = {("metaapo", "tp2"), ("metaapo", "pp2"), ("metaapo", "dp2"), ("online", "dp2"),
-           ("metaapo", "recompute_full"), ("metaapo", "attention_megatron"), ("metaapo", "pack_thd")}
+           ("metaapo", "recompute_full"), ("metaapo", "attention_megatron"), ("metaapo", "pack_thd"),
+           ("metaapo", "cp2_thd")}
 # The Python 3.12 / megatron-core 0.19 tier (`make test-gpu-stack`, marker `stack`): the default
 # cases and, from the slow ones, the distributed optimiser and interleaved PP.
 STACK = DEFAULT | {("metaapo", "dp2_distopt"), ("metaapo", "pp2_vpp2"), ("metaapo", "tp2_thd"),
-                   ("metaapo", "pp2_thd"), ("metaapo", "dp2_thd")}
+                   ("metaapo", "pp2_thd"), ("metaapo", "dp2_thd"), ("metaapo", "dp2_cp2_thd")}
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,24 @@ def test_70b_tp8_pp4_dp2_with_distributed_optimizer():
     assert check_fits(plan, 80.0) is None
 
 
+def test_context_parallelism_divides_a_rows_tokens_and_shards_the_optimizer_over_dp_x_cp():
+    """cp=2: every rank holds half of each row, so the activations and logits of the 16k-token
+    rows halve (exactly: s / c replaces s), and the distributed optimiser shards over d x c."""
+    base = dict(arch=L70B, tp=8, pp=4, dp=2, dtype="bfloat16", distributed_optimizer=True, recompute="full",
+                micro_batch_rows=1, num_microbatches=16, reference_offloaded=True, vllm_tp=8,
+                vllm_kv_cache_gib=8.0)
+    long_rows = plan_memory(PlanInput(**base, seq_length=16384))
+    cp2 = plan_memory(PlanInput(**base, seq_length=16384, cp=2))
+    half = plan_memory(PlanInput(**base, seq_length=8192))
+    for phase, key in (("train", "activations"), ("train", "logits"), ("margins", "activations"),
+                       ("margins", "logits")):
+        assert cp2.per_phase[phase][key] == pytest.approx(half.per_phase[phase][key])
+        assert cp2.per_phase[phase][key] < long_rows.per_phase[phase][key]
+    n = params_per_rank(L70B, tp=8, pp=4)
+    assert cp2.per_phase["train"]["optimizer"] == pytest.approx(12 * n / 4 / GiB)
+    assert cp2.per_phase["train"]["nccl"] == long_rows.per_phase["train"]["nccl"] + 0.5  # the CP group's
+
+
 def test_layout_that_does_not_fit_is_refused_with_the_arithmetic():
     plan = plan_memory(PlanInput(arch=L70B, tp=1, pp=1, dp=1, dtype="bfloat16", distributed_optimizer=False))
     msg = check_fits(plan, 80.0)

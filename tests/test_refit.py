@@ -227,14 +227,16 @@ def test_prompt_batch_validation():
     assert batch.describe(limit=2) == "round 4, 3 prompts, keys [7, 8, ...]"
 
 
-def _ctx(rank: int, world: int, tp: int = 1, pp: int = 1):
-    dims = SimpleNamespace(world_size=world, tp=tp, pp=pp)
+def _ctx(rank: int, world: int, tp: int = 1, pp: int = 1, cp: int = 1):
+    """Megatron's rank order: tp fastest, then cp, dp, pp."""
+    dims = SimpleNamespace(world_size=world, tp=tp, pp=pp, cp=cp)
     return SimpleNamespace(
         dims=dims,
         rank=rank,
         tp_rank=rank % tp,
+        cp_rank=(rank // tp) % cp,
         pp_rank=rank // (world // pp),
-        dp_rank=(rank // tp) % (world // (tp * pp)),
+        dp_rank=(rank // (tp * cp)) % (world // (tp * pp * cp)),
     )
 
 
@@ -247,6 +249,10 @@ def test_engine_placement():
     # CPU, PP=2: only the first stage's first rank hosts
     pp = [EnginePlacement.for_context(_ctx(r, 2, pp=2), on_gpu=False) for r in range(2)]
     assert [p.hosts_engine for p in pp] == [True, False]
+    # CPU, CP=2 x DP=2: the CP ranks of a replica share its one engine
+    cp = [EnginePlacement.for_context(_ctx(r, 4, cp=2), on_gpu=False) for r in range(4)]
+    assert [p.hosts_engine for p in cp] == [True, False, True, False]
+    assert [p.engine_index for p in cp] == [0, 0, 1, 1] and cp[0].num_engines == 2
     # GPU, 4 ranks, generation TP=2: every rank hosts a shard, ranks 0 and 2 lead
     gpu = [EnginePlacement.for_context(_ctx(r, 4), gen_tp=2, on_gpu=True) for r in range(4)]
     assert all(p.hosts_engine for p in gpu) and [p.leader for p in gpu] == [

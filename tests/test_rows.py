@@ -169,7 +169,7 @@ def test_layout_from_config_pads_for_fp8_only():
     from metaapo_nemo.trainer.rows import FP8_TOKEN_MULTIPLE, layout_from_config
 
     train = SimpleNamespace(share_prompt=False, batching="bucket", pack_tokens=None)
-    pp1, pp2 = SimpleNamespace(pp=1), SimpleNamespace(pp=2)
+    pp1, pp2 = SimpleNamespace(pp=1, cp=1), SimpleNamespace(pp=2, cp=1)
     fp8 = layout_from_config(SimpleNamespace(train=train, model=SimpleNamespace(fp8="hybrid"), parallel=pp1),
                              "transformer_engine")
     assert fp8.pad_multiple == FP8_TOKEN_MULTIPLE == 16
@@ -238,11 +238,74 @@ def test_packed_rows_go_as_thd_on_the_te_spec_and_what_thd_cannot_run_is_refused
         "pack_format=mask needs an arbitrary": (_cfg_ns(pack_format="mask"), "transformer_engine"),
         "cannot express shared-prompt": (_cfg_ns(share=True, pack_format="thd"), "local"),
         "needs train.attention=sdpa": (_cfg_ns(pack_format="thd", attention="megatron"), "local"),
-        "parallel.cp=2": (_cfg_ns(cp=2), "transformer_engine"),
+        "parallel.cp=2: context parallelism splits": (_cfg_ns(cp=2, batching="bucket"), "transformer_engine"),
+        "parallel.cp=2: context .* train.attention=sdpa": (_cfg_ns(cp=2), "local"),  # auto: mask on CPU
     }
     for message, (cfg, impl) in refused.items():
         with pytest.raises(ValueError, match=message):
             layout_from_config(cfg, impl)
+
+
+def test_context_parallel_shares_are_megatrons_load_balanced_chunks():
+    """cp_partition_index: 2 x cp chunks per slot, rank r keeps r and 2cp-1-r; the ranks' shares
+    cover the stream once, and each share's positions are the ones megatron's THD RoPE gives
+    that rank (`_get_thd_freqs_on_this_cp_rank`)."""
+    from megatron.core.models.common.embeddings.rope_utils import _get_thd_freqs_on_this_cp_rank
+
+    from metaapo_nemo.models.packed_seq import cp_partition_index
+
+    slots = [8, 4, 16]
+    for cp in (1, 2):
+        shares = [cp_partition_index(slots, cp, r) for r in range(cp)]
+        assert torch.equal(torch.cat(shares).sort().values, torch.arange(sum(slots)))
+        for r, share in enumerate(shares):
+            start = 0
+            for i, length in enumerate(slots):
+                mine = share[(share >= start) & (share < start + length)] - start
+                rope = _get_thd_freqs_on_this_cp_rank(r, cp, torch.zeros(length // cp), torch.arange(64))
+                assert torch.equal(mine, rope), (cp, r, i)
+                start += length
+    assert cp_partition_index([8, 4], 2, 1).tolist() == [2, 3, 4, 5, 9, 10]
+    with pytest.raises(ValueError, match="slot 1 has 6 tokens, not a multiple of 2 x cp = 4"):
+        cp_partition_index([8, 6], 2, 0)
+
+
+def test_thd_rows_under_context_parallelism_pad_every_sequence_to_2cp():
+    """cp=2: every sequence slot (and so the row) a multiple of 4, FP8 rows a multiple of 16 x cp;
+    the padding scores nothing, so the sequences' response tokens and targets are unchanged."""
+    from metaapo_nemo.models.packed_seq import thd_offsets
+    from metaapo_nemo.trainer.batching import to_microbatches
+    from metaapo_nemo.trainer.rows import layout_from_config
+
+    cp2 = layout_from_config(_cfg_ns(cp=2), "transformer_engine")
+    assert cp2.thd and (cp2.seq_multiple, cp2.pad_multiple) == (4, 4)
+    fp8 = layout_from_config(_cfg_ns(cp=2, fp8="hybrid"), "transformer_engine")
+    assert (fp8.seq_multiple, fp8.pad_multiple) == (4, 32)
+    assert layout_from_config(_cfg_ns(cp=2, pack_format="thd"), "local").seq_multiple == 4
+    pairs = synthetic_pairs(6, 250, chat_lengths((3, 40), (2, 40)), seed=3, eos_id=2)
+    plain = to_microbatches(pairs, 2, 0, torch.device("cpu"), RowLayout("pack", thd=True))
+    for layout in (cp2, fp8):
+        mbs = to_microbatches(pairs, 2, 0, torch.device("cpu"), layout)
+        for mb in mbs:
+            t = mb.input_ids_NT.shape[1]
+            assert t % layout.pad_multiple == 0
+            assert all(n % 4 == 0 for n in mb.extras["row_blocks"][0])
+            _, slots = thd_offsets(mb.extras["row_blocks"], t)
+            assert all(n % 4 == 0 for n in slots)
+        assert len(mbs) <= len(pairs)
+
+        assert _scored_targets(mbs) == _scored_targets(plain) and len(_scored_targets(plain)) == 12
+
+
+def _scored_targets(mbs) -> dict[tuple[int, int], list[int]]:
+    """(pair index, 0 chosen / 1 rejected) -> the targets scored for it, in row order."""
+    out: dict[tuple[int, int], list[int]] = {}
+    for mb in mbs:
+        pairs = mb.extras["pair_index"].tolist()
+        for j in (mb.loss_mask_NT[0] > 0).nonzero().flatten().tolist():
+            q = int(mb.seq_index_NT[0, j])
+            out.setdefault((pairs[q // 2], q % 2), []).append(int(mb.labels_NT[0, j]))
+    return out
 
 
 def test_a_thd_packed_microbatch_runs_the_varlen_path(tiny_llama, single_ctx, monkeypatch):
@@ -287,6 +350,8 @@ def test_the_dry_run_names_the_row_layout_of_each_spec():
     assert "each pair's prompt computed once" in line  # share_prompt null: on with the local spec
     refused = describe_rows(_cfg_ns(share=True))
     assert "Transformer Engine spec (GPU): refused (train.share_prompt=true needs" in refused
+    cp = describe_rows(_cfg_ns(cp=2, pack_format="thd"))
+    assert cp.count("every sequence padded to a multiple of 4 and split over the parallel.cp=2 ranks") == 2
 
 
 def test_thd_on_transformer_engine_needs_te_1_10(monkeypatch):

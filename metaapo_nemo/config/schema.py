@@ -71,13 +71,6 @@ class ParallelConfig(_Section):
                 "activations across the tensor-parallel group; set "
                 "parallel.sequence_parallel=false or parallel.tp >= 2"
             )
-        if self.cp > 1:
-            errors.append(
-                f"parallel.cp={self.cp}: context parallelism is not wired into the training data path "
-                "(sequences are not split across the CP ranks, and the log-prob sums are not reduced "
-                "over them), so it would train on wrong attention; use parallel.cp=1 and "
-                "parallel.tp / parallel.pp (with parallel.recompute) for long rows"
-            )
         if errors:
             raise ValueError("\n".join(errors))
         return self
@@ -245,6 +238,14 @@ class Config(BaseModel):
                 f"micro-batches, which megatron's interleaved schedule (parallel.vpp={self.parallel.vpp}) "
                 "cannot take (it needs a multiple of parallel.pp micro-batches); use "
                 "train.batching=bucket, or parallel.vpp=null"
+            )
+        t, cp = self.train, self.parallel.cp
+        if cp > 1 and (t.batching != "pack" or t.pack_format == "mask" or t.share_prompt):
+            errors.append(
+                f"parallel.cp={cp}: context parallelism splits every sequence of a THD-packed row over "
+                f"the CP ranks, and only such rows (train.batching={t.batching}, train.pack_format="
+                f"{t.pack_format}, train.share_prompt={t.share_prompt}); set train.batching=pack, "
+                "train.pack_format=thd and train.share_prompt=false"
             )
         if errors:
             raise ValueError("\n".join(errors))

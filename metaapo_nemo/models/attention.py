@@ -42,9 +42,9 @@ class SDPAttention(torch.nn.Module):
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection=None):
         super().__init__()
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPAttention (local spec) does not support context parallelism")
         tp = pg_collection.tp.size() if pg_collection is not None else _tp_size()
+        self.cp = config.context_parallel_size
+        self._cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
         self.config = config
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
@@ -64,6 +64,11 @@ class SDPAttention(torch.nn.Module):
             raise ValueError("SDPAttention does not support attention_bias")
         if packed_seq_params is not None:
             return self._thd(query, key, value, packed_seq_params)
+        if self.cp > 1:
+            raise ValueError(
+                f"context_parallel_size={self.cp}: SDPAttention splits sequences across CP ranks only "
+                "for THD-packed rows (packed_seq_params); padded rows would attend to this rank's share "
+                "of the tokens alone")
         sq, b, np_, hn = query.shape
         # [s, b, n, h] -> [b, n, s, h]
         q = query.permute(1, 2, 0, 3)
@@ -100,6 +105,8 @@ class SDPAttention(torch.nn.Module):
         real = params.cu_seqlens_q.tolist()
         slots = (params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None
                  else params.cu_seqlens_q).tolist()
+        if self.cp > 1:
+            return self._thd_cp(query, key, value, slots)
         t, np_, hn = query.shape
         if slots[-1] != t:
             raise ValueError(f"THD stream of {t} tokens, but cu_seqlens end at {slots[-1]}")
@@ -119,6 +126,73 @@ class SDPAttention(torch.nn.Module):
                 pieces.append(q.new_zeros(np_, slot - n, hn))
         out = torch.cat(pieces, dim=1)  # [n, t, h]
         return out.transpose(0, 1).reshape(t, np_ * hn)
+
+
+    def _thd_cp(self, query, key, value, slots: list[int]):
+        """`_thd` on this context-parallel rank's share of the stream (`MicroBatch.cp_shard`).
+
+        The CPU stand-in for Transformer Engine's context-parallel attention (its ring of
+        K/V exchanges): every rank all-gathers K and V (`_GatherCP`: the backward sums the
+        ranks' K/V gradients), puts them back in stream order, and runs its local queries
+        causally against their whole sequence slot. A slot's padding is its tail, so causal
+        attention keeps it out of every real token's context, as in `_thd`.
+        """
+        from metaapo_nemo.models.packed_seq import cp_partition_index
+
+        group = self._cp_group if self._cp_group is not None else _cp_group()
+        cp, rank = self.cp, torch.distributed.get_rank(group)
+        lengths = [b - a for a, b in zip(slots[:-1], slots[1:])]
+        t, np_, hn = query.shape
+        if slots[-1] != t * cp:
+            raise ValueError(f"CP share of {t} tokens x cp {cp}, but cu_seqlens end at {slots[-1]}")
+        order = torch.cat([cp_partition_index(lengths, cp, r) for r in range(cp)]).to(query.device)
+        kv = _GatherCP.apply(torch.stack([key, value]), group, cp)  # [2, t * cp, ng, hn], rank-major
+        kv = torch.empty_like(kv).index_copy_(1, order, kv)  # stream order
+        k, v = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [ng, T, hn]
+        q = query.transpose(0, 1)
+        if self.groups != self.heads:
+            rep = self.heads // self.groups
+            k = k.repeat_interleave(rep, dim=0)
+            v = v.repeat_interleave(rep, dim=0)
+        pieces, local = [], 0
+        for i, length in enumerate(lengths):
+            pos_q = cp_partition_index([length], cp, rank).to(query.device)  # positions in the slot
+            n = pos_q.numel()
+            sl = slice(slots[i], slots[i + 1])
+            visible = pos_q[:, None] >= torch.arange(length, device=query.device)[None, :]
+            pieces.append(F.scaled_dot_product_attention(q[:, local:local + n], k[:, sl], v[:, sl],
+                                                         attn_mask=visible, scale=self.softmax_scale))
+            local += n
+        out = torch.cat(pieces, dim=1)  # [n, t, h]
+        return out.transpose(0, 1).reshape(t, np_ * hn)
+
+
+class _GatherCP(torch.autograd.Function):
+    """All-gather along dim 1 over the CP group; backward: the summed gradient's own slice.
+
+    Backend-neutral (gloo has no reduce-scatter): the gradient of the gathered tensor is
+    all-reduced, and each rank keeps the part that came from its input.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, cp):
+        ctx.group, ctx.cp = group, cp
+        parts = [torch.empty_like(x) for _ in range(cp)]
+        torch.distributed.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        rank = torch.distributed.get_rank(ctx.group)
+        return grad.chunk(ctx.cp, dim=1)[rank].contiguous(), None, None
+
+
+def _cp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_context_parallel_group()
 
 
 def _tp_size() -> int:

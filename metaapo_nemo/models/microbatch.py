@@ -32,6 +32,8 @@ class MicroBatch:
         num_seqs: Q when `seq_index_NT` is set.
         select_logits: run the output layer only on positions with loss_mask > 0 (the
             prompt and padding positions never need logits).
+        cp_group: Set on a context-parallel rank's share of a THD row (`cp_shard`): the
+            sequence sums and lengths are then all-reduced over this group.
     """
 
     input_ids_NT: torch.Tensor
@@ -43,6 +45,7 @@ class MicroBatch:
     seq_index_NT: torch.Tensor | None = None
     num_seqs: int | None = None
     select_logits: bool = False
+    cp_group: Any = None
 
     def sequence_logps(self, logps_NT: torch.Tensor) -> torch.Tensor:
         """Summed response log-prob of each logical sequence -> [Q]."""
@@ -50,7 +53,8 @@ class MicroBatch:
             return (logps_NT * self.loss_mask_NT).sum(dim=-1)  # plain rows: unchanged numerics
         sel = self.loss_mask_NT > 0
         out = logps_NT.new_zeros(self._num_seqs())
-        return out.index_add(0, self.seq_index_NT[sel], (logps_NT * self.loss_mask_NT)[sel])
+        return _cp_sum(out.index_add(0, self.seq_index_NT[sel], (logps_NT * self.loss_mask_NT)[sel]),
+                       self.cp_group)
 
     def sequence_lengths(self) -> torch.Tensor:
         """Response tokens of each logical sequence (float) -> [Q]."""
@@ -58,7 +62,31 @@ class MicroBatch:
             return self.loss_mask_NT.sum(dim=-1)
         sel = self.loss_mask_NT > 0
         out = self.loss_mask_NT.new_zeros(self._num_seqs())
-        return out.index_add(0, self.seq_index_NT[sel], self.loss_mask_NT[sel])
+        return _cp_sum(out.index_add(0, self.seq_index_NT[sel], self.loss_mask_NT[sel]), self.cp_group)
+
+    def cp_shard(self, cp: int, cp_rank: int, group: Any) -> "MicroBatch":
+        """This context-parallel rank's share of a THD-packed row (`models.packed_seq`).
+
+        Every sequence slot is cut into 2 x cp chunks and the rank keeps two of them
+        (`cp_partition_index`); the THD metadata stays that of the whole row (its length goes
+        to ``extras["thd_length"]``), and the per-sequence sums are reduced over ``group``.
+        """
+        from metaapo_nemo.models.packed_seq import cp_partition_index, thd_offsets
+
+        blocks = self.extras.get("row_blocks")
+        n, t = self.input_ids_NT.shape
+        if self.attention_mask_N1TT is not None or not blocks or n != 1 or self.seq_index_NT is None:
+            raise ValueError("context parallelism splits THD-packed rows only (one row, no mask, "
+                             "extras['row_blocks'], seq_index_NT); this micro-batch is not one")
+        _, slots = thd_offsets(blocks, t)
+        idx = cp_partition_index(slots, cp, cp_rank).to(self.input_ids_NT.device)
+
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.index_select(-1, idx.to(x.device))
+
+        return replace(self, input_ids_NT=pick(self.input_ids_NT), labels_NT=pick(self.labels_NT),
+                       loss_mask_NT=pick(self.loss_mask_NT), position_ids_NT=pick(self.position_ids_NT),
+                       seq_index_NT=pick(self.seq_index_NT), extras={**self.extras, "thd_length": t}, cp_group=group)
 
     def _num_seqs(self) -> int:
         if self.num_seqs is None:
@@ -125,3 +153,20 @@ class OutputSelector:
         hidden = args[0]
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.idx).unsqueeze(1)
         return (picked, *args[1:]), kwargs
+
+
+def _cp_sum(partial_Q: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum of the CP ranks' partial sums; the gradient flows to this rank's part only.
+
+    ``full + (partial - partial.detach())`` has exactly the value of the all-reduced sum on
+    every rank (x - x == 0), so the ranks compute the same loss; each rank's backward then
+    covers its own tokens, and megatron's gradient all-reduce over data x context parallel
+    ranks adds the parts up.
+    """
+    if group is None:
+        return partial_Q
+    import torch.distributed as dist
+
+    full = partial_Q.detach().clone()
+    dist.all_reduce(full, group=group)
+    return full + (partial_Q - partial_Q.detach()) if partial_Q.requires_grad else full

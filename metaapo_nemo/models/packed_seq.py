@@ -16,6 +16,14 @@ up as well, and the padded offsets go to ``cu_seqlens_*_padded``:
     cu_seqlens_padded   = [0, L_1, L_1 + L_2, ...]        offsets in the stream (int32)
     max_seqlen          = max L_i
 
+Context parallelism (``parallel.cp`` > 1) splits every sequence slot into 2 * cp equal chunks;
+CP rank r keeps chunks r and 2 * cp - 1 - r (the load-balanced split of Megatron and Transformer
+Engine: causal attention's work per rank is then equal), sequence after sequence
+(`cp_partition_index`). The THD metadata stays global: TE's attention and megatron's RoPE
+divide each slot by cp themselves. The packer therefore pads every sequence to a multiple of
+2 * cp (`metaapo_nemo.trainer.rows`), and its padding is part of the sequence (causal: real
+tokens never see it, and it is never scored).
+
 Shared-prompt rows are not expressible in THD (the rejected branch must skip the chosen
 one inside a sequence); `rows.layout_from_config` refuses them on the TE spec.
 """
@@ -82,3 +90,30 @@ def thd_packed_seq_params(row_blocks: Sequence[Sequence[int]], row_length: int,
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                            cu_seqlens_q_padded=cu_padded, cu_seqlens_kv_padded=cu_padded,
                            max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def cp_partition_index(slot_lengths: Sequence[int], cp: int, cp_rank: int) -> torch.Tensor:
+    """Stream indices of the tokens CP rank ``cp_rank`` holds, in its local order.
+
+    Every slot (a sequence with its padding) is cut into ``2 * cp`` equal chunks; the rank
+    keeps chunk ``cp_rank`` and chunk ``2 * cp - 1 - cp_rank`` of each slot, in slot order.
+    This is the order megatron's THD RoPE (``_get_thd_freqs_on_this_cp_rank``) and Transformer
+    Engine's ``thd_get_partitioned_indices`` assume.
+
+    Raises:
+        ValueError: If a slot's length is not a multiple of ``2 * cp``.
+    """
+    if not 0 <= cp_rank < cp:
+        raise ValueError(f"cp_rank={cp_rank} outside 0..{cp - 1}")
+    parts: list[torch.Tensor] = []
+    start = 0
+    for i, length in enumerate(slot_lengths):
+        if length % (2 * cp):
+            raise ValueError(
+                f"sequence slot {i} has {length} tokens, not a multiple of 2 x cp = {2 * cp}: context "
+                "parallelism needs every packed sequence padded to it (RowLayout.seq_multiple)")
+        chunk = length // (2 * cp)
+        for c in (cp_rank, 2 * cp - 1 - cp_rank):
+            parts.append(torch.arange(start + c * chunk, start + (c + 1) * chunk))
+        start += length
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)

@@ -177,6 +177,10 @@ class MegatronLM:
         seq_len = max(mb.input_ids_NT.shape[1] for mb in microbatches)
         if self.ctx.dims.pp > 1:  # p2p shapes are fixed for the whole step
             microbatches = [mb.padded_to(seq_len, self.pad_id) for mb in microbatches]
+        cp = self.ctx.dims.cp
+        if cp > 1:  # each CP rank runs its share of every THD row (after the PP padding); the
+            # schedule's p2p shapes take the whole row's seq_len (megatron divides it by cp)
+            microbatches = [mb.cp_shard(cp, self.ctx.cp_rank, self.ctx.cp_group) for mb in microbatches]
         rows = microbatches[0].input_ids_NT.shape[0]
         vocab = self.arch.vocab_size
         ctx = self.ctx
@@ -241,6 +245,7 @@ class MegatronLM:
         from metaapo_nemo.models.packed_seq import thd_packed_seq_params
 
         n, t = mb.input_ids_NT.shape
+        t = mb.extras.get("thd_length", t)  # a context-parallel share: the whole row's metadata
         if not self.build.packed_thd:
             raise ValueError(
                 "this micro-batch is packed for THD (no mask; RowLayout.thd) but the model was built "

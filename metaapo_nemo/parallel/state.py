@@ -39,12 +39,18 @@ class ParallelContext:
     dp_rank: int
     tp_group: Any
     pp_group: Any
-    dp_group: Any  # data parallel (x context parallel) group used for loss/metric reductions
+    # Data parallel group WITHOUT the context-parallel ranks: data shards, loss/metric and
+    # meta-learner reductions (the CP ranks of a replica hold the same pairs and the same,
+    # already CP-reduced, sequence sums). Megatron's DDP and distributed optimiser reduce
+    # gradients over data x context parallel ranks themselves.
+    dp_group: Any
     dp_group_gloo: Any
     mp_group: Any  # model parallel group (tp x pp) for broadcasting decisions within a replica
     # The pipeline group on gloo, for object collectives (host data such as margins or the
     # meta-learner) that must reach the other stages whatever the training backend is.
     pp_group_gloo: Any = None
+    cp_rank: int = 0
+    cp_group: Any = None  # context parallel group (the ranks sharing one row's tokens)
 
     @property
     def is_first_stage(self) -> bool:
@@ -162,13 +168,15 @@ def initialize(
         backend=backend,
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
-        dp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
+        dp_rank=ps.get_data_parallel_rank(),
         tp_group=ps.get_tensor_model_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(),
-        dp_group=ps.get_data_parallel_group(with_context_parallel=True),
-        dp_group_gloo=compat.data_parallel_group_gloo(with_context_parallel=True),
+        dp_group=ps.get_data_parallel_group(),
+        dp_group_gloo=compat.data_parallel_group_gloo(with_context_parallel=False),
         mp_group=ps.get_model_parallel_group(),
         pp_group_gloo=pipeline_group_gloo(ps.get_pipeline_model_parallel_group(), backend),
+        cp_rank=ps.get_context_parallel_rank(),
+        cp_group=ps.get_context_parallel_group(),
     )
 
 

@@ -24,12 +24,14 @@ Every phase also holds the CUDA context and the NCCL communicators (Megatron's, 
 while an engine exists).
 
 Formulas (bytes; s = sequence length, b = micro-batch rows, h = hidden, a = heads,
-L = layers, t = TP, p = PP, d = DP, V = vocabulary, I = MLP width):
+L = layers, t = TP, p = PP, d = DP, c = CP, V = vocabulary, I = MLP width):
 - parameters per rank: transformer layers L/p x per-layer/t, plus the embedding (V h / t)
   on the first stage and the output layer (V h / t, unless tied and p == 1) on the last.
 - weights: params x bytes(dtype); megatron's DDP keeps fp32 gradient buffers (4 B/param);
   Adam: fp32 m and v (8 B) plus an fp32 master copy when training in bf16 (4 B); the
-  distributed optimiser divides the optimiser part (master + m + v) by d.
+  distributed optimiser divides the optimiser part (master + m + v) by d x c.
+- context parallelism: each rank holds s / c tokens of every training row, so s / c replaces s
+  in the activations, logits and margin-pass terms below.
 - activations per layer per micro-batch, bf16 (Korthikanti et al. 2022, TP without
   sequence parallel): s b h (10 + 24/t + 5 a s / (h t)) bytes; selective recompute drops
   the attention-score term 5 a s / (h t); full recompute keeps only each layer's input,
@@ -41,7 +43,7 @@ L = layers, t = TP, p = PP, d = DP, V = vocabulary, I = MLP width):
 - margin-pass working set: one layer's activations without recompute (nothing is kept
   for a backward), i.e. `activation_bytes_per_layer(recompute=None)`.
 - CUDA context: `cuda_context_gib` per process (one: vLLM runs in the trainer's process).
-- NCCL: `nccl_gib_per_comm` per communicator; Megatron's set = TP, DP, world (each if its
+- NCCL: `nccl_gib_per_comm` per communicator; Megatron's set = TP, DP, CP, world (each if its
   size > 1) + 2 pipeline peers (p > 1); vLLM's set = its TP group (vllm_tp > 1).
 - vLLM (awake): util x GPU in all. Of it, the KV cache gets what is left after its weights
   (N_params x 2 B / vllm_tp) and its profiling reserve: the dummy forward of

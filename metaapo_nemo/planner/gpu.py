@@ -66,15 +66,16 @@ def plan_memory(x: PlanInput) -> Plan:
     n = params_per_rank(a, x.tp, x.pp)
     wbytes = _BYTES[x.dtype]
     opt_bytes = (8 + (4 if x.dtype != "float32" else 0)) * n
-    if x.distributed_optimizer:
-        opt_bytes /= x.dp
+    if x.distributed_optimizer:  # megatron shards it over the data x context parallel ranks
+        opt_bytes /= x.dp * x.cp
     in_flight = min(x.pp, x.num_microbatches)
     layers_here = -(-a.num_layers // x.pp)
-    acts = activation_bytes_per_layer(a, x.seq_length, x.micro_batch_rows, x.tp, x.recompute)
+    seq = -(-x.seq_length // x.cp)  # this rank's share of a row under context parallelism
+    acts = activation_bytes_per_layer(a, seq, x.micro_batch_rows, x.tp, x.recompute)
     acts *= layers_here * in_flight * (wbytes / 2)  # the formula counts bf16 bytes
     margin_rows = x.micro_batch_rows if x.margin_rows is None else x.margin_rows
-    logits_per_row = x.seq_length * (-(-a.vocab_size // x.tp)) * 4
-    forward_ws = activation_bytes_per_layer(a, x.seq_length, margin_rows, x.tp, None) * (wbytes / 2)
+    logits_per_row = seq * (-(-a.vocab_size // x.tp)) * 4
+    forward_ws = activation_bytes_per_layer(a, seq, margin_rows, x.tp, None) * (wbytes / 2)
     reference_weights = n * wbytes if x.reference_resident else 0.0
     reference = 0.0 if x.reference_offloaded else reference_weights  # between its forwards
     reward = 0.0 if x.reward_arch is None else reward_parameters(x.reward_arch) * _BYTES[x.reward_dtype]

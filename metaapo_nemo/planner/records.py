@@ -16,6 +16,7 @@ class PlanInput:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    cp: int = 1  # context parallel: each rank holds 1/cp of every training row's tokens
     dtype: str = "bfloat16"
     distributed_optimizer: bool = True
     recompute: str | None = None  # None | "selective" | "full"
@@ -73,7 +74,7 @@ class PlanInput:
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.cp
 
 
 @dataclass

@@ -38,7 +38,7 @@ def activation_bytes_per_layer(arch: ModelArch, seq: int, rows: int, tp: int, re
 
 def nccl_communicators(x: PlanInput) -> tuple[int, int]:
     """(Megatron's, vLLM's) NCCL communicators on one rank."""
-    train = int(x.tp > 1) + int(x.dp > 1) + int(x.world > 1) + (2 if x.pp > 1 else 0)
+    train = int(x.tp > 1) + int(x.dp > 1) + int(x.cp > 1) + int(x.world > 1) + (2 if x.pp > 1 else 0)
     return train, int((x.rollout or x.eval_engine) and x.vllm_tp > 1)
 
 

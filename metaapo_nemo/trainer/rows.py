@@ -37,6 +37,7 @@ mask, positions and target-to-sequence map the model and the loss need (see `Mic
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -99,10 +100,16 @@ class RowLayout:
     pad_multiple: int = 1
     fixed_rows: bool = True
     thd: bool = False  # packed rows as THD PackedSeqParams (module docstring of models/packed_seq.py)
+    # THD only: every sequence is padded to a multiple of this (2 x cp under context
+    # parallelism, which cuts each sequence into 2 x cp chunks); pad_multiple must be one of it.
+    seq_multiple: int = 1
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHINGS:
             raise ValueError(f"batching={self.batching!r}; use one of {BATCHINGS}")
+        if self.seq_multiple > 1 and not (self.thd and self.pad_multiple % self.seq_multiple == 0):
+            raise ValueError(f"seq_multiple={self.seq_multiple} needs THD rows (thd=True) whose length "
+                             f"multiple (pad_multiple={self.pad_multiple}) is a multiple of it")
         if self.pad_multiple < 1 or (self.fixed_length is not None and self.fixed_length % self.pad_multiple):
             raise ValueError(f"pad_multiple={self.pad_multiple} must be >= 1 and divide fixed_length="
                              f"{self.fixed_length}")
@@ -118,7 +125,8 @@ class RowLayout:
         if self.share_prompt:  # one shared prompt per pair of responses
             pairs = len({j // 2 for j, r in enumerate(unit.responses) if r is not None})
             return pairs * (p - 1) + sum(len(r) + 1 for r in present)
-        return sum(p + len(r) for r in present)
+        m = self.seq_multiple
+        return sum(-(-(p + len(r)) // m) * m for r in present)
 
 
 def layout_from_config(cfg, impl: str = "local") -> RowLayout:
@@ -158,14 +166,20 @@ def layout_from_config(cfg, impl: str = "local") -> RowLayout:
             raise ValueError(
                 "train.pack_format=thd on the local (CPU) spec needs train.attention=sdpa (megatron's "
                 "local DotProductAttention takes no PackedSeqParams)")
-        if cfg.parallel.cp > 1:
-            raise ValueError(
-                f"train.pack_format=thd with parallel.cp={cfg.parallel.cp}: context parallelism needs "
-                "every packed sequence padded to a multiple of 2 x cp, which the packer does not reserve "
-                "yet; use train.batching=bucket with context parallelism")
-    return RowLayout(t.batching, share, t.pack_tokens,
-                     pad_multiple=FP8_TOKEN_MULTIPLE if cfg.model.fp8 is not None else 1,
-                     fixed_rows=cfg.parallel.pp > 1, thd=thd)
+    cp = cfg.parallel.cp
+    if cp > 1 and not thd:
+        raise ValueError(
+            f"parallel.cp={cp}: context parallelism splits every sequence across the CP ranks, which "
+            "the project does for THD-packed rows only (padded and mask-packed rows would need the "
+            "split mask too); set train.batching=pack, train.pack_format=thd (or auto on GPU) and "
+            "train.share_prompt=false" + (", with train.attention=sdpa on the local (CPU) spec"
+                                          if impl == "local" else ""))
+    fp8 = FP8_TOKEN_MULTIPLE if cfg.model.fp8 is not None else 1
+    # Under CP each rank holds T / cp tokens of a row: FP8's multiple applies to that share,
+    # and every sequence (so every row) is a multiple of 2 x cp.
+    multiple = fp8 if cp == 1 else math.lcm(fp8 * cp, 2 * cp)
+    return RowLayout(t.batching, share, t.pack_tokens, pad_multiple=multiple,
+                     fixed_rows=cfg.parallel.pp > 1, thd=thd, seq_multiple=2 * cp if cp > 1 else 1)
 
 
 def describe_rows(cfg) -> str:
@@ -187,6 +201,9 @@ def describe_rows(cfg) -> str:
                 lay.batching]
         if lay.share_prompt:
             how += ", each pair's prompt computed once (shared-prompt blocks)"
+        if lay.seq_multiple > 1:
+            how += (f", every sequence padded to a multiple of {lay.seq_multiple} and split over the "
+                    f"parallel.cp={lay.seq_multiple // 2} ranks (2 load-balanced chunks each)")
         parts.append(f"{where}: {how}")
     return "rows: " + "; ".join(parts)
 
@@ -240,6 +257,18 @@ def _shared_block(prompt_ids: Sequence[int], responses: Sequence[Response], firs
 def _placeholder_block(pad_id: int) -> _Block:
     """One pad token scoring nothing: keeps a row for an absent pair (fixed row counts)."""
     return _Block([pad_id], [0], [0], [pad_id], [-1])
+
+
+def _pad_block(block: _Block, multiple: int, pad_id: int) -> _Block:
+    """The block with padding tokens appended up to a multiple of ``multiple`` (THD under
+    context parallelism): they continue its positions, score nothing, and as the block's
+    tail never enter a real token's causal context."""
+    extra = -len(block.ids) % multiple
+    if not extra:
+        return block
+    last = block.pos[-1]
+    return _Block(block.ids + [pad_id] * extra, block.pos + list(range(last + 1, last + 1 + extra)),
+                  block.branch + [0] * extra, block.labels + [pad_id] * extra, block.seq + [-1] * extra)
 
 
 def _unit_blocks(unit: Unit, first_seq: int, share: bool, pad_id: int) -> list[_Block]:
@@ -419,7 +448,8 @@ def _rows_microbatch(group: Sequence[Unit], layout: RowLayout, pad_id: int,
     r = _responses_per_unit(group)
     blocks = [_unit_blocks(u, r * j, layout.share_prompt, pad_id) for j, u in enumerate(group)]
     if one_row:  # packed: every block of the group in one row (placeholders are not needed)
-        rows = [[b for bs in blocks for b in bs if any(q >= 0 for q in b.seq)]]
+        rows = [[_pad_block(b, layout.seq_multiple, pad_id) for bs in blocks for b in bs
+                 if any(q >= 0 for q in b.seq)]]
     else:  # one row per block: a unit of R responses takes R / 2 rows (absent pairs: see fixed_rows)
         rows = [[b] for bs in blocks for b in bs if layout.fixed_rows or any(q >= 0 for q in b.seq)]
     return blocks_to_microbatch(rows, group, pad_id, layout.fixed_length, mask=not (one_row and layout.thd))
