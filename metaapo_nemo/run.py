@@ -83,7 +83,7 @@ def build(cfg: Config, method: str | None = None, pairs: list | None = None) -> 
 
     from metaapo_nemo.config.cli import read_model_dims, world_size_from_env
     from metaapo_nemo.config.schema import check_layout
-    from metaapo_nemo.data.preference import DataSpec, PreferenceData, load_preference_data
+    from metaapo_nemo.data.preference import DataSpec, PreferenceData, load_preference_data, with_template_kwargs
     from metaapo_nemo.models.arch import load_arch
     from metaapo_nemo.parallel import state
     from metaapo_nemo.trainer import setup as S
@@ -122,7 +122,7 @@ def build(cfg: Config, method: str | None = None, pairs: list | None = None) -> 
                                    if on_gpu else None)
     if warning is not None and ctx.is_main:
         console.say("WARNING: " + warning)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = with_template_kwargs(AutoTokenizer.from_pretrained(str(model_dir)), cfg.data.chat_template_kwargs)
     d = cfg.data
     if pairs is None:
         spec = DataSpec(S.data_source(d.path), d.split, d.max_length, d.max_prompt_length, d.on_bad_row, d.limit)

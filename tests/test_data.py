@@ -416,3 +416,30 @@ def test_fallback_tokenizer_keeps_the_contract() -> None:
     data = load_preference_data(DataSpec(str(TOY_SAMPLE_PATH), limit=32), fallback)
     assert len(data) == 32 and data.skipped == {}
     assert all(p.chosen_ids[-1] == fallback.eos_token_id for p in data.pairs)
+
+
+def test_chat_template_kwargs_reach_every_rendering(tmp_path: Path) -> None:
+    """data.chat_template_kwargs (Qwen3's enable_thinking=false) go into the prompts AND the
+    pairs: the prompt ends in the empty think block and each response still follows it."""
+    from metaapo_nemo.data.preference import with_template_kwargs
+
+    off = "(enable_thinking is defined and not enable_thinking)"
+    think = (  # CHATML, with Qwen3's empty think block opening each assistant turn when thinking is off
+        "{%- for m in messages -%}"
+        "{{- '<|im_start|>' + m['role'] + '\\n' -}}"
+        "{%- if m['role'] == 'assistant' and " + off + " -%}{{- '<think></think>' -}}{%- endif -%}"
+        "{{- m['content'] + '<|im_end|>' -}}"
+        "{%- if not loop.last or add_generation_prompt -%}{{- '\\n' -}}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+        "{%- if " + off + " -%}{{- '<think></think>' -}}{%- endif -%}{%- endif -%}")
+    path = write_jsonl(tmp_path / "p.jsonl", [good_row(1)])
+    plain = make_tokenizer()
+    plain.chat_template = think
+    bound = with_template_kwargs(make_tokenizer(), {"enable_thinking": False})
+    bound.chat_template = think
+    a, b = load(path, plain).pairs[0], load(path, bound).pairs[0]
+    marker = bound.encode("<think></think>", add_special_tokens=False)
+    assert list(b.prompt_ids[-len(marker):]) == marker and list(a.prompt_ids[-len(marker):]) != marker
+    assert b.chosen_ids == a.chosen_ids and b.rejected_ids == a.rejected_ids
+    assert with_template_kwargs(plain, {}) is plain

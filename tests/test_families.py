@@ -17,12 +17,12 @@ BASE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_he
 
 
 def test_one_family_per_model_type():
-    assert SUPPORTED == ("llama", "qwen2", "mistral") == tuple(FAMILIES)
+    assert SUPPORTED == ("llama", "qwen2", "mistral", "qwen3") == tuple(FAMILIES)
     for name, family in FAMILIES.items():
         assert family.model_type == name
         kinds = {kind for kind, _ in (*family.layer.values(), *family.globals.values())}
         assert kinds <= {"replicated", "row", "gate_up", "qkv", "vocab"}
-    with pytest.raises(ValueError, match=r"model_type='gemma' is not supported; supported: llama, qwen2, mistral"):
+    with pytest.raises(ValueError, match=r"model_type='gemma' is not supported; supported: llama, qwen2, mistral, qwen3"):
         family_of("gemma", "x/config.json")
 
 
@@ -36,6 +36,27 @@ def test_family_rules_shape_the_arch():
         arch_from_hf_dict(BASE | {"model_type": "qwen2", "sliding_window": 16, "use_sliding_window": True})
     with pytest.raises(ValueError, match="sliding_window=16 < max_position_embeddings=128"):
         arch_from_hf_dict(BASE | {"model_type": "mistral", "sliding_window": 16})
+
+
+def test_qwen3_norms_queries_and_keys_per_head_with_an_explicit_head_dim():
+    """Qwen3: q/k RMSNorm (megatron's q/k_layernorm, replicated), no bias unless attention_bias,
+    head_dim from the config even where heads x head_dim != hidden_size (Qwen3-0.6B: 16 x 128
+    on 1024), the window only with use_sliding_window; its parameter count is the HF model's."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    cfg = BASE | {"model_type": "qwen3", "head_dim": 16}
+    arch = arch_from_hf_dict(cfg)
+    assert arch.qk_norm and not arch.qkv_bias and arch.head_dim == 16
+    assert arch.num_attention_heads * arch.head_dim != arch.hidden_size
+    assert arch_from_hf_dict(cfg | {"attention_bias": True}).qkv_bias
+    assert not arch_from_hf_dict(BASE | {"model_type": "qwen2"}).qk_norm
+    with pytest.raises(ValueError, match="sliding_window=16 < max_position_embeddings=128"):
+        arch_from_hf_dict(cfg | {"sliding_window": 16, "use_sliding_window": True})
+    hf = AutoModelForCausalLM.from_config(Qwen3Config(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    assert arch.num_parameters == sum(p.numel() for p in hf.parameters())
+    layer = FAMILIES["qwen3"].layer
+    assert layer["self_attention.q_layernorm.weight"] == ("replicated", ("self_attn.q_norm.weight",))
+    assert layer["self_attention.k_layernorm.weight"] == ("replicated", ("self_attn.k_norm.weight",))
 
 
 def test_a_parameter_no_family_maps_is_named_with_the_family_file():

@@ -9,11 +9,14 @@ of the cost on 2 cores), started lazily by the first test that needs it.
 
 Default tier (and the H100 stack's tier, marker ``stack``): TP2, PP2 (1F1B), PP2 x VPP2, DP2,
 DP2 + distributed optimiser, TP2 x PP2,
-Qwen2 (tied embeddings, qkv bias) under PP2, the memory options (recompute selective /
-full, reference CPU offload), THD-packed rows (1 process, DP2 + distributed optimiser), the
+Qwen2 (tied embeddings, qkv bias) under PP2, Qwen3 (per-head q/k norms) under TP2 and PP2,
+the memory options (recompute selective /
+full, reference CPU offload), THD-packed rows (1 process, DP2 + distributed optimiser, CP2,
+DP2 x CP2 + distributed optimiser), the
 TP2 x PP2 (x VPP2) HF round trips and the TP2 log-probs.
 ``slow``: the distributed optimiser under TP2 / PP2 / VPP / TP2 x PP2 / DP2 x TP2 / DP2 x PP2,
-more Qwen2 layouts (TP2, PP2 x VPP2, TP2 x PP2) and THD-packed rows under TP2 and PP2.
+more Qwen2 layouts (TP2, PP2 x VPP2, TP2 x PP2), Qwen3 TP2 x PP2 and THD-packed rows under TP2, PP2, TP2 x CP2
+and PP2 x CP2.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.dist_utils import (
     build_mistral_checkpoint,
@@ -32,6 +36,7 @@ from tests.dist_utils import (
     read_metrics,
     read_weights,
     relative_diff,
+    weight_mismatches,
 )
 
 pytestmark = pytest.mark.dist
@@ -47,7 +52,7 @@ COMMON = [
     "data.limit=40", "data.max_length=128", "data.max_prompt_length=64",
     "train.progress_bar=off", "model.tiny.num_layers=4", "optim.lr=0.0005", "optim.warmup_ratio=0",
 ]
-ARCH = {"llama": ["model.tiny.arch=llama"], "qwen2": ["model.tiny.arch=qwen2"]}
+ARCH = {"llama": ["model.tiny.arch=llama"], "qwen2": ["model.tiny.arch=qwen2"], "qwen3": ["model.tiny.arch=qwen3"]}
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ class Layout:
         return self.nproc, self.slow
 
 
-REFERENCES = [Layout("llama_ref", 1), Layout("qwen2_ref", 1, arch="qwen2")]
+REFERENCES = [Layout("llama_ref", 1), Layout("qwen2_ref", 1, arch="qwen2"), Layout("qwen3_ref", 1, arch="qwen3")]
 THD = ("train.batching=pack", "train.pack_format=thd", "train.share_prompt=false")
 LAYOUTS = [
     Layout("tp2", 2, ("parallel.tp=2",)),
@@ -72,6 +77,9 @@ LAYOUTS = [
     Layout("dp2", 2),
     Layout("dp2_distopt", 2, ("parallel.distributed_optimizer=true",)),
     Layout("qwen2_pp2", 2, ("parallel.pp=2",), arch="qwen2"),
+    # Qwen3: per-head q/k RMSNorm (replicated under TP), untied
+    Layout("qwen3_tp2", 2, ("parallel.tp=2",), arch="qwen3"),
+    Layout("qwen3_pp2", 2, ("parallel.pp=2",), arch="qwen3"),
     Layout("tp2_pp2", 4, ("parallel.tp=2", "parallel.pp=2")),
     Layout("recompute_selective", 1, ("parallel.recompute=selective",)),
     Layout("recompute_full", 1, ("parallel.recompute=full",)),
@@ -82,6 +90,10 @@ LAYOUTS = [
     # core's variable-length attention) against the reference's shared-prompt buckets
     Layout("pack_thd", 1, THD),
     Layout("dp2_distopt_thd", 2, ("parallel.distributed_optimizer=true", *THD)),
+    # context parallelism: every THD sequence split over the CP ranks (the SDPA core's
+    # all-gather stand-in for TE's ring attention), sequence sums all-reduced
+    Layout("cp2_thd", 2, ("parallel.cp=2", *THD)),
+    Layout("dp2_cp2_distopt_thd", 4, ("parallel.cp=2", "parallel.distributed_optimizer=true", *THD)),
     # slow tier
     Layout("tp2_distopt", 2, ("parallel.tp=2", "parallel.distributed_optimizer=true"), slow=True),
     Layout("pp2_distopt", 2, ("parallel.pp=2", "parallel.distributed_optimizer=true"), slow=True),
@@ -96,8 +108,11 @@ LAYOUTS = [
     Layout("dp2_pp2_distopt", 4, ("parallel.pp=2", "parallel.distributed_optimizer=true"),
            slow=True),
     Layout("qwen2_tp2_pp2", 4, ("parallel.tp=2", "parallel.pp=2"), arch="qwen2", slow=True),
+    Layout("qwen3_tp2_pp2", 4, ("parallel.tp=2", "parallel.pp=2"), arch="qwen3", slow=True),
     Layout("tp2_thd", 2, ("parallel.tp=2", *THD), slow=True),
     Layout("pp2_thd", 2, ("parallel.pp=2", *THD), slow=True),
+    Layout("tp2_cp2_thd", 4, ("parallel.tp=2", "parallel.cp=2", *THD), slow=True),
+    Layout("pp2_cp2_thd", 4, ("parallel.pp=2", "parallel.cp=2", *THD), slow=True),
 ]
 BY_NAME = {lay.name: lay for lay in REFERENCES + LAYOUTS}
 # HF -> Megatron -> HF round trips, run in the 4-process default group.
@@ -168,7 +183,7 @@ def runs(tmp_path_factory) -> Runs:
     root = tmp_path_factory.mktemp("layouts")
     cache = root / "cache" / "tiny_models"  # the recipe's run.cache_dir/tiny_models
     ckpts = {arch: ensure_tiny_checkpoint(TinyModelSpec(arch=arch, num_layers=4), cache)
-             for arch in ("llama", "qwen2")}
+             for arch in ("llama", "qwen2", "qwen3")}
     ckpts["mistral"] = build_mistral_checkpoint(root / "mistral", vocab_size=MISTRAL_VOCAB)
     return Runs(root, ckpts)
 
@@ -180,7 +195,8 @@ def _source_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_training(run: Path, ref: Path) -> None:
-    """Per-step loss and grad norm, and every exported tensor, within relative 1e-5."""
+    """Per-step loss and grad norm within relative 1e-5, and every exported tensor within relative
+    1e-5 but for the few elements Adam steps by a rounding-decided sign (`weight_mismatches`)."""
     got, want = read_metrics(run), read_metrics(ref)
     assert len(got) == len(want) == STEPS
     for g, w in zip(got, want):
@@ -193,12 +209,13 @@ def assert_same_training(run: Path, ref: Path) -> None:
     assert abs(want[0]["loss"] - math.log(2)) < 1e-6  # policy == reference at step 1
     wg, ww = read_weights(run), read_weights(ref)
     assert wg.keys() == ww.keys()
-    worst = {}
     for name, w in ww.items():
         assert wg[name].shape == w.shape and wg[name].dtype == w.dtype, name
-        worst[name] = relative_diff(wg[name], w)
-    tol = {n: REL_K_BIAS if n.endswith("k_proj.bias") else REL for n in worst}
-    bad = {n: f"{d:.2e}" for n, d in worst.items() if d > tol[n]}
+    k_bias = {n for n in ww if n.endswith("k_proj.bias")}
+    lr = yaml.safe_load((ref / "config.yaml").read_text())["optim"]["lr"]
+    bad = weight_mismatches({n: wg[n] for n in ww if n not in k_bias}, {n: w for n, w in ww.items() if n not in k_bias},
+                            REL, step_bound=2 * lr * STEPS)
+    bad |= {n: f"{relative_diff(wg[n], ww[n]):.2e}" for n in k_bias if relative_diff(wg[n], ww[n]) > REL_K_BIAS}
     assert not bad, f"tensors off by more than relative {REL}: {bad}"
 
 

@@ -27,7 +27,7 @@ def _megatron_logits(chunks, ids):
         return chunks[0].eval()(ids, pos, causal_mask(t, ids.device))
 
 
-@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2", "tiny_qwen3"])
 def test_logits_match_hf_and_export_round_trips(which, request, single_ctx, tmp_path):
     path = request.getfixturevalue(which)
     arch = load_arch(path)
@@ -164,3 +164,32 @@ def test_rank_slices_read_from_disk_equal_slices_of_the_full_tensors(tmp_path):
             emb = "model.embed_tokens.weight"
             want = pad_vocab(full(emb), padded_vocab_size(130, tp)).chunk(tp, 0)[rank]
             assert torch.equal(_read_rank_slice("vocab", (emb,), reader, arch, tp, rank), want)
+
+
+def test_qwen3_with_head_dim_apart_from_hidden_matches_hf_and_round_trips(single_ctx, tmp_path):
+    """Qwen3's explicit head_dim (heads x head_dim = 64 on a 32-wide model, as Qwen3-0.6B's
+    16 x 128 on 1024): megatron's kv_channels and the q/k norms of size head_dim."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(Qwen3Config(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=False))
+    with torch.no_grad():  # the norms start at 1: make them matter
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path / "hf")
+    arch = load_arch(tmp_path / "hf")
+    assert arch.qk_norm and arch.head_dim == 16
+    chunks = build_gpt_chunks(arch, single_ctx, BuildOptions())
+    load_hf_weights(chunks, tmp_path / "hf", arch, single_ctx)
+    ids = torch.randint(0, 96, (2, 24))
+    with torch.no_grad():
+        ref = hf.eval()(ids).logits
+    assert (_megatron_logits(chunks, ids) - ref).abs().max().item() < 1e-5
+    out = export_hf(chunks, arch, single_ctx, tmp_path / "hf", tmp_path / "export")
+    src, dst = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert set(src) == set(dst) and any("q_norm" in k for k in src)
+    assert all(torch.equal(src[k], dst[k]) for k in src)

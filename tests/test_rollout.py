@@ -1,6 +1,7 @@
 """vLLM rollout on CPU (fp32, tiny models): after a DPO step and an in-memory push, the
 engine agrees with the Megatron policy (greedy tokens, sampled-token log-probs to 1e-4),
-for tiny Llama (untied) and Qwen2 (tied embeddings, q/k/v biases) in process, and for the
+for tiny Llama (untied), Qwen2 (tied embeddings, q/k/v biases) and Qwen3 (per-head q/k
+norms) in process, and for the
 TP=2 and PP=2 training layouts through a 2-process worker.
 
 One engine per model for the whole module (start-up is seconds); the test that breaks a
@@ -62,7 +63,7 @@ def greedy_agrees(engine: list[int], megatron: list[int], gaps: list[float]) -> 
     return len(engine)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
 def trained(request, tmp_path_factory):
     """Engine built from the checkpoint (step 0), one DPO step, then a bucketed push."""
     from metaapo_nemo.config.loader import load_config

@@ -86,6 +86,10 @@ class DataConfig(_Section):
     on_bad_row: Literal["error", "skip"] = "error"
     limit: int | None = Field(None, gt=0)  # use only the first `limit` rows
     shuffle: bool = True
+    # Extra variables of the policy's chat template, for every prompt and pair it renders (the
+    # offline pairs, the rollout prompts, the evaluation): e.g. {enable_thinking: false} for
+    # Qwen3's non-thinking mode (the prompt then ends in an empty <think></think> block).
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 class OptimConfig(_Section):

@@ -26,6 +26,7 @@ responses become the same tokens after the cut is a bad row (``identical_after_t
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -342,6 +343,15 @@ def _as_ids(out: Any) -> list[int]:
         assert len(out) == 1, "one conversation in, one id list out"
         out = out[0]
     return [int(t) for t in out]
+
+
+def with_template_kwargs(tokenizer: Any, kwargs: Mapping[str, Any]) -> Any:
+    """The tokenizer with ``kwargs`` (`data.chat_template_kwargs`) bound into every
+    ``apply_chat_template`` call made through it, so the pairs, the rollout prompts and the
+    evaluation render alike. Returns the same object."""
+    if kwargs:
+        tokenizer.apply_chat_template = functools.partial(tokenizer.apply_chat_template, **dict(kwargs))
+    return tokenizer
 
 
 def _apply(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:

@@ -2,7 +2,7 @@
 
 `ModelArch` is the one description of a decoder-only checkpoint that the converter, the
 Megatron model builder, the parallel-layout checks and the memory planner all read. It is
-built from an HF `config.json` (Llama 3/3.1, Qwen2/2.5, Mistral) and refuses anything the
+built from an HF `config.json` (Llama 3/3.1, Qwen2/2.5, Qwen3, Mistral) and refuses anything the
 converter would get silently wrong (sliding-window attention shorter than the sequence,
 unknown RoPE scaling, biases we do not map).
 """
@@ -43,18 +43,25 @@ class ModelArch:
     tie_word_embeddings: bool
     qkv_bias: bool
     rope_scaling: RopeScaling | None = None
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
 
     @property
-    def num_parameters(self) -> int:
-        """Parameter count of the HF checkpoint (no vocabulary padding)."""
+    def layer_parameters(self) -> int:
+        """Parameters of one decoder layer: attention (+ q/k/v biases, + q/k norms), the
+        SwiGLU MLP and the two norms."""
         h, hd = self.hidden_size, self.head_dim
         attn = h * hd * (self.num_attention_heads + 2 * self.num_kv_heads) + hd * self.num_attention_heads * h
         if self.qkv_bias:
             attn += hd * (self.num_attention_heads + 2 * self.num_kv_heads)
-        mlp = 3 * h * self.intermediate_size
-        per_layer = attn + mlp + 2 * h
-        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + emb + h
+        if self.qk_norm:
+            attn += 2 * hd
+        return attn + 3 * h * self.intermediate_size + 2 * h
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count of the HF checkpoint (no vocabulary padding)."""
+        emb = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * self.layer_parameters + emb + self.hidden_size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +127,7 @@ def arch_from_hf_dict(cfg: dict[str, Any], source: str = "config") -> ModelArch:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
         rope_scaling=scaling,
+        qk_norm=family.qk_norm,
     )
 
 

@@ -274,8 +274,10 @@ def _hf_shape(name: str, arch: ModelArch) -> tuple[int, ...]:
         ("gate_proj", "weight"): (arch.intermediate_size, h),
         ("up_proj", "weight"): (arch.intermediate_size, h),
         ("down_proj", "weight"): (h, arch.intermediate_size),
+        ("q_norm", "weight"): (hd,),  # Qwen3's per-head norms
+        ("k_norm", "weight"): (hd,),
     }
-    return table.get(tuple(leaf), (h,))  # norms
+    return table.get(tuple(leaf), (h,))  # the other norms
 
 
 @torch.no_grad()

@@ -80,12 +80,13 @@ def fp8_kwargs(choice: SpecChoice) -> dict:
     return out
 
 
-def layer_spec(choice: SpecChoice):
-    """megatron's ModuleSpec for one transformer layer of the chosen implementation."""
+def layer_spec(choice: SpecChoice, qk_layernorm: bool = False):
+    """megatron's ModuleSpec for one transformer layer of the chosen implementation
+    (``qk_layernorm``: per-head norms on queries and keys, Qwen3)."""
     if choice.impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec()
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)

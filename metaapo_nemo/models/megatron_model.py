@@ -108,6 +108,7 @@ def transformer_config(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=ctx.dims.tp,
@@ -155,7 +156,7 @@ def build_gpt_chunks(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions) 
             )
     config = transformer_config(arch, ctx, opts)
     choice = opts.spec_choice(on_gpu=ctx.device.type == "cuda")
-    spec = layer_spec(choice)
+    spec = layer_spec(choice, qk_layernorm=arch.qk_norm)
     if opts.attention == "sdpa" and choice.impl == "local":
         from metaapo_nemo.models.attention import use_sdpa_core
 

@@ -38,6 +38,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from metaapo_nemo.models.tokenizer import MIN_VOCAB_SIZE, build_tokenizer
@@ -48,7 +49,7 @@ FORMAT_VERSION = 1
 VOCAB_MULTIPLE = 64
 # vLLM's attention kernels reject head sizes below 32.
 MIN_HEAD_DIM = 32
-ARCHS = ("llama", "qwen2")
+ARCHS = ("llama", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ class TinyModelSpec:
     """Architecture and seed of a tiny checkpoint. Every field is a CLI flag of `main`.
 
     Attributes:
-        arch: "llama" (untied, no attention bias) or "qwen2" (q/k/v bias, tied by default).
+        arch: "llama" (untied, no attention bias), "qwen2" (q/k/v bias, tied by default) or
+            "qwen3" (per-head q/k RMSNorm, no bias, untied by default like Qwen3-8B).
         vocab_size: Target size of the trained BPE vocab. The tokenizer may come out
             smaller; the model's vocab is ``len(tokenizer)`` rounded up to a multiple of 64.
         hidden_size: Model width.
@@ -68,11 +70,11 @@ class TinyModelSpec:
         rope_theta: RoPE base.
         rms_norm_eps: RMSNorm epsilon.
         tie_word_embeddings: None means the architecture's usual choice: llama False,
-            qwen2 True.
+            qwen2 True, qwen3 False.
         seed: `torch.manual_seed` used for the weight init.
     """
 
-    arch: Literal["llama", "qwen2"] = "llama"
+    arch: Literal["llama", "qwen2", "qwen3"] = "llama"
     vocab_size: int = 512
     hidden_size: int = 128
     num_layers: int = 2
@@ -174,6 +176,9 @@ def _model_config(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast) -> Pr
     )
     if spec.arch == "llama":
         return LlamaConfig(**common, attention_bias=False, mlp_bias=False)
+    if spec.arch == "qwen3":
+        return Qwen3Config(**common, head_dim=spec.head_dim, attention_bias=False, use_sliding_window=False,
+                           sliding_window=None, max_window_layers=spec.num_layers)
     # Qwen2Attention always has q/k/v biases (no config switch), as the real models do.
     return Qwen2Config(
         **common, use_sliding_window=False, sliding_window=None, max_window_layers=spec.num_layers
@@ -270,7 +275,7 @@ def _parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, choices=ARCHS, default=f.default)
         elif f.name == "tie_word_embeddings":
             parser.add_argument(flag, type=_parse_bool, default=None,
-                                help="true/false; default: llama false, qwen2 true")
+                                help="true/false; default: llama false, qwen2 true, qwen3 false")
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default,
                                 help=f"default: {f.default}")

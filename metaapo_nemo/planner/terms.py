@@ -7,11 +7,7 @@ from metaapo_nemo.planner.records import _BYTES, GiB, PlanInput
 
 
 def layer_params(arch: ModelArch) -> int:
-    h, hd = arch.hidden_size, arch.head_dim
-    attn = h * hd * (arch.num_attention_heads + 2 * arch.num_kv_heads) + hd * arch.num_attention_heads * h
-    if arch.qkv_bias:
-        attn += hd * (arch.num_attention_heads + 2 * arch.num_kv_heads)
-    return attn + 3 * h * arch.intermediate_size + 2 * h
+    return arch.layer_parameters
 
 
 def params_per_rank(arch: ModelArch, tp: int, pp: int) -> int:

@@ -10,8 +10,9 @@ from metaapo_nemo.models.families.base import Family
 from metaapo_nemo.models.families.llama import FAMILY as LLAMA
 from metaapo_nemo.models.families.mistral import FAMILY as MISTRAL
 from metaapo_nemo.models.families.qwen2 import FAMILY as QWEN2
+from metaapo_nemo.models.families.qwen3 import FAMILY as QWEN3
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2, MISTRAL)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2, MISTRAL, QWEN3)}
 SUPPORTED = tuple(FAMILIES)
 
 

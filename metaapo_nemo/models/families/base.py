@@ -53,6 +53,8 @@ class Family:
             config's ``attention_bias`` decides.
         sliding_window: The config's effective sliding window (None: full attention), which
             the converter refuses when shorter than the context.
+        qk_norm: A per-head RMSNorm on queries and keys before RoPE (Qwen3: megatron's
+            ``qk_layernorm``).
     """
 
     model_type: str
@@ -60,6 +62,7 @@ class Family:
     globals: Mapping = field(default_factory=lambda: dict(STANDARD_GLOBAL))
     qkv_bias: bool = False
     sliding_window: Callable[[dict[str, Any]], int | None] = _no_window
+    qk_norm: bool = False
 
     def has_qkv_bias(self, cfg: dict[str, Any]) -> bool:
         return self.qkv_bias or bool(cfg.get("attention_bias", False))
