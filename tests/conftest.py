@@ -39,6 +39,13 @@ def tiny_qwen3(tiny_cache):
     return ensure_tiny_checkpoint(TinyModelSpec(arch="qwen3"), tiny_cache)
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe(tiny_cache):
+    from metaapo_nemo.models.tiny import TinyModelSpec, ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint(TinyModelSpec(arch="qwen3_moe"), tiny_cache)
+
+
 @pytest.fixture
 def single_ctx():
     """A single-process gloo group with megatron's parallel state; torn down afterwards."""

@@ -17,12 +17,12 @@ BASE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_he
 
 
 def test_one_family_per_model_type():
-    assert SUPPORTED == ("llama", "qwen2", "mistral", "qwen3") == tuple(FAMILIES)
+    assert SUPPORTED == ("llama", "qwen2", "mistral", "qwen3", "qwen3_moe") == tuple(FAMILIES)
     for name, family in FAMILIES.items():
         assert family.model_type == name
         kinds = {kind for kind, _ in (*family.layer.values(), *family.globals.values())}
         assert kinds <= {"replicated", "row", "gate_up", "qkv", "vocab"}
-    with pytest.raises(ValueError, match=r"model_type='gemma' is not supported; supported: llama, qwen2, mistral, qwen3"):
+    with pytest.raises(ValueError, match=r"model_type='gemma' is not supported; supported: llama, qwen2, mistral, qwen3, qwen3_moe"):
         family_of("gemma", "x/config.json")
 
 
@@ -57,6 +57,41 @@ def test_qwen3_norms_queries_and_keys_per_head_with_an_explicit_head_dim():
     layer = FAMILIES["qwen3"].layer
     assert layer["self_attention.q_layernorm.weight"] == ("replicated", ("self_attn.q_norm.weight",))
     assert layer["self_attention.k_layernorm.weight"] == ("replicated", ("self_attn.k_norm.weight",))
+
+
+MOE = BASE | {"model_type": "qwen3_moe", "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+              "moe_intermediate_size": 24, "norm_topk_prob": True, "router_aux_loss_coef": 0.001}
+
+
+def test_qwen3_moe_arch_counts_every_expert_and_refuses_dense_layers():
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    arch = arch_from_hf_dict(MOE)
+    assert (arch.num_experts, arch.experts_per_token, arch.moe_intermediate_size) == (4, 2, 24)
+    assert arch.qk_norm and arch.norm_topk_prob and arch.router_aux_loss_coef == 0.001
+    hf = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**{k: v for k, v in MOE.items() if k != "model_type"}))
+    assert arch.num_parameters == sum(p.numel() for p in hf.parameters())
+    # transformers 5 saves num_experts as num_local_experts; the hub's configs say num_experts
+    renamed = {k: v for k, v in MOE.items() if k != "num_experts"} | {"num_local_experts": 4}
+    assert arch_from_hf_dict(renamed) == arch
+    for bad, match in (({"mlp_only_layers": [1]}, r"mlp_only_layers=\[1\]: layers with a dense MLP"),
+                       ({"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
+                       ({"num_experts_per_tok": 5}, r"num_experts_per_tok=5 must be in 1..num_experts=4")):
+        with pytest.raises(ValueError, match=match):
+            arch_from_hf_dict(MOE | bad)
+
+
+def test_expert_parameters_map_local_indices_to_global_hf_names():
+    """``{e}`` is the expert's index on its expert-parallel rank; the HF name the global one."""
+    fam = FAMILIES["qwen3_moe"]
+    assert fam.expert_sources("mlp.experts.local_experts.1.linear_fc1.weight", 4, 0) == (
+        "gate_up", ("mlp.experts.1.gate_proj.weight", "mlp.experts.1.up_proj.weight"))
+    assert fam.expert_sources("mlp.experts.local_experts.1.linear_fc2.weight", 4, 2) == (
+        "row", ("mlp.experts.9.down_proj.weight",))
+    assert fam.expert_sources("mlp.experts.linear_fc1.weight3", 2, 1)[1][0] == "mlp.experts.5.gate_proj.weight"
+    assert fam.expert_sources("mlp.router.weight", 4, 0) is None
+    assert fam.layer["mlp.router.weight"] == ("replicated", ("mlp.gate.weight",))
+    assert "mlp.linear_fc1.weight" not in fam.layer
 
 
 def test_a_parameter_no_family_maps_is_named_with_the_family_file():

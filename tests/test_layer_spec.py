@@ -43,7 +43,11 @@ def test_fp8_refused_where_it_cannot_run():
 def test_converter_maps_te_fused_norm_names():
     for family in FAMILIES.values():
         assert family.layer["self_attention.linear_qkv.layer_norm_weight"][1] == ("input_layernorm.weight",)
-        assert family.layer["mlp.linear_fc1.layer_norm_weight"][1] == ("post_attention_layernorm.weight",)
+        if family.moe:  # the TE MoE layer keeps a separate pre-MLP norm (no dense fc1 to fuse it into)
+            assert "mlp.linear_fc1.layer_norm_weight" not in family.layer
+            assert family.layer["pre_mlp_layernorm.weight"][1] == ("post_attention_layernorm.weight",)
+        else:
+            assert family.layer["mlp.linear_fc1.layer_norm_weight"][1] == ("post_attention_layernorm.weight",)
 
 
 def test_hf_order_has_no_duplicates():

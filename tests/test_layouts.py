@@ -10,7 +10,7 @@ of the cost on 2 cores), started lazily by the first test that needs it.
 Default tier (and the H100 stack's tier, marker ``stack``): TP2, PP2 (1F1B), PP2 x VPP2, DP2,
 DP2 + distributed optimiser, TP2 x PP2,
 Qwen2 (tied embeddings, qkv bias) under PP2, Qwen3 (per-head q/k norms) under TP2 and PP2,
-the memory options (recompute selective /
+Qwen3-MoE under PP2 and DP2 + distributed optimiser, the memory options (recompute selective /
 full, reference CPU offload), THD-packed rows (1 process, DP2 + distributed optimiser, CP2,
 DP2 x CP2 + distributed optimiser), the
 TP2 x PP2 (x VPP2) HF round trips and the TP2 log-probs.
@@ -52,7 +52,10 @@ COMMON = [
     "data.limit=40", "data.max_length=128", "data.max_prompt_length=64",
     "train.progress_bar=off", "model.tiny.num_layers=4", "optim.lr=0.0005", "optim.warmup_ratio=0",
 ]
-ARCH = {"llama": ["model.tiny.arch=llama"], "qwen2": ["model.tiny.arch=qwen2"], "qwen3": ["model.tiny.arch=qwen3"]}
+ARCH = {"llama": ["model.tiny.arch=llama"], "qwen2": ["model.tiny.arch=qwen2"], "qwen3": ["model.tiny.arch=qwen3"],
+        # MoE: the router's load-balancing loss is per micro-batch (as HF's over a forward), so
+        # layouts agree where the micro-batches hold the same pairs: padded rows in data order
+        "qwen3_moe": ["model.tiny.arch=qwen3_moe", "train.batching=pad", "train.share_prompt=false"]}
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,8 @@ class Layout:
         return self.nproc, self.slow
 
 
-REFERENCES = [Layout("llama_ref", 1), Layout("qwen2_ref", 1, arch="qwen2"), Layout("qwen3_ref", 1, arch="qwen3")]
+REFERENCES = [Layout("llama_ref", 1), Layout("qwen2_ref", 1, arch="qwen2"), Layout("qwen3_ref", 1, arch="qwen3"),
+              Layout("qwen3_moe_ref", 1, arch="qwen3_moe")]
 THD = ("train.batching=pack", "train.pack_format=thd", "train.share_prompt=false")
 LAYOUTS = [
     Layout("tp2", 2, ("parallel.tp=2",)),
@@ -80,6 +84,9 @@ LAYOUTS = [
     # Qwen3: per-head q/k RMSNorm (replicated under TP), untied
     Layout("qwen3_tp2", 2, ("parallel.tp=2",), arch="qwen3"),
     Layout("qwen3_pp2", 2, ("parallel.pp=2",), arch="qwen3"),
+    # Qwen3-MoE: 4 experts, top 2, megatron's router and all-to-all dispatcher on the CPU
+    Layout("qwen3_moe_pp2", 2, ("parallel.pp=2",), arch="qwen3_moe"),
+    Layout("qwen3_moe_dp2_distopt", 2, ("parallel.distributed_optimizer=true",), arch="qwen3_moe"),
     Layout("tp2_pp2", 4, ("parallel.tp=2", "parallel.pp=2")),
     Layout("recompute_selective", 1, ("parallel.recompute=selective",)),
     Layout("recompute_full", 1, ("parallel.recompute=full",)),
@@ -183,7 +190,7 @@ def runs(tmp_path_factory) -> Runs:
     root = tmp_path_factory.mktemp("layouts")
     cache = root / "cache" / "tiny_models"  # the recipe's run.cache_dir/tiny_models
     ckpts = {arch: ensure_tiny_checkpoint(TinyModelSpec(arch=arch, num_layers=4), cache)
-             for arch in ("llama", "qwen2", "qwen3")}
+             for arch in ("llama", "qwen2", "qwen3", "qwen3_moe")}
     ckpts["mistral"] = build_mistral_checkpoint(root / "mistral", vocab_size=MISTRAL_VOCAB)
     return Runs(root, ckpts)
 

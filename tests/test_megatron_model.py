@@ -27,7 +27,7 @@ def _megatron_logits(chunks, ids):
         return chunks[0].eval()(ids, pos, causal_mask(t, ids.device))
 
 
-@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2", "tiny_qwen3"])
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2", "tiny_qwen3", "tiny_qwen3_moe"])
 def test_logits_match_hf_and_export_round_trips(which, request, single_ctx, tmp_path):
     path = request.getfixturevalue(which)
     arch = load_arch(path)
@@ -193,3 +193,37 @@ def test_qwen3_with_head_dim_apart_from_hidden_matches_hf_and_round_trips(single
     src, dst = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert set(src) == set(dst) and any("q_norm" in k for k in src)
     assert all(torch.equal(src[k], dst[k]) for k in src)
+
+
+def test_moe_router_loss_ignores_padding_and_is_the_mean_over_microbatches(tiny_qwen3_moe, single_ctx):
+    """Padding (row tails, shared-prompt placeholders) stays out of the router's load-balancing
+    loss: with the preference loss at zero, the pad token's embedding gets no gradient (without
+    the padding mask megatron's RMSNorm of a zero hidden state blew it up to ~1e4). And each
+    micro-batch's router loss weighs coef / (the step's micro-batches): the same micro-batches
+    sent twice give the same router gradient (their mean), not twice it."""
+    from metaapo_nemo.models.policy import MegatronLM, OptimSettings
+    from metaapo_nemo.trainer.batching import to_microbatches
+    from metaapo_nemo.trainer.rows import RowLayout
+    from tasks.synthetic import chat_lengths, synthetic_pairs
+
+    optim = OptimSettings(lr=1e-3, min_lr=1e-4, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
+                          clip_grad=0.0, warmup_steps=0, total_steps=10, schedule="constant")
+    arch = load_arch(tiny_qwen3_moe)
+    model = MegatronLM(arch, single_ctx, tiny_qwen3_moe, BuildOptions(explicit_positions=True, attention="sdpa"),
+                       optim, pad_id=0)
+    pairs = synthetic_pairs(4, 250, chat_lengths((3, 40), (2, 40)), seed=3, eos_id=2)
+    mbs = to_microbatches(pairs, 2, 0, single_ctx.device, RowLayout("bucket", share_prompt=True))
+    assert any(mb.padding_NT.any() for mb in mbs)
+
+    def router_grads(batches):
+        model.zero_grad()
+        model.run(batches, lambda mb, logps: (mb.sequence_logps(logps).sum() * 0.0, {}), forward_only=False)
+        return model.main_grads()
+
+    once = router_grads(mbs)
+    assert once["0.module.embedding.word_embeddings.weight"][0].abs().max().item() == 0.0  # pad id 0
+    router = [k for k in once if k.endswith("mlp.router.weight")]
+    assert router and all(once[k].abs().max() > 0 for k in router)
+    twice = router_grads(mbs + mbs)  # the same micro-batches twice: the mean is unchanged
+    for k in router:
+        torch.testing.assert_close(twice[k], once[k], rtol=1e-5, atol=1e-9)

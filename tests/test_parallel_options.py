@@ -307,3 +307,21 @@ def test_benchmark_logits_arithmetic():
     assert line["not_materialised_bytes"] == line["full_BTV_bytes"] * 7 // 8
     padded = bench.logits_bytes(vocab=131, tp=2, rows=1, seq=1)  # 131 -> 132: 66 per rank
     assert padded["per_rank_BTv_bytes"] == 66 * 4
+
+
+def test_mixture_of_experts_layouts_megatron_cannot_run_are_refused_at_start_up():
+    """MoE + TP needs sequence parallelism (megatron raises mid-training otherwise; SP is the TE
+    spec's), MoE + CP is not weighted yet; both named before anything is built."""
+    from metaapo_nemo.config import load_config
+    from metaapo_nemo.config.checks import check_layout
+    from metaapo_nemo.config.schema import ConfigError
+
+    moe = {"num_layers": 4, "num_attention_heads": 4, "num_kv_heads": 2, "num_experts": 4}
+    with pytest.raises(ConfigError, match=r"parallel.tp=2 with a mixture-of-experts model \(4 experts\) needs "
+                                          r"parallel.sequence_parallel=true"):
+        check_layout(load_config(None, ["parallel.tp=2"], method="dpo"), 2, moe)
+    thd = ["train.batching=pack", "train.pack_format=thd", "train.share_prompt=false"]
+    with pytest.raises(ConfigError, match=r"parallel.cp=2 with a mixture-of-experts model"):
+        check_layout(load_config(None, ["parallel.cp=2", *thd], method="dpo"), 2, moe)
+    assert check_layout(load_config(None, ["parallel.pp=2"], method="dpo"), 2, moe).pp == 2
+    assert check_layout(load_config(None, ["parallel.tp=2"], method="dpo"), 2, moe | {"num_experts": 0}).tp == 2

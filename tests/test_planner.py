@@ -8,6 +8,7 @@ from metaapo_nemo.models.arch import arch_from_hf_dict
 from metaapo_nemo.planner import (
     GiB,
     PlanInput,
+    activation_bytes_per_layer,
     check_fits,
     checkpoint_bytes,
     checkpoint_report,
@@ -444,3 +445,21 @@ def test_the_plan_is_enforced_when_a_run_starts_on_gpus():
     warn = load_config("conf/llama31_8b_metaapo.yaml", ["planner.on_exceed=warn"])
     message = startup_memory_check(warn, arch, 2, 1, 4, on_gpu=True, gpu_memory_gib=40.0)
     assert message is not None and "planner.on_exceed=warn: continuing" in message
+
+
+def test_a_mixture_of_experts_layer_counts_every_expert_and_its_routed_activations():
+    """Qwen3-30B-A3B's shape: 128 experts of width 768, top 8. Parameters: attention + q/k norms +
+    router + every expert (split by TP; no expert parallelism yet); activations: the dense MLP's
+    16 s b h / t replaced by the k routed copies s b (k (2 h + 6 I / t) + 4 E)."""
+    cfg = dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+               num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+               num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, max_position_embeddings=40960)
+    moe = arch_from_hf_dict(cfg)
+    h, e, i = 2048, 128, 768
+    attn = h * 128 * (32 + 8) + 128 * 32 * h + 2 * 128
+    assert moe.layer_parameters == attn + e * (3 * h * i + h) + 2 * h
+    assert 30.0e9 < moe.num_parameters < 31.0e9  # "30B-A3B"
+    s, b, t = 4096, 1, 4
+    selective = activation_bytes_per_layer(moe, s, b, t, "selective")
+    assert selective == s * b * h * (10 + 24 / t) + s * b * (8 * (2 * h + 6 * i / t) + 4 * e - 16 * h / t)
+    assert activation_bytes_per_layer(moe, s, b, t, "full") == 2 * s * b * h  # only the layer input

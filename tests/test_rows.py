@@ -372,3 +372,23 @@ def test_the_dry_run_prints_the_rows_line(capsys):
 
     assert main(["--dry-run"], method="metaapo") == 0  # conf/tiny_cpu.yaml: packed rows
     assert "\nrows: Transformer Engine spec (GPU): packed rows as THD" in capsys.readouterr().out
+
+
+def test_rows_mark_their_padding_for_the_moe_router():
+    """padding_NT: padded rows' tails, shared-prompt placeholders (a MetaAPO prompt without an
+    online pair) and row padding are True; every token of a sequence is False."""
+    from metaapo_nemo.trainer.batching import to_microbatches
+
+    pairs = synthetic_pairs(4, 250, chat_lengths((3, 40), (2, 40)), seed=3, eos_id=2)
+    pad = to_microbatches(pairs, 2, 0, torch.device("cpu"), RowLayout("pad"))[0]
+    lengths = [len(p.prompt_ids) + len(r) for p in pairs[:2] for r in (p.chosen_ids, p.rejected_ids)]
+    assert (~pad.padding_NT).sum(dim=1).tolist() == lengths
+    shared = to_microbatches(pairs, 2, 0, torch.device("cpu"), RowLayout("pad", share_prompt=True))[0]
+    assert (~shared.padding_NT).sum(dim=1).tolist() == [len(p.prompt_ids) - 1 + len(p.chosen_ids) + 1
+                                                          + len(p.rejected_ids) + 1 for p in pairs[:2]]
+    longer = shared.padded_to(shared.input_ids_NT.shape[1] + 3, 0)
+    assert longer.padding_NT[:, -3:].all() and torch.equal(longer.padding_NT[:, :-3], shared.padding_NT)
+    from metaapo_nemo.trainer.rows import _placeholder_block, blocks_to_microbatch
+
+    placeholder = blocks_to_microbatch([[_placeholder_block(0)]], pairs[:1], 0)
+    assert placeholder.padding_NT.all()

@@ -153,6 +153,7 @@ def read_model_dims(cfg: Config) -> dict | None:
             "intermediate_size": tiny.intermediate_size,
             "max_position_embeddings": tiny.max_position_embeddings,
             "tie_word_embeddings": tiny.tie_word_embeddings,
+            "num_experts": 4 if tiny.arch == "qwen3_moe" else 0,  # models.tiny.TINY_EXPERTS
         }
     hf = read_arch_json(cfg)
     if hf is None:
@@ -168,6 +169,7 @@ def read_model_dims(cfg: Config) -> dict | None:
         "intermediate_size": hf.get("intermediate_size"),
         "max_position_embeddings": hf.get("max_position_embeddings"),
         "tie_word_embeddings": hf.get("tie_word_embeddings", False),
+        "num_experts": hf.get("num_experts", hf.get("num_local_experts", 0)),
     }
 
 

@@ -17,7 +17,7 @@ __all__ = ["ModelConfig", "TinyModelConfig"]
 class TinyModelConfig(_Section):
     """A small random model built locally (saved in HF format, then imported as usual)."""
 
-    arch: Literal["llama", "qwen2", "qwen3"] = "llama"
+    arch: Literal["llama", "qwen2", "qwen3", "qwen3_moe"] = "llama"
     vocab_size: int = Field(512, gt=0)
     hidden_size: int = Field(128, gt=0)
     num_layers: int = Field(2, gt=0)

@@ -44,6 +44,12 @@ class ModelArch:
     qkv_bias: bool
     rope_scaling: RopeScaling | None = None
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    # Mixture of experts (Qwen3-MoE): 0 experts = a dense MLP of intermediate_size
+    num_experts: int = 0
+    experts_per_token: int = 0  # top-k
+    moe_intermediate_size: int = 0  # each expert's SwiGLU width
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
+    router_aux_loss_coef: float = 0.0  # the checkpoint's load-balancing loss weight
 
     @property
     def layer_parameters(self) -> int:
@@ -55,7 +61,15 @@ class ModelArch:
             attn += hd * (self.num_attention_heads + 2 * self.num_kv_heads)
         if self.qk_norm:
             attn += 2 * hd
-        return attn + 3 * h * self.intermediate_size + 2 * h
+        return attn + self.mlp_parameters + 2 * h
+
+    @property
+    def mlp_parameters(self) -> int:
+        """One layer's MLP: dense SwiGLU, or the router plus every expert's SwiGLU."""
+        h = self.hidden_size
+        if self.num_experts:
+            return self.num_experts * (3 * h * self.moe_intermediate_size + h)
+        return 3 * h * self.intermediate_size
 
     @property
     def num_parameters(self) -> int:
@@ -112,6 +126,7 @@ def arch_from_hf_dict(cfg: dict[str, Any], source: str = "config") -> ModelArch:
         )
     theta, scaling = _rope(cfg)
     qkv_bias = family.has_qkv_bias(cfg)
+    moe = _moe(cfg, source) if family.moe else {}
     return ModelArch(
         model_type=model_type,
         vocab_size=int(cfg["vocab_size"]),
@@ -128,7 +143,29 @@ def arch_from_hf_dict(cfg: dict[str, Any], source: str = "config") -> ModelArch:
         qkv_bias=qkv_bias,
         rope_scaling=scaling,
         qk_norm=family.qk_norm,
+        **moe,
     )
+
+
+def _moe(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """The MoE fields of a Qwen3-MoE config; refuses what megatron's one-spec build cannot run."""
+    step = int(cfg.get("decoder_sparse_step", 1) or 1)
+    dense = list(cfg.get("mlp_only_layers") or [])
+    if step != 1 or dense:
+        raise ValueError(
+            f"{source}: decoder_sparse_step={step}, mlp_only_layers={dense}: layers with a dense MLP "
+            "between the MoE layers are not supported (every released Qwen3-MoE has an MoE MLP in "
+            "every layer: decoder_sparse_step=1, mlp_only_layers=[])")
+    if cfg.get("shared_expert_intermediate_size"):
+        raise ValueError(f"{source}: shared_expert_intermediate_size is set: shared experts are not mapped")
+    # the hub's configs say num_experts; transformers 5 saves it as num_local_experts
+    experts = int(cfg["num_experts"] if "num_experts" in cfg else cfg["num_local_experts"])
+    top_k = int(cfg["num_experts_per_tok"])
+    if not 0 < top_k <= experts:
+        raise ValueError(f"{source}: num_experts_per_tok={top_k} must be in 1..num_experts={experts}")
+    return dict(num_experts=experts, experts_per_token=top_k, moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+                router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.0) or 0.0))
 
 
 def load_arch(path: str | Path) -> ModelArch:

@@ -93,14 +93,25 @@ def _mapped(mapping: dict, name: str, family) -> tuple[str, tuple[str, ...]]:
     return mapping[name]
 
 
+def _expert_parallel() -> tuple[int, int]:
+    """(expert-parallel size, this rank's index in it); (1, 0) without megatron's state."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 1, 0
+    return ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+
+
 def megatron_param_sources(chunk: torch.nn.Module, arch: ModelArch) -> Iterator[tuple[str, str, tuple[str, ...]]]:
     """Yields (megatron_name, kind, hf_names) for every parameter of one model chunk."""
     numbers = _layer_numbers(chunk)
     family = family_of(arch.model_type)
+    ep, ep_rank = _expert_parallel() if arch.num_experts else (1, 0)
     for name, _ in chunk.named_parameters():
         if name.startswith("decoder.layers."):
             local, suffix = name[len("decoder.layers."):].split(".", 1)
-            kind, hf = _mapped(family.layer, suffix, family)
+            expert = family.expert_sources(suffix, arch.num_experts // ep, ep_rank) if arch.num_experts else None
+            kind, hf = expert if expert is not None else _mapped(family.layer, suffix, family)
             prefix = f"model.layers.{numbers[int(local)]}."
             yield name, kind, tuple(prefix + h for h in hf)
         else:
@@ -206,11 +217,15 @@ def load_hf_weights(chunks: list[torch.nn.Module], hf_dir: str | Path, arch: Mod
 def _hf_order(arch: ModelArch) -> list[str]:
     """Canonical HF tensor order: embeddings, layer by layer, final norm, lm_head."""
     names = ["model.embed_tokens.weight"]
+    family = family_of(arch.model_type)
+    experts = [h.replace("{e}", str(e)) for e in range(arch.num_experts) for _, hf in family.experts.values()
+               for h in hf]
     for i in range(arch.num_layers):
-        for _, hf in family_of(arch.model_type).layer.values():
+        for _, hf in family.layer.values():
             if hf[0].endswith("bias") and not arch.qkv_bias:
                 continue
             names.extend(f"model.layers.{i}.{h}" for h in hf)
+        names.extend(f"model.layers.{i}.{h}" for h in experts)
     names.append("model.norm.weight")
     if not arch.tie_word_embeddings:
         names.append("lm_head.weight")
@@ -261,6 +276,11 @@ def _owners(chunks: list[torch.nn.Module], arch: ModelArch, ctx: ParallelContext
 def _hf_shape(name: str, arch: ModelArch) -> tuple[int, ...]:
     h, hd = arch.hidden_size, arch.head_dim
     leaf = name.rsplit(".", 2)[-2:]
+    if ".mlp.experts." in name:  # an expert's SwiGLU, of the MoE width
+        i = arch.moe_intermediate_size
+        return (h, i) if leaf[0] == "down_proj" else (i, h)
+    if leaf == ["gate", "weight"]:  # the MoE router
+        return (arch.num_experts, h)
     table = {
         ("embed_tokens", "weight"): (arch.vocab_size, h),
         ("lm_head", "weight"): (arch.vocab_size, h),

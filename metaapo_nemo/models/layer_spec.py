@@ -80,13 +80,16 @@ def fp8_kwargs(choice: SpecChoice) -> dict:
     return out
 
 
-def layer_spec(choice: SpecChoice, qk_layernorm: bool = False):
+def layer_spec(choice: SpecChoice, qk_layernorm: bool = False, num_experts: int = 0):
     """megatron's ModuleSpec for one transformer layer of the chosen implementation
-    (``qk_layernorm``: per-head norms on queries and keys, Qwen3)."""
+    (``qk_layernorm``: per-head norms on queries and keys, Qwen3; ``num_experts``: an MoE MLP,
+    with TE's grouped GEMM on the TE spec and one MLP per local expert on the local spec)."""
+    experts = num_experts or None
     if choice.impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=experts is not None,
+                                                          qk_layernorm=qk_layernorm)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
+    return get_gpt_layer_local_spec(num_experts=experts, normalization="RMSNorm", qk_layernorm=qk_layernorm)

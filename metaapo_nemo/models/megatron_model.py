@@ -139,6 +139,31 @@ def transformer_config(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions
         mrope_section=[arch.head_dim // 2, 0, 0] if opts.explicit_positions else None,
         **recompute,
         **fp8_kwargs(opts.spec_choice(on_gpu=not on_cpu)),
+        **moe_kwargs(arch, opts.spec_choice(on_gpu=not on_cpu).impl),
+    )
+
+
+def moe_kwargs(arch: ModelArch, impl: str) -> dict:
+    """TransformerConfig fields of a mixture-of-experts model ({} for a dense one).
+
+    Routing as HF's Qwen3-MoE: softmax over the experts, top k; ``norm_topk_prob`` renormalises
+    the k weights, which is megatron's top-k-then-softmax (``moe_router_pre_softmax=False``);
+    without it, softmax-then-top-k (``pre_softmax=True``). Dropless (no capacity factor), the
+    router in fp32 (the TE spec), the load-balancing loss at the checkpoint's ``router_aux_loss_coef`` (its
+    per-micro-batch weight is set per step: `MegatronLM.run`). Tokens move by all-to-all
+    (gloo has no reduce-scatter for the all-gather dispatcher); expert tensor parallel = TP.
+    """
+    if not arch.num_experts:
+        return {}
+    return dict(
+        num_moe_experts=arch.num_experts, moe_router_topk=arch.experts_per_token,
+        moe_ffn_hidden_size=arch.moe_intermediate_size, moe_router_score_function="softmax",
+        moe_router_pre_softmax=not arch.norm_topk_prob, moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=arch.router_aux_loss_coef,
+        # fp32 router logits on the TE spec (bf16 training); megatron's fp32 router GEMM needs
+        # TE (0.16 raises NameError without it), and the CPU trains in fp32 anyway
+        moe_router_dtype="fp32" if impl == "transformer_engine" else None,
+        moe_token_dispatcher_type="alltoall", moe_grouped_gemm=impl == "transformer_engine",
     )
 
 
@@ -156,7 +181,7 @@ def build_gpt_chunks(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions) 
             )
     config = transformer_config(arch, ctx, opts)
     choice = opts.spec_choice(on_gpu=ctx.device.type == "cuda")
-    spec = layer_spec(choice, qk_layernorm=arch.qk_norm)
+    spec = layer_spec(choice, qk_layernorm=arch.qk_norm, num_experts=arch.num_experts)
     if opts.attention == "sdpa" and choice.impl == "local":
         from metaapo_nemo.models.attention import use_sdpa_core
 
@@ -182,11 +207,44 @@ def build_gpt_chunks(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions) 
             **compat.gpt_model_kwargs(vp_stage if ctx.dims.vpp else None),
         )
         _mark_tensor_parallel_weights(model, config.gated_linear_unit)
+        if ctx.device.type != "cuda":
+            _cpu_moe(model)
         if opts.explicit_positions:
             _use_rope_frequencies(model, arch)
         model.to(ctx.device)
         chunks.append(model)
     return chunks
+
+
+def _cpu_moe(model: torch.nn.Module) -> None:
+    """Lets megatron's MoE layers run without CUDA.
+
+    `TopKRouter.gating` (megatron-core 0.16 and 0.19) moves a CPU weight to
+    ``torch.cuda.current_device()`` and computes the logits with a GEMM that needs Transformer
+    Engine (0.16: NameError without it). On the CPU the logits are the same product done by
+    torch, in the router dtype; routing, top-k and the load-balancing loss stay megatron's.
+    The all-to-all dispatcher synchronises on an event of a side stream it keeps as a CLASS
+    attribute, made once by whatever ``torch.cuda.Stream`` is then (another library's CPU stub
+    returns no event): each dispatcher gets its own `cpu_compat` null stream instead.
+    """
+    import types
+
+    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    from metaapo_nemo.parallel.cpu_compat import NullStream
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(self.config.moe_router_dtype, input.dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(input.to(dtype), self.weight.to(dtype), bias)
+
+    for module in model.modules():
+        if isinstance(module, TopKRouter):
+            module.gating = types.MethodType(gating, module)
+        dispatcher = getattr(module, "token_dispatcher", None)
+        if isinstance(dispatcher, MoEAlltoAllTokenDispatcher):
+            dispatcher.cuda_dtoh_stream = NullStream()
 
 
 def _mark_tensor_parallel_weights(model: torch.nn.Module, gated: bool) -> None:

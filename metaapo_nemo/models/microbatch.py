@@ -34,6 +34,9 @@ class MicroBatch:
             prompt and padding positions never need logits).
         cp_group: Set on a context-parallel rank's share of a THD row (`cp_shard`): the
             sequence sums and lengths are then all-reduced over this group.
+        padding_NT: True where a position holds no token of any sequence (row padding, a
+            placeholder, a sequence's context-parallel tail); None = none. Mixture-of-experts
+            models keep these out of the router's load-balancing loss.
     """
 
     input_ids_NT: torch.Tensor
@@ -46,6 +49,7 @@ class MicroBatch:
     num_seqs: int | None = None
     select_logits: bool = False
     cp_group: Any = None
+    padding_NT: torch.Tensor | None = None
 
     def sequence_logps(self, logps_NT: torch.Tensor) -> torch.Tensor:
         """Summed response log-prob of each logical sequence -> [Q]."""
@@ -86,7 +90,7 @@ class MicroBatch:
 
         return replace(self, input_ids_NT=pick(self.input_ids_NT), labels_NT=pick(self.labels_NT),
                        loss_mask_NT=pick(self.loss_mask_NT), position_ids_NT=pick(self.position_ids_NT),
-                       seq_index_NT=pick(self.seq_index_NT), extras={**self.extras, "thd_length": t}, cp_group=group)
+                       seq_index_NT=pick(self.seq_index_NT), padding_NT=pick(self.padding_NT), extras={**self.extras, "thd_length": t}, cp_group=group)
 
     def _num_seqs(self) -> int:
         if self.num_seqs is None:
@@ -117,6 +121,8 @@ class MicroBatch:
             attention_mask_N1TT=mask,
             position_ids_NT=None if self.position_ids_NT is None else pad(self.position_ids_NT, value=0),
             seq_index_NT=None if self.seq_index_NT is None else pad(self.seq_index_NT, value=-1),
+            padding_NT=pad(self.padding_NT if self.padding_NT is not None else
+                           torch.zeros_like(self.input_ids_NT, dtype=torch.bool), value=True),
         )
 
 

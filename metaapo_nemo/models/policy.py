@@ -207,17 +207,27 @@ class MegatronLM:
             # TorchFunctionMode costs ~10x on a small model's forward (measured): lift it.
             with cpu_compat.suspended(), record_function(f"{role}.forward"):
                 ids = mb.input_ids_NT.to(ctx.device)
+                extra = {}
+                if self.arch.num_experts:  # padding stays out of the router's load-balancing loss,
+                    # which megatron scales by the (valid) tokens its router sees: divided out here
+                    padding = (mb.padding_NT if mb.padding_NT is not None
+                               else torch.zeros_like(mb.input_ids_NT, dtype=torch.bool)).to(ctx.device)
+                    extra["padding_mask"] = padding
+                    seen = max(1, int((~padding).sum())) // (ctx.dims.tp if self.config.sequence_parallel else 1)
+                    self.config.moe_aux_loss_coeff = router_weight / compat.router_loss_token_factor(
+                        seen, ctx.dims.tp, ctx.dims.cp)
                 self._selector.idx = None if sel is None else sel.hidden_idx_K
                 try:
                     if mb.attention_mask_N1TT is None and mb.extras.get("row_blocks"):  # a THD row
                         out = model(ids, self._positions(mb, thd=True), None,
-                                    packed_seq_params=self._thd_params(mb))
+                                    packed_seq_params=self._thd_params(mb), **extra)
                     else:
-                        out = model(ids, self._positions(mb), self._mask(mb))
+                        out = model(ids, self._positions(mb), self._mask(mb), **extra)
                 finally:
                     self._selector.idx = None
             return out, partial(loss_func, mb, sel)
 
+        router_weight = self._router_loss_weight(real) if self.arch.num_experts and not forward_only else 0.0
         vpp = len(self.chunks)
         iterators = [iter(microbatches) for _ in range(vpp)] if vpp > 1 else iter(microbatches)
         if forward_only:
@@ -238,6 +248,22 @@ class MegatronLM:
                 forward_only=forward_only,
             )
         return list(out)[:real] if ctx.is_last_stage else []
+
+    def _router_loss_weight(self, microbatches: int) -> float:
+        """The MoE load-balancing loss weight of each micro-batch of this step.
+
+        Gradients are summed over micro-batches and data-parallel ranks (module docstring), so
+        each micro-batch's router loss gets coef / (the step's micro-batches over all DP
+        ranks): the step's router loss is their MEAN at the checkpoint's
+        ``router_aux_loss_coef``, whatever the layout (packed steps' counts vary by rank: the
+        count is all-reduced). megatron multiplies a micro-batch's router loss by the tokens
+        its router saw (``calculate_per_token_loss``); the forward step divides that out
+        (`compat.router_loss_token_factor`).
+        """
+        count = torch.tensor([float(microbatches)], device=self.ctx.device)
+        if self.ctx.dims.dp > 1:
+            torch.distributed.all_reduce(count, group=self.ctx.dp_group)
+        return self.arch.router_aux_loss_coef / float(count.item())
 
     def _thd_params(self, mb: MicroBatch):
         """THD `PackedSeqParams` of a packed micro-batch (one row; `trainer.rows` records each

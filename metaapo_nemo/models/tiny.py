@@ -39,6 +39,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from metaapo_nemo.models.tokenizer import MIN_VOCAB_SIZE, build_tokenizer
@@ -49,7 +50,9 @@ FORMAT_VERSION = 1
 VOCAB_MULTIPLE = 64
 # vLLM's attention kernels reject head sizes below 32.
 MIN_HEAD_DIM = 32
-ARCHS = ("llama", "qwen2", "qwen3")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe")
+# qwen3_moe: this many experts of half the MLP width, top 2 (every layer sparse)
+TINY_EXPERTS, TINY_TOP_K = 4, 2
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,9 @@ class TinyModelSpec:
 
     Attributes:
         arch: "llama" (untied, no attention bias), "qwen2" (q/k/v bias, tied by default) or
-            "qwen3" (per-head q/k RMSNorm, no bias, untied by default like Qwen3-8B).
+            "qwen3" (per-head q/k RMSNorm, no bias, untied by default like Qwen3-8B) or
+            "qwen3_moe" (Qwen3 attention, `TINY_EXPERTS` experts of intermediate_size / 2,
+            top `TINY_TOP_K`, renormalised).
         vocab_size: Target size of the trained BPE vocab. The tokenizer may come out
             smaller; the model's vocab is ``len(tokenizer)`` rounded up to a multiple of 64.
         hidden_size: Model width.
@@ -74,7 +79,7 @@ class TinyModelSpec:
         seed: `torch.manual_seed` used for the weight init.
     """
 
-    arch: Literal["llama", "qwen2", "qwen3"] = "llama"
+    arch: Literal["llama", "qwen2", "qwen3", "qwen3_moe"] = "llama"
     vocab_size: int = 512
     hidden_size: int = 128
     num_layers: int = 2
@@ -176,6 +181,12 @@ def _model_config(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast) -> Pr
     )
     if spec.arch == "llama":
         return LlamaConfig(**common, attention_bias=False, mlp_bias=False)
+    if spec.arch == "qwen3_moe":
+        return Qwen3MoeConfig(**common, head_dim=spec.head_dim, attention_bias=False, use_sliding_window=False,
+                              sliding_window=None, max_window_layers=spec.num_layers, num_experts=TINY_EXPERTS,
+                              num_experts_per_tok=TINY_TOP_K, moe_intermediate_size=spec.intermediate_size // 2,
+                              norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                              router_aux_loss_coef=0.001)
     if spec.arch == "qwen3":
         return Qwen3Config(**common, head_dim=spec.head_dim, attention_bias=False, use_sliding_window=False,
                            sliding_window=None, max_window_layers=spec.num_layers)

@@ -31,12 +31,17 @@ Known differences handled here:
   `dist_checkpoint_load_kwargs` gives 0.16 a common-state reader that falls back to that
   object (detected by whether megatron's own reader knows the new format). 0.19 reads 0.16's
   ``common.pt`` natively. Checkpoints therefore cross both ways (tests/test_cross_stack.py).
+- MoE load-balancing loss under ``calculate_per_token_loss``: the router pre-multiplies its
+  loss by the tokens it saw (0.16), or by those tokens x the TP x CP group size (0.19),
+  expecting finalize_model_grads to divide by the global token count, which our losses do
+  not ask for; `router_loss_token_factor` says which (detected in the router's source).
 - CUDA-only calls inside megatron (streams in 0.19's grad sync, device="cuda" tensors) are
   CPU shims, not version differences: see `cpu_compat`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import inspect
 import re
@@ -219,6 +224,19 @@ def _common_reader_for_both_formats() -> Any:
                 ) from exc
 
     return CommonStateReader()
+
+
+@functools.lru_cache(maxsize=1)
+def _router_scales_by_tp_cp() -> bool:
+    from megatron.core.transformer.moe import router
+
+    return "num_local_tokens * self.tp_cp_group.size()" in inspect.getsource(router)
+
+
+def router_loss_token_factor(local_tokens: int, tp: int, cp: int) -> int:
+    """What megatron multiplies a micro-batch's MoE router loss by under
+    ``calculate_per_token_loss`` (see the module docstring): divide the loss weight by it."""
+    return local_tokens * (tp * cp if _router_scales_by_tp_cp() else 1)
 
 
 def forward_backward_func():

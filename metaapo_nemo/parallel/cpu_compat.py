@@ -64,7 +64,7 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _NullStream:
+class NullStream:
     """Stand-in for torch.cuda.Stream / current_stream: work is synchronous on CPU."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -76,14 +76,27 @@ class _NullStream:
     def synchronize(self) -> None:
         pass
 
-    def record_event(self, *args: Any, **kwargs: Any) -> None:
-        return None
+    def record_event(self, *args: Any, **kwargs: Any) -> "NullEvent":
+        return NullEvent()  # the MoE all-to-all dispatcher synchronises on it
 
-    def __enter__(self) -> "_NullStream":
+    def __enter__(self) -> "NullStream":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         return None
+
+
+class NullEvent:
+    """Stand-in for torch.cuda.Event: already complete on CPU."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
 
 
 def _cpu_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -126,9 +139,9 @@ def install() -> bool:
     torch.cuda.manual_seed_all = lambda seed: None  # type: ignore[assignment]
     torch.cuda.random.get_rng_state = _cpu_rng_state  # type: ignore[assignment]
     # Grad sync / p2p code waits on streams; synchronous on CPU.
-    torch.cuda.current_stream = lambda *a, **k: _NullStream()  # type: ignore[assignment]
-    torch.cuda.default_stream = lambda *a, **k: _NullStream()  # type: ignore[assignment]
-    torch.cuda.Stream = _NullStream  # type: ignore[assignment,misc]
+    torch.cuda.current_stream = lambda *a, **k: NullStream()  # type: ignore[assignment]
+    torch.cuda.default_stream = lambda *a, **k: NullStream()  # type: ignore[assignment]
+    torch.cuda.Stream = NullStream  # type: ignore[assignment,misc]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
 
     from megatron.core.tensor_parallel import random as mp_random

@@ -29,6 +29,9 @@ def activation_bytes_per_layer(arch: ModelArch, seq: int, rows: int, tp: int, re
     per = s * b * h * (10.0 + 24.0 / tp)
     if recompute != "selective":
         per += s * b * h * 5.0 * a * s / (h * tp)
+    if arch.num_experts:  # the MoE MLP instead of the dense one (its 16 s b h / t share)
+        k, i = arch.experts_per_token, arch.moe_intermediate_size
+        per += s * b * (k * (2.0 * h + 6.0 * i / tp) + 4.0 * arch.num_experts - 16.0 * h / tp)
     return per
 
 

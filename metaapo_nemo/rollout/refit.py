@@ -44,8 +44,13 @@ def fusion_key(hf_name: str) -> str:
 
     ``model.layers.3.self_attn.k_proj.bias`` -> ``model.layers.3.self_attn.qkv_proj``;
     ``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3.mlp.gate_up_proj``;
+    ``model.layers.3.mlp.experts.7.down_proj.weight`` -> ``model.layers.3.mlp.experts`` (vLLM's
+    fused MoE holds every expert of a layer in one module, re-packed once all are loaded);
     anything else -> its own module (``model.norm``).
     """
+    head, sep, _ = hf_name.partition(".mlp.experts.")
+    if sep:
+        return head + ".mlp.experts"
     module = hf_name.rpartition(".")[0]
     parent, _, leaf = module.rpartition(".")
     return f"{parent}.{_FUSED[leaf]}" if leaf in _FUSED else module

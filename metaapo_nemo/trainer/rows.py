@@ -224,7 +224,9 @@ class _Block:
 
     ids: list[int]
     pos: list[int]
-    branch: list[int]  # 0 = seen by every token of the block (prompt prefix, plain sequence)
+    # 0 = seen by every token of the block (prompt prefix, plain sequence); -1 = padding
+    # (a placeholder, a context-parallel tail), seen by itself alone in mask rows
+    branch: list[int]
     labels: list[int]
     seq: list[int]  # logical sequence of the target at each position; -1 = not scored
 
@@ -256,7 +258,7 @@ def _shared_block(prompt_ids: Sequence[int], responses: Sequence[Response], firs
 
 def _placeholder_block(pad_id: int) -> _Block:
     """One pad token scoring nothing: keeps a row for an absent pair (fixed row counts)."""
-    return _Block([pad_id], [0], [0], [pad_id], [-1])
+    return _Block([pad_id], [0], [-1], [pad_id], [-1])
 
 
 def _pad_block(block: _Block, multiple: int, pad_id: int) -> _Block:
@@ -268,7 +270,7 @@ def _pad_block(block: _Block, multiple: int, pad_id: int) -> _Block:
         return block
     last = block.pos[-1]
     return _Block(block.ids + [pad_id] * extra, block.pos + list(range(last + 1, last + 1 + extra)),
-                  block.branch + [0] * extra, block.labels + [pad_id] * extra, block.seq + [-1] * extra)
+                  block.branch + [-1] * extra, block.labels + [pad_id] * extra, block.seq + [-1] * extra)
 
 
 def _unit_blocks(unit: Unit, first_seq: int, share: bool, pad_id: int) -> list[_Block]:
@@ -337,7 +339,7 @@ def blocks_to_microbatch(rows: Sequence[Sequence[_Block]], units: Sequence[Unit]
         ids, labels, (seq >= 0).float(),
         extras=_extras(units, rows),
         attention_mask_N1TT=attention, position_ids_NT=pos, seq_index_NT=seq.clamp(min=0),
-        num_seqs=_responses_per_unit(units) * len(units), select_logits=True,
+        num_seqs=_responses_per_unit(units) * len(units), select_logits=True, padding_NT=(block < 0) | (branch < 0),
     )
 
 
@@ -371,9 +373,12 @@ def _padded_microbatch(units: Sequence[Unit], pad_id: int, length: int | None,
         rows = [(u.prompt_ids, (pad_id,) if x is None else x, x is not None) for u in units for x in u.responses]
         mb = MicroBatch(*pad_rows(rows, pad_id), extras=_extras(units))
     else:
-        ids, labels, mask = pad_rows([(p, x, True) for _, p, x in present], pad_id)
+        rows = [(p, x, True) for _, p, x in present]
+        ids, labels, mask = pad_rows(rows, pad_id)
         seq = torch.tensor([q for q, _, _ in present]).unsqueeze(1).expand_as(ids).contiguous()
         mb = MicroBatch(ids, labels, mask, extras=_extras(units), seq_index_NT=seq, num_seqs=r * len(units))
+    filled = torch.tensor([len(p) + len(x) for p, x, _ in rows])
+    mb.padding_NT = torch.arange(mb.input_ids_NT.shape[1])[None, :] >= filled[:, None]
     return mb if length is None else mb.padded_to(length, pad_id)
 
 

@@ -11,8 +11,9 @@ from metaapo_nemo.models.families.llama import FAMILY as LLAMA
 from metaapo_nemo.models.families.mistral import FAMILY as MISTRAL
 from metaapo_nemo.models.families.qwen2 import FAMILY as QWEN2
 from metaapo_nemo.models.families.qwen3 import FAMILY as QWEN3
+from metaapo_nemo.models.families.qwen3_moe import FAMILY as QWEN3_MOE
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2, MISTRAL, QWEN3)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, QWEN2, MISTRAL, QWEN3, QWEN3_MOE)}
 SUPPORTED = tuple(FAMILIES)
 
 

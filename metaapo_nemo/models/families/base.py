@@ -55,6 +55,10 @@ class Family:
             the converter refuses when shorter than the context.
         qk_norm: A per-head RMSNorm on queries and keys before RoPE (Qwen3: megatron's
             ``qk_layernorm``).
+        experts: Mixture-of-experts layers: Megatron per-layer suffixes with ``{e}`` (the
+            expert's index on its expert-parallel rank) -> (split kind, HF names with ``{e}``,
+            the global index); see `expert_sources`.
+        moe: Whether the config's MoE keys (experts, top-k, MoE width) shape `ModelArch`.
     """
 
     model_type: str
@@ -63,6 +67,23 @@ class Family:
     qkv_bias: bool = False
     sliding_window: Callable[[dict[str, Any]], int | None] = _no_window
     qk_norm: bool = False
+    experts: Mapping = field(default_factory=dict)
+    moe: bool = False
+
+    def expert_sources(self, suffix: str, local_experts: int, ep_rank: int) -> tuple[str, tuple[str, ...]] | None:
+        """(kind, HF names under ``model.layers.{i}.``) of an expert parameter, or None.
+
+        ``suffix`` is the Megatron name inside a layer; its local expert index ``le`` on
+        expert-parallel rank ``ep_rank`` is the global expert ``ep_rank * local_experts + le``.
+        """
+        for pattern, (kind, hf) in self.experts.items():
+            head, _, tail = pattern.partition("{e}")
+            if suffix.startswith(head) and suffix.endswith(tail) and len(suffix) > len(head) + len(tail):
+                index = suffix[len(head):len(suffix) - len(tail)]
+                if index.isdigit():
+                    e = ep_rank * local_experts + int(index)
+                    return kind, tuple(h.replace("{e}", str(e)) for h in hf)
+        return None
 
     def has_qkv_bias(self, cfg: dict[str, Any]) -> bool:
         return self.qkv_bias or bool(cfg.get("attention_bias", False))
