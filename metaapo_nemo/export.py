@@ -69,11 +69,11 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: str | None = Non
         raise ConfigError(f"{step}: no config.yaml beside the weights; is this a checkpoint of this project?")
     single = launch_info().world_size == 1
     # One process: any layout loads at TP1 x PP1 (the checkpoint's tensors are sharded by name).
-    layout = ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=null", "parallel.cp=1",
+    layout = ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=null", "parallel.cp=1", "parallel.ep=1",
               "parallel.sequence_parallel=false", "parallel.distributed_optimizer=false"] if single else []
     cfg = load_config(config, layout + ["checkpoint.resume=never"])
     p = cfg.parallel
-    ctx = state.initialize(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, backend=p.backend, seed=cfg.run.seed)
+    ctx = state.initialize(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, backend=p.backend, seed=cfg.run.seed, ep=p.ep)
     try:
         Checkpointer(step.parent, ctx, verify=cfg.checkpoint.verify,
                      checksum=cfg.checkpoint.checksum).find(explicit=str(step))

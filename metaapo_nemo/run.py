@@ -109,7 +109,7 @@ def build(cfg: Config, method: str | None = None, pairs: list | None = None) -> 
     check_layout(cfg, world_size_from_env(), read_model_dims(cfg))
     p = cfg.parallel
     build_opts = S.build_options(cfg)  # layer spec / FP8 / SP checked before anything starts
-    ctx = state.initialize(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, backend=p.backend, seed=cfg.run.seed)
+    ctx = state.initialize(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, backend=p.backend, seed=cfg.run.seed, ep=p.ep)
     torch.manual_seed(cfg.run.seed)
     model_dir = S.resolve_model_dir(cfg, ctx)
     arch = load_arch(model_dir)

@@ -10,7 +10,8 @@ of the cost on 2 cores), started lazily by the first test that needs it.
 Default tier (and the H100 stack's tier, marker ``stack``): TP2, PP2 (1F1B), PP2 x VPP2, DP2,
 DP2 + distributed optimiser, TP2 x PP2,
 Qwen2 (tied embeddings, qkv bias) under PP2, Qwen3 (per-head q/k norms) under TP2 and PP2,
-Qwen3-MoE under PP2 and DP2 + distributed optimiser, the memory options (recompute selective /
+Qwen3-MoE under PP2, DP2 + distributed optimiser, EP2 + distributed optimiser and PP2 x EP2, the
+memory options (recompute selective /
 full, reference CPU offload), THD-packed rows (1 process, DP2 + distributed optimiser, CP2,
 DP2 x CP2 + distributed optimiser), the
 TP2 x PP2 (x VPP2) HF round trips and the TP2 log-probs.
@@ -87,6 +88,9 @@ LAYOUTS = [
     # Qwen3-MoE: 4 experts, top 2, megatron's router and all-to-all dispatcher on the CPU
     Layout("qwen3_moe_pp2", 2, ("parallel.pp=2",), arch="qwen3_moe"),
     Layout("qwen3_moe_dp2_distopt", 2, ("parallel.distributed_optimizer=true",), arch="qwen3_moe"),
+    # expert parallel: each rank holds 2 of the 4 experts, tokens move by all-to-all
+    Layout("qwen3_moe_ep2_distopt", 2, ("parallel.ep=2", "parallel.distributed_optimizer=true"), arch="qwen3_moe"),
+    Layout("qwen3_moe_pp2_ep2", 4, ("parallel.pp=2", "parallel.ep=2"), arch="qwen3_moe"),
     Layout("tp2_pp2", 4, ("parallel.tp=2", "parallel.pp=2")),
     Layout("recompute_selective", 1, ("parallel.recompute=selective",)),
     Layout("recompute_full", 1, ("parallel.recompute=full",)),

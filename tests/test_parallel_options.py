@@ -311,7 +311,8 @@ def test_benchmark_logits_arithmetic():
 
 def test_mixture_of_experts_layouts_megatron_cannot_run_are_refused_at_start_up():
     """MoE + TP needs sequence parallelism (megatron raises mid-training otherwise; SP is the TE
-    spec's), MoE + CP is not weighted yet; both named before anything is built."""
+    spec's), MoE + CP is not weighted yet, expert parallelism needs experts it divides and must
+    divide dp x cp; all named before anything is built."""
     from metaapo_nemo.config import load_config
     from metaapo_nemo.config.checks import check_layout
     from metaapo_nemo.config.schema import ConfigError
@@ -324,4 +325,11 @@ def test_mixture_of_experts_layouts_megatron_cannot_run_are_refused_at_start_up(
     with pytest.raises(ConfigError, match=r"parallel.cp=2 with a mixture-of-experts model"):
         check_layout(load_config(None, ["parallel.cp=2", *thd], method="dpo"), 2, moe)
     assert check_layout(load_config(None, ["parallel.pp=2"], method="dpo"), 2, moe).pp == 2
+    with pytest.raises(ConfigError, match=r"parallel.ep=2: .* has none \(a dense model\); set parallel.ep=1"):
+        check_layout(load_config(None, ["parallel.ep=2"], method="dpo"), 2, moe | {"num_experts": 0})
+    with pytest.raises(ConfigError, match=r"has 3 experts, not a multiple of 2"):
+        check_layout(load_config(None, ["parallel.ep=2"], method="dpo"), 2, moe | {"num_experts": 3})
+    with pytest.raises(ConfigError, match=r"ep=4 does not divide data-parallel x context-parallel size dp 2"):
+        check_layout(load_config(None, ["parallel.ep=4"], method="dpo"), 2, moe)
+    assert check_layout(load_config(None, ["parallel.ep=2"], method="dpo"), 2, moe).ep == 2
     assert check_layout(load_config(None, ["parallel.tp=2"], method="dpo"), 2, moe | {"num_experts": 0}).tp == 2

@@ -463,3 +463,11 @@ def test_a_mixture_of_experts_layer_counts_every_expert_and_its_routed_activatio
     selective = activation_bytes_per_layer(moe, s, b, t, "selective")
     assert selective == s * b * h * (10 + 24 / t) + s * b * (8 * (2 * h + 6 * i / t) + 4 * e - 16 * h / t)
     assert activation_bytes_per_layer(moe, s, b, t, "full") == 2 * s * b * h  # only the layer input
+    # expert parallel 8: each rank holds 16 experts; the distributed optimiser shards dense
+    # parameters over d x c = 8 ranks and experts over d x c / ep = 1
+    experts = 48 * e * 3 * h * i // 4  # pp 1, tp 4
+    assert params_per_rank(moe, 4, 1, 8) == params_per_rank(moe, 4, 1) - experts + experts // 8
+    plan = plan_memory(PlanInput(arch=moe, tp=4, pp=1, dp=8, ep=8, distributed_optimizer=True, recompute="full",
+                                 seq_length=4096, micro_batch_rows=4, vllm_kv_cache_gib=8.0))
+    n = params_per_rank(moe, 4, 1, 8)
+    assert plan.per_phase["train"]["optimizer"] == pytest.approx(12 * ((n - experts // 8) / 8 + experts // 8) / GiB)

@@ -93,7 +93,7 @@ def check_layout(cfg: Any, world_size: int, model_dims: dict | None = None) -> P
     """
     dims_in = {_HF_KEYS.get(k, k): v for k, v in (model_dims or {}).items()}
     p = cfg.parallel
-    dims = ParallelDims(world_size=world_size, tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp)
+    dims = ParallelDims(world_size=world_size, tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, ep=p.ep)
     try:
         dims.validate(
             num_layers=dims_in.get("num_layers"),
@@ -112,6 +112,12 @@ def check_layout(cfg: Any, world_size: int, model_dims: dict | None = None) -> P
             "parallel.sequence_parallel=true (megatron refuses MoE with tensor parallelism without it; "
             "sequence parallelism runs on the Transformer Engine spec, GPU); on the CPU use parallel.tp=1 "
             "with parallel.pp / data parallelism")
+    experts = dims_in.get("num_experts") or 0
+    if p.ep > 1 and (not experts or experts % p.ep):
+        errors.append(
+            f"parallel.ep={p.ep}: expert parallelism splits each layer's experts over ep ranks, but this model "
+            + (f"has {experts} experts, not a multiple of {p.ep}; use parallel.ep dividing {experts}" if experts
+               else "has none (a dense model); set parallel.ep=1"))
     if dims_in.get("num_experts") and p.cp > 1:
         errors.append(
             f"parallel.cp={p.cp} with a mixture-of-experts model ({dims_in['num_experts']} experts): the "

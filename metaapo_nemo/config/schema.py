@@ -50,6 +50,9 @@ class ParallelConfig(_Section):
     pp: int = Field(1, ge=1)
     vpp: int | None = Field(None, ge=1)
     cp: int = Field(1, ge=1)
+    # Expert parallel (mixture-of-experts models): the experts of each layer are split over ep
+    # ranks of the data x context parallel group; expert tensor parallel = tp.
+    ep: int = Field(1, ge=1)
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
     # Activation recompute: null (keep activations), selective (recompute attention's

@@ -254,23 +254,33 @@ def _from_megatron(kind: str, parts: list[torch.Tensor], arch: ModelArch) -> lis
     raise AssertionError(kind)
 
 
-def _owners(chunks: list[torch.nn.Module], arch: ModelArch, ctx: ParallelContext) -> dict[str, tuple[int, int, str, str, int]]:
-    """HF name -> (pp_rank, chunk index, megatron name, kind, position in the fused group)."""
-    local: dict[str, tuple[int, int, str, str, int]] = {}
+Owner = tuple[int, int, int, str, str, int]  # pp rank, ep rank (-1: every one), chunk, mname, kind, j
+
+
+def _owners(chunks: list[torch.nn.Module], arch: ModelArch, ctx: ParallelContext) -> dict[str, Owner]:
+    """HF name -> (pp_rank, ep_rank, chunk index, megatron name, kind, position in the fused
+    group); ep_rank is -1 except for experts, which live on one expert-parallel rank."""
+    ep, ep_rank = _expert_parallel() if arch.num_experts else (1, 0)
+    local: dict[str, Owner] = {}
     for c, chunk in enumerate(chunks):
         for mname, kind, hf_names in megatron_param_sources(chunk, arch):
             if mname == "output_layer.weight" and arch.tie_word_embeddings:
                 continue
+            owner_ep = ep_rank if ep > 1 and ".mlp.experts." in hf_names[0] else -1
             for j, h in enumerate(hf_names):
-                local[h] = (ctx.pp_rank, c, mname, kind, j)
-    if ctx.dims.pp == 1:
-        return local
-    gathered: list[dict] = [{} for _ in range(ctx.dims.pp)]
-    dist.all_gather_object(gathered, local, group=ctx.pp_group)
-    merged: dict[str, tuple[int, int, str, str, int]] = {}
-    for part in gathered:
-        merged.update(part)
-    return merged
+                local[h] = (ctx.pp_rank, owner_ep, c, mname, kind, j)
+    for size, group in ((ep, _expert_group() if ep > 1 else None), (ctx.dims.pp, ctx.pp_group)):
+        if size > 1:
+            gathered: list[dict] = [{} for _ in range(size)]
+            dist.all_gather_object(gathered, local, group=group)
+            local = {k: v for part in gathered for k, v in part.items()}
+    return local
+
+
+def _expert_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_group()
 
 
 def _hf_shape(name: str, arch: ModelArch) -> tuple[int, ...]:
@@ -306,16 +316,19 @@ def iter_hf_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Streams full HF-named tensors from the sharded model; call on EVERY rank.
 
-    Each tensor is assembled on its owning pipeline stage (TP all-gather) and broadcast
-    over the pipeline group, one tensor at a time, so peak extra memory is one full
-    tensor (plus one fused group). All ranks receive every tensor.
+    Each tensor is assembled on its owning pipeline stage (TP all-gather), an expert's from
+    its expert-parallel rank to the stage's others, and broadcast over the pipeline group, one
+    tensor at a time, so peak extra memory is one full tensor (plus one fused group). All
+    ranks receive every tensor.
     """
     owners = _owners(chunks, arch, ctx)
     pp_ranks = dist.get_process_group_ranks(ctx.pp_group) if ctx.dims.pp > 1 else [ctx.rank]
+    ep, my_ep = _expert_parallel() if arch.num_experts else (1, 0)
+    ep_ranks = dist.get_process_group_ranks(_expert_group()) if ep > 1 else [ctx.rank]
     cache: dict[str, list[torch.Tensor]] = {}
     for name in _hf_order(arch):
-        pp_rank, c, mname, kind, j = owners[name]
-        if pp_rank == ctx.pp_rank:
+        pp_rank, owner_ep, c, mname, kind, j = owners[name]
+        if pp_rank == ctx.pp_rank and owner_ep in (-1, my_ep):
             if (c, mname) not in cache:
                 shard = dict(chunks[c].named_parameters())[mname].detach()
                 cache.clear()
@@ -324,6 +337,9 @@ def iter_hf_tensors(
         else:
             ref_dtype = next(chunks[0].parameters()).dtype
             tensor = torch.empty(_hf_shape(name, arch), dtype=ref_dtype, device=ctx.device)
+        if owner_ep >= 0:  # an expert: from its expert-parallel rank to the others of each stage
+            tensor = tensor.contiguous()
+            dist.broadcast(tensor, src=ep_ranks[owner_ep], group=_expert_group())
         if ctx.dims.pp > 1:
             tensor = tensor.contiguous()
             dist.broadcast(tensor, src=pp_ranks[pp_rank], group=ctx.pp_group)

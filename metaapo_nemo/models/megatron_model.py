@@ -115,6 +115,10 @@ def transformer_config(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions
         pipeline_model_parallel_size=ctx.dims.pp,
         virtual_pipeline_model_parallel_size=ctx.dims.vpp,
         context_parallel_size=ctx.dims.cp,
+        # the linears read these, not parallel_state: an expert's weights are reduced over the
+        # expert-data-parallel ranks only when the config says experts are split
+        expert_model_parallel_size=ctx.dims.ep,
+        expert_tensor_parallel_size=ctx.dims.tp if arch.num_experts else None,
         sequence_parallel=opts.sequence_parallel,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,

@@ -118,6 +118,17 @@ def quiet_expected_warnings() -> None:
         warnings.filterwarnings("ignore", message=f".*{msg}.*")
 
 
+def _all_to_all_single_with_list_splits(original):
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        def as_list(sizes):
+            return sizes.tolist() if hasattr(sizes, "tolist") else sizes
+
+        return original(output, input, as_list(output_split_sizes), as_list(input_split_sizes), *args, **kwargs)
+
+    all_to_all_single._splits_as_lists = True  # type: ignore[attr-defined]
+    return all_to_all_single
+
+
 def install() -> bool:
     """Installs the shims if CUDA is unavailable. Returns True if they are active."""
     global _INSTALLED, _MODE
@@ -143,6 +154,13 @@ def install() -> bool:
     torch.cuda.default_stream = lambda *a, **k: NullStream()  # type: ignore[assignment]
     torch.cuda.Stream = NullStream  # type: ignore[assignment,misc]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+
+    # megatron's MoE all-to-all passes its split sizes as the tensors it meant to move to the
+    # host (already there on CPU: left as tensors), which torch's binding refuses: as lists.
+    import torch.distributed as dist
+
+    if not getattr(dist.all_to_all_single, "_splits_as_lists", False):
+        dist.all_to_all_single = _all_to_all_single_with_list_splits(dist.all_to_all_single)
 
     from megatron.core.tensor_parallel import random as mp_random
 

@@ -99,11 +99,14 @@ def initialize(
     backend: str = "auto",
     seed: int = 1234,
     timeout_minutes: int = 30,
+    ep: int = 1,
 ) -> ParallelContext:
     """Initialises torch.distributed, megatron's parallel_state and its RNG tracker.
 
     Args:
         tp, pp, vpp, cp: tensor / pipeline / virtual-pipeline / context parallel sizes.
+        ep: expert parallel size (MoE; splits the data x context parallel group, expert
+            tensor parallel = tp).
         backend: "auto", "gloo" or "nccl".
         seed: base seed for megatron's model-parallel RNG tracker.
         timeout_minutes: collective timeout.
@@ -123,7 +126,7 @@ def initialize(
     # and for vLLM's external launcher, which reads os.environ["RANK"] / ["LOCAL_RANK"].
     info = export_launch_env()
     rank, world, local_rank = info.rank, info.world_size, info.local_rank
-    dims = ParallelDims(world_size=world, tp=tp, pp=pp, cp=cp, vpp=vpp)
+    dims = ParallelDims(world_size=world, tp=tp, pp=pp, cp=cp, vpp=vpp, ep=ep)
     dims.validate()
     backend = resolve_backend(backend)
 
@@ -155,6 +158,8 @@ def initialize(
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=tp,
         distributed_timeout_minutes=timeout_minutes,
         **compat.initialize_model_parallel_kwargs(),
     )

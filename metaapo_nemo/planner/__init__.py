@@ -38,8 +38,9 @@ L = layers, t = TP, p = PP, d = DP, c = CP, V = vocabulary, I = MLP width):
   2 s b h bytes. fp32 training doubles them. A mixture-of-experts layer (E experts, top k,
   width I) keeps, instead of the dense MLP's 16 s b h / t, each token's k routed copies:
   s b (k (2 h + 6 I / t) + 4 E) (the permuted input, the experts' gate/up outputs and SwiGLU
-  output, fp32 router probabilities); its parameters count every expert (experts are split
-  by TP, expert parallelism is not built yet).
+  output, fp32 router probabilities); each rank holds num_experts / ep of its experts (split
+  by TP), and the distributed optimiser shards those over the expert-data-parallel ranks
+  (d x c / ep).
   1F1B holds up to p micro-batches in flight on the first stage, so the first stage holds
   activations of L/p layers x min(p, micro-batches) micro-batches.
 - logits on the last stage: s b V / t x 4 B (fp32 for the vocab-parallel cross entropy),

@@ -8,6 +8,7 @@ from metaapo_nemo.planner.records import _BYTES, GiB, Plan, PlanInput
 from metaapo_nemo.planner.terms import (
     activation_bytes_per_layer,
     checkpoint_bytes,
+    expert_params_per_rank,
     kv_bytes_per_token,
     nccl_communicators,
     pairs_gather_bytes,
@@ -63,11 +64,13 @@ def _cpu_engine(x: PlanInput, plan: Plan) -> float:
 
 def plan_memory(x: PlanInput) -> Plan:
     a = x.arch
-    n = params_per_rank(a, x.tp, x.pp)
+    n = params_per_rank(a, x.tp, x.pp, x.ep)
     wbytes = _BYTES[x.dtype]
     opt_bytes = (8 + (4 if x.dtype != "float32" else 0)) * n
-    if x.distributed_optimizer:  # megatron shards it over the data x context parallel ranks
-        opt_bytes /= x.dp * x.cp
+    if x.distributed_optimizer:  # megatron shards it over the data x context parallel ranks,
+        # an expert's over the expert-data-parallel ones (dp x cp / ep)
+        experts = expert_params_per_rank(a, x.tp, x.pp, x.ep)
+        opt_bytes *= ((n - experts) / (x.dp * x.cp) + experts * x.ep / (x.dp * x.cp)) / n
     in_flight = min(x.pp, x.num_microbatches)
     layers_here = -(-a.num_layers // x.pp)
     seq = -(-x.seq_length // x.cp)  # this rank's share of a row under context parallelism

@@ -17,6 +17,7 @@ class PlanInput:
     pp: int = 1
     dp: int = 1
     cp: int = 1  # context parallel: each rank holds 1/cp of every training row's tokens
+    ep: int = 1  # expert parallel: each rank holds 1/ep of every MoE layer's experts
     dtype: str = "bfloat16"
     distributed_optimizer: bool = True
     recompute: str | None = None  # None | "selective" | "full"

@@ -10,9 +10,18 @@ def layer_params(arch: ModelArch) -> int:
     return arch.layer_parameters
 
 
-def params_per_rank(arch: ModelArch, tp: int, pp: int) -> int:
-    """Parameters on the heaviest pipeline stage of one TP rank."""
-    layers = -(-arch.num_layers // pp) * layer_params(arch) // tp
+def expert_params_per_rank(arch: ModelArch, tp: int, pp: int, ep: int = 1) -> int:
+    """The experts' share of `params_per_rank`: each rank holds num_experts / ep of them, split by TP."""
+    if not arch.num_experts:
+        return 0
+    per_layer = arch.num_experts * 3 * arch.hidden_size * arch.moe_intermediate_size
+    return -(-arch.num_layers // pp) * per_layer // (ep * tp)
+
+
+def params_per_rank(arch: ModelArch, tp: int, pp: int, ep: int = 1) -> int:
+    """Parameters on the heaviest pipeline stage of one TP rank (of one expert-parallel rank)."""
+    experts = expert_params_per_rank(arch, tp, pp, 1)
+    layers = -(-arch.num_layers // pp) * layer_params(arch) // tp - experts + expert_params_per_rank(arch, tp, pp, ep)
     vocab = -(-arch.vocab_size // tp) * arch.hidden_size
     first = layers + vocab
     last = layers + arch.hidden_size + (vocab if (pp > 1 or not arch.tie_word_embeddings) else 0)
@@ -37,7 +46,8 @@ def activation_bytes_per_layer(arch: ModelArch, seq: int, rows: int, tp: int, re
 
 def nccl_communicators(x: PlanInput) -> tuple[int, int]:
     """(Megatron's, vLLM's) NCCL communicators on one rank."""
-    train = int(x.tp > 1) + int(x.dp > 1) + int(x.cp > 1) + int(x.world > 1) + (2 if x.pp > 1 else 0)
+    train = (int(x.tp > 1) + int(x.dp > 1) + int(x.cp > 1) + int(x.ep > 1) + int(x.world > 1)
+             + (2 if x.pp > 1 else 0))
     return train, int((x.rollout or x.eval_engine) and x.vllm_tp > 1)
 
 
