@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,8 @@ def test_every_recipe_validates_under_its_own_method(recipe):
         assert cfg.metaapo is not None and cfg.rollout is not None
         assert cfg.reward is not None or cfg.metaapo.sampling == "none"
     p = cfg.parallel
-    check_layout(cfg, p.tp * p.pp * p.cp, read_model_dims(cfg))  # the smallest world it fits
+    # the smallest world it fits (expert parallelism needs ep | dp x cp)
+    check_layout(cfg, p.tp * p.pp * p.cp * (p.ep // math.gcd(p.ep, p.cp)), read_model_dims(cfg))
 
 
 def _partial_method(partial: Path) -> str:
