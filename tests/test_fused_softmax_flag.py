@@ -32,7 +32,7 @@ ARCH = arch_from_hf_dict(
 
 
 def _ctx(device: str):
-    dims = SimpleNamespace(tp=1, pp=1, vpp=None, cp=1)
+    dims = SimpleNamespace(tp=1, pp=1, vpp=None, cp=1, ep=1)
     return SimpleNamespace(device=torch.device(device), dims=dims)
 
 

@@ -217,6 +217,8 @@ def assert_same_training(run: Path, ref: Path) -> None:
         assert abs(g["grad_norm"] - w["grad_norm"]) <= REL * w["grad_norm"], (
             step, g["grad_norm"], w["grad_norm"])
         assert g["pairs"] == w["pairs"] == 8
+        if "router_loss" in w:  # MoE: the load-balancing loss, a step metric
+            assert abs(g["router_loss"] - w["router_loss"]) <= REL * w["router_loss"], (step, g, w)
     assert abs(want[0]["loss"] - math.log(2)) < 1e-6  # policy == reference at step 1
     wg, ww = read_weights(run), read_weights(ref)
     assert wg.keys() == ww.keys()

@@ -166,23 +166,25 @@ def test_rank_slices_read_from_disk_equal_slices_of_the_full_tensors(tmp_path):
             assert torch.equal(_read_rank_slice("vocab", (emb,), reader, arch, tp, rank), want)
 
 
-def test_qwen3_with_head_dim_apart_from_hidden_matches_hf_and_round_trips(single_ctx, tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_qwen3_with_head_dim_apart_from_hidden_matches_hf_and_round_trips(tied, single_ctx, tmp_path):
     """Qwen3's explicit head_dim (heads x head_dim = 64 on a 32-wide model, as Qwen3-0.6B's
-    16 x 128 on 1024): megatron's kv_channels and the q/k norms of size head_dim."""
+    16 x 128 on 1024): megatron's kv_channels and the q/k norms of size head_dim; tied
+    embeddings as the small Qwen3s (0.6B-4B), untied as 8B."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(Qwen3Config(
         vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=False))
+        head_dim=16, intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=tied))
     with torch.no_grad():  # the norms start at 1: make them matter
         for name, p in hf.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
     hf.save_pretrained(tmp_path / "hf")
     arch = load_arch(tmp_path / "hf")
-    assert arch.qk_norm and arch.head_dim == 16
+    assert arch.qk_norm and arch.head_dim == 16 and arch.tie_word_embeddings == tied
     chunks = build_gpt_chunks(arch, single_ctx, BuildOptions())
     load_hf_weights(chunks, tmp_path / "hf", arch, single_ctx)
     ids = torch.randint(0, 96, (2, 24))

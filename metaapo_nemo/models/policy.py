@@ -96,6 +96,7 @@ class MegatronLM:
         self._sdpa = build.attention == "sdpa" and build.spec_choice(on_gpu=on_gpu).impl == "local"
         self.config = self.chunks[0].config
         self.trainable = optim is not None
+        self.router_loss: float | None = None  # MoE: the last training run's (`_mean_router_loss`)
         self.optimizer = None
         self.scheduler = None
         if self.trainable:
@@ -228,6 +229,8 @@ class MegatronLM:
             return out, partial(loss_func, mb, sel)
 
         router_weight = self._router_loss_weight(real) if self.arch.num_experts and not forward_only else 0.0
+        if self.arch.num_experts and not forward_only:
+            compat.clear_moe_router_losses()
         vpp = len(self.chunks)
         iterators = [iter(microbatches) for _ in range(vpp)] if vpp > 1 else iter(microbatches)
         if forward_only:
@@ -247,7 +250,24 @@ class MegatronLM:
                 micro_batch_size=rows,
                 forward_only=forward_only,
             )
+        if self.arch.num_experts and not forward_only:
+            self.router_loss = self._mean_router_loss(real)
         return list(out)[:real] if ctx.is_last_stage else []
+
+    def _mean_router_loss(self, microbatches: int) -> float:
+        """The step's MoE load-balancing loss, unweighted (1.0 = perfectly balanced routing),
+        averaged over layers and over the micro-batches of every DP rank (a step metric)."""
+        values = compat.moe_router_loss_values()
+        if values is None:
+            return float("nan")
+        loss = values.detach().float().sum().reshape(1).to(self.ctx.device)
+        count = torch.tensor([float(microbatches)], device=self.ctx.device)
+        if self.ctx.dims.pp > 1:  # each stage tracked its own layers
+            torch.distributed.all_reduce(loss, group=self.ctx.pp_group)
+        if self.ctx.dims.dp > 1:
+            torch.distributed.all_reduce(loss, group=self.ctx.dp_group)
+            torch.distributed.all_reduce(count, group=self.ctx.dp_group)
+        return float(loss / (count * self.arch.num_layers))
 
     def _router_loss_weight(self, microbatches: int) -> float:
         """The MoE load-balancing loss weight of each micro-batch of this step.

@@ -239,6 +239,28 @@ def router_loss_token_factor(local_tokens: int, tp: int, cp: int) -> int:
     return local_tokens * (tp * cp if _router_scales_by_tp_cp() else 1)
 
 
+def moe_router_loss_values() -> torch.Tensor | None:
+    """Per-layer sums of the MoE load-balancing loss megatron tracked since the last clear
+    (unweighted: E x sum_i f_i P_i per micro-batch), or None before any was tracked. 0.19 keeps
+    them in `get_moe_metrics_tracker()`, 0.16 in the layer-wise logging dict."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if hasattr(moe_utils, "get_moe_metrics_tracker"):
+        entry = moe_utils.get_moe_metrics_tracker().metrics.get("load_balancing_loss")
+        return None if entry is None else entry.values
+    entry = moe_utils.get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
+    return None if entry is None else entry["values"]
+
+
+def clear_moe_router_losses() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    if hasattr(moe_utils, "get_moe_metrics_tracker"):
+        moe_utils.get_moe_metrics_tracker().clear()
+    else:
+        moe_utils.clear_aux_losses_tracker()
+
+
 def forward_backward_func():
     """megatron's schedule for the current layout (no PP, 1F1B, or interleaved 1F1B)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func

@@ -70,6 +70,8 @@ class Trainer:
         outs = policy.run(mbs, work.loss_fn, forward_only=False)
         lr = policy.lr  # the rate this step applies
         metrics = work.metrics(outs)
+        if policy.router_loss is not None:  # a mixture-of-experts policy
+            metrics["router_loss"] = policy.router_loss
         verdict = self.guard.check_step(policy, metrics["loss"])
         if verdict == "stop":
             self.guard.stop(st, metrics["loss"], save)
