@@ -9,15 +9,14 @@ of the cost on 2 cores), started lazily by the first test that needs it.
 
 Default tier (and the H100 stack's tier, marker ``stack``): TP2, PP2 (1F1B), PP2 x VPP2, DP2,
 DP2 + distributed optimiser, TP2 x PP2,
-Qwen2 (tied embeddings, qkv bias) under PP2, Qwen3 (per-head q/k norms) under TP2 and PP2,
-Qwen3-MoE under PP2, DP2 + distributed optimiser, EP2 + distributed optimiser and PP2 x EP2, the
-memory options (recompute selective /
-full, reference CPU offload), THD-packed rows (1 process, DP2 + distributed optimiser, CP2,
+Qwen2 (tied embeddings, qkv bias) under PP2, Qwen3 (per-head q/k norms) under TP2,
+Qwen3-MoE under EP2 + distributed optimiser and PP2 x EP2, the memory options (recompute selective /
+full, reference CPU offload), THD-packed rows (1 process, DP2 + distributed optimiser,
 DP2 x CP2 + distributed optimiser), the
 TP2 x PP2 (x VPP2) HF round trips and the TP2 log-probs.
 ``slow``: the distributed optimiser under TP2 / PP2 / VPP / TP2 x PP2 / DP2 x TP2 / DP2 x PP2,
-more Qwen2 layouts (TP2, PP2 x VPP2, TP2 x PP2), Qwen3 TP2 x PP2 and THD-packed rows under TP2, PP2, TP2 x CP2
-and PP2 x CP2.
+more Qwen2 layouts (TP2, PP2 x VPP2, TP2 x PP2), Qwen3 PP2 and TP2 x PP2, Qwen3-MoE PP2 and DP2 +
+distributed optimiser, and THD-packed rows under TP2, PP2, CP2, TP2 x CP2 and PP2 x CP2.
 """
 
 from __future__ import annotations
@@ -84,10 +83,10 @@ LAYOUTS = [
     Layout("qwen2_pp2", 2, ("parallel.pp=2",), arch="qwen2"),
     # Qwen3: per-head q/k RMSNorm (replicated under TP), untied
     Layout("qwen3_tp2", 2, ("parallel.tp=2",), arch="qwen3"),
-    Layout("qwen3_pp2", 2, ("parallel.pp=2",), arch="qwen3"),
+    Layout("qwen3_pp2", 2, ("parallel.pp=2",), arch="qwen3", slow=True),
     # Qwen3-MoE: 4 experts, top 2, megatron's router and all-to-all dispatcher on the CPU
-    Layout("qwen3_moe_pp2", 2, ("parallel.pp=2",), arch="qwen3_moe"),
-    Layout("qwen3_moe_dp2_distopt", 2, ("parallel.distributed_optimizer=true",), arch="qwen3_moe"),
+    Layout("qwen3_moe_pp2", 2, ("parallel.pp=2",), arch="qwen3_moe", slow=True),  # PP2 x EP2 below
+    Layout("qwen3_moe_dp2_distopt", 2, ("parallel.distributed_optimizer=true",), arch="qwen3_moe", slow=True),
     # expert parallel: each rank holds 2 of the 4 experts, tokens move by all-to-all
     Layout("qwen3_moe_ep2_distopt", 2, ("parallel.ep=2", "parallel.distributed_optimizer=true"), arch="qwen3_moe"),
     Layout("qwen3_moe_pp2_ep2", 4, ("parallel.pp=2", "parallel.ep=2"), arch="qwen3_moe"),
@@ -103,7 +102,7 @@ LAYOUTS = [
     Layout("dp2_distopt_thd", 2, ("parallel.distributed_optimizer=true", *THD)),
     # context parallelism: every THD sequence split over the CP ranks (the SDPA core's
     # all-gather stand-in for TE's ring attention), sequence sums all-reduced
-    Layout("cp2_thd", 2, ("parallel.cp=2", *THD)),
+    Layout("cp2_thd", 2, ("parallel.cp=2", *THD), slow=True),  # DP2 x CP2 below runs it with DP
     Layout("dp2_cp2_distopt_thd", 4, ("parallel.cp=2", "parallel.distributed_optimizer=true", *THD)),
     # slow tier
     Layout("tp2_distopt", 2, ("parallel.tp=2", "parallel.distributed_optimizer=true"), slow=True),
