@@ -90,7 +90,8 @@ class MicroBatch:
 
         return replace(self, input_ids_NT=pick(self.input_ids_NT), labels_NT=pick(self.labels_NT),
                        loss_mask_NT=pick(self.loss_mask_NT), position_ids_NT=pick(self.position_ids_NT),
-                       seq_index_NT=pick(self.seq_index_NT), padding_NT=pick(self.padding_NT), extras={**self.extras, "thd_length": t}, cp_group=group)
+                       seq_index_NT=pick(self.seq_index_NT), padding_NT=pick(self.padding_NT),
+                       extras={**self.extras, "thd_length": t}, cp_group=group)
 
     def _num_seqs(self) -> int:
         if self.num_seqs is None:

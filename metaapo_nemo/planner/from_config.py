@@ -38,7 +38,8 @@ def plan_input_from_config(cfg, arch: ModelArch, tp: int, pp: int, dp: int, accu
     reward = cfg.reward if sampling else None
     new_tokens = r.max_new_tokens if sampling else (cfg.eval.max_new_tokens if engine else 0)
     return PlanInput(
-        arch=arch, tp=tp, pp=pp, dp=dp, cp=cfg.parallel.cp, ep=cfg.parallel.ep, dtype=cfg.model.resolved_dtype(on_gpu=on_gpu),
+        arch=arch, tp=tp, pp=pp, dp=dp, cp=cfg.parallel.cp, ep=cfg.parallel.ep,
+        dtype=cfg.model.resolved_dtype(on_gpu=on_gpu),
         distributed_optimizer=cfg.parallel.distributed_optimizer, recompute=cfg.parallel.recompute,
         seq_length=seq, micro_batch_rows=rows, margin_rows=mbs * 2 if rows > 1 else 1,
         num_microbatches=accum, reference_offloaded=cfg.reference.offload_to_cpu and on_gpu,
@@ -61,7 +62,8 @@ def plan_input_from_config(cfg, arch: ModelArch, tp: int, pp: int, dp: int, accu
         gpu_memory_gib=cfg.planner.gpu_memory_gib,
         round_prompts=cfg.metaapo.round_size if sampling else 0,
         prompts_per_chunk=(cfg.metaapo.prompts_per_chunk or 0) if sampling else 0,
-        host_memory_gib=cfg.planner.host_memory_gib, ranks_per_node=ranks_per_node or min(tp * pp * dp * cfg.parallel.cp, 8),
+        host_memory_gib=cfg.planner.host_memory_gib,
+        ranks_per_node=ranks_per_node or min(tp * pp * dp * cfg.parallel.cp, 8),
         max_new_tokens=r.max_new_tokens if sampling else 0,
         samples_per_prompt=r.samples_per_prompt if sampling else 0,
         checkpoint_reference=metaapo and cfg.metaapo.reference == "per_round",
