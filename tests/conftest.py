@@ -18,32 +18,30 @@ def tiny_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny_models")
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tiny_cache):
+def _tiny(cache, arch: str):
     from metaapo_nemo.models.tiny import TinyModelSpec, ensure_tiny_checkpoint
 
-    return ensure_tiny_checkpoint(TinyModelSpec(arch="llama"), tiny_cache)
+    return ensure_tiny_checkpoint(TinyModelSpec(arch=arch), cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_cache):
+    return _tiny(tiny_cache, "llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(tiny_cache):
-    from metaapo_nemo.models.tiny import TinyModelSpec, ensure_tiny_checkpoint
-
-    return ensure_tiny_checkpoint(TinyModelSpec(arch="qwen2"), tiny_cache)
+    return _tiny(tiny_cache, "qwen2")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3(tiny_cache):
-    from metaapo_nemo.models.tiny import TinyModelSpec, ensure_tiny_checkpoint
-
-    return ensure_tiny_checkpoint(TinyModelSpec(arch="qwen3"), tiny_cache)
+    return _tiny(tiny_cache, "qwen3")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3_moe(tiny_cache):
-    from metaapo_nemo.models.tiny import TinyModelSpec, ensure_tiny_checkpoint
-
-    return ensure_tiny_checkpoint(TinyModelSpec(arch="qwen3_moe"), tiny_cache)
+    return _tiny(tiny_cache, "qwen3_moe")
 
 
 @pytest.fixture

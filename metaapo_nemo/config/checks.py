@@ -106,21 +106,21 @@ def check_layout(cfg: Any, world_size: int, model_dims: dict | None = None) -> P
     batch = batch_error(cfg.train.global_batch_size, cfg.train.micro_batch_size, dims.dp)
     if batch:
         errors.append(batch)
-    if dims_in.get("num_experts") and p.tp > 1 and not p.sequence_parallel:
+    experts = dims_in.get("num_experts") or 0
+    if experts and p.tp > 1 and not p.sequence_parallel:
         errors.append(
-            f"parallel.tp={p.tp} with a mixture-of-experts model ({dims_in['num_experts']} experts) needs "
+            f"parallel.tp={p.tp} with a mixture-of-experts model ({experts} experts) needs "
             "parallel.sequence_parallel=true (megatron refuses MoE with tensor parallelism without it; "
             "sequence parallelism runs on the Transformer Engine spec, GPU); on the CPU use parallel.tp=1 "
             "with parallel.pp / data parallelism")
-    experts = dims_in.get("num_experts") or 0
     if p.ep > 1 and (not experts or experts % p.ep):
         errors.append(
             f"parallel.ep={p.ep}: expert parallelism splits each layer's experts over ep ranks, but this model "
             + (f"has {experts} experts, not a multiple of {p.ep}; use parallel.ep dividing {experts}" if experts
                else "has none (a dense model); set parallel.ep=1"))
-    if dims_in.get("num_experts") and p.cp > 1:
+    if experts and p.cp > 1:
         errors.append(
-            f"parallel.cp={p.cp} with a mixture-of-experts model ({dims_in['num_experts']} experts): the "
+            f"parallel.cp={p.cp} with a mixture-of-experts model ({experts} experts): the "
             "router's load-balancing loss is not yet weighted for context-parallel shares of a row; "
             "use parallel.cp=1 (and parallel.tp / parallel.pp, full recompute) for this model")
     if errors:

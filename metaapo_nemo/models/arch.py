@@ -64,12 +64,16 @@ class ModelArch:
         return attn + self.mlp_parameters + 2 * h
 
     @property
+    def expert_parameters(self) -> int:
+        """One layer's experts (every expert's SwiGLU; 0 for a dense model)."""
+        return self.num_experts * 3 * self.hidden_size * self.moe_intermediate_size
+
+    @property
     def mlp_parameters(self) -> int:
         """One layer's MLP: dense SwiGLU, or the router plus every expert's SwiGLU."""
-        h = self.hidden_size
         if self.num_experts:
-            return self.num_experts * (3 * h * self.moe_intermediate_size + h)
-        return 3 * h * self.intermediate_size
+            return self.expert_parameters + self.num_experts * self.hidden_size
+        return 3 * self.hidden_size * self.intermediate_size
 
     @property
     def num_parameters(self) -> int:

@@ -23,6 +23,7 @@ Used through `use_sdpa_core(spec)` (`train.attention=sdpa`); the TE spec on GPU 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -74,10 +75,7 @@ class SDPAttention(torch.nn.Module):
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
-        if self.groups != self.heads:
-            rep = self.heads // self.groups
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        k, v = self._groups_to_heads(k, v, dim=1)
         if attention_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
@@ -88,6 +86,13 @@ class SDPAttention(torch.nn.Module):
                                                  scale=self.softmax_scale)
         # [b, n, s, h] -> [s, b, n * h]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+    def _groups_to_heads(self, k, v, dim: int):
+        """GQA: each key/value group repeated for its query heads (along ``dim``)."""
+        if self.groups == self.heads:
+            return k, v
+        rep = self.heads // self.groups
+        return k.repeat_interleave(rep, dim=dim), v.repeat_interleave(rep, dim=dim)
 
     def _thd(self, query, key, value, params):
         """Variable-length causal attention over a THD stream, as TE's fused attention runs it.
@@ -112,10 +117,7 @@ class SDPAttention(torch.nn.Module):
             raise ValueError(f"THD stream of {t} tokens, but cu_seqlens end at {slots[-1]}")
         # [t, n, h] -> [n, t, h]
         q, k, v = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        if self.groups != self.heads:
-            rep = self.heads // self.groups
-            k = k.repeat_interleave(rep, dim=0)
-            v = v.repeat_interleave(rep, dim=0)
+        k, v = self._groups_to_heads(k, v, dim=0)
         pieces = []
         for i in range(len(slots) - 1):
             start, n, slot = slots[i], real[i + 1] - real[i], slots[i + 1] - slots[i]
@@ -137,31 +139,23 @@ class SDPAttention(torch.nn.Module):
         causally against their whole sequence slot. A slot's padding is its tail, so causal
         attention keeps it out of every real token's context, as in `_thd`.
         """
-        from metaapo_nemo.models.packed_seq import cp_partition_index
-
         group = self._cp_group if self._cp_group is not None else _cp_group()
         cp, rank = self.cp, torch.distributed.get_rank(group)
-        lengths = [b - a for a, b in zip(slots[:-1], slots[1:])]
+        lengths = tuple(b - a for a, b in zip(slots[:-1], slots[1:]))
         t, np_, hn = query.shape
         if slots[-1] != t * cp:
             raise ValueError(f"CP share of {t} tokens x cp {cp}, but cu_seqlens end at {slots[-1]}")
-        order = torch.cat([cp_partition_index(lengths, cp, r) for r in range(cp)]).to(query.device)
+        order, visible = _cp_layout(lengths, cp, rank)  # the same for every layer of the row
         kv = _GatherCP.apply(torch.stack([key, value]), group, cp)  # [2, t * cp, ng, hn], rank-major
-        kv = torch.empty_like(kv).index_copy_(1, order, kv)  # stream order
-        k, v = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [ng, T, hn]
+        kv = torch.empty_like(kv).index_copy_(1, order.to(kv.device), kv)  # stream order
+        k, v = self._groups_to_heads(kv[0].transpose(0, 1), kv[1].transpose(0, 1), dim=0)  # [np, T, hn]
         q = query.transpose(0, 1)
-        if self.groups != self.heads:
-            rep = self.heads // self.groups
-            k = k.repeat_interleave(rep, dim=0)
-            v = v.repeat_interleave(rep, dim=0)
         pieces, local = [], 0
-        for i, length in enumerate(lengths):
-            pos_q = cp_partition_index([length], cp, rank).to(query.device)  # positions in the slot
-            n = pos_q.numel()
+        for i, mask in enumerate(visible):
+            n = mask.shape[0]
             sl = slice(slots[i], slots[i + 1])
-            visible = pos_q[:, None] >= torch.arange(length, device=query.device)[None, :]
             pieces.append(F.scaled_dot_product_attention(q[:, local:local + n], k[:, sl], v[:, sl],
-                                                         attn_mask=visible, scale=self.softmax_scale))
+                                                         attn_mask=mask.to(q.device), scale=self.softmax_scale))
             local += n
         out = torch.cat(pieces, dim=1)  # [n, t, h]
         return out.transpose(0, 1).reshape(t, np_ * hn)
@@ -187,6 +181,20 @@ class _GatherCP(torch.autograd.Function):
         torch.distributed.all_reduce(grad, group=ctx.group)
         rank = torch.distributed.get_rank(ctx.group)
         return grad.chunk(ctx.cp, dim=1)[rank].contiguous(), None, None
+
+
+@functools.lru_cache(maxsize=16)
+def _cp_layout(lengths: tuple[int, ...], cp: int, rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """For a row's slot lengths: where the ranks' gathered shares go in stream order, and per
+    sequence the causal mask of this rank's queries over the whole slot (True = visible)."""
+    from metaapo_nemo.models.packed_seq import cp_partition_index
+
+    order = torch.cat([cp_partition_index(lengths, cp, r) for r in range(cp)])
+    visible = []
+    for length in lengths:
+        pos_q = cp_partition_index([length], cp, rank)  # this rank's positions in the slot
+        visible.append(pos_q[:, None] >= torch.arange(length)[None, :])
+    return order, visible
 
 
 def _cp_group():

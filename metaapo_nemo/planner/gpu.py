@@ -70,7 +70,7 @@ def plan_memory(x: PlanInput) -> Plan:
     if x.distributed_optimizer:  # megatron shards it over the data x context parallel ranks,
         # an expert's over the expert-data-parallel ones (dp x cp / ep)
         experts = expert_params_per_rank(a, x.tp, x.pp, x.ep)
-        opt_bytes *= ((n - experts) / (x.dp * x.cp) + experts * x.ep / (x.dp * x.cp)) / n
+        opt_bytes *= (n - experts + experts * x.ep) / (x.dp * x.cp * n)
     in_flight = min(x.pp, x.num_microbatches)
     layers_here = -(-a.num_layers // x.pp)
     seq = -(-x.seq_length // x.cp)  # this rank's share of a row under context parallelism

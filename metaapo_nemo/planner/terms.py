@@ -12,10 +12,7 @@ def layer_params(arch: ModelArch) -> int:
 
 def expert_params_per_rank(arch: ModelArch, tp: int, pp: int, ep: int = 1) -> int:
     """The experts' share of `params_per_rank`: each rank holds num_experts / ep of them, split by TP."""
-    if not arch.num_experts:
-        return 0
-    per_layer = arch.num_experts * 3 * arch.hidden_size * arch.moe_intermediate_size
-    return -(-arch.num_layers // pp) * per_layer // (ep * tp)
+    return -(-arch.num_layers // pp) * arch.expert_parameters // (ep * tp)
 
 
 def params_per_rank(arch: ModelArch, tp: int, pp: int, ep: int = 1) -> int:
