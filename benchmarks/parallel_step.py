@@ -50,6 +50,11 @@ def logits_bytes(vocab: int, tp: int, rows: int, seq: int, bytes_per_value: int 
 
 def run_layout(name: str, steps: int, workdir: Path) -> dict:
     nproc, overrides = LAYOUTS[name]
+    return run_recipe(name, nproc, overrides, steps, workdir, "tiny llama (conf/tiny_cpu_dpo.yaml)")
+
+
+def run_recipe(name: str, nproc: int, overrides: list[str], steps: int, workdir: Path, model: str) -> dict:
+    """One `torchrun recipes/dpo.py` job; its median step time and tokens/s after the first step."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", str(REPO / "recipes" / "dpo.py"), *overrides,
            f"run.name=bench_{name}", f"run.output_dir={workdir}",
@@ -71,7 +76,7 @@ def run_layout(name: str, steps: int, workdir: Path) -> dict:
         "step_time_s_median": round(statistics.median(times), 4),
         "step_time_s_min": round(min(times), 4),
         "tokens_per_s_median": round(statistics.median(r["tokens_per_s"] for r in timed), 1),
-        "threads_per_rank": int(env["OMP_NUM_THREADS"]), "model": "tiny llama (conf/tiny_cpu_dpo.yaml)",
+        "threads_per_rank": int(env["OMP_NUM_THREADS"]), "model": model,
     }
 
 

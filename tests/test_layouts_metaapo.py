@@ -17,8 +17,10 @@ Options that change how the model computes, not what (recompute full / selective
 core attention instead of SDPA, reference CPU offload, THD-packed rows) run single-process
 against the same reference. Default tier: MetaAPO TP2, PP2, DP2, full recompute, megatron
 attention, THD-packed rows (alone and split over 2 context-parallel ranks) and Online DPO DP2;
-the stack tier adds THD at TP2, PP2, DP2 + distributed optimiser and DP2 x CP2. ``slow``: DP2 + distributed optimiser, PP2 x VPP2, TP2 x PP2 (4
-processes) for both methods, the other options and the other Online DPO layouts.
+MetaAPO on the tiny Qwen3-MoE at EP2 + distributed optimiser; the stack tier adds THD at TP2,
+PP2, DP2 + distributed optimiser and DP2 x CP2. ``slow``: DP2 + distributed optimiser,
+PP2 x VPP2, TP2 x PP2 (4 processes) for both methods, MoE PP2 x EP2, the other options and the
+other Online DPO layouts.
 """
 
 from __future__ import annotations
@@ -58,9 +60,14 @@ FAST = [
     "rollout.max_new_tokens=12", "train.global_batch_size=8", "train.micro_batch_size=2",
     "model.tiny.num_layers=4", "train.progress_bar=off", f"train.max_steps={STEPS}",
 ]
-CONFIGS = {"metaapo": "conf/tiny_cpu.yaml", "online": "conf/tiny_cpu_online_dpo.yaml"}
-# Online DPO re-samples prompts whose samples tie: refills split their scoring over ranks too
-METHOD_EXTRA = {"metaapo": (), "online": ("rollout.tie_refills=1",)}
+CONFIGS = {"metaapo": "conf/tiny_cpu.yaml", "online": "conf/tiny_cpu_online_dpo.yaml",
+           "metaapo_moe": "conf/tiny_cpu.yaml"}
+# Online DPO re-samples prompts whose samples tie: refills split their scoring over ranks too.
+# MetaAPO on the tiny Qwen3-MoE (8 experts, top-2): padded rows in data order, so every layout's
+# micro-batches hold the same pairs and the per-micro-batch router loss (HF's per-forward scope)
+# is the same sum in every layout, as in tests/test_layouts.py's MoE cases.
+METHOD_EXTRA = {"metaapo": (), "online": ("rollout.tie_refills=1",),
+                "metaapo_moe": ("model.tiny.arch=qwen3_moe", "train.batching=pad", "train.share_prompt=false")}
 SHAPES = {  # name: (processes, overrides)
     "tp2": (2, ("parallel.tp=2",)),
     "pp2": (2, ("parallel.pp=2",)),
@@ -76,6 +83,10 @@ SHAPES = {  # name: (processes, overrides)
     "cp2_thd": (2, ("parallel.cp=2", "train.pack_format=thd", "train.share_prompt=false")),
     "dp2_cp2_thd": (4, ("parallel.cp=2", "parallel.distributed_optimizer=true", "train.pack_format=thd",
                         "train.share_prompt=false")),
+    # expert parallelism (MoE only): the experts split over the 2 DP ranks, their grads reduced
+    # over the expert-data-parallel group, the rollout engine refit from both EP ranks' experts
+    "ep2_distopt": (2, ("parallel.ep=2", "parallel.distributed_optimizer=true")),
+    "pp2_ep2": (4, ("parallel.pp=2", "parallel.ep=2")),
     # single-process options that change how the model computes, not what: same run expected
     "recompute_full": (1, ("parallel.recompute=full",)),
     "recompute_selective": (1, ("parallel.recompute=selective",)),
@@ -85,7 +96,7 @@ SHAPES = {  # name: (processes, overrides)
 }
 DEFAULT = {("metaapo", "tp2"), ("metaapo", "pp2"), ("metaapo", "dp2"), ("online", "dp2"),
            ("metaapo", "recompute_full"), ("metaapo", "attention_megatron"), ("metaapo", "pack_thd"),
-           ("metaapo", "cp2_thd")}
+           ("metaapo", "cp2_thd"), ("metaapo_moe", "ep2_distopt")}
 # The Python 3.12 / megatron-core 0.19 tier (`make test-gpu-stack`, marker `stack`): the default
 # cases and, from the slow ones, the distributed optimiser and interleaved PP.
 STACK = DEFAULT | {("metaapo", "dp2_distopt"), ("metaapo", "pp2_vpp2"), ("metaapo", "tp2_thd"),
@@ -114,7 +125,8 @@ class Case:
         return self.nproc, self.slow
 
 
-CASES = [Case(m, s) for m in CONFIGS for s in SHAPES]
+EP_SHAPES = ("ep2_distopt", "pp2_ep2")
+CASES = [Case(m, s) for m in CONFIGS for s in SHAPES if (s in EP_SHAPES) == m.endswith("_moe")]
 REFS = [Case(m, "ref") for m in CONFIGS]
 
 
@@ -135,7 +147,8 @@ class Runs:
         if group not in self.launched:
             self.launched.add(group)
             members = [c for c in REFS + CASES if ((1, False) if c.shape == "ref" else c.group) == group
-                       and (c.shape == "ref" or c.name in self.selected)]
+                       and (c.name in self.selected or c.shape == "ref" and any(
+                           x.method == c.method and x.name in self.selected for x in CASES))]
             try:
                 launch_jobs(group[0], [self.job(c) for c in members], self.root,
                             f"metaapo_{group[0]}proc{'_slow' if group[1] else ''}")
