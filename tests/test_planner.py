@@ -12,9 +12,11 @@ from metaapo_nemo.planner import (
     check_fits,
     checkpoint_bytes,
     checkpoint_report,
+    moe_dispatch_bytes,
     params_per_rank,
     plan_input_from_config,
     plan_memory,
+    vllm_profile_reserve_bytes,
 )
 
 pytestmark = pytest.mark.stack  # in the H100 stack's tier too (make test-gpu-stack)
@@ -471,3 +473,32 @@ def test_a_mixture_of_experts_layer_counts_every_expert_and_its_routed_activatio
                                  seq_length=4096, micro_batch_rows=4, vllm_kv_cache_gib=8.0))
     n = params_per_rank(moe, 4, 1, 8)
     assert plan.per_phase["train"]["optimizer"] == pytest.approx(12 * ((n - experts // 8) / 8 + experts // 8) / GiB)
+    # one layer's router and dispatcher buffers, beside the saved activations, in both Megatron phases
+    dispatch = 4096 * 4 * (2 * 8 * h * 2 + 9 * e)  # bf16 routed copies before/after the all-to-all
+    assert moe_dispatch_bytes(moe, 4096, 4, 2) == dispatch
+    assert plan.per_phase["train"]["moe_dispatch"] == pytest.approx(dispatch / GiB)
+    assert plan.per_phase["margins"]["moe_dispatch"] == pytest.approx(dispatch / GiB)  # margin rows = b
+    assert moe_dispatch_bytes(arch_from_hf_dict(cfg | dict(model_type="qwen3", num_experts=0)), 4096, 4, 2) == 0
+
+
+def test_the_engine_of_a_mixture_of_experts_model_itemises_its_experts_and_fused_moe_workspace():
+    """vLLM's weights include every expert (split over its TP ranks), itemised as vllm_expert_weights;
+    the profiling forward of a MoE model holds fused MoE's (T, k, 2I), (T k, I), (T, k, h) caches and
+    the fp32 router logits instead of the dense MLP's T x 3I."""
+    cfg = dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+               num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+               num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, max_position_embeddings=40960)
+    moe = arch_from_hf_dict(cfg)
+    x = PlanInput(arch=moe, tp=1, pp=1, dp=16, ep=8, distributed_optimizer=True, recompute="full", seq_length=4096,
+                  micro_batch_rows=1, rollout=True, vllm_tp=2, vllm_gpu_memory_utilization=0.5,
+                  vllm_max_num_batched_tokens=8192)
+    t, k, i, h, e = 8192, 8, 768, 2048, 128
+    assert vllm_profile_reserve_bytes(x)["forward"] == t * (k * (3 * i / 2 + h) + 4 * h) * 2.0 + t * e * 4.0
+    plan = plan_memory(x)
+    assert plan.terms["vllm_expert_weights"] == pytest.approx(48 * e * 3 * h * i * 2 / 2 / GiB)
+    assert plan.terms["vllm_expert_weights"] < plan.terms["vllm_weights"]
+    assert any("experts" in a and "of it" in a for a in plan.assumptions)
+    dense = PlanInput(arch=arch_from_hf_dict(cfg | dict(model_type="qwen3", num_experts=0)), tp=1, pp=1, dp=16,
+                      rollout=True, vllm_tp=2, vllm_gpu_memory_utilization=0.5, vllm_max_num_batched_tokens=8192)
+    assert vllm_profile_reserve_bytes(dense)["forward"] == t * (3 * 6144 / 2 + 4 * h) * 2.0
+    assert plan_memory(dense).terms["vllm_expert_weights"] == 0

@@ -40,7 +40,9 @@ L = layers, t = TP, p = PP, d = DP, c = CP, V = vocabulary, I = MLP width):
   s b (k (2 h + 6 I / t) + 4 E) (the permuted input, the experts' gate/up outputs and SwiGLU
   output, fp32 router probabilities); each rank holds num_experts / ep of its experts (split
   by TP), and the distributed optimiser shards those over the expert-data-parallel ranks
-  (d x c / ep).
+  (d x c / ep). One layer's router and dispatcher buffers are transient beside them
+  (`moe_dispatch`): s b (2 k h x bytes(dtype) + 9 E) (the routed copies before and after the
+  all-to-all, evenly spread; fp32 router logits and probabilities, the boolean routing map).
   1F1B holds up to p micro-batches in flight on the first stage, so the first stage holds
   activations of L/p layers x min(p, micro-batches) micro-batches.
 - logits on the last stage: s b V / t x 4 B (fp32 for the vocab-parallel cross entropy),
@@ -52,7 +54,9 @@ L = layers, t = TP, p = PP, d = DP, c = CP, V = vocabulary, I = MLP width):
   size > 1) + 2 pipeline peers (p > 1); vLLM's set = its TP group (vllm_tp > 1).
 - vLLM (awake): util x GPU in all. Of it, the KV cache gets what is left after its weights
   (N_params x 2 B / vllm_tp) and its profiling reserve: the dummy forward of
-  max_num_batched_tokens T tokens, T (3 I / vllm_tp + 4 h) x 2 B; the dummy sampler,
+  max_num_batched_tokens T tokens, T (3 I / vllm_tp + 4 h) x 2 B (MoE: fused MoE's workspaces
+  T (k (3 I / vllm_tp + h) + 4 h) x 2 B + T E x 4 B router logits; its experts are itemised as
+  vllm_expert_weights, L x E x 3 h I x 2 B / vllm_tp); the dummy sampler,
   3 x max_num_seqs x V x 4 B (fp32 logits, log-probs, probabilities); CUDA graphs
   (`vllm_cudagraph_gib` unless enforce_eager); its NCCL communicators. The plan fails if
   that KV cache cannot hold one request of max_model_len tokens.
@@ -83,6 +87,7 @@ from metaapo_nemo.planner.terms import (
     chunk_prompts,
     kv_bytes_per_token,
     layer_params,
+    moe_dispatch_bytes,
     nccl_communicators,
     pairs_gather_bytes,
     params_per_rank,
@@ -98,6 +103,7 @@ __all__ = [
     "PlanInput",
     "activation_bytes_per_layer",
     "check_fits",
+    "moe_dispatch_bytes",
     "checkpoint_bytes",
     "checkpoint_report",
     "chunk_prompts",

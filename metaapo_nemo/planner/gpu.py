@@ -10,6 +10,7 @@ from metaapo_nemo.planner.terms import (
     checkpoint_bytes,
     expert_params_per_rank,
     kv_bytes_per_token,
+    moe_dispatch_bytes,
     nccl_communicators,
     pairs_gather_bytes,
     params_per_rank,
@@ -35,10 +36,15 @@ def _engine(x: PlanInput, plan: Plan) -> float:
         pool = g(vllm_weights) + kv + g(sum(reserve.values()))
     per_tok = kv_bytes_per_token(a, x.vllm_tp)
     kv_tokens = max(0.0, kv) * GiB / per_tok
-    plan.terms |= {"vllm_weights": g(vllm_weights), "vllm_kv": kv, "vllm_kv_naive": naive_kv,
+    # a MoE model's experts: vLLM splits every expert over its TP ranks (or whole experts over
+    # them with expert parallelism): the same bytes per rank either way
+    experts = a.num_layers * a.expert_parameters * _BYTES["bfloat16"] / x.vllm_tp
+    plan.terms |= {"vllm_weights": g(vllm_weights), "vllm_expert_weights": g(experts), "vllm_kv": kv,
+                   "vllm_kv_naive": naive_kv,
                    "vllm_kv_tokens": kv_tokens} | {f"vllm_reserve_{k}": g(v) for k, v in reserve.items()}
     plan.assumptions.append(
-        f"vLLM awake = {pool:.2f} GiB: weights {g(vllm_weights):.2f} (TP{x.vllm_tp}), profiling reserve "
+        f"vLLM awake = {pool:.2f} GiB: weights {g(vllm_weights):.2f} (TP{x.vllm_tp}"
+        + (f"; experts {g(experts):.2f} of it" if experts else "") + "), profiling reserve "
         + ", ".join(f"{k} {g(v):.2f}" for k, v in reserve.items())
         + f" (T={x.vllm_max_num_batched_tokens}, max_num_seqs={x.vllm_max_num_seqs}), KV {kv:.2f} GiB "
         f"(util x GPU - weights alone would say {naive_kv:.2f}) = {kv_tokens:,.0f} tokens = "
@@ -131,6 +137,14 @@ def plan_memory(x: PlanInput) -> Plan:
         "logits": g(2 * logits_per_row * x.micro_batch_rows),
         "reference": g(reference),
     }
+    if a.num_experts:  # one MoE layer's router and dispatcher buffers at a time, beside the rest
+        plan.per_phase["margins"]["moe_dispatch"] = g(moe_dispatch_bytes(a, seq, margin_rows, wbytes))
+        plan.per_phase["train"]["moe_dispatch"] = g(moe_dispatch_bytes(a, seq, x.micro_batch_rows, wbytes))
+        plan.assumptions.append(
+            f"MoE: {a.num_experts} experts, top {a.experts_per_token}; {a.num_experts // x.ep} per rank (EP{x.ep}), "
+            f"{g(expert_params_per_rank(a, x.tp, x.pp, x.ep) * wbytes):.2f} GiB of this rank's weights; router and "
+            "dispatcher buffers of one layer (k routed copies of each token around the all-to-all, fp32 router "
+            "logits/probabilities, routing map) as moe_dispatch")
     if x.rollout:  # the engine (asleep) and the reward model exist from the start
         plan.per_phase["margins"] |= {"reward": g(reward_resident),
                                       "vllm": asleep if x.vllm_sleeps_after_build else vllm_awake}

@@ -41,6 +41,18 @@ def activation_bytes_per_layer(arch: ModelArch, seq: int, rows: int, tp: int, re
     return per
 
 
+def moe_dispatch_bytes(arch: ModelArch, seq: int, rows: int, dtype_bytes: int) -> float:
+    """Transient working set of one MoE layer's token dispatch (0 for a dense model): the k routed
+    copies of each token before and after the all-to-all (2 s b k h in the training dtype, an
+    even spread over the expert-parallel ranks assumed; megatron is dropless, so a skewed router
+    sends more to one rank), and the router's fp32 logits and probabilities and its boolean
+    routing map (s b E x 9 B). The backward holds the same for the gradients, one layer at a time."""
+    if not arch.num_experts:
+        return 0.0
+    s, b = seq, rows
+    return s * b * (2.0 * arch.experts_per_token * arch.hidden_size * dtype_bytes + 9.0 * arch.num_experts)
+
+
 def nccl_communicators(x: PlanInput) -> tuple[int, int]:
     """(Megatron's, vLLM's) NCCL communicators on one rank."""
     train = (int(x.tp > 1) + int(x.dp > 1) + int(x.cp > 1) + int(x.ep > 1) + int(x.world > 1)
@@ -52,8 +64,13 @@ def vllm_profile_reserve_bytes(x: PlanInput) -> dict[str, float]:
     """What vLLM's start-up profiling takes out of util x GPU before sizing its KV cache."""
     a = x.arch
     t = x.vllm_max_num_batched_tokens
+    if a.num_experts:  # fused MoE's workspaces: (T, k, 2I), (T k, I), (T, k, h); fp32 router logits
+        k, i = a.experts_per_token, a.moe_intermediate_size
+        forward = t * (k * (3 * i / x.vllm_tp + a.hidden_size) + 4 * a.hidden_size) * 2.0 + t * a.num_experts * 4.0
+    else:
+        forward = t * (3 * a.intermediate_size / x.vllm_tp + 4 * a.hidden_size) * 2.0
     return {
-        "forward": t * (3 * a.intermediate_size / x.vllm_tp + 4 * a.hidden_size) * 2.0,
+        "forward": forward,
         "sampler": 3.0 * x.vllm_max_num_seqs * a.vocab_size * 4,
         "cudagraphs": 0.0 if x.vllm_enforce_eager else x.vllm_cudagraph_gib * GiB,
         "nccl": nccl_communicators(x)[1] * x.nccl_gib_per_comm * GiB,
