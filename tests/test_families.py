@@ -106,3 +106,24 @@ def test_a_parameter_no_family_maps_is_named_with_the_family_file():
     with pytest.raises(ValueError, match=r"'extra' has no HF name in the llama family's mapping "
                                          r"\(metaapo_nemo/models/families/llama.py\)"):
         list(megatron_param_sources(Chunk(), arch))
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "qwen2", "qwen3", "qwen3_moe"])
+def test_each_family_knows_the_full_shape_of_every_tensor_it_streams(arch_name, request):
+    """What a rank that does not own a tensor allocates to receive it (export and refit under PP
+    and EP) comes from the family file: every name of the stream, against the HF checkpoint."""
+    from safetensors.torch import load_file
+
+    from metaapo_nemo.models.arch import load_arch
+    from metaapo_nemo.models.convert import _hf_order
+
+    path = request.getfixturevalue(f"tiny_{arch_name}")
+    arch = load_arch(path)
+    state = load_file(str(path / "model.safetensors"))
+    family = family_of(arch.model_type)
+    names = _hf_order(arch)
+    assert names and set(names) <= set(state)
+    for name in names:
+        assert family.hf_shape(name, arch) == tuple(state[name].shape), name
+    with pytest.raises(KeyError, match=rf"families/{arch.model_type}\.py"):
+        family.hf_shape("model.layers.0.mlp.shared_expert.up_proj.weight", arch)

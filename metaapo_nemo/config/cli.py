@@ -142,6 +142,8 @@ def read_model_dims(cfg: Config) -> dict | None:
         may be None when the checkpoint omits them), or None when ``model.path`` has no
         readable config.json.
     """
+    from metaapo_nemo.models.arch import TINY_EXPERTS
+
     tiny = cfg.model.tiny
     if tiny is not None:
         return {
@@ -153,7 +155,7 @@ def read_model_dims(cfg: Config) -> dict | None:
             "intermediate_size": tiny.intermediate_size,
             "max_position_embeddings": tiny.max_position_embeddings,
             "tie_word_embeddings": tiny.tie_word_embeddings,
-            "num_experts": 4 if tiny.arch == "qwen3_moe" else 0,  # models.tiny.TINY_EXPERTS
+            "num_experts": TINY_EXPERTS if tiny.arch == "qwen3_moe" else 0,
         }
     hf = read_arch_json(cfg)
     if hf is None:

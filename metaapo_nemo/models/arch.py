@@ -16,6 +16,10 @@ from typing import Any
 
 from metaapo_nemo.models.families import SUPPORTED, family_of  # SUPPORTED: re-exported
 
+# The tiny Qwen3-MoE's experts (of intermediate_size / 2) and top-k: models/tiny.py builds it;
+# kept here so the dry run (config/cli.py) reads them without importing transformers.
+TINY_EXPERTS, TINY_TOP_K = 4, 2
+
 
 @dataclass(frozen=True)
 class RopeScaling:

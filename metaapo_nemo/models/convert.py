@@ -283,33 +283,6 @@ def _expert_group():
     return ps.get_expert_model_parallel_group()
 
 
-def _hf_shape(name: str, arch: ModelArch) -> tuple[int, ...]:
-    h, hd = arch.hidden_size, arch.head_dim
-    leaf = name.rsplit(".", 2)[-2:]
-    if ".mlp.experts." in name:  # an expert's SwiGLU, of the MoE width
-        i = arch.moe_intermediate_size
-        return (h, i) if leaf[0] == "down_proj" else (i, h)
-    if leaf == ["gate", "weight"]:  # the MoE router
-        return (arch.num_experts, h)
-    table = {
-        ("embed_tokens", "weight"): (arch.vocab_size, h),
-        ("lm_head", "weight"): (arch.vocab_size, h),
-        ("q_proj", "weight"): (arch.num_attention_heads * hd, h),
-        ("k_proj", "weight"): (arch.num_kv_heads * hd, h),
-        ("v_proj", "weight"): (arch.num_kv_heads * hd, h),
-        ("q_proj", "bias"): (arch.num_attention_heads * hd,),
-        ("k_proj", "bias"): (arch.num_kv_heads * hd,),
-        ("v_proj", "bias"): (arch.num_kv_heads * hd,),
-        ("o_proj", "weight"): (h, arch.num_attention_heads * hd),
-        ("gate_proj", "weight"): (arch.intermediate_size, h),
-        ("up_proj", "weight"): (arch.intermediate_size, h),
-        ("down_proj", "weight"): (h, arch.intermediate_size),
-        ("q_norm", "weight"): (hd,),  # Qwen3's per-head norms
-        ("k_norm", "weight"): (hd,),
-    }
-    return table.get(tuple(leaf), (h,))  # the other norms
-
-
 @torch.no_grad()
 def iter_hf_tensors(
     chunks: list[torch.nn.Module], arch: ModelArch, ctx: ParallelContext, dtype: torch.dtype | None = None
@@ -325,6 +298,7 @@ def iter_hf_tensors(
     pp_ranks = dist.get_process_group_ranks(ctx.pp_group) if ctx.dims.pp > 1 else [ctx.rank]
     ep, my_ep = _expert_parallel() if arch.num_experts else (1, 0)
     ep_ranks = dist.get_process_group_ranks(_expert_group()) if ep > 1 else [ctx.rank]
+    family = family_of(arch.model_type)
     cache: dict[str, list[torch.Tensor]] = {}
     for name in _hf_order(arch):
         pp_rank, owner_ep, c, mname, kind, j = owners[name]
@@ -336,7 +310,7 @@ def iter_hf_tensors(
             tensor = cache[(c, mname)][j]  # type: ignore[index]
         else:
             ref_dtype = next(chunks[0].parameters()).dtype
-            tensor = torch.empty(_hf_shape(name, arch), dtype=ref_dtype, device=ctx.device)
+            tensor = torch.empty(family.hf_shape(name, arch), dtype=ref_dtype, device=ctx.device)
         if owner_ep >= 0:  # an expert: from its expert-parallel rank to the others of each stage
             tensor = tensor.contiguous()
             dist.broadcast(tensor, src=ep_ranks[owner_ep], group=_expert_group())

@@ -42,6 +42,7 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
+from metaapo_nemo.models.arch import TINY_EXPERTS, TINY_TOP_K  # qwen3_moe: experts of I / 2, top k
 from metaapo_nemo.models.tokenizer import MIN_VOCAB_SIZE, build_tokenizer
 
 # Bump whenever the same spec would produce different files (corpus, template, config
@@ -51,8 +52,6 @@ VOCAB_MULTIPLE = 64
 # vLLM's attention kernels reject head sizes below 32.
 MIN_HEAD_DIM = 32
 ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe")
-# qwen3_moe: this many experts of half the MLP width, top 2 (every layer sparse)
-TINY_EXPERTS, TINY_TOP_K = 4, 2
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,17 @@ rank), ``qkv`` (fused Q/K/V per query group), ``vocab`` (vocab-parallel, padded 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from metaapo_nemo.models.arch import ModelArch
 
 Mapping = dict[str, tuple[str, tuple[str, ...]]]  # megatron name -> (split kind, HF names)
+# HF name (under ``model.layers.{i}.``, or global; an expert's index as ``{e}``) -> its full shape
+Shapes = dict[str, Callable[["ModelArch"], tuple[int, ...]]]
 
 # Megatron local-name suffix within a layer -> (kind, HF names in model.layers.{i}.)
 STANDARD_LAYER: Mapping = {
@@ -34,6 +40,37 @@ STANDARD_GLOBAL: Mapping = {
     "decoder.final_layernorm.weight": ("replicated", ("model.norm.weight",)),
     "output_layer.weight": ("vocab", ("lm_head.weight",)),
 }
+
+
+def _q(a: "ModelArch") -> int:
+    return a.num_attention_heads * a.head_dim
+
+
+def _kv(a: "ModelArch") -> int:
+    return a.num_kv_heads * a.head_dim
+
+
+# The full HF shape of every tensor the standard decoder streams (export, refit): what a rank
+# that does not own a tensor allocates to receive it.
+STANDARD_SHAPES: Shapes = {
+    "model.embed_tokens.weight": lambda a: (a.vocab_size, a.hidden_size),
+    "lm_head.weight": lambda a: (a.vocab_size, a.hidden_size),
+    "model.norm.weight": lambda a: (a.hidden_size,),
+    "input_layernorm.weight": lambda a: (a.hidden_size,),
+    "post_attention_layernorm.weight": lambda a: (a.hidden_size,),
+    "self_attn.q_proj.weight": lambda a: (_q(a), a.hidden_size),
+    "self_attn.k_proj.weight": lambda a: (_kv(a), a.hidden_size),
+    "self_attn.v_proj.weight": lambda a: (_kv(a), a.hidden_size),
+    "self_attn.q_proj.bias": lambda a: (_q(a),),
+    "self_attn.k_proj.bias": lambda a: (_kv(a),),
+    "self_attn.v_proj.bias": lambda a: (_kv(a),),
+    "self_attn.o_proj.weight": lambda a: (a.hidden_size, _q(a)),
+    "mlp.gate_proj.weight": lambda a: (a.intermediate_size, a.hidden_size),
+    "mlp.up_proj.weight": lambda a: (a.intermediate_size, a.hidden_size),
+    "mlp.down_proj.weight": lambda a: (a.hidden_size, a.intermediate_size),
+}
+_LAYER_PREFIX = re.compile(r"^model\.layers\.\d+\.")
+_EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
 
 
 def _no_window(cfg: dict[str, Any]) -> int | None:
@@ -59,6 +96,8 @@ class Family:
             expert's index on its expert-parallel rank) -> (split kind, HF names with ``{e}``,
             the global index); see `expert_sources`.
         moe: Whether the config's MoE keys (experts, top-k, MoE width) shape `ModelArch`.
+        shapes: Every streamed HF tensor's full shape as a function of `ModelArch` (see
+            `hf_shape`), keyed like the mapping's HF names.
     """
 
     model_type: str
@@ -69,6 +108,19 @@ class Family:
     qk_norm: bool = False
     experts: Mapping = field(default_factory=dict)
     moe: bool = False
+    shapes: Shapes = field(default_factory=lambda: dict(STANDARD_SHAPES))
+
+    def hf_shape(self, name: str, arch: ModelArch) -> tuple[int, ...]:
+        """The full shape of the HF tensor ``name`` (``model.layers.3.self_attn.q_norm.weight``).
+
+        Raises:
+            KeyError: A name this family's `shapes` lacks (a mapping without its shape).
+        """
+        key = _EXPERT_INDEX.sub(".experts.{e}.", _LAYER_PREFIX.sub("", name))
+        if key not in self.shapes:
+            raise KeyError(f"{name}: the {self.model_type} family (metaapo_nemo/models/families/{self.model_type}.py) "
+                           f"has no shape for {key!r}; shapes: {sorted(self.shapes)}")
+        return self.shapes[key](arch)
 
     def expert_sources(self, suffix: str, local_experts: int, ep_rank: int) -> tuple[str, tuple[str, ...]] | None:
         """(kind, HF names under ``model.layers.{i}.``) of an expert parameter, or None.

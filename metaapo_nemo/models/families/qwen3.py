@@ -7,7 +7,7 @@ explicit (it need not be hidden_size / heads); sliding windows only with
 
 from typing import Any
 
-from metaapo_nemo.models.families.base import STANDARD_LAYER, Family
+from metaapo_nemo.models.families.base import STANDARD_LAYER, STANDARD_SHAPES, Family
 
 
 def _window(cfg: dict[str, Any]) -> int | None:
@@ -19,4 +19,9 @@ LAYER = STANDARD_LAYER | {
     "self_attention.k_layernorm.weight": ("replicated", ("self_attn.k_norm.weight",)),
 }
 
-FAMILY = Family(model_type="qwen3", layer=LAYER, qk_norm=True, sliding_window=_window)
+SHAPES = STANDARD_SHAPES | {
+    "self_attn.q_norm.weight": lambda a: (a.head_dim,),
+    "self_attn.k_norm.weight": lambda a: (a.head_dim,),
+}
+
+FAMILY = Family(model_type="qwen3", layer=LAYER, qk_norm=True, sliding_window=_window, shapes=SHAPES)

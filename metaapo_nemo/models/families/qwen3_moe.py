@@ -15,6 +15,7 @@ from typing import Any
 
 from metaapo_nemo.models.families.base import Family
 from metaapo_nemo.models.families.qwen3 import LAYER as QWEN3_LAYER
+from metaapo_nemo.models.families.qwen3 import SHAPES as QWEN3_SHAPES
 
 
 def _window(cfg: dict[str, Any]) -> int | None:
@@ -33,5 +34,12 @@ EXPERTS = {
     "mlp.experts.linear_fc2.weight{e}": ("row", ("mlp.experts.{e}.down_proj.weight",)),
 }
 
+SHAPES = {k: v for k, v in QWEN3_SHAPES.items() if not k.startswith("mlp.")} | {
+    "mlp.gate.weight": lambda a: (a.num_experts, a.hidden_size),
+    "mlp.experts.{e}.gate_proj.weight": lambda a: (a.moe_intermediate_size, a.hidden_size),
+    "mlp.experts.{e}.up_proj.weight": lambda a: (a.moe_intermediate_size, a.hidden_size),
+    "mlp.experts.{e}.down_proj.weight": lambda a: (a.hidden_size, a.moe_intermediate_size),
+}
+
 FAMILY = Family(model_type="qwen3_moe", layer=LAYER, experts=EXPERTS, qk_norm=True, sliding_window=_window,
-                moe=True)
+                moe=True, shapes=SHAPES)
