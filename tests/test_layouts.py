@@ -10,13 +10,14 @@ of the cost on 2 cores), started lazily by the first test that needs it.
 Default tier (and the H100 stack's tier, marker ``stack``): TP2, PP2 (1F1B), PP2 x VPP2, DP2,
 DP2 + distributed optimiser, TP2 x PP2,
 Qwen2 (tied embeddings, qkv bias) under PP2, Qwen3 (per-head q/k norms) under TP2,
-Qwen3-MoE under EP2 + distributed optimiser and PP2 x EP2, the memory options (recompute selective /
+Qwen3-MoE under EP2 + distributed optimiser, PP2 x EP2 and TP2 x EP2 (sequence parallel), TP2
+with sequence parallelism, the memory options (recompute selective /
 full, reference CPU offload), THD-packed rows (1 process, DP2 + distributed optimiser,
 DP2 x CP2 + distributed optimiser), the
 TP2 x PP2 (x VPP2) HF round trips and the TP2 log-probs.
 ``slow``: the distributed optimiser under TP2 / PP2 / VPP / TP2 x PP2 / DP2 x TP2 / DP2 x PP2,
-more Qwen2 layouts (TP2, PP2 x VPP2, TP2 x PP2), Qwen3 PP2 and TP2 x PP2, Qwen3-MoE PP2 and DP2 +
-distributed optimiser, and THD-packed rows under TP2, PP2, CP2, TP2 x CP2 and PP2 x CP2.
+more Qwen2 layouts (TP2, PP2 x VPP2, TP2 x PP2), Qwen3 PP2 and TP2 x PP2, Qwen3-MoE PP2, TP2
+(sequence parallel) and DP2 + distributed optimiser, and THD-packed rows under TP2, PP2, CP2, TP2 x CP2 and PP2 x CP2.
 """
 
 from __future__ import annotations
@@ -90,6 +91,15 @@ LAYOUTS = [
     # expert parallel: each rank holds 2 of the 4 experts, tokens move by all-to-all
     Layout("qwen3_moe_ep2_distopt", 2, ("parallel.ep=2", "parallel.distributed_optimizer=true"), arch="qwen3_moe"),
     Layout("qwen3_moe_pp2_ep2", 4, ("parallel.pp=2", "parallel.ep=2"), arch="qwen3_moe"),
+    # tensor parallel (megatron needs sequence parallelism with MoE): every expert split over
+    # TP (expert tensor parallelism), tokens reduce-scattered onto sequence shards; with EP2
+    # each TP pair holds 2 of the 4 experts
+    Layout("qwen3_moe_tp2_sp", 2, ("parallel.tp=2", "parallel.sequence_parallel=true"), arch="qwen3_moe",
+           slow=True),  # TP2 x EP2 below
+    Layout("qwen3_moe_tp2_ep2", 4, ("parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true"),
+           arch="qwen3_moe"),
+    # sequence parallelism on a dense model (the local spec's norms marked for the TP all-reduce)
+    Layout("tp2_sp", 2, ("parallel.tp=2", "parallel.sequence_parallel=true")),
     Layout("tp2_pp2", 4, ("parallel.tp=2", "parallel.pp=2")),
     Layout("recompute_selective", 1, ("parallel.recompute=selective",)),
     Layout("recompute_full", 1, ("parallel.recompute=full",)),

@@ -19,8 +19,8 @@ against the same reference. Default tier: MetaAPO TP2, PP2, DP2, full recompute,
 attention, THD-packed rows (alone and split over 2 context-parallel ranks) and Online DPO DP2;
 MetaAPO on the tiny Qwen3-MoE at EP2 + distributed optimiser; the stack tier adds THD at TP2,
 PP2, DP2 + distributed optimiser and DP2 x CP2. ``slow``: DP2 + distributed optimiser,
-PP2 x VPP2, TP2 x PP2 (4 processes) for both methods, MoE PP2 x EP2, the other options and the
-other Online DPO layouts.
+PP2 x VPP2, TP2 x PP2 (4 processes) and TP2 with sequence parallelism for both methods, MoE
+PP2 x EP2 and TP2 x EP2 (sequence parallel), the other options and the other Online DPO layouts.
 """
 
 from __future__ import annotations
@@ -87,6 +87,9 @@ SHAPES = {  # name: (processes, overrides)
     # over the expert-data-parallel group, the rollout engine refit from both EP ranks' experts
     "ep2_distopt": (2, ("parallel.ep=2", "parallel.distributed_optimizer=true")),
     "pp2_ep2": (4, ("parallel.pp=2", "parallel.ep=2")),
+    "tp2_ep2_sp": (4, ("parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true")),
+    # sequence parallelism: rows padded to the TP multiple, margins and online pairs included
+    "tp2_sp": (2, ("parallel.tp=2", "parallel.sequence_parallel=true")),
     # single-process options that change how the model computes, not what: same run expected
     "recompute_full": (1, ("parallel.recompute=full",)),
     "recompute_selective": (1, ("parallel.recompute=selective",)),
@@ -125,7 +128,7 @@ class Case:
         return self.nproc, self.slow
 
 
-EP_SHAPES = ("ep2_distopt", "pp2_ep2")
+EP_SHAPES = ("ep2_distopt", "pp2_ep2", "tp2_ep2_sp")
 CASES = [Case(m, s) for m in CONFIGS for s in SHAPES if (s in EP_SHAPES) == m.endswith("_moe")]
 REFS = [Case(m, "ref") for m in CONFIGS]
 

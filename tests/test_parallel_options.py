@@ -95,16 +95,30 @@ def test_cpu_config_uses_unbatched_p2p_for_interleaved_pp(single_ctx, tiny_llama
     assert cfg.use_cpu_initialization and not cfg.gradient_accumulation_fusion
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="SP is refused on the CPU spec only")
-def test_sequence_parallel_is_refused_on_the_cpu_spec(single_ctx, tiny_llama):
+def test_sequence_parallel_runs_on_the_local_spec_with_its_norms_marked_for_the_tp_reduce(single_ctx, tiny_llama):
+    """The local spec's norms (every layer's, Qwen3's q/k norms and the final one) are plain torch
+    norms whose weights megatron's finalize_model_grads all-reduces over TP under sequence
+    parallelism (`layer_spec.TorchNorm`); megatron's own wrapper refuses SP. Training under SP
+    equals one process in tests/test_layouts.py (tp2_sp, the Qwen3-MoE TP2 layouts)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from metaapo_nemo.models.layer_spec import SpecChoice, TorchNorm, _torch_norm_class, layer_spec
     from metaapo_nemo.models.megatron_model import transformer_config
 
     ctx = _with_dims(single_ctx, world_size=2, tp=2)
-    with pytest.raises(ValueError, match=r"parallel\.sequence_parallel=true needs the Transformer "
-                       r"Engine layer spec \(GPU\).*Set parallel\.sequence_parallel=false"):
-        transformer_config(load_arch(tiny_llama), ctx, BuildOptions(sequence_parallel=True))
-    # without SP the same layout builds a config (SP stays a TE-spec option on GPU)
-    assert transformer_config(load_arch(tiny_llama), ctx, BuildOptions()).sequence_parallel is False
+    assert transformer_config(load_arch(tiny_llama), ctx, BuildOptions(sequence_parallel=True)).sequence_parallel
+    cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, normalization="RMSNorm",
+                            sequence_parallel=True, tensor_model_parallel_size=2)
+    norm = TorchNorm(cfg, 64, eps=1e-6)
+    assert isinstance(norm, torch.nn.RMSNorm) and norm.weight.sequence_parallel and norm.eps == 1e-6
+    spec = layer_spec(SpecChoice("local"), qk_layernorm=True)
+    sub = spec.submodules
+    assert sub.input_layernorm is TorchNorm and sub.pre_mlp_layernorm is TorchNorm
+    assert sub.self_attention.submodules.q_layernorm is TorchNorm
+    assert sub.self_attention.submodules.k_layernorm is TorchNorm
+    assert _torch_norm_class() is not TorchNorm
+    with pytest.raises(ValueError, match="the local spec's norm supports"):
+        TorchNorm(TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, normalization="L2Norm"), 64)
 
 
 def test_tp_shards_carry_megatron_tp_attributes(single_ctx, tiny_llama):
@@ -310,8 +324,8 @@ def test_benchmark_logits_arithmetic():
 
 
 def test_mixture_of_experts_layouts_megatron_cannot_run_are_refused_at_start_up():
-    """MoE + TP needs sequence parallelism (megatron raises mid-training otherwise; SP is the TE
-    spec's), MoE + CP is not weighted yet, expert parallelism needs experts it divides and must
+    """MoE + TP needs sequence parallelism (megatron raises mid-training otherwise), MoE + CP is
+    not weighted yet, expert parallelism needs experts it divides and must
     divide dp x cp; all named before anything is built."""
     from metaapo_nemo.config import load_config
     from metaapo_nemo.config.checks import check_layout

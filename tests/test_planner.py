@@ -502,3 +502,17 @@ def test_the_engine_of_a_mixture_of_experts_model_itemises_its_experts_and_fused
                       rollout=True, vllm_tp=2, vllm_gpu_memory_utilization=0.5, vllm_max_num_batched_tokens=8192)
     assert vllm_profile_reserve_bytes(dense)["forward"] == t * (3 * 6144 / 2 + 4 * h) * 2.0
     assert plan_memory(dense).terms["vllm_expert_weights"] == 0
+
+
+def test_sequence_parallelism_splits_the_replicated_activations_over_tp():
+    """Korthikanti et al.: with SP the 10 s b h that TP alone replicates is split too (34/t), and
+    a full-recompute layer's saved input is a sequence shard (2 s b h / t)."""
+    arch = arch_from_hf_dict(dict(LLAMA31, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32))
+    s, b, h, t = 4096, 1, 4096, 4
+    assert activation_bytes_per_layer(arch, s, b, t, "selective", True) == s * b * h * (10 / t + 24 / t)
+    assert activation_bytes_per_layer(arch, s, b, t, "full", True) == 2 * s * b * h / t
+    cfg = dict(arch=arch, tp=4, pp=1, dp=2, seq_length=s, micro_batch_rows=b, recompute="selective",
+               vllm_kv_cache_gib=8.0)
+    sp = plan_memory(PlanInput(**cfg, sequence_parallel=True)).per_phase["train"]["activations"]
+    plain = plan_memory(PlanInput(**cfg)).per_phase["train"]["activations"]
+    assert sp == pytest.approx(plain * (34 / t) / (10 + 24 / t))

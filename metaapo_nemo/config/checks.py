@@ -110,9 +110,8 @@ def check_layout(cfg: Any, world_size: int, model_dims: dict | None = None) -> P
     if experts and p.tp > 1 and not p.sequence_parallel:
         errors.append(
             f"parallel.tp={p.tp} with a mixture-of-experts model ({experts} experts) needs "
-            "parallel.sequence_parallel=true (megatron refuses MoE with tensor parallelism without it; "
-            "sequence parallelism runs on the Transformer Engine spec, GPU); on the CPU use parallel.tp=1 "
-            "with parallel.pp / data parallelism")
+            "parallel.sequence_parallel=true (megatron refuses MoE with tensor parallelism without it); "
+            "set parallel.sequence_parallel=true, or parallel.tp=1 with parallel.ep / parallel.pp")
     if p.ep > 1 and (not experts or experts % p.ep):
         errors.append(
             f"parallel.ep={p.ep}: expert parallelism splits each layer's experts over ep ranks, but this model "

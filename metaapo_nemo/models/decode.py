@@ -54,15 +54,20 @@ def _forward(
     ctx = lm.ctx
     n, t = input_ids_NT.shape
     ids = input_ids_NT.to(ctx.device)
+    # sequence parallelism splits the tokens over the TP ranks: right-pad to a multiple of tp
+    # (causal attention: the real positions' logits do not see the padding) and drop it after
+    m = ctx.dims.tp if lm.config.sequence_parallel else 1
+    if t % m:
+        ids = torch.nn.functional.pad(ids, (0, m - t % m), value=lm.pad_id)
     out: dict[str, torch.Tensor] = {}
 
     def loss_func(output: torch.Tensor):
-        out.update(consume(output))
+        out.update(consume(output[:, :t]))
         return torch.zeros((), device=ctx.device), torch.tensor(n, dtype=torch.int), {}
 
     # Plain causal rows; the policy's own input conventions (RoPE position layout for an
     # mrope-built model, boolean or SDPA mask) so that the reference runs exactly its model.
-    plain = MicroBatch(ids, ids, torch.zeros(n, t, device=ctx.device))
+    plain = MicroBatch(ids, ids, torch.zeros(ids.shape, device=ctx.device))
     pos, mask = lm._positions(plain), lm._mask(plain)
 
     def forward_step(data_iterator, model):
@@ -80,7 +85,7 @@ def _forward(
             data_iterator=iterators,
             model=chunks,
             num_microbatches=1,
-            seq_length=t,
+            seq_length=ids.shape[1],
             micro_batch_size=n,
             forward_only=True,
         )

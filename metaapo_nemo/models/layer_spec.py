@@ -92,4 +92,59 @@ def layer_spec(choice: SpecChoice, qk_layernorm: bool = False, num_experts: int 
                                                           qk_layernorm=qk_layernorm)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(num_experts=experts, normalization="RMSNorm", qk_layernorm=qk_layernorm)
+    spec = get_gpt_layer_local_spec(num_experts=experts, normalization="RMSNorm", qk_layernorm=qk_layernorm)
+    return _replace_module(spec, _torch_norm_class(), TorchNorm)
+
+
+class TorchNorm:
+    """The local spec's norm: megatron's `WrappedTorchNorm` (a plain ``torch.nn.RMSNorm`` /
+    ``LayerNorm``, the same module and numbers) that also runs under sequence parallelism.
+
+    megatron's wrapper refuses ``sequence_parallel``; what sequence parallelism needs of a norm
+    is only that its weight's gradient, computed on this rank's sequence shard, is summed over
+    the TP group: the weight is marked ``sequence_parallel`` and megatron's
+    ``finalize_model_grads`` all-reduces it (as it does for Transformer Engine's norms).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                zero_centered_gamma: bool = False, normalization: str = "LayerNorm"):
+        import torch
+
+        kinds = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in kinds or config.layernorm_zero_centered_gamma:
+            raise ValueError(f"the local spec's norm supports {sorted(kinds)} without zero-centred gamma; "
+                             f"got normalization={config.normalization!r}")
+        norm = kinds[config.normalization](normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _torch_norm_class():
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return WrappedTorchNorm
+
+
+def _replace_module(spec, old, new):
+    """The ModuleSpec tree with every reference to the class ``old`` replaced by ``new``."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if spec is old:
+        return new
+    if isinstance(spec, ModuleSpec):
+        if spec.submodules is not None:
+            _replace_fields(spec.submodules, old, new)
+        return spec
+    return spec
+
+
+def _replace_fields(submodules, old, new) -> None:
+    import dataclasses
+
+    fields = (f.name for f in dataclasses.fields(submodules)) if dataclasses.is_dataclass(submodules) else ()
+    for name in fields:
+        value = getattr(submodules, name)
+        replaced = _replace_module(value, old, new)
+        if replaced is not value:
+            setattr(submodules, name, replaced)

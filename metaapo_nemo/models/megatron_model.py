@@ -85,11 +85,6 @@ def transformer_config(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions
 
     on_cpu = ctx.device.type == "cpu"
     dtype = _DTYPES[opts.dtype]
-    if opts.sequence_parallel and on_cpu:
-        raise ValueError(
-            "parallel.sequence_parallel=true needs the Transformer Engine layer spec (GPU); "
-            "the local CPU spec's torch norm refuses it. Set parallel.sequence_parallel=false"
-        )
     recompute = {}
     if opts.recompute == "full":
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -197,7 +192,7 @@ def build_gpt_chunks(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions) 
         last = ctx.is_last_stage and vp_stage == vpp - 1
         model = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=_block_spec(spec, config, vp_stage if ctx.dims.vpp else None, choice.impl),
             vocab_size=padded_vocab_size(arch.vocab_size, ctx.dims.tp),
             max_sequence_length=arch.max_position_embeddings,
             pre_process=first,
@@ -218,6 +213,26 @@ def build_gpt_chunks(arch: ModelArch, ctx: ParallelContext, opts: BuildOptions) 
         model.to(ctx.device)
         chunks.append(model)
     return chunks
+
+
+def _block_spec(spec, config, vp_stage: int | None, impl: str):
+    """The decoder block of a chunk: on the local spec, its layers and a final norm that runs
+    under sequence parallelism (`layer_spec.TorchNorm`; megatron's default for a layer spec is
+    its wrapper that refuses it); the Transformer Engine spec's layer spec as it is."""
+    if impl != "local":
+        return spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlock,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    from metaapo_nemo.models.layer_spec import TorchNorm
+
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return ModuleSpec(module=TransformerBlock,
+                      submodules=TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=TorchNorm))
 
 
 def _cpu_moe(model: torch.nn.Module) -> None:

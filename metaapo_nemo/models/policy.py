@@ -175,10 +175,16 @@ class MegatronLM:
             # step's count is checked at start-up; a forward-only pass (reference values,
             # margins) of any size is padded with repeats whose outputs are dropped.
             microbatches = [*microbatches, *[microbatches[-1]] * (pp - real % pp)]
-        seq_len = max(mb.input_ids_NT.shape[1] for mb in microbatches)
+        cp = self.ctx.dims.cp
+        # sequence parallelism splits each row's tokens over the TP ranks (the trainer's row
+        # layouts already pad to it; forward-only passes of other rows are padded here: the
+        # padding is masked out, so no real token's output changes)
+        m = self.ctx.dims.tp if self.config.sequence_parallel and cp == 1 else 1
+        seq_len = max(-(-mb.input_ids_NT.shape[1] // m) * m for mb in microbatches)
         if self.ctx.dims.pp > 1:  # p2p shapes are fixed for the whole step
             microbatches = [mb.padded_to(seq_len, self.pad_id) for mb in microbatches]
-        cp = self.ctx.dims.cp
+        elif m > 1:
+            microbatches = [mb.padded_to(-(-mb.input_ids_NT.shape[1] // m) * m, self.pad_id) for mb in microbatches]
         if cp > 1:  # each CP rank runs its share of every THD row (after the PP padding); the
             # schedule's p2p shapes take the whole row's seq_len (megatron divides it by cp)
             microbatches = [mb.cp_shard(cp, self.ctx.cp_rank, self.ctx.cp_group) for mb in microbatches]
@@ -214,7 +220,7 @@ class MegatronLM:
                     padding = (mb.padding_NT if mb.padding_NT is not None
                                else torch.zeros_like(mb.input_ids_NT, dtype=torch.bool)).to(ctx.device)
                     extra["padding_mask"] = padding
-                    seen = max(1, int((~padding).sum())) // (ctx.dims.tp if self.config.sequence_parallel else 1)
+                    seen = max(1, int((~padding).sum()))  # over the TP group, also under SP
                     self.config.moe_aux_loss_coeff = router_weight / compat.router_loss_token_factor(
                         seen, ctx.dims.tp, ctx.dims.cp)
                 self._selector.idx = None if sel is None else sel.hidden_idx_K
@@ -262,6 +268,8 @@ class MegatronLM:
             return float("nan")
         loss = values.detach().float().sum().reshape(1).to(self.ctx.device)
         count = torch.tensor([float(microbatches)], device=self.ctx.device)
+        if self.config.sequence_parallel:  # each TP rank tracked its sequence shard's share
+            torch.distributed.all_reduce(loss, group=self.ctx.tp_group)
         if self.ctx.dims.pp > 1:  # each stage tracked its own layers
             torch.distributed.all_reduce(loss, group=self.ctx.pp_group)
         if self.ctx.dims.dp > 1:

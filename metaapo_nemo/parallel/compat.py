@@ -32,9 +32,13 @@ Known differences handled here:
   object (detected by whether megatron's own reader knows the new format). 0.19 reads 0.16's
   ``common.pt`` natively. Checkpoints therefore cross both ways (tests/test_cross_stack.py).
 - MoE load-balancing loss under ``calculate_per_token_loss``: the router pre-multiplies its
-  loss by the tokens it saw (0.16), or by those tokens x the TP x CP group size (0.19),
-  expecting finalize_model_grads to divide by the global token count, which our losses do
-  not ask for; `router_loss_token_factor` says which (detected in the router's source).
+  loss by a token count (0.16), or by that count x the TP x CP group size (0.19), expecting
+  finalize_model_grads to divide by the global token count, which our losses do not ask for;
+  `router_loss_token_factor` says which (detected in the router's source). With a padding
+  mask (always, here) that count is read after megatron all-reduced the per-expert counts
+  IN PLACE over the TP x CP group (`get_tokens_per_expert_and_token_count`, both releases):
+  under sequence parallelism it is the valid tokens of the whole group, not of this rank's
+  shard (measured on the CPU stand-ins; the layout tests hold it to the single process).
 - CUDA-only calls inside megatron (streams in 0.19's grad sync, device="cuda" tensors) are
   CPU shims, not version differences: see `cpu_compat`.
 """
@@ -233,10 +237,12 @@ def _router_scales_by_tp_cp() -> bool:
     return "num_local_tokens * self.tp_cp_group.size()" in inspect.getsource(router)
 
 
-def router_loss_token_factor(local_tokens: int, tp: int, cp: int) -> int:
+def router_loss_token_factor(group_tokens: int, tp: int, cp: int) -> int:
     """What megatron multiplies a micro-batch's MoE router loss by under
-    ``calculate_per_token_loss`` (see the module docstring): divide the loss weight by it."""
-    return local_tokens * (tp * cp if _router_scales_by_tp_cp() else 1)
+    ``calculate_per_token_loss`` (see the module docstring): divide the loss weight by it.
+    ``group_tokens``: the micro-batch's valid (non-padding) tokens over the TP x CP ranks that
+    share it (its own under plain TP, where every rank routes them all)."""
+    return group_tokens * (tp * cp if _router_scales_by_tp_cp() else 1)
 
 
 def moe_router_loss_values() -> torch.Tensor | None:

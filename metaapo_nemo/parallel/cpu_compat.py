@@ -129,6 +129,45 @@ def _all_to_all_single_with_list_splits(original):
     return all_to_all_single
 
 
+# gloo has no reduce-scatter and gathers equal shapes only. Sequence parallelism (and the MoE
+# dispatcher under it) reduce-scatters activations onto the sequence shards and gathers
+# uneven token counts back; on CPU these stand-ins do the same through all-reduce and
+# padded all-gather. Exact: a sum all-reduced then sliced is the reduce-scatter's sum.
+def _reduce_scatter_tensor(output, input, op=None, group=None, async_op=False):
+    import torch.distributed as dist
+
+    full = input.contiguous().clone()
+    dist.all_reduce(full, op=dist.ReduceOp.SUM if op is None else op, group=group)
+    output.copy_(full.chunk(dist.get_world_size(group))[dist.get_rank(group)])
+
+
+def _reduce_scatter_list(output, input_list, op=None, group=None, async_op=False):
+    import torch.distributed as dist
+
+    full = torch.cat([t.reshape(-1) for t in input_list])
+    dist.all_reduce(full, op=dist.ReduceOp.SUM if op is None else op, group=group)
+    rank = dist.get_rank(group)
+    start = sum(t.numel() for t in input_list[:rank])
+    output.copy_(full[start:start + input_list[rank].numel()].view_as(output))
+
+
+def _uneven_all_gather(original):
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        if async_op or all(t.shape == tensor.shape for t in tensor_list):
+            return original(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in tensor_list)  # uneven along dim 0: pad, gather, trim
+        padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in tensor_list]
+        original(parts, padded, group=group)
+        for out, part in zip(tensor_list, parts):
+            out.copy_(part[: out.shape[0]])
+        return None
+
+    all_gather._uneven = True  # type: ignore[attr-defined]
+    return all_gather
+
+
 def install() -> bool:
     """Installs the shims if CUDA is unavailable. Returns True if they are active."""
     global _INSTALLED, _MODE
@@ -161,6 +200,14 @@ def install() -> bool:
 
     if not getattr(dist.all_to_all_single, "_splits_as_lists", False):
         dist.all_to_all_single = _all_to_all_single_with_list_splits(dist.all_to_all_single)
+
+    # sequence parallelism over gloo (see `_reduce_scatter_tensor`)
+    from megatron.core.tensor_parallel import mappings
+
+    mappings.dist_reduce_scatter_func = _reduce_scatter_tensor
+    dist.reduce_scatter = _reduce_scatter_list  # type: ignore[assignment]
+    if not getattr(dist.all_gather, "_uneven", False):
+        dist.all_gather = _uneven_all_gather(dist.all_gather)  # type: ignore[assignment]
 
     from megatron.core.tensor_parallel import random as mp_random
 

@@ -35,7 +35,8 @@ L = layers, t = TP, p = PP, d = DP, c = CP, V = vocabulary, I = MLP width):
 - activations per layer per micro-batch, bf16 (Korthikanti et al. 2022, TP without
   sequence parallel): s b h (10 + 24/t + 5 a s / (h t)) bytes; selective recompute drops
   the attention-score term 5 a s / (h t); full recompute keeps only each layer's input,
-  2 s b h bytes. fp32 training doubles them. A mixture-of-experts layer (E experts, top k,
+  2 s b h bytes. With sequence parallelism the 10 s b h and the layer input are split over
+  TP too: s b h (34/t + 5 a s / (h t)), 2 s b h / t. fp32 training doubles them. A mixture-of-experts layer (E experts, top k,
   width I) keeps, instead of the dense MLP's 16 s b h / t, each token's k routed copies:
   s b (k (2 h + 6 I / t) + 4 E) (the permuted input, the experts' gate/up outputs and SwiGLU
   output, fp32 router probabilities); each rank holds num_experts / ep of its experts (split

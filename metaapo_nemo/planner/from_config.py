@@ -41,6 +41,7 @@ def plan_input_from_config(cfg, arch: ModelArch, tp: int, pp: int, dp: int, accu
         arch=arch, tp=tp, pp=pp, dp=dp, cp=cfg.parallel.cp, ep=cfg.parallel.ep,
         dtype=cfg.model.resolved_dtype(on_gpu=on_gpu),
         distributed_optimizer=cfg.parallel.distributed_optimizer, recompute=cfg.parallel.recompute,
+        sequence_parallel=cfg.parallel.sequence_parallel,
         seq_length=seq, micro_batch_rows=rows, margin_rows=mbs * 2 if rows > 1 else 1,
         num_microbatches=accum, reference_offloaded=cfg.reference.offload_to_cpu and on_gpu,
         reference_resident=cfg.loss.name != "simpo", rollout=sampling, eval_engine=cfg.eval is not None,

@@ -80,11 +80,11 @@ def plan_memory(x: PlanInput) -> Plan:
     in_flight = min(x.pp, x.num_microbatches)
     layers_here = -(-a.num_layers // x.pp)
     seq = -(-x.seq_length // x.cp)  # this rank's share of a row under context parallelism
-    acts = activation_bytes_per_layer(a, seq, x.micro_batch_rows, x.tp, x.recompute)
+    acts = activation_bytes_per_layer(a, seq, x.micro_batch_rows, x.tp, x.recompute, x.sequence_parallel)
     acts *= layers_here * in_flight * (wbytes / 2)  # the formula counts bf16 bytes
     margin_rows = x.micro_batch_rows if x.margin_rows is None else x.margin_rows
     logits_per_row = seq * (-(-a.vocab_size // x.tp)) * 4
-    forward_ws = activation_bytes_per_layer(a, seq, margin_rows, x.tp, None) * (wbytes / 2)
+    forward_ws = activation_bytes_per_layer(a, seq, margin_rows, x.tp, None, x.sequence_parallel) * (wbytes / 2)
     reference_weights = n * wbytes if x.reference_resident else 0.0
     reference = 0.0 if x.reference_offloaded else reference_weights  # between its forwards
     reward = 0.0 if x.reward_arch is None else reward_parameters(x.reward_arch) * _BYTES[x.reward_dtype]

@@ -21,6 +21,7 @@ class PlanInput:
     dtype: str = "bfloat16"
     distributed_optimizer: bool = True
     recompute: str | None = None  # None | "selective" | "full"
+    sequence_parallel: bool = False  # the activations' replicated share split over TP
     seq_length: int = 4096
     micro_batch_rows: int = 4  # rows per micro-batch (2 per DPO pair, 4 per MetaAPO prompt)
     margin_rows: int | None = None  # rows per micro-batch of the forward-only pass; None: as training

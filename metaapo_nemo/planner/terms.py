@@ -27,12 +27,16 @@ def params_per_rank(arch: ModelArch, tp: int, pp: int, ep: int = 1) -> int:
     return max(first, last)
 
 
-def activation_bytes_per_layer(arch: ModelArch, seq: int, rows: int, tp: int, recompute: str | None) -> float:
-    """bf16 bytes of one layer's saved activations for one micro-batch on one TP rank."""
+def activation_bytes_per_layer(arch: ModelArch, seq: int, rows: int, tp: int, recompute: str | None,
+                               sequence_parallel: bool = False) -> float:
+    """bf16 bytes of one layer's saved activations for one micro-batch on one TP rank (with
+    sequence parallelism the replicated 10 s b h, and a full-recompute layer input, are split
+    over TP too)."""
     s, b, h, a = seq, rows, arch.hidden_size, arch.num_attention_heads
+    sp = tp if sequence_parallel else 1
     if recompute == "full":
-        return 2.0 * s * b * h
-    per = s * b * h * (10.0 + 24.0 / tp)
+        return 2.0 * s * b * h / sp
+    per = s * b * h * (10.0 / sp + 24.0 / tp)
     if recompute != "selective":
         per += s * b * h * 5.0 * a * s / (h * tp)
     if arch.num_experts:  # the MoE MLP instead of the dense one (its 16 s b h / t share)

@@ -175,9 +175,11 @@ def layout_from_config(cfg, impl: str = "local") -> RowLayout:
             "train.share_prompt=false" + (", with train.attention=sdpa on the local (CPU) spec"
                                           if impl == "local" else ""))
     fp8 = FP8_TOKEN_MULTIPLE if cfg.model.fp8 is not None else 1
-    # Under CP each rank holds T / cp tokens of a row: FP8's multiple applies to that share,
-    # and every sequence (so every row) is a multiple of 2 x cp.
-    multiple = fp8 if cp == 1 else math.lcm(fp8 * cp, 2 * cp)
+    # Sequence parallelism splits a row's tokens over the TP ranks: a multiple of tp.
+    tokens = math.lcm(fp8, cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
+    # Under CP each rank holds T / cp tokens of a row: FP8's and SP's multiples apply to that
+    # share, and every sequence (so every row) is a multiple of 2 x cp.
+    multiple = tokens if cp == 1 else math.lcm(tokens * cp, 2 * cp)
     return RowLayout(t.batching, share, t.pack_tokens, pad_multiple=multiple,
                      fixed_rows=cfg.parallel.pp > 1, thd=thd, seq_multiple=2 * cp if cp > 1 else 1)
 

@@ -83,11 +83,6 @@ def build_options(cfg: Config) -> BuildOptions:
 
     m, p = cfg.model, cfg.parallel
     cuda = torch.cuda.is_available()
-    if p.sequence_parallel and not cuda:
-        raise ConfigError(
-            "parallel.sequence_parallel=true needs the Transformer Engine layer spec (GPU); the "
-            "local CPU spec's torch norm refuses it. Set parallel.sequence_parallel=false"
-        )
     opts = BuildOptions(dtype=m.resolved_dtype(cuda), recompute=p.recompute, sequence_parallel=p.sequence_parallel,
                         transformer_impl=m.transformer_impl, fp8=m.fp8, fp8_recipe=m.fp8_recipe,
                         fp8_amax_history_len=m.fp8_amax_history_len,

@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc-per-node N tests/workers/parity_worker.py SPEC.json
 
-SPEC.json: ``{"hf_dir", "tp", "pp", "out", "export_dir", "prompts": n}``. Every rank builds
+SPEC.json: ``{"hf_dir", "tp", "pp", "out", "export_dir", "prompts": n}`` and optionally ``"ep"``
+(expert parallel) and ``"sequence_parallel"``. Every rank builds
 its shards of the checkpoint (`MegatronLM`, frozen), runs one forward-only pass of the chat
 prompts through megatron's schedule (TP logits all-gathered on the last stage, then
 broadcast over the pipeline), exports the model back to HF (`export_hf`), and rank 0
@@ -136,12 +137,13 @@ def run(spec: dict) -> None:
     from metaapo_nemo.parallel import state
 
     hf_dir = Path(spec["hf_dir"])
-    ctx = state.initialize(tp=spec["tp"], pp=spec["pp"])
+    ctx = state.initialize(tp=spec["tp"], pp=spec["pp"], ep=spec.get("ep", 1))
     try:
         tok = AutoTokenizer.from_pretrained(hf_dir)
         prompts = chat_ids(tok, QUESTIONS[: spec.get("prompts", len(QUESTIONS))])
         t0 = time.perf_counter()
-        lm = MegatronLM(load_arch(hf_dir), ctx, hf_dir, BuildOptions(), pad_id=tok.pad_token_id)
+        opts = BuildOptions(sequence_parallel=spec.get("sequence_parallel", False))
+        lm = MegatronLM(load_arch(hf_dir), ctx, hf_dir, opts, pad_id=tok.pad_token_id)
         ours = megatron_logits(lm, prompts)
         forward_s = time.perf_counter() - t0
         out_dir = Path(spec["export_dir"])
@@ -151,6 +153,7 @@ def run(spec: dict) -> None:
             result = {
                 "tp": spec["tp"],
                 "pp": spec["pp"],
+                "ep": spec.get("ep", 1),
                 "prompts": len(prompts),
                 "build_and_forward_s": round(forward_s, 2),
                 **compare_logits(ours, hf_logits(hf, prompts)),
