@@ -233,22 +233,26 @@ def test_moe_router_loss_ignores_padding_and_is_the_mean_over_microbatches(tiny_
 
 @pytest.mark.dist
 @pytest.mark.stack
-def test_qwen3_moe_tp2_x_ep2_with_sequence_parallelism_matches_hf_and_exports_bit_exact(tiny_qwen3_moe, tmp_path):
-    """4 processes over gloo: every expert split over TP2 (expert tensor parallelism), each TP
-    pair holding 2 of the 4 experts (EP2), tokens on sequence shards (sequence parallelism, which
-    megatron requires for MoE with TP; odd prompt lengths padded to the TP multiple): the chat
-    prompts' logits equal HF's and the export (experts broadcast from their EP rank, TP shards
-    gathered) is bit-exact."""
+@pytest.mark.parametrize("tp,pp,ep", [pytest.param(2, 1, 2, id="tp2_ep2_sp"), pytest.param(1, 1, 2, id="ep2"),
+                                      pytest.param(2, 1, 1, id="tp2_sp", marks=pytest.mark.slow),
+                                      pytest.param(1, 2, 2, id="pp2_ep2", marks=pytest.mark.slow)])
+def test_qwen3_moe_layouts_match_hf_and_export_bit_exact(tp, pp, ep, tiny_qwen3_moe, tmp_path):
+    """Over gloo: each rank holds num_experts / ep of the experts (EP), every expert split over TP
+    (expert tensor parallelism, with sequence parallelism, which megatron requires for MoE with
+    TP; odd prompt lengths padded to the TP multiple), layers split over PP: the chat prompts'
+    logits equal HF's and the export (experts broadcast from their EP rank, TP shards gathered,
+    stages broadcast) is bit-exact."""
     import json
 
     from tests.dist_utils import REPO, torchrun
 
-    spec = {"hf_dir": str(tiny_qwen3_moe), "tp": 2, "pp": 1, "ep": 2, "sequence_parallel": True, "prompts": 6,
+    spec = {"hf_dir": str(tiny_qwen3_moe), "tp": tp, "pp": pp, "ep": ep, "sequence_parallel": tp > 1, "prompts": 6,
             "out": str(tmp_path / "result.json"), "export_dir": str(tmp_path / "export")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    torchrun(4, REPO / "tests" / "workers" / "parity_worker.py", [str(tmp_path / "spec.json")],
+    world = tp * pp * ep  # ep splits the data-parallel ranks: dp = ep here
+    torchrun(world, REPO / "tests" / "workers" / "parity_worker.py", [str(tmp_path / "spec.json")],
              tmp_path / "worker.log", timeout=600)
     report = json.loads((tmp_path / "result.json").read_text())
-    assert report["prompts"] == 6 and report["ep"] == 2
+    assert report["prompts"] == 6 and report["ep"] == ep
     assert report["max_abs_logit_diff"] < 1e-5 and report["argmax_agreement"] == 1.0, report
     assert report["export_bit_exact"], report
