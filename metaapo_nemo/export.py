@@ -86,6 +86,11 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: str | None = Non
             trainer = json.loads((step / "trainer.json").read_text())
             raise CheckpointError(stack_mismatch_message(step, trainer, exc)) from exc
         torch_dtype = None if dtype is None else getattr(torch, dtype)
-        return export_hf(policy.modules(), arch, ctx, model_dir, out, dtype=torch_dtype)
+        written = export_hf(policy.modules(), arch, ctx, model_dir, out, dtype=torch_dtype)
+        if policy.build.lora is not None:  # a LoRA run: the merged model, and the adapters for PEFT
+            from metaapo_nemo.models.lora import ADAPTER_DIR, export_peft
+
+            export_peft(policy.modules(), ctx, policy.build.lora, str(model_dir), Path(out) / ADAPTER_DIR)
+        return written
     finally:
         state.destroy()

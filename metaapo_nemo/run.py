@@ -30,7 +30,7 @@ from metaapo_nemo.parallel.state import ParallelContext
 from metaapo_nemo.trainer.batching import StepPlan
 from metaapo_nemo.trainer.callbacks import CallbackList, TrainState
 from metaapo_nemo.trainer.metrics import MetricsLogger
-from metaapo_nemo.trainer.preference import FrozenReference, ReferenceCache
+from metaapo_nemo.trainer.preference import AdapterReference, FrozenReference, ReferenceCache
 from metaapo_nemo.trainer.resume import RunGuard
 from metaapo_nemo.trainer.rows import RowLayout
 
@@ -53,7 +53,7 @@ class Run:
     tokenizer: Any
     pairs: list
     policy: MegatronLM
-    reference: FrozenReference | None
+    reference: FrozenReference | AdapterReference | None
     loss: PreferenceLoss
     plan: StepPlan
     layout: RowLayout
@@ -140,7 +140,10 @@ def build(cfg: Config, method: str | None = None, pairs: list | None = None) -> 
     policy = MegatronLM(arch, ctx, model_dir, build_opts, S.optim_settings(cfg, steps), pad_id=pad_id)
     loss = S.loss_from_config(cfg)
     reference = None
-    if loss.needs_reference:
+    if loss.needs_reference and build_opts.lora is not None:  # the policy with its adapters off
+        moving = cfg.metaapo is not None and cfg.metaapo.reference == "per_round"
+        reference = AdapterReference(policy, moving=moving)
+    elif loss.needs_reference:
         preempt.reached("reference")
         reference = FrozenReference(MegatronLM(arch, ctx, model_dir, build_opts, pad_id=pad_id), ctx.device,
                                     cfg.reference.offload_to_cpu)
@@ -244,6 +247,11 @@ def finish(run: Run, st: TrainState) -> None:
     if run.cfg.train.save_final_hf and st.exit_code == 0:  # preempted: the checkpoint is enough
         preempt.reached("export")
         out = export_hf(run.policy.modules(), run.policy.arch, run.ctx, run.model_dir, run.run_dir / "hf_final")
+        if run.policy.build.lora is not None:  # the merged model above, and the adapters for PEFT
+            from metaapo_nemo.models.lora import ADAPTER_DIR, export_peft
+
+            export_peft(run.policy.modules(), run.ctx, run.policy.build.lora, str(run.model_dir),
+                        run.run_dir / "hf_final" / ADAPTER_DIR)
     if run.ctx.is_main:
         summary = write_summary(run.run_dir, title=f"{run.algorithm.name} run {run.cfg.run.name}")
         console.say(final_table(run.run_dir, summary, out, st.exit_code))

@@ -130,8 +130,8 @@ class MetaAPO:
         self._rounds: list[list[int]] | None = None  # the current epoch's rounds (pair indices)
         self._order: list[RoundItem] | None = None  # the current round's items in step order
         self._step_started: float | None = None
-        if m.reference == "per_round":
-            run.guard.moving_reference = run.reference  # saved with every checkpoint
+        if m.reference == "per_round" and not hasattr(run.reference, "copy_from"):
+            run.guard.moving_reference = run.reference  # saved with every checkpoint (LoRA's: with the policy)
 
     # ------------------------------------------------------------------ protocol
     def stateful(self) -> dict:

@@ -311,7 +311,11 @@ def sync_meta_learner(learner: MetaLearner, ctx: ParallelContext,
 
 @torch.no_grad()
 def copy_policy_into_reference(policy: MegatronLM, reference: MegatronLM) -> None:
-    """reference <- policy (same layout, so a parameter-by-parameter copy)."""
+    """reference <- policy (same layout, so a parameter-by-parameter copy; a LoRA run's
+    reference copies the adapters only)."""
+    if hasattr(reference, "copy_from"):
+        reference.copy_from(policy)  # type: ignore[union-attr]
+        return
     for src, dst in zip(policy.modules(), reference.modules()):
         dst_params = dict(dst.named_parameters())
         for name, p in src.named_parameters():

@@ -117,6 +117,8 @@ def check_layout(cfg: Any, world_size: int, model_dims: dict | None = None) -> P
             f"parallel.ep={p.ep}: expert parallelism splits each layer's experts over ep ranks, but this model "
             + (f"has {experts} experts, not a multiple of {p.ep}; use parallel.ep dividing {experts}" if experts
                else "has none (a dense model); set parallel.ep=1"))
+    if cfg.lora is not None:
+        errors += _lora_errors(cfg.lora, dims_in, experts)
     if experts and p.cp > 1:
         errors.append(
             f"parallel.cp={p.cp} with a mixture-of-experts model ({experts} experts): the "
@@ -125,3 +127,24 @@ def check_layout(cfg: Any, world_size: int, model_dims: dict | None = None) -> P
     if errors:
         raise ConfigError("\n".join(errors))
     return dims
+
+
+def _lora_errors(lora, dims: dict, experts: int) -> list[str]:
+    """LoRA against the model's shape: a rank no larger than each targeted projection's smaller
+    dimension (else the update is not low-rank), and no mixture-of-experts model (not built)."""
+    if experts:
+        return [f"lora with a mixture-of-experts model ({experts} experts): adapters on the experts' linears "
+                "are not supported yet; train this model without lora (lora: null)"]
+    h, heads, kv, i = (dims.get(k) for k in ("hidden_size", "num_attention_heads", "num_kv_heads",
+                                             "intermediate_size"))
+    if not (h and heads and kv and i):
+        return []
+    hd = dims.get("head_dim") or h // heads
+    shapes = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
+              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    t = min(lora.targets(), key=lambda name: min(shapes[name]))  # the most constraining projection
+    if lora.rank <= min(shapes[t]):
+        return []
+    return [f"lora.rank={lora.rank} > {min(shapes[t])}, the smaller dimension of {t} ({shapes[t][0]} -> "
+            f"{shapes[t][1]}): the update would not be low-rank; use lora.rank <= {min(shapes[t])}"]
+

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from metaapo_nemo.config.base import _divisors, _or_list, _Section
 
-__all__ = ["ModelConfig", "TinyModelConfig"]
+__all__ = ["LoraConfig", "ModelConfig", "TinyModelConfig"]
 
 
 class TinyModelConfig(_Section):
@@ -97,3 +97,37 @@ class ModelConfig(_Section):
                 "model.path=null to use the tiny model"
             )
         return self
+
+
+# HF projection names LoRA targets (models/lora.py TARGETS; kept here so the config needs no torch)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraConfig(_Section):
+    """LoRA adapters on the policy's linear layers, the base frozen (models/lora.py). The
+    reference (where the loss has one) is the same network with the adapters off; checkpoints
+    and exports carry the adapters (export: a merged HF checkpoint and a PEFT adapter directory)."""
+
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)  # the update is scaled by alpha / rank (PEFT's)
+    dropout: float = Field(0.0, ge=0, lt=1)  # on the adapters' input, as PEFT's lora_dropout
+    # HF projection names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or "all-linear"
+    target_modules: list[str] | str = "all-linear"
+
+    @model_validator(mode="after")
+    def _check_targets(self) -> LoraConfig:
+        names = list(LORA_TARGETS) if self.target_modules == "all-linear" else (
+            [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules))
+        unknown = [n for n in names if n not in LORA_TARGETS]
+        if unknown or not names:
+            raise ValueError(
+                f"lora.target_modules={self.target_modules!r}: unknown {', '.join(map(repr, unknown)) or '(empty)'}; "
+                f"valid: {', '.join(LORA_TARGETS)}, or \"all-linear\" (every one of them)")
+        return self
+
+    def targets(self) -> tuple[str, ...]:
+        """The targeted projections, in `LORA_TARGETS` order."""
+        names = LORA_TARGETS if self.target_modules == "all-linear" else (
+            (self.target_modules,) if isinstance(self.target_modules, str) else tuple(self.target_modules))
+        return tuple(n for n in LORA_TARGETS if n in names)
+

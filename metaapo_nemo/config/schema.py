@@ -25,7 +25,7 @@ from metaapo_nemo.config.checks import (
     round_size_error,
     set_keys,
 )
-from metaapo_nemo.config.model import ModelConfig, TinyModelConfig
+from metaapo_nemo.config.model import LoraConfig, ModelConfig, TinyModelConfig
 from metaapo_nemo.config.online import MetaAPOConfig, RewardConfig, RolloutConfig
 from metaapo_nemo.config.runtime import (
     CheckpointConfig,
@@ -37,7 +37,7 @@ from metaapo_nemo.config.runtime import (
 
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",
-    "LoggingConfig", "LossConfig", "MetaAPOConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "LoggingConfig", "LoraConfig", "LossConfig", "MetaAPOConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
     "PlannerConfig", "ReferenceConfig", "RewardConfig", "RolloutConfig", "RunConfig",
     "TinyModelConfig", "TrainConfig", "batch_error", "check_layout", "fmt", "round_size_error",
     "set_keys",
@@ -221,6 +221,7 @@ class Config(BaseModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     eval: EvalConfig | None = None  # null: no evaluation at the end of training
+    lora: LoraConfig | None = None  # null: every weight trains
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:
@@ -254,6 +255,10 @@ class Config(BaseModel):
                 f"{t.pack_format}, train.share_prompt={t.share_prompt}); set train.batching=pack, "
                 "train.pack_format=thd and train.share_prompt=false"
             )
+        if self.lora is not None and self.reference.offload_to_cpu:
+            errors.append(
+                "reference.offload_to_cpu=true with lora: the reference is the policy with its adapters "
+                "off (no second model), so there is nothing to offload; set reference.offload_to_cpu=false")
         if errors:
             raise ValueError("\n".join(errors))
         return self

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from metaapo_nemo.models.arch import ModelArch
 from metaapo_nemo.models.families import family_of
+from metaapo_nemo.models.lora import MARKER, merged_weight
 from metaapo_nemo.models.megatron_model import padded_vocab_size
 from metaapo_nemo.parallel.state import ParallelContext
 
@@ -108,6 +109,8 @@ def megatron_param_sources(chunk: torch.nn.Module, arch: ModelArch) -> Iterator[
     family = family_of(arch.model_type)
     ep, ep_rank = _expert_parallel() if arch.num_experts else (1, 0)
     for name, _ in chunk.named_parameters():
+        if MARKER in name:  # a LoRA adapter: not a tensor of the HF base (models/lora.py)
+            continue
         if name.startswith("decoder.layers."):
             local, suffix = name[len("decoder.layers."):].split(".", 1)
             expert = family.expert_sources(suffix, arch.num_experts // ep, ep_rank) if arch.num_experts else None
@@ -304,7 +307,7 @@ def iter_hf_tensors(
         pp_rank, owner_ep, c, mname, kind, j = owners[name]
         if pp_rank == ctx.pp_rank and owner_ep in (-1, my_ep):
             if (c, mname) not in cache:
-                shard = dict(chunks[c].named_parameters())[mname].detach()
+                shard = merged_weight(chunks[c], mname, dict(chunks[c].named_parameters())[mname].detach())
                 cache.clear()
                 cache[(c, mname)] = _from_megatron(kind, _gather_tp(shard, ctx), arch)  # type: ignore[index]
             tensor = cache[(c, mname)][j]  # type: ignore[index]

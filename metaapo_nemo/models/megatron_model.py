@@ -12,6 +12,8 @@ import functools
 import importlib
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +21,9 @@ from metaapo_nemo.models.arch import ModelArch
 from metaapo_nemo.models.layer_spec import SpecChoice, fp8_kwargs, layer_spec, select_impl, te_available
 from metaapo_nemo.parallel import compat
 from metaapo_nemo.parallel.state import ParallelContext
+
+if TYPE_CHECKING:
+    from metaapo_nemo.models.lora import LoraSettings
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -43,6 +48,8 @@ class BuildOptions:
     fp8_recipe: str = "delayed"
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"
+    # LoRA adapters on the linears, the base frozen (models/lora.py); None: full training
+    lora: LoraSettings | None = None
 
     def spec_choice(self, on_gpu: bool) -> SpecChoice:
         return select_impl(self.transformer_impl, self.fp8, self.dtype, cuda=on_gpu, te=te_available(),

@@ -87,6 +87,11 @@ class MegatronLM:
         self.arch, self.ctx, self.pad_id, self.build = arch, ctx, pad_id, build
         self.chunks = build_gpt_chunks(arch, ctx, build)
         load_hf_weights(self.chunks, hf_dir, arch, ctx)
+        self.lora_parameters = 0
+        if build.lora is not None:  # adapters on the base, which is frozen (models/lora.py)
+            from metaapo_nemo.models.lora import attach_lora
+
+            self.lora_parameters = attach_lora(self.chunks, arch, ctx, build.lora)
         self._selector = OutputSelector()
         for chunk in self.chunks:
             if chunk.post_process:

@@ -165,6 +165,38 @@ class FrozenReference:
         self.model.offload(device)
 
 
+class AdapterReference:
+    """The reference of a LoRA run: the policy itself with its adapters off (the base model), or,
+    for a moving reference (``metaapo.reference=per_round``), with a frozen copy of its adapters
+    swapped in (`models.lora.LoraAdapter.snapshot`, saved with the policy's state). No second
+    model is built; it answers what callers use of `FrozenReference` (`run`, `arch`,
+    `copy_from`)."""
+
+    def __init__(self, policy: MegatronLM, moving: bool = False):
+        from metaapo_nemo.models import lora
+
+        self.policy, self.arch, self.moving = policy, policy.arch, moving
+        if moving:  # the first round's reference: the initial adapters (B = 0: the base)
+            for adapter in lora.adapters(policy.modules()):
+                adapter.snapshot()
+
+    def run(self, microbatches: Sequence[MicroBatch], loss_fn: LossFn, forward_only: bool = True):
+        from metaapo_nemo.models import lora
+
+        assert forward_only, "the reference is frozen"
+        chunks = self.policy.modules()
+        with lora.snapshot_adapters(chunks) if self.moving else lora.adapters_disabled(chunks):
+            return self.policy.run(microbatches, loss_fn, forward_only=True)
+
+    def copy_from(self, policy: MegatronLM) -> None:
+        """reference <- the policy's current adapters (the per-round reference's update)."""
+        from metaapo_nemo.models import lora
+
+        assert self.moving and policy is self.policy
+        for adapter in lora.adapters(policy.modules()):
+            adapter.snapshot()
+
+
 def pair_logps(mb: MicroBatch, logps_NT: torch.Tensor) -> PairLogps:
     """Per-pair sums for the loss (ref values from extras when present)."""
     seq_N = _seq_logps(mb, logps_NT)

@@ -95,8 +95,13 @@ def build_options(cfg: Config) -> BuildOptions:
         raise ConfigError(str(exc)) from None
     if layout.thd and impl == "transformer_engine":
         _require_te_for_thd()
+    lora = None
+    if cfg.lora is not None:
+        from metaapo_nemo.models.lora import LoraSettings
+
+        lora = LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets(), cfg.run.seed)
     # shared-prompt / packed rows need RoPE at explicit per-token positions
-    return dataclasses.replace(opts, explicit_positions=layout.explicit_positions, packed_thd=layout.thd)
+    return dataclasses.replace(opts, explicit_positions=layout.explicit_positions, packed_thd=layout.thd, lora=lora)
 
 
 def _require_te_for_thd(minimum: tuple[int, int] = (1, 10)) -> None:

@@ -1,0 +1,407 @@
+"""LoRA adapters on Megatron-Core's tensor-parallel linears (PEFT's LoRA, layout for layout).
+
+Each targeted linear keeps its frozen weight W and gains, per HF projection it computes, a
+pair A [r, in], B [out, r] (PEFT's names and shapes), so that its output becomes
+``W x + (alpha / r) B A dropout(x)``. Megatron fuses HF projections: ``linear_qkv`` holds q, k and v
+interleaved per query group, ``linear_fc1`` holds [gate; up]; the adapter of each targeted
+projection computes its own delta and the deltas are laid out as the fused weight's rows
+(`_fuse_column`), so an adapter is exactly PEFT's on the HF module.
+
+Tensor parallelism (t ranks), per kind of linear:
+
+- column-parallel (qkv, gate_up): A is replicated, B is split by rows like W. Without sequence
+  parallelism the input x is the same on every TP rank: ``h = A x`` goes through megatron's
+  ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce backward), so A's
+  gradient sums every rank's B-slice term and stays equal on all ranks. With sequence
+  parallelism x arrives as a sequence shard: it is all-gathered (reduce-scatter backward, which
+  sums the ranks' partial input gradients) and A's partial gradient is all-reduced by megatron's
+  ``finalize_model_grads`` (A is marked ``sequence_parallel``, as the norms are).
+- row-parallel (o_proj, down_proj): A is split by columns like W, B is replicated. ``A x`` is a
+  partial sum, all-reduced (``reduce_from_tensor_model_parallel_region``), or reduce-scattered
+  onto the sequence shards under sequence parallelism (then B is marked ``sequence_parallel``).
+
+The adapters are a submodule ``lora`` of the linear (parameter names ``...linear_qkv.lora.q_proj_A``)
+and act through a forward hook, so the base parameter names, the converter and the checkpoints of
+the base are unchanged. Everything else is frozen: only adapter parameters reach megatron's
+gradient buffers and its (distributed) optimiser.
+
+Init (PEFT's): A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a = sqrt(5)), B = 0, drawn from a
+generator seeded by the run seed and the parameter's HF name, on the FULL tensor, then sliced: the
+same adapters in every parallel layout.
+
+The reference of a LoRA run is the same network with its adapters off (`adapters_disabled`), or a
+frozen copy of the adapters (`AdapterSnapshot`, ``metaapo.reference=per_round``): no second model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from metaapo_nemo.models.arch import ModelArch
+from metaapo_nemo.parallel.state import ParallelContext
+
+# HF projection names users target (PEFT's ``target_modules``); "all-linear" = every one of them.
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"
+# megatron linear (suffix inside a layer) -> (kind, its HF projections in fused order, HF module path)
+LINEARS = {
+    "self_attention.linear_qkv": ("qkv", ("q_proj", "k_proj", "v_proj"), "self_attn"),
+    "self_attention.linear_proj": ("row", ("o_proj",), "self_attn"),
+    "mlp.linear_fc1": ("gate_up", ("gate_proj", "up_proj"), "mlp"),
+    "mlp.linear_fc2": ("row", ("down_proj",), "mlp"),
+}
+MARKER = ".lora."  # in every adapter parameter's name
+ADAPTER_DIR = "lora_adapter"  # the PEFT adapter directory inside an exported (merged) HF checkpoint
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The ``lora`` config section, resolved."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+    seed: int = 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def resolve_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
+    """The HF projections of ``lora.target_modules`` (a list of `TARGETS`, or "all-linear").
+
+    Raises:
+        ValueError: An unknown name, listing the valid ones.
+    """
+    names = list(TARGETS) if targets == ALL_LINEAR else [targets] if isinstance(targets, str) else list(targets)
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown or not names:
+        raise ValueError(f"lora.target_modules={list(names) if names else targets!r}: unknown "
+                         f"{', '.join(map(repr, unknown)) or '(empty)'}; valid: {', '.join(TARGETS)} or "
+                         f"{ALL_LINEAR!r}")
+    return tuple(n for n in TARGETS if n in names)
+
+
+def projection_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each HF projection (the PEFT A is [r, in], B is [out, r])."""
+    h, q, kv, i = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim, \
+        arch.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+            "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def rank_errors(arch: ModelArch, settings: LoraSettings) -> list[str]:
+    """A rank above a targeted projection's smaller dimension (the update could not be low-rank)."""
+    shapes = projection_shapes(arch)
+    return [f"lora.rank={settings.rank} > min(in, out) = {min(shapes[t])} of {t} ({shapes[t][0]} -> {shapes[t][1]}); "
+            f"use lora.rank <= {min(shapes[t])}" for t in settings.targets if settings.rank > min(shapes[t])]
+
+
+class LoraAdapter(torch.nn.Module):
+    """The adapters of one megatron linear (this rank's shards); see the module docstring."""
+
+    def __init__(self, kind: str, parts: Sequence[str], hf_prefix: str, arch: ModelArch, ctx: ParallelContext,
+                 settings: LoraSettings, sequence_parallel: bool, dtype: torch.dtype):
+        super().__init__()
+        self.kind, self.parts, self.hf_prefix = kind, tuple(parts), hf_prefix
+        self.arch, self.tp, self.tp_rank, self.sp = arch, ctx.dims.tp, ctx.tp_rank, sequence_parallel
+        self.scale, self.enabled = settings.scale, True
+        self.dropout = torch.nn.Dropout(settings.dropout) if settings.dropout > 0 else torch.nn.Identity()
+        shapes = projection_shapes(arch)
+        r = settings.rank
+        for part in self.parts:
+            fan_in, out = shapes[part]
+            gen = torch.Generator().manual_seed(_seed(settings.seed, f"{hf_prefix}.{part}"))
+            bound = 1.0 / math.sqrt(fan_in)
+            a_full = torch.empty(r, fan_in).uniform_(-bound, bound, generator=gen)
+            b_full = torch.zeros(out, r)
+            if kind == "row":  # A split by columns (like W), B replicated
+                a, b = a_full.chunk(self.tp, dim=1)[self.tp_rank], b_full
+                _tp_attrs(a, partition_dim=1)
+                if sequence_parallel:
+                    b.sequence_parallel = True  # type: ignore[attr-defined]
+            else:  # A replicated, B split by rows (like W)
+                a, b = a_full, b_full.chunk(self.tp, dim=0)[self.tp_rank]
+                _tp_attrs(b, partition_dim=0)
+                if sequence_parallel:
+                    a.sequence_parallel = True  # type: ignore[attr-defined]
+            self.register_parameter(f"{part}_A", torch.nn.Parameter(a.to(dtype).contiguous()))
+            self.register_parameter(f"{part}_B", torch.nn.Parameter(b.to(dtype).contiguous()))
+            # tensor-parallel attributes survive nn.Parameter only when set on it
+            for name, src in ((f"{part}_A", a), (f"{part}_B", b)):
+                for attr in ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel"):
+                    if hasattr(src, attr):
+                        setattr(getattr(self, name), attr, getattr(src, attr))
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Copies the adapters into frozen buffers ``ref_<name>`` (a moving reference's copy; saved
+        with the model's state, with the same tensor-parallel axes)."""
+        for name, p in self.named_parameters():
+            ref = getattr(self, f"ref_{name}", None)
+            if ref is None:
+                self.register_buffer(f"ref_{name}", p.detach().clone())
+                for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+                    if hasattr(p, attr):
+                        setattr(getattr(self, f"ref_{name}"), attr, getattr(p, attr))
+            else:
+                ref.copy_(p.detach())
+
+    def _a(self, part: str) -> torch.Tensor:
+        return getattr(self, f"{part}_A")
+
+    def _b(self, part: str) -> torch.Tensor:
+        return getattr(self, f"{part}_B")
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapters' addition to the linear's output for its input x ([s, b, in] as megatron's)."""
+        from megatron.core import tensor_parallel as mp
+
+        x = self.dropout(x)
+        if self.kind == "row":
+            (part,) = self.parts
+            h = x @ self._a(part).t()  # partial over the TP ranks' input columns
+            if self.tp > 1:
+                h = mp.reduce_scatter_to_sequence_parallel_region(h) if self.sp else \
+                    mp.reduce_from_tensor_model_parallel_region(h)
+            return (h @ self._b(part).t()) * self.scale
+        if self.tp > 1 and self.sp:
+            x = mp.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
+        outs = {}
+        for part in self.parts:
+            h = x @ self._a(part).t()
+            if self.tp > 1 and not self.sp:
+                h = mp.copy_to_tensor_model_parallel_region(h)
+            outs[part] = h @ self._b(part).t()
+        return self._fuse_column(outs, x.shape[:-1], x.dtype, x.device) * self.scale
+
+    def _fuse_column(self, outs: dict[str, torch.Tensor], lead: torch.Size, dtype, device) -> torch.Tensor:
+        """Per-projection outputs -> the fused linear's row layout on this rank (zeros where a
+        projection has no adapter)."""
+        shapes = projection_shapes(self.arch)
+        names = LINEARS["self_attention.linear_qkv" if self.kind == "qkv" else "mlp.linear_fc1"][1]
+        full = {n: outs[n] if n in outs else torch.zeros(*lead, shapes[n][1] // self.tp, dtype=dtype, device=device)
+                for n in names}
+        if self.kind == "gate_up":
+            return torch.cat([full["gate_proj"], full["up_proj"]], dim=-1)
+        groups, hd = self.arch.num_kv_heads // self.tp, self.arch.head_dim
+        q = full["q_proj"].reshape(*lead, groups, -1)
+        k, v = (full[n].reshape(*lead, groups, hd) for n in ("k_proj", "v_proj"))
+        return torch.cat([q, k, v], dim=-1).reshape(*lead, -1)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """scale x B A in the base weight's local (this TP rank's) layout: what merging adds to W."""
+        if self.kind == "row":
+            (part,) = self.parts
+            return (self._b(part) @ self._a(part)) * self.scale
+        outs = {p: (self._b(p) @ self._a(p)).t() for p in self.parts}  # [in, out_p]: outputs per input unit
+        a = self._a(self.parts[0])
+        fused = self._fuse_column(outs, torch.Size([a.shape[1]]), a.dtype, a.device)  # [in, out_local]
+        return fused.t() * self.scale
+
+    def hook(self, module: torch.nn.Module, args: tuple, output):
+        if not self.enabled:
+            return output
+        x = args[0]
+        norm_weight = getattr(module, "layer_norm_weight", None)
+        if norm_weight is not None:  # Transformer Engine's fused norm + linear: the adapter reads the normed x
+            x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm_weight,
+                                             module.config.layernorm_epsilon)  # type: ignore[union-attr]
+        out, bias = output
+        return out + self.delta(x).to(out.dtype), bias
+
+
+def _seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _tp_attrs(t: torch.Tensor, partition_dim: int) -> None:
+    t.tensor_model_parallel = True  # type: ignore[attr-defined]
+    t.partition_dim = partition_dim  # type: ignore[attr-defined]
+    t.partition_stride = 1  # type: ignore[attr-defined]
+
+
+def _layer_numbers(chunk: torch.nn.Module) -> dict[int, int]:
+    """Local layer index -> global 0-based layer index (megatron's layer_number)."""
+    return {i: layer.layer_number - 1 for i, layer in enumerate(chunk.decoder.layers)}
+
+
+def attach_lora(chunks: Sequence[torch.nn.Module], arch: ModelArch, ctx: ParallelContext,
+                settings: LoraSettings) -> int:
+    """Adds adapters to every targeted linear of the (unwrapped) chunks and freezes the rest.
+
+    Returns:
+        The number of adapter parameters on this rank.
+    """
+    if arch.num_experts:
+        raise ValueError("LoRA on a mixture-of-experts model is not supported yet (the experts' linears); "
+                         "train it with lora: null")
+    count = 0
+    for chunk in chunks:
+        chunk.requires_grad_(False)
+        numbers = _layer_numbers(chunk)
+        sp = bool(chunk.config.sequence_parallel)
+        for name, module in list(chunk.named_modules()):
+            if not name.startswith("decoder.layers."):
+                continue
+            local, _, suffix = name[len("decoder.layers."):].partition(".")
+            if suffix not in LINEARS:
+                continue
+            kind, parts, hf_module = LINEARS[suffix]
+            chosen = [p for p in parts if p in settings.targets]
+            if not chosen:
+                continue
+            dtype = module.weight.dtype
+            adapter = LoraAdapter(kind, chosen, f"model.layers.{numbers[int(local)]}.{hf_module}", arch, ctx,
+                                  settings, sp, dtype).to(module.weight.device)
+            module.lora = adapter  # registers the submodule: "....linear_qkv.lora.q_proj_A"
+            module.register_forward_hook(adapter.hook)
+            _checkpoint_adapters(module, adapter)
+            count += sum(p.numel() for p in adapter.parameters())
+    return count
+
+
+def adapters(chunks: Sequence[torch.nn.Module]) -> Iterator[LoraAdapter]:
+    for chunk in chunks:
+        for m in chunk.modules():
+            if isinstance(m, LoraAdapter):
+                yield m
+
+
+def has_lora(chunks: Sequence[torch.nn.Module]) -> bool:
+    return next(adapters(chunks), None) is not None
+
+
+@contextlib.contextmanager
+def adapters_disabled(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """The base model: every adapter off inside the block (the LoRA run's fixed reference)."""
+    mods = list(adapters(chunks))
+    for m in mods:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.enabled = True
+
+
+def adapter_tensors(chunks: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
+    """This rank's adapter parameters, in a fixed order."""
+    return [p for m in adapters(chunks) for p in m.parameters()]
+
+
+@contextlib.contextmanager
+def swapped_adapters(chunks: Sequence[torch.nn.Module], values: Sequence[torch.Tensor]) -> Iterator[None]:
+    """The adapters temporarily replaced by ``values`` (a frozen snapshot), restored bitwise after."""
+    params = adapter_tensors(chunks)
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
+@contextlib.contextmanager
+def snapshot_adapters(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """The adapters temporarily replaced by their `LoraAdapter.snapshot` (a per-round reference)."""
+    mods = list(adapters(chunks))
+    with swapped_adapters(chunks, [getattr(m, f"ref_{n}") for m in mods for n, _ in m.named_parameters()]):
+        yield
+
+
+def merged_weight(chunk: torch.nn.Module, param_name: str, shard: torch.Tensor) -> torch.Tensor:
+    """``shard`` (a base weight on this rank) with its adapters merged in, if it has any."""
+    module_name, _, leaf = param_name.rpartition(".")
+    if leaf != "weight":
+        return shard
+    module = chunk.get_submodule(module_name)
+    adapter = getattr(module, "lora", None)
+    if not isinstance(adapter, LoraAdapter) or not adapter.enabled:
+        return shard
+    return shard + adapter.delta_weight().to(shard.dtype)
+
+
+def _checkpoint_adapters(module: torch.nn.Module, adapter: LoraAdapter) -> None:
+    """Makes the linear's distributed-checkpoint state name the adapters' TP axes (megatron's
+    linears treat unknown tensors as replicated, which would keep only TP rank 0's B / A shard)."""
+    original = module.sharded_state_dict
+
+    def sharded_state_dict(prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        out = original(prefix=prefix, sharded_offsets=sharded_offsets, metadata=metadata)
+        axes = {name: t.partition_dim for name, t in adapter.state_dict(keep_vars=True).items()
+                if getattr(t, "tensor_model_parallel", False)}
+        out.update(make_sharded_tensors_for_checkpoint(adapter.state_dict(keep_vars=True), f"{prefix}lora.", axes,
+                                                       sharded_offsets))
+        return out
+
+    module.sharded_state_dict = sharded_state_dict  # type: ignore[method-assign]
+
+
+@torch.no_grad()
+def full_adapters(chunks: Sequence[torch.nn.Module], ctx: ParallelContext) -> dict[str, torch.Tensor]:
+    """Every adapter as PEFT names it (``base_model.model.<module>.lora_A.weight``), full tensors
+    (TP shards gathered), on global rank 0 ({} elsewhere). Call on EVERY rank."""
+    import torch.distributed as dist
+
+    local: dict[str, torch.Tensor] = {}
+    for m in adapters(chunks):
+        for part in m.parts:
+            for which, dim in (("A", 1 if m.kind == "row" else None), ("B", None if m.kind == "row" else 0)):
+                t = getattr(m, f"{part}_{which}").detach()
+                if dim is not None and ctx.dims.tp > 1:
+                    pieces = [torch.empty_like(t) for _ in range(ctx.dims.tp)]
+                    dist.all_gather(pieces, t.contiguous(), group=ctx.tp_group)
+                    t = torch.cat(pieces, dim=dim)
+                local[f"base_model.model.{m.hf_prefix}.{part}.lora_{which}.weight"] = t.float().cpu().contiguous()
+    if ctx.dims.world_size == 1:
+        return local
+    # one copy per pipeline stage: TP rank 0 of the first data / context replica
+    keep = ctx.tp_rank == 0 and ctx.dp_rank == 0 and ctx.cp_rank == 0
+    gathered: list[dict] | None = [{} for _ in range(ctx.dims.world_size)] if ctx.rank == 0 else None
+    dist.gather_object(local if keep else {}, gathered, dst=0)
+    return {k: v for part in gathered for k, v in part.items()} if gathered is not None else {}
+
+
+def export_peft(chunks: Sequence[torch.nn.Module], ctx: ParallelContext, settings: LoraSettings, base: str,
+                out_dir) -> None:
+    """Writes the adapters as a PEFT LoRA directory (adapter_config.json, adapter_model.safetensors)
+    that ``PeftModel.from_pretrained(<the HF base>, out_dir)`` loads. Call on EVERY rank; rank 0
+    writes (to a temporary sibling, then renamed)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    tensors = full_adapters(chunks, ctx)
+    if ctx.rank != 0:
+        return
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
+              "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
+              "target_modules": list(settings.targets), "bias": "none", "fan_in_fan_out": False,
+              "use_rslora": False, "use_dora": False, "inference_mode": True, "init_lora_weights": True,
+              "modules_to_save": None}
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)

@@ -1,0 +1,221 @@
+"""LoRA preference training (models/lora.py): adapters on megatron's tensor-parallel linears equal
+PEFT's on the HF model, the reference is the base with the adapters off (no second model),
+only adapters train, the export is a merged HF checkpoint plus a PEFT adapter directory that
+`PeftModel.from_pretrained` loads to the same logits, and every layout trains like one process.
+
+Layout matrix (DPO, the tiny Llama, rank 8 on every linear, 5 steps; losses and grad norms within
+relative 1e-5, the merged export within 1e-5): default TP2, PP2, DP2 + distributed optimiser and
+TP2 with sequence parallelism; ``slow``: PP2 x VPP2, TP2 x PP2 and MetaAPO TP2 (per-round
+reference: a frozen copy of the adapters).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaapo_nemo.config import load_config
+from metaapo_nemo.config.checks import check_layout
+from metaapo_nemo.config.schema import ConfigError
+from metaapo_nemo.models.arch import load_arch
+from metaapo_nemo.models.lora import TARGETS, LoraSettings, adapters, adapters_disabled
+from metaapo_nemo.models.megatron_model import BuildOptions
+from metaapo_nemo.models.policy import MegatronLM, OptimSettings
+from tests.dist_utils import ROLLOUT, launch_jobs, read_metrics, read_weights, weight_mismatches
+
+LORA = ["lora.rank=8", "lora.alpha=16"]
+DIMS = {"num_layers": 2, "num_attention_heads": 4, "num_kv_heads": 2, "hidden_size": 128, "intermediate_size": 256}
+
+
+def _settings(**kw) -> LoraSettings:
+    return LoraSettings(**{"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": TARGETS, "seed": 3} | kw)
+
+
+def _randomise_b(lm: MegatronLM, seed: int = 1) -> None:
+    """B starts at zero (the adapters add nothing); give it values so the comparisons bite."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in adapters(lm.modules()):
+            for name, p in m.named_parameters():
+                if name.endswith("_B"):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def _peft_state(lm: MegatronLM) -> dict[str, torch.Tensor]:
+    out = {}
+    for m in adapters(lm.modules()):
+        for part in m.parts:
+            for which in ("A", "B"):
+                out[f"base_model.model.{m.hf_prefix}.{part}.lora_{which}.default.weight"] = \
+                    getattr(m, f"{part}_{which}").detach().clone()
+    return out
+
+
+def test_config_names_the_valid_targets_and_refuses_what_lora_cannot_serve():
+    with pytest.raises(ConfigError, match=r"lora.target_modules=\['qkv'\]: unknown 'qkv'; valid: q_proj, k_proj, "
+                                          r"v_proj, o_proj, gate_proj, up_proj, down_proj"):
+        load_config(None, ["lora.target_modules=[qkv]"], method="dpo")
+    cfg = load_config(None, ["lora.target_modules=[v_proj,q_proj]"], method="dpo")
+    assert cfg.lora.targets() == ("q_proj", "v_proj")
+    assert load_config(None, ["lora.rank=4"], method="dpo").lora.targets() == TARGETS  # all-linear
+    with pytest.raises(ConfigError, match=r"reference.offload_to_cpu=true with lora: .* nothing to offload"):
+        load_config(None, ["lora.rank=4", "reference.offload_to_cpu=true"], method="dpo")
+    with pytest.raises(ConfigError, match=r"lora.rank=200 > 64, the smaller dimension of k_proj \(128 -> 64\)"):
+        check_layout(load_config(None, ["lora.rank=200"], method="dpo"), 1, DIMS)
+    with pytest.raises(ConfigError, match=r"lora with a mixture-of-experts model \(4 experts\)"):
+        check_layout(load_config(None, ["lora.rank=4"], method="dpo"), 1, DIMS | {"num_experts": 4})
+    assert check_layout(load_config(None, ["lora.rank=64"], method="dpo"), 1, DIMS).tp == 1
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2", "tiny_qwen3"])
+def test_adapters_equal_peft_and_off_they_are_the_base(which, request, single_ctx):
+    """The Megatron policy with adapters (random B) equals HF + PEFT's LoRA with the same A, B (1e-5);
+    with the adapters off it is the base checkpoint (the LoRA run's reference)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.workers.parity_worker import megatron_logits
+
+    path = request.getfixturevalue(which)
+    lm = MegatronLM(load_arch(path), single_ctx, path, BuildOptions(lora=_settings()))
+    _randomise_b(lm)
+    prompts = [[5, 9, 33, 47, 2, 101, 7], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    ours = megatron_logits(lm, prompts)
+    with adapters_disabled(lm.modules()):
+        base = megatron_logits(lm, prompts)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want_base = [hf(torch.tensor([p])).logits[0] for p in prompts]
+        peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), lora_dropout=0.0))
+        result = peft.load_state_dict(_peft_state(lm), strict=False)
+        assert not result.unexpected_keys
+        want = [peft(torch.tensor([p])).logits[0] for p in prompts]
+    assert max(float((a - b).abs().max()) for a, b in zip(ours, want)) < 1e-5
+    assert max(float((a - b).abs().max()) for a, b in zip(base, want_base)) < 1e-5
+    assert max(float((a - b).abs().max()) for a, b in zip(ours, base)) > 1e-2  # the adapters act
+
+
+def test_only_adapters_train_and_the_optimiser_holds_only_them(single_ctx, tiny_llama):
+    """Base frozen: megatron's gradient buffers and the optimiser hold the adapters only; the
+    same adapters in every layout (A drawn per HF name from the run seed, B = 0)."""
+    optim = OptimSettings(lr=1e-3, min_lr=0.0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
+                          clip_grad=1.0, warmup_steps=0, total_steps=10, schedule="constant")
+    lm = MegatronLM(load_arch(tiny_llama), single_ctx, tiny_llama, BuildOptions(lora=_settings()), optim)
+    trainable = {n: p for c in lm.modules() for n, p in c.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora." in n for n in trainable)
+    arch = lm.arch
+    h, q, kv, i = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim, \
+        arch.intermediate_size
+    per_layer = 4 * (h + q) + 4 * (h + kv) * 2 + 4 * (q + h) + 4 * (h + i) * 2 + 4 * (i + h)
+    assert lm.lora_parameters == sum(p.numel() for p in trainable.values()) == arch.num_layers * per_layer
+    optimised = [p for opt in getattr(lm.optimizer, "chained_optimizers", [lm.optimizer])
+                 for g in opt.optimizer.param_groups for p in g["params"]]
+    assert sum(p.numel() for p in optimised) == lm.lora_parameters
+    a = trainable["decoder.layers.1.self_attention.linear_qkv.lora.k_proj_A"]
+    b = trainable["decoder.layers.1.self_attention.linear_qkv.lora.k_proj_B"]
+    assert a.shape == (4, h) and b.shape == (kv, 4) and not b.any() and 0 < a.abs().max() <= 1 / math.sqrt(h)
+    again = MegatronLM(arch, single_ctx, tiny_llama, BuildOptions(lora=_settings()))
+    assert torch.equal(dict(again.modules()[0].named_parameters())[
+        "decoder.layers.1.self_attention.linear_qkv.lora.k_proj_A"], a)
+
+
+# ------------------------------------------------------------------ layouts (DPO, 5 steps)
+STEPS = 5
+COMMON = ["train.global_batch_size=8", "train.micro_batch_size=2", f"train.max_steps={STEPS}", "data.limit=40",
+          "data.max_length=128", "data.max_prompt_length=64", "train.progress_bar=off", "model.tiny.num_layers=4",
+          "optim.lr=0.002", "optim.warmup_ratio=0", *LORA]
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    nproc: int
+    overrides: tuple[str, ...] = ()
+    slow: bool = False
+
+
+LAYOUTS = [
+    Layout("tp2", 2, ("parallel.tp=2",)),
+    Layout("pp2", 2, ("parallel.pp=2",)),
+    Layout("dp2_distopt", 2, ("parallel.distributed_optimizer=true",)),
+    Layout("tp2_sp", 2, ("parallel.tp=2", "parallel.sequence_parallel=true")),
+    Layout("pp2_vpp2", 2, ("parallel.pp=2", "parallel.vpp=2"), slow=True),
+    Layout("tp2_pp2", 4, ("parallel.tp=2", "parallel.pp=2"), slow=True),
+]
+BY_NAME = {lay.name: lay for lay in LAYOUTS}
+
+
+class Runs:
+    def __init__(self, root: Path, selected: set[str]):
+        self.root, self.selected, self.launched = root, selected, set()
+
+    def job(self, name: str, extra: tuple[str, ...]) -> dict:
+        return {"kind": "train", "config": None, "overrides": [
+            *COMMON, *extra, f"run.name={name}", f"run.output_dir={self.root / 'runs'}",
+            f"run.cache_dir={self.root / 'cache'}"]}
+
+    def run_dir(self, name: str) -> Path:
+        nproc = 1 if name == "ref" else BY_NAME[name].nproc
+        if nproc not in self.launched:
+            self.launched.add(nproc)
+            jobs = [self.job("ref", ())] if nproc == 1 else [
+                self.job(lay.name, lay.overrides) for lay in LAYOUTS if lay.nproc == nproc and lay.name in self.selected]
+            launch_jobs(nproc, jobs, self.root, f"lora_{nproc}proc")
+        return self.root / "runs" / name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, request) -> Runs:
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec") and "name" in item.callspec.params}
+    return Runs(tmp_path_factory.mktemp("lora_layouts"), selected)
+
+
+def _assert_same_training(run: Path, ref: Path) -> None:
+    got, want = read_metrics(run), read_metrics(ref)
+    assert len(got) == len(want) == STEPS
+    assert abs(want[0]["loss"] - math.log(2)) < 1e-6  # adapters off = the reference at step 1
+    assert want[-1]["loss"] < want[0]["loss"] - 0.01  # the adapters learn
+    for g, w in zip(got, want):
+        assert abs(g["loss"] - w["loss"]) <= 1e-5 * abs(w["loss"]), (w["step"], g["loss"], w["loss"])
+        assert abs(g["grad_norm"] - w["grad_norm"]) <= 1e-5 * w["grad_norm"], (w["step"], g["grad_norm"])
+    wg, ww = read_weights(run), read_weights(ref)  # the merged exports
+    bad = weight_mismatches(wg, ww, 1e-5, step_bound=2 * 0.002 * STEPS)
+    assert not bad, bad
+    for d in (run, ref):
+        assert (d / "hf_final" / "lora_adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.dist
+@pytest.mark.stack
+@pytest.mark.parametrize("name", [pytest.param(lay.name, marks=[pytest.mark.slow] if lay.slow else [])
+                                  for lay in LAYOUTS])
+def test_lora_layout_matches_single_process(name: str, runs: Runs) -> None:
+    _assert_same_training(runs.run_dir(name), runs.run_dir("ref"))
+
+
+@pytest.mark.dist
+def test_peft_loads_the_exported_adapters_to_the_merged_models_logits(runs: Runs) -> None:
+    """The single-process run's hf_final is the merged model; PEFT's from_pretrained on the HF base
+    with hf_final/lora_adapter gives the same logits (1e-5), and differs from the base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ref = runs.run_dir("ref")
+    config = json.loads((ref / "hf_final" / "lora_adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16 and config["target_modules"] == list(TARGETS)
+    base_dir = Path(config["base_model_name_or_path"])
+    ids = torch.tensor([[5, 9, 33, 47, 2, 101, 7, 8, 9]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(ref / "hf_final", dtype=torch.float32)(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        plain = base(ids).logits
+        peft = PeftModel.from_pretrained(base, ref / "hf_final" / "lora_adapter").eval()(ids).logits
+    assert (peft - merged).abs().max() < 1e-5
+    assert (merged - plain).abs().max() > 1e-4
