@@ -17,10 +17,11 @@ Options that change how the model computes, not what (recompute full / selective
 core attention instead of SDPA, reference CPU offload, THD-packed rows) run single-process
 against the same reference. Default tier: MetaAPO TP2, PP2, DP2, full recompute, megatron
 attention, THD-packed rows (alone and split over 2 context-parallel ranks) and Online DPO DP2;
-MetaAPO on the tiny Qwen3-MoE at EP2 + distributed optimiser; the stack tier adds THD at TP2,
+MetaAPO on the tiny Qwen3-MoE at EP2 + distributed optimiser, MetaAPO with LoRA (per-round
+reference) at DP2; the stack tier adds THD at TP2,
 PP2, DP2 + distributed optimiser and DP2 x CP2. ``slow``: DP2 + distributed optimiser,
 PP2 x VPP2, TP2 x PP2 (4 processes) and TP2 with sequence parallelism for both methods, MoE
-PP2 x EP2 and TP2 x EP2 (sequence parallel), the other options and the other Online DPO layouts.
+PP2 x EP2 and TP2 x EP2 (sequence parallel), LoRA TP2 and PP2, the other options and the other Online DPO layouts.
 """
 
 from __future__ import annotations
@@ -61,13 +62,16 @@ FAST = [
     "model.tiny.num_layers=4", "train.progress_bar=off", f"train.max_steps={STEPS}",
 ]
 CONFIGS = {"metaapo": "conf/tiny_cpu.yaml", "online": "conf/tiny_cpu_online_dpo.yaml",
-           "metaapo_moe": "conf/tiny_cpu.yaml"}
+           "metaapo_moe": "conf/tiny_cpu.yaml", "metaapo_lora": "conf/tiny_cpu.yaml"}
 # Online DPO re-samples prompts whose samples tie: refills split their scoring over ranks too.
 # MetaAPO on the tiny Qwen3-MoE (8 experts, top-2): padded rows in data order, so every layout's
 # micro-batches hold the same pairs and the per-micro-batch router loss (HF's per-forward scope)
 # is the same sum in every layout, as in tests/test_layouts.py's MoE cases.
 METHOD_EXTRA = {"metaapo": (), "online": ("rollout.tie_refills=1",),
-                "metaapo_moe": ("model.tiny.arch=qwen3_moe", "train.batching=pad", "train.share_prompt=false")}
+                "metaapo_moe": ("model.tiny.arch=qwen3_moe", "train.batching=pad", "train.share_prompt=false"),
+                # LoRA (rank 8, every linear) with the per-round reference: a frozen copy of the
+                # adapters swapped in for the reference passes, refreshed at each round's end
+                "metaapo_lora": ("lora.rank=8", "lora.alpha=16", "metaapo.reference=per_round", "optim.lr=0.002")}
 SHAPES = {  # name: (processes, overrides)
     "tp2": (2, ("parallel.tp=2",)),
     "pp2": (2, ("parallel.pp=2",)),
@@ -99,7 +103,7 @@ SHAPES = {  # name: (processes, overrides)
 }
 DEFAULT = {("metaapo", "tp2"), ("metaapo", "pp2"), ("metaapo", "dp2"), ("online", "dp2"),
            ("metaapo", "recompute_full"), ("metaapo", "attention_megatron"), ("metaapo", "pack_thd"),
-           ("metaapo", "cp2_thd"), ("metaapo_moe", "ep2_distopt")}
+           ("metaapo", "cp2_thd"), ("metaapo_moe", "ep2_distopt"), ("metaapo_lora", "dp2")}
 # The Python 3.12 / megatron-core 0.19 tier (`make test-gpu-stack`, marker `stack`): the default
 # cases and, from the slow ones, the distributed optimiser and interleaved PP.
 STACK = DEFAULT | {("metaapo", "dp2_distopt"), ("metaapo", "pp2_vpp2"), ("metaapo", "tp2_thd"),
@@ -129,7 +133,9 @@ class Case:
 
 
 EP_SHAPES = ("ep2_distopt", "pp2_ep2", "tp2_ep2_sp")
-CASES = [Case(m, s) for m in CONFIGS for s in SHAPES if (s in EP_SHAPES) == m.endswith("_moe")]
+LORA_SHAPES = ("dp2", "tp2", "pp2")
+CASES = [Case(m, s) for m in CONFIGS for s in SHAPES
+         if (s in LORA_SHAPES if m.endswith("_lora") else (s in EP_SHAPES) == m.endswith("_moe"))]
 REFS = [Case(m, "ref") for m in CONFIGS]
 
 

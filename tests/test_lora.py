@@ -219,3 +219,34 @@ def test_peft_loads_the_exported_adapters_to_the_merged_models_logits(runs: Runs
         peft = PeftModel.from_pretrained(base, ref / "hf_final" / "lora_adapter").eval()(ids).logits
     assert (peft - merged).abs().max() < 1e-5
     assert (merged - plain).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------ every method
+METHODS = {  # name: (config, method, slow)
+    "kto": ("conf/tiny_cpu_kto.yaml", "dpo", False),  # KL reference point from the adapters-off reference
+    "simpo": ("conf/tiny_cpu_simpo.yaml", "dpo", False),  # reference-free: no reference at all
+    "ipo": ("conf/tiny_cpu_ipo.yaml", "dpo", True),
+    "online_dpo": ("conf/tiny_cpu_online_dpo.yaml", "metaapo", True),
+    "random_sampling": ("conf/tiny_cpu_random_sampling.yaml", "metaapo", True),
+    "fixed_weights": ("conf/tiny_cpu_fixed_weights.yaml", "metaapo", True),
+}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if slow else [])
+                                  for n, (_, _, slow) in METHODS.items()])
+def test_every_method_trains_with_lora(name: str, tmp_path) -> None:
+    """Each loss and online method of the project trains its adapters (2 steps, loss moves, the
+    merged export and the PEFT directory written; the reference-based ones start at their
+    adapters-off value)."""
+    config, method, _ = METHODS[name]
+    over = [*LORA, "train.max_steps=2", "train.global_batch_size=8", "train.micro_batch_size=2", "data.limit=32",
+            "train.progress_bar=off", "optim.lr=0.005", "optim.warmup_ratio=0", f"run.name={name}",
+            f"run.output_dir={tmp_path / 'runs'}", f"run.cache_dir={tmp_path / 'cache'}"]
+    if method == "metaapo":
+        over += [*ROLLOUT, "metaapo.round_size=16", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8"]
+    launch_jobs(1, [{"kind": "train", "config": config, "method": method, "overrides": over}], tmp_path, name)
+    rows = read_metrics(tmp_path / "runs" / name)
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    assert rows[1]["loss"] != rows[0]["loss"]
+    assert (tmp_path / "runs" / name / "hf_final" / "lora_adapter" / "adapter_config.json").is_file()
