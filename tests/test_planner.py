@@ -516,3 +516,26 @@ def test_sequence_parallelism_splits_the_replicated_activations_over_tp():
     sp = plan_memory(PlanInput(**cfg, sequence_parallel=True)).per_phase["train"]["activations"]
     plain = plan_memory(PlanInput(**cfg)).per_phase["train"]["activations"]
     assert sp == pytest.approx(plain * (34 / t) / (10 + 24 / t))
+
+
+def test_lora_plans_the_adapters_only_for_gradients_and_the_optimiser_and_no_reference():
+    """Llama-3.1-8B at TP2, rank 16 on every linear: per layer A [16, in] + B [out, 16] per
+    projection with the column-parallel B and the row-parallel A split over TP; the base keeps its
+    bf16 weights only; no reference weights (the base with the adapters off)."""
+    from metaapo_nemo.planner import lora_params_per_rank
+
+    arch = arch_from_hf_dict(dict(LLAMA31, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32))
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    h, kv, i, r = 4096, 1024, 14336, 16
+    per_layer = r * ((h + h // 2) + 2 * (h + kv // 2) + (h // 2 + h) + 2 * (h + i // 2) + (i // 2 + h))
+    assert lora_params_per_rank(arch, 2, 1, r, targets) == 32 * per_layer
+    base = dict(arch=arch, tp=2, pp=1, dp=4, seq_length=2048, micro_batch_rows=2, recompute="full",
+                vllm_kv_cache_gib=8.0, rollout=False)
+    full = plan_memory(PlanInput(**base)).per_phase["train"]
+    lora = plan_memory(PlanInput(**base, lora_rank=r, lora_targets=targets)).per_phase["train"]
+    n, a = params_per_rank(arch, 2, 1), 32 * per_layer
+    assert lora["weights"] == full["weights"] == pytest.approx(n * 2 / GiB)
+    assert lora["adapters"] == pytest.approx(a * 2 / GiB)
+    assert lora["grads"] == pytest.approx(4 * a / GiB) and lora["optimizer"] == pytest.approx(12 * a / 4 / GiB)
+    assert lora["reference"] == 0.0 < full["reference"]
+    assert sum(lora.values()) < sum(full.values()) - 20  # the 8B full-parameter state it does not hold

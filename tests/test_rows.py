@@ -169,7 +169,7 @@ def test_layout_from_config_pads_for_fp8_only():
     from metaapo_nemo.trainer.rows import FP8_TOKEN_MULTIPLE, layout_from_config
 
     train = SimpleNamespace(share_prompt=False, batching="bucket", pack_tokens=None)
-    pp1, pp2 = SimpleNamespace(pp=1, cp=1), SimpleNamespace(pp=2, cp=1)
+    pp1, pp2 = SimpleNamespace(pp=1, cp=1, tp=1, sequence_parallel=False), SimpleNamespace(pp=2, cp=1, tp=1, sequence_parallel=False)
     fp8 = layout_from_config(SimpleNamespace(train=train, model=SimpleNamespace(fp8="hybrid"), parallel=pp1),
                              "transformer_engine")
     assert fp8.pad_multiple == FP8_TOKEN_MULTIPLE == 16
@@ -214,12 +214,13 @@ def test_sdpa_core_runs_thd_streams_as_varlen_causal_attention():
         core(q[:-1], k[:-1], v[:-1], None, packed_seq_params=params)
 
 
-def _cfg_ns(batching="pack", share=False, pack_format="auto", attention="sdpa", cp=1, fp8=None):
+def _cfg_ns(batching="pack", share=False, pack_format="auto", attention="sdpa", cp=1, fp8=None, tp=1, sp=False):
     from types import SimpleNamespace
 
     return SimpleNamespace(train=SimpleNamespace(batching=batching, share_prompt=share, pack_tokens=None,
                                                  pack_format=pack_format, attention=attention),
-                           model=SimpleNamespace(fp8=fp8), parallel=SimpleNamespace(pp=1, cp=cp))
+                           model=SimpleNamespace(fp8=fp8),
+                           parallel=SimpleNamespace(pp=1, cp=cp, tp=tp, sequence_parallel=sp))
 
 
 def test_packed_rows_go_as_thd_on_the_te_spec_and_what_thd_cannot_run_is_refused():
@@ -282,6 +283,11 @@ def test_thd_rows_under_context_parallelism_pad_every_sequence_to_2cp():
     fp8 = layout_from_config(_cfg_ns(cp=2, fp8="hybrid"), "transformer_engine")
     assert (fp8.seq_multiple, fp8.pad_multiple) == (4, 32)
     assert layout_from_config(_cfg_ns(cp=2, pack_format="thd"), "local").seq_multiple == 4
+    # sequence parallelism: a row's tokens split over TP, so rows (each CP share) are multiples of tp
+    assert layout_from_config(_cfg_ns(tp=2, sp=True), "transformer_engine").pad_multiple == 2
+    assert layout_from_config(_cfg_ns(tp=2, sp=False), "transformer_engine").pad_multiple == 1
+    assert layout_from_config(_cfg_ns(tp=4, sp=True, cp=2), "transformer_engine").pad_multiple == 8
+    assert layout_from_config(_cfg_ns(tp=2, sp=True, fp8="hybrid"), "transformer_engine").pad_multiple == 16
     pairs = synthetic_pairs(6, 250, chat_lengths((3, 40), (2, 40)), seed=3, eos_id=2)
     plain = to_microbatches(pairs, 2, 0, torch.device("cpu"), RowLayout("pack", thd=True))
     for layout in (cp2, fp8):

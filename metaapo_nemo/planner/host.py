@@ -4,7 +4,7 @@ memory per rank (`rank_rss_gib`)."""
 from __future__ import annotations
 
 from metaapo_nemo.planner.records import _BYTES, GiB, Plan, PlanInput
-from metaapo_nemo.planner.terms import chunk_prompts, samples_gather_host_bytes
+from metaapo_nemo.planner.terms import chunk_prompts, lora_params_per_rank, samples_gather_host_bytes
 
 
 def rank_rss_gib(plan: Plan) -> dict[str, float]:
@@ -57,7 +57,8 @@ def _host_plan(x: PlanInput, plan: Plan, n: int, reward_bytes: float) -> None:
     # a save: megatron's fully reshardable distributed-optimiser state is gathered into fp32
     # CPU tensors (master, m, v) of the whole TP x PP shard on every DP rank; the writer then
     # stages this rank's write share of the GPU-resident tensors (weights, moving reference)
-    gathered = 12 * n if x.distributed_optimizer else 12 * n / x.dp
+    trained = lora_params_per_rank(a, x.tp, x.pp, x.lora_rank, x.lora_targets) if x.lora_rank else n
+    gathered = 12 * trained if x.distributed_optimizer else 12 * trained / x.dp
     share = n * (wbytes + (wbytes if x.checkpoint_reference else 0)) / x.dp
     h["checkpoint"] = common | {"optimizer_gather": g(gathered), "write_staging": g(share)}
     if x.eval_engine:

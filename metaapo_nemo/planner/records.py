@@ -57,6 +57,10 @@ class PlanInput:
     pickle_bytes_per_token: float = 18.0
     pairs_gather_on_gpu: bool = True  # the trainer gathers pairs on the default (NCCL) group
     checkpoint_reference: bool = False  # a moving (per-round) reference is checkpointed
+    # LoRA: adapters of this rank on every targeted projection (0: full training); the base is
+    # frozen (its weights only: no gradient, no optimiser state), the reference is the base
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] = ()
     # host memory (per node): every rank of a node is in the same phase at the same time
     host_memory_gib: float = 1024.0  # planner.host_memory_gib
     ranks_per_node: int = 8

@@ -27,6 +27,22 @@ def params_per_rank(arch: ModelArch, tp: int, pp: int, ep: int = 1) -> int:
     return max(first, last)
 
 
+def lora_params_per_rank(arch: ModelArch, tp: int, pp: int, rank: int, targets: tuple[str, ...]) -> int:
+    """Adapter parameters on the heaviest pipeline stage of one TP rank: per targeted projection
+    (in -> out) A [r, in] and B [out, r], the column-parallel ones' B and the row-parallel ones' A
+    split over TP (models/lora.py)."""
+    if not rank:
+        return 0
+    h, hd, i = arch.hidden_size, arch.head_dim, arch.intermediate_size
+    q, kv = arch.num_attention_heads * hd, arch.num_kv_heads * hd
+    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+              "up_proj": (h, i), "down_proj": (i, h)}
+    row = {"o_proj", "down_proj"}
+    per_layer = sum(rank * (shapes[t][0] // tp + shapes[t][1]) if t in row else rank * (shapes[t][0] + shapes[t][1] // tp)
+                    for t in targets)
+    return -(-arch.num_layers // pp) * per_layer
+
+
 def activation_bytes_per_layer(arch: ModelArch, seq: int, rows: int, tp: int, recompute: str | None,
                                sequence_parallel: bool = False) -> float:
     """bf16 bytes of one layer's saved activations for one micro-batch on one TP rank (with
