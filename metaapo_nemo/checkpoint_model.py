@@ -9,8 +9,33 @@ from typing import Any
 
 
 def _model_sharded(model) -> dict[str, Any]:
-    """The megatron sharded state dict of all chunks (keys carry global layer offsets)."""
+    """The megatron sharded state dict of all chunks (keys carry global layer offsets). A LoRA
+    policy's holds its adapters only (and their per-round copies): the frozen base is the
+    checkpoint named by path and fingerprint in trainer.json (`models.lora.BaseFingerprint`)."""
+    if _lora(model):
+        from metaapo_nemo.models.lora import MARKER
+
+        return {f"model{i}": {k: v for k, v in m.sharded_state_dict().items() if MARKER in f".{k}"}
+                for i, m in enumerate(model.modules())}
     return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(model.modules())}
+
+
+def _lora(model) -> bool:
+    return getattr(getattr(model, "build", None), "lora", None) is not None
+
+
+def _load_chunk(module, state: dict, lora: bool) -> None:
+    """Loads a chunk's state; a LoRA policy's checkpoint holds exactly its adapters."""
+    if not lora:
+        module.load_state_dict(state)
+        return
+    from metaapo_nemo.models.lora import MARKER
+
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if MARKER in f".{k}"]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"the checkpoint's adapters do not match this model's (lora.rank / lora.target_modules "
+                           f"changed?): missing {missing[:4]}, unexpected {result.unexpected_keys[:4]}")
 
 
 # The distributed optimiser's state in the canonical per-parameter form: loadable onto any
@@ -105,7 +130,7 @@ def _load_model(model, directory: Path, with_optimizer: bool) -> None:
 
     loaded = dist_checkpointing.load(sd, str(directory), **dist_checkpoint_load_kwargs())
     for i, m in enumerate(model.modules()):
-        m.load_state_dict(loaded[f"model{i}"])
+        _load_chunk(m, loaded[f"model{i}"], _lora(model))
     if with_optimizer:
         from metaapo_nemo.parallel.compat import (
             keep_adam_step_on_reshardable_load,

@@ -79,7 +79,16 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: str | None = Non
                      checksum=cfg.checkpoint.checksum).find(explicit=str(step))
         model_dir = S.resolve_model_dir(cfg, ctx)
         arch = load_arch(model_dir)
-        policy = MegatronLM(arch, ctx, model_dir, S.build_options(cfg))
+        build = S.build_options(cfg)
+        if build.lora is not None:  # adapters only mean something on the base they were trained on
+            from metaapo_nemo.models.lora import BaseFingerprint
+
+            saved = json.loads((step / "trainer.json").read_text()).get("lora_base", {})
+            try:
+                BaseFingerprint(model_dir).load_state_dict(saved)
+            except ValueError as exc:
+                raise ConfigError(f"{step}: {exc}") from None
+        policy = MegatronLM(arch, ctx, model_dir, build)
         try:
             _load_model(policy, step / "policy", with_optimizer=False)  # the weights only
         except Exception as exc:  # noqa: BLE001 - named with the writing and the reading stack

@@ -13,6 +13,7 @@ is looked up by name.
 from __future__ import annotations
 
 import inspect
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -155,6 +156,17 @@ def build(cfg: Config, method: str | None = None, pairs: list | None = None) -> 
     run.algorithm = algorithm = algorithm_cls(run)
     # layout-bound: the values belong to this rank's DP shard / last stage
     guard.register("ref_cache", "rank", run.ref_cache, layout_bound=True)
+    if build_opts.lora is not None:  # the adapters' base, refused on resume if it changed
+        from metaapo_nemo.models.lora import BaseFingerprint
+
+        base = BaseFingerprint(model_dir)
+        guard.register("lora_base", "trainer", base)
+        if guard.resume_from is not None:  # before training: exit 2 with the message
+            saved = json.loads((guard.resume_from / "trainer.json").read_text()).get("lora_base", {})
+            try:
+                base.load_state_dict(saved)
+            except ValueError as exc:
+                raise ConfigError(f"{guard.resume_from}: {exc}") from None
     for name, (where, obj) in algorithm.stateful().items():
         guard.register(name, where, obj)
     periodic = [] if cfg.eval is None or cfg.eval.every_steps is None else [_PeriodicEval(run, fn)]

@@ -250,3 +250,50 @@ def test_every_method_trains_with_lora(name: str, tmp_path) -> None:
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
     assert rows[1]["loss"] != rows[0]["loss"]
     assert (tmp_path / "runs" / name / "hf_final" / "lora_adapter" / "adapter_config.json").is_file()
+
+
+# ------------------------------------------------------------------ checkpoints
+@pytest.mark.dist
+def test_a_lora_checkpoint_holds_the_adapters_resumes_bitwise_and_refuses_another_base(tmp_path) -> None:
+    """The checkpoint holds the adapters, their optimiser state and the run state (not the frozen
+    base: trainer.json names it by path and fingerprint); a resume continues bitwise; a resume on
+    a different base is refused before training, naming both."""
+    from safetensors.torch import load_file
+
+    from tests.dist_utils import REPO, torchrun
+
+    common = [*LORA, "train.max_steps=4", "data.limit=40", "train.global_batch_size=8", "train.progress_bar=off",
+              "optim.lr=0.002", "optim.warmup_ratio=0", f"run.output_dir={tmp_path / 'runs'}",
+              f"run.cache_dir={tmp_path / 'cache'}"]
+    recipe = REPO / "recipes" / "dpo.py"
+    torchrun(1, recipe, [*common, "run.name=a", "checkpoint.every_steps=2"], tmp_path / "a.log")
+    step2 = tmp_path / "runs" / "a" / "checkpoints" / "step_00000002"
+    trainer = json.loads((step2 / "trainer.json").read_text())
+    base = Path(trainer["lora_base"]["path"])
+    assert base.is_dir() and len(trainer["lora_base"]["fingerprint"]) == 64
+    ckpt_bytes = sum(f.stat().st_size for f in (step2 / "policy").rglob("*") if f.is_file())
+    assert ckpt_bytes < (base / "model.safetensors").stat().st_size / 2  # adapters + Adam, not the base
+    torchrun(1, recipe, [*common, "run.name=b", f"checkpoint.resume={step2}"], tmp_path / "b.log")
+    assert "resumed from" in (tmp_path / "b.log").read_text()
+    for name in ("model.safetensors", "lora_adapter/adapter_model.safetensors"):
+        a, b = (load_file(str(tmp_path / "runs" / r / "hf_final" / name)) for r in ("a", "b"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    losses = [[r["loss"] for r in read_metrics(tmp_path / "runs" / r)] for r in ("a", "b")]
+    assert losses[1] == losses[0][2:]
+    # the export command rebuilds the base, loads the adapters: the run's own export, bit for bit
+    import subprocess
+    import sys
+
+    step4 = tmp_path / "runs" / "a" / "checkpoints" / "step_00000004"
+    out = subprocess.run([sys.executable, "-m", "metaapo_nemo", "export", str(step4), "--out", str(tmp_path / "x")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ("model.safetensors", "lora_adapter/adapter_model.safetensors"):
+        a, b = (load_file(str(d / name)) for d in (tmp_path / "runs" / "a" / "hf_final", tmp_path / "x"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    with pytest.raises(AssertionError, match=r"error: .*step_00000002: this LoRA checkpoint's adapters were trained "
+                                             r"on the base at"):
+        torchrun(1, recipe, [*common, "run.name=c", "model.tiny.seed=7", f"checkpoint.resume={step2}"],
+                 tmp_path / "c.log")
+    metrics = tmp_path / "runs" / "c" / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text().strip()  # refused before any step

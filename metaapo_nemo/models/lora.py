@@ -405,3 +405,45 @@ def export_peft(chunks: Sequence[torch.nn.Module], ctx: ParallelContext, setting
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+
+
+class BaseFingerprint:
+    """The frozen base a LoRA checkpoint belongs to: its path and a fingerprint (sha256 over
+    config.json and, per weight file, its size, its header and its first and last MiB), kept in
+    trainer.json; a resume or an export against another base is refused (`load_state_dict`)."""
+
+    def __init__(self, model_dir):
+        from pathlib import Path
+
+        self.path = str(model_dir)
+        self.fingerprint = fingerprint(Path(model_dir))
+
+    def state_dict(self) -> dict:
+        return {"path": self.path, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                f"this LoRA checkpoint's adapters were trained on the base at {state.get('path')} (fingerprint "
+                f"{str(state.get('fingerprint'))[:12]}), but model.path is {self.path} (fingerprint "
+                f"{self.fingerprint[:12]}): adapters only mean something on their own base; set model.path to "
+                "that checkpoint, or start a fresh run (checkpoint.resume=never)")
+
+
+def fingerprint(model_dir) -> str:
+    """sha256 over config.json and each safetensors file's size, header and first and last MiB
+    (the bytes that differ between two checkpoints of one architecture, read in milliseconds)."""
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    root = Path(model_dir)
+    h.update((root / "config.json").read_bytes())
+    for f in sorted(root.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
