@@ -17,7 +17,7 @@ Options that change how the model computes, not what (recompute full / selective
 core attention instead of SDPA, reference CPU offload, THD-packed rows) run single-process
 against the same reference. Default tier: MetaAPO TP2, PP2, DP2, full recompute, megatron
 attention, THD-packed rows (alone and split over 2 context-parallel ranks) and Online DPO DP2;
-MetaAPO with LoRA (per-round reference) at DP2; the stack tier adds MetaAPO on the tiny Qwen3-MoE
+the stack tier adds MetaAPO with LoRA (per-round reference) at DP2, MetaAPO on the tiny Qwen3-MoE
 at EP2 + distributed optimiser and THD at TP2,
 PP2, DP2 + distributed optimiser and DP2 x CP2. ``slow``: DP2 + distributed optimiser,
 PP2 x VPP2, TP2 x PP2 (4 processes) and TP2 with sequence parallelism for both methods, MoE
@@ -103,10 +103,10 @@ SHAPES = {  # name: (processes, overrides)
 }
 DEFAULT = {("metaapo", "tp2"), ("metaapo", "pp2"), ("metaapo", "dp2"), ("online", "dp2"),
            ("metaapo", "recompute_full"), ("metaapo", "attention_megatron"), ("metaapo", "pack_thd"),
-           ("metaapo", "cp2_thd"), ("metaapo_lora", "dp2")}
+           ("metaapo", "cp2_thd")}
 # The Python 3.12 / megatron-core 0.19 tier (`make test-gpu-stack`, marker `stack`): the default
 # cases and, from the slow ones, the distributed optimiser and interleaved PP.
-STACK = DEFAULT | {("metaapo_moe", "ep2_distopt"), ("metaapo", "dp2_distopt"), ("metaapo", "pp2_vpp2"), ("metaapo", "tp2_thd"),
+STACK = DEFAULT | {("metaapo_moe", "ep2_distopt"), ("metaapo_lora", "dp2"), ("metaapo", "dp2_distopt"), ("metaapo", "pp2_vpp2"), ("metaapo", "tp2_thd"),
                    ("metaapo", "pp2_thd"), ("metaapo", "dp2_thd"), ("metaapo", "dp2_cp2_thd")}
 
 

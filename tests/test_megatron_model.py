@@ -233,7 +233,7 @@ def test_moe_router_loss_ignores_padding_and_is_the_mean_over_microbatches(tiny_
 
 @pytest.mark.dist
 @pytest.mark.stack
-@pytest.mark.parametrize("tp,pp,ep", [pytest.param(2, 1, 2, id="tp2_ep2_sp"),
+@pytest.mark.parametrize("tp,pp,ep", [pytest.param(2, 1, 2, id="tp2_ep2_sp", marks=pytest.mark.slow),
                                       pytest.param(1, 1, 2, id="ep2", marks=pytest.mark.slow),
                                       pytest.param(2, 1, 1, id="tp2_sp", marks=pytest.mark.slow),
                                       pytest.param(1, 2, 2, id="pp2_ep2", marks=pytest.mark.slow)])

@@ -407,7 +407,11 @@ def test_every_shipped_recipe_plans_every_component_its_method_runs(conf):
     assert plan is not None, f"{conf}: no plan"
     train, margins = plan.per_phase["train"], plan.per_phase["margins"]
     assert train["weights"] > 0 and train["grads"] > 0 and train["optimizer"] > 0 and train["activations"] > 0
-    if cfg.loss.name != "simpo":  # the reference runs its forward in the margins phase
+    if cfg.lora is not None:  # the base with its adapters off: no reference weights, adapters planned
+        assert train["adapters"] > 0 and train["grads"] < train["weights"]
+        assert margins["reference"] == (train["adapters"] if cfg.metaapo and cfg.metaapo.reference == "per_round"
+                                        else 0.0)
+    elif cfg.loss.name != "simpo":  # the reference runs its forward in the margins phase
         assert margins["reference"] > 0
     sampling = cfg.method == "metaapo" and cfg.metaapo.sampling != "none"
     report = plan.report(cfg.planner.gpu_memory_gib)
