@@ -135,3 +135,40 @@ def test_greedy_tokens_equal_vllm_on_the_same_checkpoint(engine, tiny_llama):
         assert a.samples[0].text == b.samples[0].text
         assert torch.allclose(torch.tensor(a.samples[0].logprobs), torch.tensor(b.samples[0].logprobs),
                               atol=1e-4)
+
+
+def test_a_moe_push_in_per_expert_names_fills_transformers_fused_experts(tiny_qwen3_moe):
+    """The refit stream names each expert as the checkpoint does (``mlp.experts.7.gate_proj``);
+    transformers keeps a layer's experts as ``gate_up_proj`` [E, 2I, h] (gate, then up) and
+    ``down_proj`` [E, h, I]: the push lands in the right slices and greedy equals the model with
+    those weights."""
+    from safetensors.torch import load_file
+
+    gen = HfGenerator(HfEngineSettings(str(tiny_qwen3_moe)))
+    state = load_file(str(tiny_qwen3_moe / "model.safetensors"))
+    gen_ = torch.Generator().manual_seed(0)
+    moved = {k: v + 0.05 * torch.randn(v.shape, generator=gen_) for k, v in state.items()}
+    assert any(".mlp.experts.3.up_proj.weight" in k for k in moved)  # the checkpoint's per-expert names
+    names = sorted(moved)
+    gen.load_weights([[(k, moved[k]) for k in names[: len(names) // 2]], [(k, moved[k]) for k in names[len(names) // 2:]]],
+                     policy_step=2)
+    fused = gen._params["model.layers.0.mlp.experts.gate_up_proj"]
+    half = fused.shape[1] // 2
+    assert torch.equal(fused[3, :half], moved["model.layers.0.mlp.experts.3.gate_proj.weight"])
+    assert torch.equal(fused[3, half:], moved["model.layers.0.mlp.experts.3.up_proj.weight"])
+    assert torch.equal(gen._params["model.layers.0.mlp.experts.down_proj"][1],
+                       moved["model.layers.0.mlp.experts.1.down_proj.weight"])
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_qwen3_moe), state_dict=None, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name in gen._params:
+                p.copy_(gen._params[name])
+    settings = SamplingSettings(n=1, max_new_tokens=8, temperature=0.0, seed=None)
+    out = gen.generate(PromptBatch.build(PROMPTS, keys=[0, 1, 2]), settings, policy_step=2)
+    for prompt, ps in zip(PROMPTS, out):
+        want = ref.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                            eos_token_id=sorted(gen.eos_ids), pad_token_id=0)[0, len(prompt):].tolist()
+        assert list(ps.samples[0].token_ids) == want[: len(ps.samples[0].token_ids)]
+    gen.shutdown()

@@ -123,6 +123,16 @@ class HfGenerator:
         try:
             for b, bucket in enumerate(buckets):
                 for name, tensor in bucket:
+                    fused = _fused_expert_slot(name, self._params)
+                    if fused is not None:  # transformers keeps a layer's experts in 3-D tensors
+                        target, view = fused
+                        if view.shape != tensor.shape:
+                            raise ValueError(f"{name}: pushed shape {tuple(tensor.shape)} != the model's "
+                                             f"{tuple(view.shape)} (in {target})")
+                        with torch.no_grad():
+                            view.copy_(tensor)
+                        loaded.add(target)
+                        continue
                     param = self._params.get(name)
                     if param is None:
                         raise KeyError(f"{name!r} is not a weight of this model "
@@ -218,3 +228,27 @@ class HfGenerator:
 
     def shutdown(self) -> None:
         self.model = None
+
+
+def _fused_expert_slot(name: str, params: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor] | None:
+    """Where one expert's HF tensor (``model.layers.3.mlp.experts.7.gate_proj.weight``, the
+    checkpoint's and the refit stream's naming) lives in transformers' fused experts:
+    ``mlp.experts.gate_up_proj`` [E, 2I, h] holds gate then up, ``mlp.experts.down_proj`` [E, h, I].
+    None for any other name (or a model that keeps its experts apart)."""
+    head, sep, rest = name.partition(".mlp.experts.")
+    if not sep:
+        return None
+    index, _, leaf = rest.partition(".")
+    if not index.isdigit() or leaf not in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"):
+        return None
+    e = int(index)
+    if leaf == "down_proj.weight":
+        target = f"{head}.mlp.experts.down_proj"
+        return (target, params[target][e]) if target in params else None
+    target = f"{head}.mlp.experts.gate_up_proj"
+    if target not in params:
+        return None
+    half = params[target].shape[1] // 2
+    rows = slice(0, half) if leaf == "gate_proj.weight" else slice(half, 2 * half)
+    return target, params[target][e, rows]
+
