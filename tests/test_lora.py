@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,3 +299,15 @@ def test_a_lora_checkpoint_holds_the_adapters_resumes_bitwise_and_refuses_anothe
                  tmp_path / "c.log")
     metrics = tmp_path / "runs" / "c" / "metrics.jsonl"
     assert not metrics.exists() or not metrics.read_text().strip()  # refused before any step
+
+
+def test_the_dry_run_plans_a_lora_run_without_a_reference_model(capsys):
+    """--dry-run: the plan itemises the adapters and states that the reference is the base with the
+    adapters off (no reference weights)."""
+    from metaapo_nemo import run as R
+
+    assert R.main(["--dry-run", "--config", "conf/tiny_cpu_lora.yaml"], method="metaapo") == 0
+    out = capsys.readouterr().out
+    assert re.search(r"train +[\d.]+ GiB = weights [\d.]+, adapters [\d.]+, grads", out), out[-2000:]
+    assert re.search(r"LoRA rank 8 on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj: [\d,]+ adapter "
+                     r"params on this rank \(of [\d,]+: [\d.]+%\); .* \(no reference weights\)", out), out[-2000:]

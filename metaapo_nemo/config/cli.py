@@ -322,12 +322,16 @@ def _memory_lines(cfg: Config, dims: dict | None, tp: int, pp: int, dp: int) -> 
     optim = shard * optim_bytes / (dp if cfg.parallel.distributed_optimizer else 1)
     policy = shard * (weight_bytes + 4) + optim
     ref = 0.0 if cfg.loss.name == "simpo" else shard * weight_bytes
+    if cfg.lora is not None:  # the base frozen (weights only), the reference = adapters off
+        policy, ref = shard * weight_bytes, 0.0
     return [
         f"memory estimate per rank (weights, grads, optimizer; activations excluded): "
         f"{(policy + ref) / _GIB:.3f} GiB",
         f"  params {n / 1e6:.2f}M total, {shard / 1e6:.2f}M per rank (/ tp {tp} x pp {pp}); "
         f"policy {policy / _GIB:.3f} GiB, reference {ref / _GIB:.3f} GiB"
-        + (" (offloaded to CPU)" if cfg.reference.offload_to_cpu and ref else ""),
+        + (" (offloaded to CPU)" if cfg.reference.offload_to_cpu and ref else "")
+        + (" (LoRA: the base is frozen and is the reference; its adapters are in the memory plan)"
+           if cfg.lora is not None else ""),
     ]
 
 

@@ -109,8 +109,8 @@ def plan_memory(x: PlanInput) -> Plan:
     plan = Plan(params_per_rank=n)
     if x.lora_rank:
         plan.assumptions.append(
-            f"LoRA rank {x.lora_rank} on {', '.join(x.lora_targets)}: {lora / 1e6:.1f} M adapter params on this rank "
-            f"(of {n / 1e9:.2f} B); the base is frozen (weights only), the gradients and optimiser state are the "
+            f"LoRA rank {x.lora_rank} on {', '.join(x.lora_targets)}: {lora:,} adapter params on this rank "
+            f"(of {n:,}: {100 * lora / n:.2f}%); the base is frozen (weights only), the gradients and optimiser state are the "
             "adapters'; the reference is the base with the adapters off"
             + (" (a per-round copy of the adapters)" if x.checkpoint_reference else " (no reference weights)"))
     asleep = x.vllm_overhead_gib if x.rollout and not x.engine_on_host else 0.0
