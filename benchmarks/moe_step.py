@@ -58,7 +58,8 @@ def param_counts(arch_name: str, cache: Path, **spec) -> dict:
     arch = load_arch(ensure_tiny_checkpoint(TinyModelSpec(arch=arch_name, **spec), cache))
     idle = 0
     if arch.num_experts:
-        idle = arch.num_layers * arch.expert_parameters * (arch.num_experts - arch.experts_per_token) // arch.num_experts
+        unrouted = arch.num_experts - arch.experts_per_token  # experts a token does not visit
+        idle = arch.num_layers * arch.expert_parameters * unrouted // arch.num_experts
     return {"params_total": arch.num_parameters, "params_active": arch.num_parameters - idle,
             "experts": arch.num_experts, "top_k": arch.experts_per_token}
 

@@ -123,26 +123,17 @@ class HfGenerator:
         try:
             for b, bucket in enumerate(buckets):
                 for name, tensor in bucket:
-                    fused = _fused_expert_slot(name, self._params)
-                    if fused is not None:  # transformers keeps a layer's experts in 3-D tensors
-                        target, view = fused
-                        if view.shape != tensor.shape:
-                            raise ValueError(f"{name}: pushed shape {tuple(tensor.shape)} != the model's "
-                                             f"{tuple(view.shape)} (in {target})")
-                        with torch.no_grad():
-                            view.copy_(tensor)
-                        loaded.add(target)
-                        continue
-                    param = self._params.get(name)
+                    # transformers keeps a layer's experts in 3-D tensors: one expert is a slice
+                    target, param = _fused_expert_slot(name, self._params) or (name, self._params.get(name))
                     if param is None:
                         raise KeyError(f"{name!r} is not a weight of this model "
                                        f"({type(self.model).__name__})")
                     if param.shape != tensor.shape:
                         raise ValueError(f"{name}: pushed shape {tuple(tensor.shape)} != the "
-                                         f"model's {tuple(param.shape)}")
+                                         f"model's {tuple(param.shape)}" + (f" (in {target})" if target != name else ""))
                     with torch.no_grad():
                         param.copy_(tensor)
-                    loaded.add(name)
+                    loaded.add(target)
         except Exception as exc:  # noqa: BLE001 (reported with the step and bucket; stays stale)
             raise RefitError(f"weight push for policy step {policy_step} failed at bucket {b}: "
                              f"{type(exc).__name__}: {exc}", policy_step, b) from exc
