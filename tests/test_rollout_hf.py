@@ -83,14 +83,21 @@ def test_push_then_greedy_equals_transformers_with_those_weights(tiny_llama, tmp
     if model.config.tie_word_embeddings:
         weights = [(k, v) for k, v in weights if k != "lm_head.weight"]
     gen.load_weights([weights[: len(weights) // 2], weights[len(weights) // 2:]], policy_step=4)
-    settings = SamplingSettings(n=2, max_new_tokens=8, temperature=0.0, seed=None)
-    out = gen.generate(PromptBatch.build(PROMPTS, keys=[0, 1, 2]), settings, policy_step=4)
-    for prompt, ps in zip(PROMPTS, out):
-        ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
-                             eos_token_id=sorted(gen.eos_ids), pad_token_id=0)[0, len(prompt):].tolist()
-        assert list(ps.samples[0].token_ids) == ref[: len(ps.samples[0].token_ids)]
+    out = _assert_greedy_equals(gen, model, policy_step=4, n=2)
+    for ps in out:
         assert ps.samples[0].token_ids == ps.samples[1].token_ids  # greedy: K equal samples
     gen.shutdown()
+
+
+def _assert_greedy_equals(gen, model, policy_step: int, n: int = 1):
+    """The engine's greedy tokens for `PROMPTS` equal transformers' `generate` on `model`."""
+    settings = SamplingSettings(n=n, max_new_tokens=8, temperature=0.0, seed=None)
+    out = gen.generate(PromptBatch.build(PROMPTS, keys=[0, 1, 2]), settings, policy_step=policy_step)
+    for prompt, ps in zip(PROMPTS, out):
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                              eos_token_id=sorted(gen.eos_ids), pad_token_id=0)[0, len(prompt):].tolist()
+        assert list(ps.samples[0].token_ids) == want[: len(ps.samples[0].token_ids)]
+    return out
 
 
 def test_incomplete_or_foreign_push_leaves_the_engine_stale(tiny_llama):
@@ -165,10 +172,5 @@ def test_a_moe_push_in_per_expert_names_fills_transformers_fused_experts(tiny_qw
         for name, p in ref.named_parameters():
             if name in gen._params:
                 p.copy_(gen._params[name])
-    settings = SamplingSettings(n=1, max_new_tokens=8, temperature=0.0, seed=None)
-    out = gen.generate(PromptBatch.build(PROMPTS, keys=[0, 1, 2]), settings, policy_step=2)
-    for prompt, ps in zip(PROMPTS, out):
-        want = ref.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
-                            eos_token_id=sorted(gen.eos_ids), pad_token_id=0)[0, len(prompt):].tolist()
-        assert list(ps.samples[0].token_ids) == want[: len(ps.samples[0].token_ids)]
+    _assert_greedy_equals(gen, ref, policy_step=2)
     gen.shutdown()

@@ -139,9 +139,9 @@ def _lora_errors(lora, dims: dict, experts: int) -> list[str]:
                                              "intermediate_size"))
     if not (h and heads and kv and i):
         return []
-    hd = dims.get("head_dim") or h // heads
-    shapes = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
-              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    from metaapo_nemo.models.arch import projection_shapes
+
+    shapes = projection_shapes(h, heads, kv, dims.get("head_dim") or h // heads, i)
     t = min(lora.targets(), key=lambda name: min(shapes[name]))  # the most constraining projection
     if lora.rank <= min(shapes[t]):
         return []

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from metaapo_nemo.config.base import _divisors, _or_list, _Section
+from metaapo_nemo.models.arch import LORA_TARGETS
 
 __all__ = ["LoraConfig", "ModelConfig", "TinyModelConfig"]
 
@@ -99,10 +100,6 @@ class ModelConfig(_Section):
         return self
 
 
-# HF projection names LoRA targets (models/lora.py TARGETS; kept here so the config needs no torch)
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 class LoraConfig(_Section):
     """LoRA adapters on the policy's linear layers, the base frozen (models/lora.py). The
     reference (where the loss has one) is the same network with the adapters off; checkpoints
@@ -116,8 +113,7 @@ class LoraConfig(_Section):
 
     @model_validator(mode="after")
     def _check_targets(self) -> LoraConfig:
-        names = list(LORA_TARGETS) if self.target_modules == "all-linear" else (
-            [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules))
+        names = self._names()
         unknown = [n for n in names if n not in LORA_TARGETS]
         if unknown or not names:
             raise ValueError(
@@ -125,9 +121,12 @@ class LoraConfig(_Section):
                 f"valid: {', '.join(LORA_TARGETS)}, or \"all-linear\" (every one of them)")
         return self
 
+    def _names(self) -> list[str]:
+        if self.target_modules == "all-linear":
+            return list(LORA_TARGETS)
+        return [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)
+
     def targets(self) -> tuple[str, ...]:
         """The targeted projections, in `LORA_TARGETS` order."""
-        names = LORA_TARGETS if self.target_modules == "all-linear" else (
-            (self.target_modules,) if isinstance(self.target_modules, str) else tuple(self.target_modules))
+        names = self._names()
         return tuple(n for n in LORA_TARGETS if n in names)
-

@@ -20,6 +20,19 @@ from metaapo_nemo.models.families import SUPPORTED, family_of  # SUPPORTED: re-e
 # kept here so the dry run (config/cli.py) reads them without importing transformers.
 TINY_EXPERTS, TINY_TOP_K = 4, 2
 
+# The HF projections LoRA targets (PEFT's target_modules), in the order of a decoder layer.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def projection_shapes(hidden: int, heads: int, kv_heads: int, head_dim: int,
+                      intermediate: int) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each of `LORA_TARGETS` (a LoRA A is [r, in], its B [out, r]); plain
+    numbers, so the config checks and the planner use it without a `ModelArch` or torch."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    return {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+            "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate),
+            "down_proj": (intermediate, hidden)}
+
 
 @dataclass(frozen=True)
 class RopeScaling:

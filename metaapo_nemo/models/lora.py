@@ -43,12 +43,12 @@ from dataclasses import dataclass
 
 import torch
 
-from metaapo_nemo.models.arch import ModelArch
+from metaapo_nemo.models.arch import LORA_TARGETS, ModelArch
+from metaapo_nemo.models.arch import projection_shapes as shapes_of
 from metaapo_nemo.parallel.state import ParallelContext
 
 # HF projection names users target (PEFT's ``target_modules``); "all-linear" = every one of them.
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ALL_LINEAR = "all-linear"
+TARGETS = LORA_TARGETS
 # megatron linear (suffix inside a layer) -> (kind, its HF projections in fused order, HF module path)
 LINEARS = {
     "self_attention.linear_qkv": ("qkv", ("q_proj", "k_proj", "v_proj"), "self_attn"),
@@ -75,34 +75,10 @@ class LoraSettings:
         return self.alpha / self.rank
 
 
-def resolve_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
-    """The HF projections of ``lora.target_modules`` (a list of `TARGETS`, or "all-linear").
-
-    Raises:
-        ValueError: An unknown name, listing the valid ones.
-    """
-    names = list(TARGETS) if targets == ALL_LINEAR else [targets] if isinstance(targets, str) else list(targets)
-    unknown = [n for n in names if n not in TARGETS]
-    if unknown or not names:
-        raise ValueError(f"lora.target_modules={list(names) if names else targets!r}: unknown "
-                         f"{', '.join(map(repr, unknown)) or '(empty)'}; valid: {', '.join(TARGETS)} or "
-                         f"{ALL_LINEAR!r}")
-    return tuple(n for n in TARGETS if n in names)
-
-
 def projection_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each HF projection (the PEFT A is [r, in], B is [out, r])."""
-    h, q, kv, i = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim, \
-        arch.intermediate_size
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
-            "up_proj": (h, i), "down_proj": (i, h)}
-
-
-def rank_errors(arch: ModelArch, settings: LoraSettings) -> list[str]:
-    """A rank above a targeted projection's smaller dimension (the update could not be low-rank)."""
-    shapes = projection_shapes(arch)
-    return [f"lora.rank={settings.rank} > min(in, out) = {min(shapes[t])} of {t} ({shapes[t][0]} -> {shapes[t][1]}); "
-            f"use lora.rank <= {min(shapes[t])}" for t in settings.targets if settings.rank > min(shapes[t])]
+    """(in, out) features of each HF projection of `arch` (`models.arch.projection_shapes`)."""
+    return shapes_of(arch.hidden_size, arch.num_attention_heads, arch.num_kv_heads, arch.head_dim,
+                     arch.intermediate_size)
 
 
 class LoraAdapter(torch.nn.Module):
@@ -275,10 +251,6 @@ def adapters(chunks: Sequence[torch.nn.Module]) -> Iterator[LoraAdapter]:
         for m in chunk.modules():
             if isinstance(m, LoraAdapter):
                 yield m
-
-
-def has_lora(chunks: Sequence[torch.nn.Module]) -> bool:
-    return next(adapters(chunks), None) is not None
 
 
 @contextlib.contextmanager

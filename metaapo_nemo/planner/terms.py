@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from metaapo_nemo.models.arch import ModelArch
+from metaapo_nemo.models.arch import ModelArch, projection_shapes
 from metaapo_nemo.planner.records import _BYTES, GiB, PlanInput
 
 
@@ -33,10 +33,8 @@ def lora_params_per_rank(arch: ModelArch, tp: int, pp: int, rank: int, targets: 
     split over TP (models/lora.py)."""
     if not rank:
         return 0
-    h, hd, i = arch.hidden_size, arch.head_dim, arch.intermediate_size
-    q, kv = arch.num_attention_heads * hd, arch.num_kv_heads * hd
-    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
-              "up_proj": (h, i), "down_proj": (i, h)}
+    shapes = projection_shapes(arch.hidden_size, arch.num_attention_heads, arch.num_kv_heads, arch.head_dim,
+                               arch.intermediate_size)
     row = {"o_proj", "down_proj"}
     per_layer = sum(rank * (shapes[t][0] // tp + shapes[t][1]) if t in row else rank * (shapes[t][0] + shapes[t][1] // tp)
                     for t in targets)
