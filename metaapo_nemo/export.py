@@ -99,7 +99,7 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: str | None = Non
         if policy.build.lora is not None:  # a LoRA run: the merged model, and the adapters for PEFT
             from metaapo_nemo.models.lora import ADAPTER_DIR, export_peft
 
-            export_peft(policy.modules(), ctx, policy.build.lora, str(model_dir), Path(out) / ADAPTER_DIR)
+            export_peft(policy.modules(), policy.arch, ctx, policy.build.lora, str(model_dir), Path(out) / ADAPTER_DIR)
         return written
     finally:
         state.destroy()

@@ -262,7 +262,7 @@ def finish(run: Run, st: TrainState) -> None:
         if run.policy.build.lora is not None:  # the merged model above, and the adapters for PEFT
             from metaapo_nemo.models.lora import ADAPTER_DIR, export_peft
 
-            export_peft(run.policy.modules(), run.ctx, run.policy.build.lora, str(run.model_dir),
+            export_peft(run.policy.modules(), run.policy.arch, run.ctx, run.policy.build.lora, str(run.model_dir),
                         run.run_dir / "hf_final" / ADAPTER_DIR)
     if run.ctx.is_main:
         summary = write_summary(run.run_dir, title=f"{run.algorithm.name} run {run.cfg.run.name}")

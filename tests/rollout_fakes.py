@@ -91,6 +91,12 @@ class FakeGenerator:
             self.loaded.update({n: t.clone() for n, t in bucket})
         self._step, self._stale_reason = policy_step, None
 
+    def load_adapters(self, tensors: dict, config: dict, policy_step: int) -> None:
+        self.bucket_names.append(sorted(tensors))
+        self.bucket_bytes.append(sum(t.numel() * t.element_size() for t in tensors.values()))
+        self.loaded = {n: t.clone() for n, t in tensors.items()} | {"adapter_config": dict(config)}
+        self._step, self._stale_reason = policy_step, None
+
     def sleep(self) -> None:
         self.asleep = True
 

@@ -103,10 +103,10 @@ SHAPES = {  # name: (processes, overrides)
 }
 DEFAULT = {("metaapo", "tp2"), ("metaapo", "pp2"), ("metaapo", "dp2"), ("online", "dp2"),
            ("metaapo", "recompute_full"), ("metaapo", "attention_megatron"), ("metaapo", "pack_thd"),
-           ("metaapo", "cp2_thd")}
+           ("metaapo", "cp2_thd"), ("metaapo_lora", "dp2")}  # lora: the 8B LoRA recipe's DP, adapter refit
 # The Python 3.12 / megatron-core 0.19 tier (`make test-gpu-stack`, marker `stack`): the default
 # cases and, from the slow ones, the distributed optimiser and interleaved PP.
-STACK = DEFAULT | {("metaapo_moe", "ep2_distopt"), ("metaapo_lora", "dp2"), ("metaapo", "dp2_distopt"), ("metaapo", "pp2_vpp2"), ("metaapo", "tp2_thd"),
+STACK = DEFAULT | {("metaapo_moe", "ep2_distopt"), ("metaapo", "dp2_distopt"), ("metaapo", "pp2_vpp2"), ("metaapo", "tp2_thd"),
                    ("metaapo", "pp2_thd"), ("metaapo", "dp2_thd"), ("metaapo", "dp2_cp2_thd")}
 
 

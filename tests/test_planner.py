@@ -543,3 +543,11 @@ def test_lora_plans_the_adapters_only_for_gradients_and_the_optimiser_and_no_ref
     assert lora["grads"] == pytest.approx(4 * a / GiB) and lora["optimizer"] == pytest.approx(12 * a / 4 / GiB)
     assert lora["reference"] == 0.0 < full["reference"]
     assert sum(lora.values()) < sum(full.values()) - 20  # the 8B full-parameter state it does not hold
+    # lora.refit=adapters: vLLM's one LoRA slot (rank 16, split over its TP as Megatron's) comes out of the
+    # KV cache; the refit moves the full adapters (TP1 count) in the model's dtype
+    engine = dict(base, rollout=True, vllm_gpu_memory_utilization=0.4, vllm_tp=2, lora_rank=r, lora_targets=targets)
+    served, merged = plan_memory(PlanInput(**engine, vllm_lora_rank=16)), plan_memory(PlanInput(**engine))
+    assert served.terms["vllm_lora_slots"] == pytest.approx(a * 2 / GiB)
+    assert served.terms["vllm_kv"] == pytest.approx(merged.terms["vllm_kv"] - a * 2 / GiB)
+    assert served.terms["refit_adapters"] == pytest.approx(lora_params_per_rank(arch, 1, 1, r, targets) * 2 / GiB)
+    assert "vllm_lora_slots" not in merged.terms

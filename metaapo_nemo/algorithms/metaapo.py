@@ -251,7 +251,7 @@ class MetaAPO:
               "annotation_ratio": pos.annotated / pos.seen, "samples_scored_total": totals.samples_scored,
               "samples_generated_total": totals.samples_generated, "refill_prompts": report.counters.refill_prompts,
               "rm_chosen_mean": report.rm_chosen_mean, "rm_rejected_mean": report.rm_rejected_mean,
-              "refit_s": report.refit_s, "generate_s": report.generate_s, "score_s": report.score_s,
+              "refit_s": report.refit_s, "refit_mb": report.refit_bytes / 2**20, "generate_s": report.generate_s, "score_s": report.score_s,
               "reference_s": t_ref,
               "gen_tokens_per_s": report.generated_tokens / report.generate_s if report.generate_s else 0.0,
               "prepare_s": time.perf_counter() - t_round, "w_mean": float(w.mean())}

@@ -47,6 +47,7 @@ class RolloutReport:
     pairs: dict[int, OnlinePair]
     counters: object  # AnnotationCounters
     refit_s: float = 0.0
+    refit_bytes: int = 0  # what the refit moved into this rank's engine (the stream's bytes)
     generate_s: float = 0.0
     score_s: float = 0.0
     generated_tokens: int = 0
@@ -81,7 +82,11 @@ def online_pairs(
         return RolloutReport({}, counters)
     t0 = time.perf_counter()
     rollout.wake()
-    rollout.push_megatron(policy.modules(), policy.arch, policy_step, cfg.rollout.refit_bucket_mb << 20)
+    if policy.build.lora is not None and cfg.lora.refit == "adapters":  # the adapters alone, over the base
+        stats = rollout.push_lora(policy.modules(), policy.arch, policy.build.lora, policy_step,
+                                  str(cfg.model.path or ""))
+    else:
+        stats = rollout.push_megatron(policy.modules(), policy.arch, policy_step, cfg.rollout.refit_bucket_mb << 20)
     check("refit")
     t1 = time.perf_counter()
     batch = PromptBatch.build([p.prompt_ids for p in selected], [p.index for p in selected],
@@ -147,7 +152,7 @@ def online_pairs(
     chosen = [p.chosen_reward for p in by_key.values()]
     rejected = [p.rejected_reward for p in by_key.values()]
     return RolloutReport(
-        by_key, counters, refit_s=t1 - t0, generate_s=generate_s, score_s=score_s,
+        by_key, counters, refit_s=t1 - t0, refit_bytes=stats.bytes, generate_s=generate_s, score_s=score_s,
         generated_tokens=generated,
         rm_chosen_mean=sum(chosen) / len(chosen) if chosen else float("nan"),
         rm_rejected_mean=sum(rejected) / len(rejected) if rejected else float("nan"),

@@ -110,6 +110,10 @@ class LoraConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)  # on the adapters' input, as PEFT's lora_dropout
     # HF projection names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or "all-linear"
     target_modules: list[str] | str = "all-linear"
+    # how each round's refit reaches the rollout engine: "adapters" pushes only the adapter
+    # tensors (vLLM serves them as an in-memory LoRA over the unchanged base), "merged" pushes
+    # every weight with the adapters merged in (the full-training push)
+    refit: Literal["adapters", "merged"] = "adapters"
 
     @model_validator(mode="after")
     def _check_targets(self) -> LoraConfig:

@@ -26,7 +26,7 @@ from metaapo_nemo.config.checks import (
     set_keys,
 )
 from metaapo_nemo.config.model import LoraConfig, ModelConfig, TinyModelConfig
-from metaapo_nemo.config.online import MetaAPOConfig, RewardConfig, RolloutConfig
+from metaapo_nemo.config.online import VLLM_LORA_RANKS, MetaAPOConfig, RewardConfig, RolloutConfig
 from metaapo_nemo.config.runtime import (
     CheckpointConfig,
     EvalConfig,
@@ -259,6 +259,12 @@ class Config(BaseModel):
             errors.append(
                 "reference.offload_to_cpu=true with lora: the reference is the policy with its adapters "
                 "off (no second model), so there is nothing to offload; set reference.offload_to_cpu=false")
+        if (self.lora is not None and self.lora.refit == "adapters" and self.rollout is not None
+                and self.rollout.backend == "vllm" and self.lora.rank > VLLM_LORA_RANKS[-1]):
+            errors.append(
+                f"lora.rank={self.lora.rank} with lora.refit=adapters: vLLM serves LoRA adapters up to rank "
+                f"{VLLM_LORA_RANKS[-1]}; set lora.refit=merged (every weight pushed, the adapters merged in) "
+                f"or lora.rank <= {VLLM_LORA_RANKS[-1]}")
         if errors:
             raise ValueError("\n".join(errors))
         return self

@@ -325,33 +325,85 @@ def _checkpoint_adapters(module: torch.nn.Module, adapter: LoraAdapter) -> None:
     module.sharded_state_dict = sharded_state_dict  # type: ignore[method-assign]
 
 
+def peft_name(hf_module: str, part: str, which: str) -> str:
+    """PEFT's name of an adapter factor: ``base_model.model.<module>.<part>.lora_<A|B>.weight``."""
+    return f"base_model.model.{hf_module}.{part}.lora_{which}.weight"
+
+
+def _peft_order(name: str) -> tuple[int, int, str]:
+    """Sort key of a PEFT adapter name: layer, projection (`LORA_TARGETS` order), A before B."""
+    layer = int(name.split(".layers.", 1)[1].split(".", 1)[0])
+    part, which = name.rsplit(".", 3)[1:3]
+    return layer, LORA_TARGETS.index(part), which
+
+
 @torch.no_grad()
-def full_adapters(chunks: Sequence[torch.nn.Module], ctx: ParallelContext) -> dict[str, torch.Tensor]:
-    """Every adapter as PEFT names it (``base_model.model.<module>.lora_A.weight``), full tensors
-    (TP shards gathered), on global rank 0 ({} elsewhere). Call on EVERY rank."""
+def iter_adapter_tensors(chunks: Sequence[torch.nn.Module], arch: ModelArch, ctx: ParallelContext,
+                         settings: LoraSettings, dtype: torch.dtype | None = None
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Streams every adapter factor, PEFT-named and full (TP shards gathered inside the owning
+    pipeline stage, then broadcast over the pipeline group), in layer / projection / A-B order,
+    to EVERY rank; call on every rank (the collectives of `convert.iter_hf_tensors`, on adapter
+    sizes). The tensors are fresh copies: a consumer may change them in place."""
     import torch.distributed as dist
 
-    local: dict[str, torch.Tensor] = {}
+    local: dict[str, tuple[LoraAdapter, str, str]] = {}
     for m in adapters(chunks):
         for part in m.parts:
-            for which, dim in (("A", 1 if m.kind == "row" else None), ("B", None if m.kind == "row" else 0)):
-                t = getattr(m, f"{part}_{which}").detach()
-                if dim is not None and ctx.dims.tp > 1:
-                    pieces = [torch.empty_like(t) for _ in range(ctx.dims.tp)]
-                    dist.all_gather(pieces, t.contiguous(), group=ctx.tp_group)
-                    t = torch.cat(pieces, dim=dim)
-                local[f"base_model.model.{m.hf_prefix}.{part}.lora_{which}.weight"] = t.float().cpu().contiguous()
-    if ctx.dims.world_size == 1:
-        return local
-    # one copy per pipeline stage: TP rank 0 of the first data / context replica
-    keep = ctx.tp_rank == 0 and ctx.dp_rank == 0 and ctx.cp_rank == 0
-    gathered: list[dict] | None = [{} for _ in range(ctx.dims.world_size)] if ctx.rank == 0 else None
-    dist.gather_object(local if keep else {}, gathered, dst=0)
-    return {k: v for part in gathered for k, v in part.items()} if gathered is not None else {}
+            for which in ("A", "B"):
+                local[peft_name(m.hf_prefix, part, which)] = (m, part, which)
+    owners = dict.fromkeys(local, ctx.pp_rank)
+    if ctx.dims.pp > 1:
+        gathered: list[dict] = [{} for _ in range(ctx.dims.pp)]
+        dist.all_gather_object(gathered, owners, group=ctx.pp_group)
+        owners = {k: v for part in gathered for k, v in part.items()}
+    pp_ranks = dist.get_process_group_ranks(ctx.pp_group) if ctx.dims.pp > 1 else [ctx.rank]
+    shapes, r = projection_shapes(arch), settings.rank
+    for name in sorted(owners, key=_peft_order):
+        if owners[name] == ctx.pp_rank:
+            m, part, which = local[name]
+            t = getattr(m, f"{part}_{which}").detach()
+            split = {("row", "A"): 1, ("qkv", "B"): 0, ("gate_up", "B"): 0}.get((m.kind, which))
+            if split is not None and ctx.dims.tp > 1:
+                pieces = [torch.empty_like(t) for _ in range(ctx.dims.tp)]
+                dist.all_gather(pieces, t.contiguous(), group=ctx.tp_group)
+                t = torch.cat(pieces, dim=split)
+            else:
+                t = t.clone()
+        else:
+            fan_in, out = shapes[name.rsplit(".", 3)[1]]
+            ref = next(m for m, _, _ in local.values()) if local else None
+            like = ref._a(ref.parts[0]) if ref is not None else next(chunks[0].parameters())
+            t = torch.empty((r, fan_in) if name.endswith("lora_A.weight") else (out, r), dtype=like.dtype,
+                            device=like.device)
+        if ctx.dims.pp > 1:
+            t = t.contiguous()
+            dist.broadcast(t, src=pp_ranks[owners[name]], group=ctx.pp_group)
+        yield name, t if dtype is None else t.to(dtype)
 
 
-def export_peft(chunks: Sequence[torch.nn.Module], ctx: ParallelContext, settings: LoraSettings, base: str,
-                out_dir) -> None:
+def full_adapters(chunks: Sequence[torch.nn.Module], arch: ModelArch, ctx: ParallelContext,
+                  settings: LoraSettings) -> dict[str, torch.Tensor]:
+    """Every adapter as PEFT names it, full float32 CPU tensors, on global rank 0 ({} elsewhere).
+    Call on EVERY rank."""
+    out = {}
+    for name, t in iter_adapter_tensors(chunks, arch, ctx, settings):
+        if ctx.rank == 0:
+            out[name] = t.float().cpu().contiguous()
+    return out
+
+
+def peft_config(settings: LoraSettings, base: str) -> dict:
+    """The PEFT ``adapter_config.json`` of adapters trained with `settings` on `base`."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
+            "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
+            "target_modules": list(settings.targets), "bias": "none", "fan_in_fan_out": False,
+            "use_rslora": False, "use_dora": False, "inference_mode": True, "init_lora_weights": True,
+            "modules_to_save": None}
+
+
+def export_peft(chunks: Sequence[torch.nn.Module], arch: ModelArch, ctx: ParallelContext, settings: LoraSettings,
+                base: str, out_dir) -> None:
     """Writes the adapters as a PEFT LoRA directory (adapter_config.json, adapter_model.safetensors)
     that ``PeftModel.from_pretrained(<the HF base>, out_dir)`` loads. Call on EVERY rank; rank 0
     writes (to a temporary sibling, then renamed)."""
@@ -361,7 +413,7 @@ def export_peft(chunks: Sequence[torch.nn.Module], ctx: ParallelContext, setting
 
     from safetensors.torch import save_file
 
-    tensors = full_adapters(chunks, ctx)
+    tensors = full_adapters(chunks, arch, ctx, settings)
     if ctx.rank != 0:
         return
     out = Path(out_dir)
@@ -369,12 +421,7 @@ def export_peft(chunks: Sequence[torch.nn.Module], ctx: ParallelContext, setting
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
-              "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
-              "target_modules": list(settings.targets), "bias": "none", "fan_in_fan_out": False,
-              "use_rslora": False, "use_dora": False, "inference_mode": True, "init_lora_weights": True,
-              "modules_to_save": None}
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / "adapter_config.json").write_text(json.dumps(peft_config(settings, base), indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 

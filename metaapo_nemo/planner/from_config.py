@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from metaapo_nemo.models.arch import ModelArch
 from metaapo_nemo.planner.records import PlanInput
+from metaapo_nemo.rollout.vllm_api import lora_slot_rank
 
 
 def plan_input_from_config(cfg, arch: ModelArch, tp: int, pp: int, dp: int, accum: int,
@@ -70,4 +71,6 @@ def plan_input_from_config(cfg, arch: ModelArch, tp: int, pp: int, dp: int, accu
         checkpoint_reference=metaapo and cfg.metaapo.reference == "per_round",
         lora_rank=cfg.lora.rank if cfg.lora is not None else 0,
         lora_targets=cfg.lora.targets() if cfg.lora is not None else (),
+        vllm_lora_rank=(lora_slot_rank(cfg.lora.rank) if cfg.lora is not None and cfg.lora.refit == "adapters"
+                        and sampling else 0),
     )

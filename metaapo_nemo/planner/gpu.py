@@ -28,24 +28,36 @@ def _engine(x: PlanInput, plan: Plan) -> float:
     g = lambda v: v / GiB  # noqa: E731
     vllm_weights = a.num_parameters * _BYTES["bfloat16"] / x.vllm_tp
     reserve = vllm_profile_reserve_bytes(x)
+    # lora.refit=adapters: one adapter slot at the engine's max_lora_rank, allocated with the weights
+    # (before the KV cache is sized), split over vLLM's TP as Megatron splits the adapters
+    slots = lora_params_per_rank(a, x.vllm_tp, 1, x.vllm_lora_rank, x.lora_targets) * _BYTES["bfloat16"]
     if x.vllm_gpu_memory_utilization is not None:
         pool = x.vllm_gpu_memory_utilization * x.gpu_memory_gib
         naive_kv = pool - g(vllm_weights)
-        kv = naive_kv - g(sum(reserve.values()))
+        kv = naive_kv - g(sum(reserve.values())) - g(slots)
     else:
         naive_kv = kv = x.vllm_kv_cache_gib
-        pool = g(vllm_weights) + kv + g(sum(reserve.values()))
+        pool = g(vllm_weights) + kv + g(sum(reserve.values())) + g(slots)
     per_tok = kv_bytes_per_token(a, x.vllm_tp)
     kv_tokens = max(0.0, kv) * GiB / per_tok
     # a MoE model's experts: vLLM splits every expert over its TP ranks (or whole experts over
     # them with expert parallelism): the same bytes per rank either way
     experts = a.num_layers * a.expert_parameters * _BYTES["bfloat16"] / x.vllm_tp
+    if x.vllm_lora_rank:
+        full = lora_params_per_rank(a, 1, 1, x.lora_rank, x.lora_targets)
+        plan.terms |= {"vllm_lora_slots": g(slots), "refit_adapters": g(full * _BYTES[x.dtype])}
+        plan.assumptions.append(
+            f"lora.refit=adapters: vLLM holds one LoRA slot of rank {x.vllm_lora_rank} (its max_lora_rank for "
+            f"rank {x.lora_rank}) on {', '.join(x.lora_targets)}, {g(slots):.3f} GiB per vLLM TP rank (bf16), taken "
+            f"from the KV cache; each refit moves the adapters alone ({g(full * _BYTES[x.dtype]):.3f} GiB full, "
+            f"{x.dtype}, gathered on every rank while the KV cache is still asleep; vLLM keeps a host copy)")
     plan.terms |= {"vllm_weights": g(vllm_weights), "vllm_expert_weights": g(experts), "vllm_kv": kv,
                    "vllm_kv_naive": naive_kv,
                    "vllm_kv_tokens": kv_tokens} | {f"vllm_reserve_{k}": g(v) for k, v in reserve.items()}
     plan.assumptions.append(
         f"vLLM awake = {pool:.2f} GiB: weights {g(vllm_weights):.2f} (TP{x.vllm_tp}"
-        + (f"; experts {g(experts):.2f} of it" if experts else "") + "), profiling reserve "
+        + (f"; experts {g(experts):.2f} of it" if experts else "") + ")"
+        + (f", LoRA slot {g(slots):.3f}" if slots else "") + ", profiling reserve "
         + ", ".join(f"{k} {g(v):.2f}" for k, v in reserve.items())
         + f" (T={x.vllm_max_num_batched_tokens}, max_num_seqs={x.vllm_max_num_seqs}), KV {kv:.2f} GiB "
         f"(util x GPU - weights alone would say {naive_kv:.2f}) = {kv_tokens:,.0f} tokens = "

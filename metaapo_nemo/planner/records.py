@@ -38,6 +38,7 @@ class PlanInput:
     vllm_cudagraph_gib: float = 1.0  # CUDA graph pool (assumption; 0 with enforce_eager)
     vllm_sleep_level: int = 1  # 1: weights offloaded to CPU and KV freed while training
     vllm_sleeps_after_build: bool = True  # rollout/vllm_backend.py: asleep before round 0
+    vllm_lora_rank: int = 0  # > 0: LoRA slots of this rank (lora.refit=adapters: vLLM serves the adapters)
     vllm_overhead_gib: float = 0.25  # what a sleeping engine keeps (allocator pools, buffers)
     rollout: bool = True  # False: no vLLM engine (offline DPO), no generate phase
     engine_on_host: bool = False  # rollout.backend=hf: the engine is a CPU model, no GPU bytes

@@ -260,6 +260,20 @@ class Generator(Protocol):
         """
         ...
 
+    def load_adapters(self, tensors: dict[str, torch.Tensor], config: dict, policy_step: int) -> None:
+        """Pushes the policy as LoRA adapters over the engine's base weights (``lora.refit=adapters``).
+
+        `tensors` are PEFT-named full factors (``base_model.model.<module>.lora_A.weight`` [r, in],
+        ``...lora_B.weight`` [out, r]); `config` is PEFT's adapter config (r, lora_alpha,
+        target_modules). They replace any earlier adapter; the base weights are those the engine
+        was built from. On success the engine generates `policy_step`'s policy; on failure it
+        stays stale.
+
+        Raises:
+            RefitError: With the step, if the engine cannot take them.
+        """
+        ...
+
     def sleep(self) -> None:
         """Frees accelerator memory (weights offloaded, KV cache dropped) while training.
 

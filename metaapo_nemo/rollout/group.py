@@ -42,7 +42,7 @@ from metaapo_nemo.rollout.generator import (
     SamplingSettings,
     check_fresh,
 )
-from metaapo_nemo.rollout.refit import RefitStats, push_weights
+from metaapo_nemo.rollout.refit import RefitStats, push_adapters, push_weights
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,34 @@ class RolloutGroup:
         Raises:
             RefitError: On every rank if any engine failed; all engines count as stale.
         """
-        stats, error = push_weights(tensors, self.generator, policy_step, cap_bytes)
+        return self._agree(*push_weights(tensors, self.generator, policy_step, cap_bytes), policy_step)
+
+    def push_lora(self, chunks: list, arch: Any, settings: Any, policy_step: int, base: str = "",
+                  dtype: torch.dtype | None = None) -> RefitStats:
+        """Pushes a LoRA policy's adapters alone into the engines (``lora.refit=adapters``): they
+        run them over the base weights they were built from. Call on every rank.
+
+        Args:
+            chunks: This rank's bare GPTModel chunks, with adapters (`MegatronLM.modules()`).
+            arch: The `ModelArch`.
+            settings: The `lora.LoraSettings`.
+            policy_step: Optimiser steps taken by the policy these adapters come from.
+            base: The base checkpoint's path (the PEFT config's ``base_model_name_or_path``).
+            dtype: Engine dtype to convert to (None keeps the training dtype).
+
+        Raises:
+            RefitError: On every rank if any engine failed; all engines count as stale.
+        """
+        from metaapo_nemo.models.lora import iter_adapter_tensors, peft_config
+
+        if self.ctx is None:
+            raise ValueError("push_lora needs the ParallelContext of the training job")
+        stream = iter_adapter_tensors(chunks, arch, self.ctx, settings, dtype)
+        return self._agree(*push_adapters(stream, self.generator, peft_config(settings, base), policy_step),
+                           policy_step)
+
+    def _agree(self, stats: RefitStats, error: RefitError | None, policy_step: int) -> RefitStats:
+        """Every rank learns whether any engine failed the push; raises RefitError on all if so."""
         failed = error is not None
         if self._distributed:
             flag = torch.tensor([int(failed)], dtype=torch.int32, device=self.ctx.device)

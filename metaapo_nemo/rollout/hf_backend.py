@@ -106,16 +106,50 @@ class HfGenerator:
         self._stale_reason: str | None = None if initial_step is not None else "never loaded"
         self._unseeded = torch.Generator().manual_seed(settings.seed)
         self.calls = 0
+        self._base: dict[str, torch.Tensor] = {}  # weights an adapter push changed: their base values
 
     @property
     def weights_step(self) -> int | None:
         return self._weights_step
 
     # ------------------------------------------------------------------ weights
+    def load_adapters(self, tensors: dict[str, torch.Tensor], config: dict, policy_step: int) -> None:
+        """LoRA adapters over the base weights (see `Generator.load_adapters`): this engine has no
+        LoRA kernels, so it merges them, ``W = W_base + (alpha / r) B A``, keeping a copy of each
+        adapted weight's base value (the next push merges into the base again, and restores the
+        weights it no longer adapts)."""
+        if self.model is None:
+            raise RefitError("cannot push adapters: the engine was shut down", policy_step)
+        self._weights_step = None
+        self._stale_reason = f"the adapter push for policy step {policy_step} did not finish"
+        try:
+            scale = float(config["lora_alpha"]) / int(config["r"])
+            factors: dict[str, dict[str, torch.Tensor]] = {}
+            for name, t in tensors.items():
+                module, sep, which = name.removeprefix("base_model.model.").rpartition(".lora_")
+                if not sep or which not in ("A.weight", "B.weight"):
+                    raise KeyError(f"{name!r} is not a PEFT LoRA factor (...lora_A.weight / ...lora_B.weight)")
+                factors.setdefault(f"{module}.weight", {})[which[0]] = t
+            with torch.no_grad():
+                for weight in set(self._base) - set(factors):
+                    self._params[weight].copy_(self._base.pop(weight))
+                for weight, ab in factors.items():
+                    param = self._params.get(weight)
+                    if param is None or set(ab) != {"A", "B"}:
+                        raise KeyError(f"{weight}: not a weight of this model, or its adapter lacks A or B")
+                    base = self._base.setdefault(weight, param.detach().clone())
+                    delta = (ab["B"].float() @ ab["A"].float()) * scale
+                    param.copy_((base.float() + delta.to(base.device)).to(param.dtype))
+        except Exception as exc:  # noqa: BLE001 (reported with the step; stays stale)
+            raise RefitError(f"adapter push for policy step {policy_step} failed: {type(exc).__name__}: {exc}",
+                             policy_step) from exc
+        self._weights_step, self._stale_reason = policy_step, None
+
     def load_weights(self, buckets: Iterable[WeightBucket], policy_step: int) -> None:
         """Copies one full weight set into the model (see `Generator.load_weights`)."""
         if self.model is None:
             raise RefitError("cannot push weights: the engine was shut down", policy_step)
+        self._base.clear()  # full weights: nothing to restore
         self._weights_step = None
         self._stale_reason = f"the push for policy step {policy_step} did not finish"
         loaded: set[str] = set()

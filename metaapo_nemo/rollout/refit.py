@@ -1,4 +1,5 @@
-"""Weight refit: HF-named full tensors -> buckets under a memory cap -> `Generator.load_weights`.
+"""Weight refit: HF-named full tensors -> buckets under a memory cap -> `Generator.load_weights`;
+or, for a LoRA policy (``lora.refit=adapters``), its adapters alone -> `Generator.load_adapters`.
 
 The tensors come from `metaapo_nemo.models.convert.iter_hf_tensors`, which assembles each HF
 tensor from any training layout (TP all-gather inside a stage, PP broadcast across stages,
@@ -14,6 +15,10 @@ gate/up -> ``gate_up_proj``) always travel in the same bucket, because vLLM proc
 across two calls would be processed half-loaded. A fusion group larger than the cap
 travels alone in its own bucket (counted in ``RefitStats.oversize_groups``): the stream
 already holds that much memory, the cap bounds everything else.
+
+Adapters (`push_adapters`): the stream is `models.lora.iter_adapter_tensors` (PEFT names, full
+factors); they are collected whole (a few hundred MB at 70B, r=16) and handed over in one call,
+since vLLM registers an adapter as a unit.
 
 Faults: if the engine fails mid-push, the remaining stream is still drained on this rank
 (the other ranks are inside the same TP/PP collectives), the engine stays marked stale
@@ -176,5 +181,49 @@ def push_weights(
             error.__cause__ = exc
     for _ in stream:  # drain: peers are still inside the gather/broadcast collectives
         pass
+    stats.seconds = time.perf_counter() - t0
+    return stats, error
+
+
+def push_adapters(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    generator: Generator | None,
+    config: dict,
+    policy_step: int,
+) -> tuple[RefitStats, RefitError | None]:
+    """Streams a LoRA policy's adapters into `generator` (or only drains the stream).
+
+    Call on every rank that takes part in producing `tensors` (`lora.iter_adapter_tensors`);
+    ranks without an engine pass ``generator=None``.
+
+    Args:
+        tensors: PEFT-named full adapter factors.
+        generator: This rank's engine, or None.
+        config: PEFT's adapter config (`lora.peft_config`).
+        policy_step: The optimiser step these adapters belong to.
+
+    Returns:
+        (stats, error), as `push_weights` (one "bucket": the whole adapter set).
+    """
+    stats = RefitStats(policy_step=policy_step)
+    t0 = time.perf_counter()
+    adapters: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors:  # every rank drains: peers are inside the gather/broadcast collectives
+        stats.tensors += 1
+        stats.bytes += tensor.numel() * tensor.element_size()
+        if generator is not None:
+            adapters[name] = tensor
+    stats.buckets, stats.peak_bucket_bytes = 1, stats.bytes
+    error: RefitError | None = None
+    if generator is not None:
+        try:
+            generator.load_adapters(adapters, config, policy_step)
+        except RefitError as exc:
+            error = exc
+        except Exception as exc:  # noqa: BLE001 (a backend that did not wrap its failure)
+            error = RefitError(
+                f"adapter push for policy step {policy_step} failed: {type(exc).__name__}: {exc}", policy_step
+            )
+            error.__cause__ = exc
     stats.seconds = time.perf_counter() - t0
     return stats, error

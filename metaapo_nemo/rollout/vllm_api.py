@@ -29,6 +29,8 @@ import logging
 import re
 from collections.abc import Iterable
 from types import ModuleType
+
+from metaapo_nemo.config.online import VLLM_LORA_RANKS
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,18 @@ SURFACE: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
 SLEEP_SURFACE: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("LLM", "sleep", ("level",), "VllmGenerator.sleep (colocated GPU)"),
     ("LLM", "wake_up", ("tags",), "VllmGenerator wake order weights -> push -> kv_cache"),
+)
+LORA_SURFACE: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    ("LLM", "generate", ("lora_request",), "VllmGenerator._run under lora.refit=adapters"),
+)
+# The in-memory adapter push (`vllm_backend._set_adapter`): (module, class, method, parameters).
+LORA_IN_MEMORY: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("vllm.lora.lora_model", "LoRAModel", "from_lora_tensors",
+     ("lora_model_id", "tensors", "peft_helper", "device", "dtype", "model_vocab_size", "weights_mapper",
+      "skip_prefixes")),
+    ("vllm.lora.peft_helper", "PEFTHelper", "from_dict", ("config_dict",)),
+    ("vllm.lora.peft_helper", "PEFTHelper", "validate_legal", ("lora_config",)),
+    ("vllm.lora.request", "LoRARequest", "__init__", ("lora_name", "lora_int_id", "lora_path")),
 )
 SAMPLING_FIELDS = ("n", "temperature", "top_p", "max_tokens", "stop_token_ids", "logprobs", "seed")
 
@@ -108,7 +122,8 @@ def surface_problems(vllm: ModuleType, engine_kwargs: Iterable[str], sleep_mode:
         if var_kw and engine_fields is not None and name in engine_fields:
             continue  # LLM forwards **kwargs to EngineArgs
         problems.append(f"LLM(...) does not accept the engine argument {name!r}")
-    for owner, method, needed, caller in SURFACE + (SLEEP_SURFACE if sleep_mode else ()):
+    lora = LORA_SURFACE if "enable_lora" in engine_kwargs else ()
+    for owner, method, needed, caller in SURFACE + (SLEEP_SURFACE if sleep_mode else ()) + lora:
         fn = getattr(llm, method, None)
         if fn is None:
             problems.append(f"{owner}.{method} is missing (used by {caller})")
@@ -131,6 +146,25 @@ def surface_problems(vllm: ModuleType, engine_kwargs: Iterable[str], sleep_mode:
     inputs = getattr(vllm, "inputs", None)
     if inputs is None or not hasattr(inputs, "TokensPrompt"):
         problems.append("vllm.inputs.TokensPrompt is missing (prompts are sent as token ids)")
+    return problems
+
+
+def lora_problems() -> list[str]:
+    """Every missing or changed piece of vLLM's LoRA code that the in-memory adapter push calls
+    (imports ``vllm.lora``; empty: all there)."""
+    problems = []
+    for module, cls, method, needed in LORA_IN_MEMORY:
+        try:
+            fn = getattr(getattr(importlib.import_module(module), cls), method)
+        except (ImportError, AttributeError) as exc:
+            problems.append(f"{module}.{cls}.{method} is missing ({type(exc).__name__}: {exc}; used by the "
+                            "adapter push, lora.refit=adapters)")
+            continue
+        sig = _params(fn)
+        missing = [] if sig is None or sig[1] else [p for p in needed if p not in sig[0]]
+        if missing:
+            problems.append(f"{cls}.{method} has no parameter {', '.join(map(repr, missing))} (used by the adapter "
+                            "push, lora.refit=adapters)")
     return problems
 
 
@@ -166,7 +200,17 @@ def engine_kwargs(settings: Any, on_gpu: bool, sleep_mode: bool) -> dict[str, An
         }
     if sleep_mode:
         kwargs["enable_sleep_mode"] = True
+    if settings.lora_rank:  # one in-memory adapter at a time: the policy's (lora.refit=adapters)
+        kwargs |= {"enable_lora": True, "max_loras": 1, "max_lora_rank": lora_slot_rank(settings.lora_rank)}
     return kwargs
+
+
+def lora_slot_rank(rank: int) -> int:
+    """The engine's ``max_lora_rank`` for adapters of `rank` (the smallest vLLM offers >= it)."""
+    for slot in VLLM_LORA_RANKS:
+        if slot >= rank:
+            return slot
+    raise ValueError(f"LoRA rank {rank} > {VLLM_LORA_RANKS[-1]}, the largest vLLM serves; refit merged weights")
 
 
 # The GPU worker's in-place weight reload: the push's ``collective_rpc("reload_weights",
@@ -185,8 +229,9 @@ def check_installed(vllm: ModuleType | None = None) -> list[str]:
         importlib.import_module("vllm.inputs")
     settings = SimpleNamespace(model_dir="m", dtype="bfloat16", seed=0, tp=1, enforce_eager=False,
                                max_num_batched_tokens=1, max_model_len=1, gpu_memory_utilization=0.5,
-                               kv_cache_memory_bytes=1)
+                               kv_cache_memory_bytes=1, lora_rank=16)
     problems = [f"GPU: {p}" for p in surface_problems(vllm, engine_kwargs(settings, True, True), True)]
+    problems += lora_problems()
     problems += [f"CPU: {p}" for p in surface_problems(vllm, engine_kwargs(settings, False, False), False)]
     module, cls, method, param = GPU_RELOAD
     try:
@@ -233,7 +278,10 @@ def check_vllm_api(
         vllm = importlib.import_module("vllm")
         importlib.import_module("vllm.inputs")
     version = installed_version(vllm)
-    problems = surface_problems(vllm, list(engine_kwargs), sleep_mode)
+    engine_kwargs = list(engine_kwargs)
+    problems = surface_problems(vllm, engine_kwargs, sleep_mode)
+    if "enable_lora" in engine_kwargs and isinstance(getattr(vllm, "__file__", None), str):  # the real vLLM
+        problems += lora_problems()
     if problems:
         raise VllmApiError(
             f"the installed {version} does not have the API this project calls "

