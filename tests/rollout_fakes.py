@@ -133,8 +133,10 @@ def recording_llm(events: list[str], reset_result: bool | None = True, blocks: i
             sampling_params: Sequence[Any] | None = None,
             *,
             use_tqdm: bool = True,
+            lora_request: Any = None,
         ) -> list[Any]:
-            events.append(f"generate({len(prompts)})")
+            events.append(f"generate({len(prompts)})" if lora_request is None else
+                          f"generate({len(prompts)}, lora={lora_request.lora_int_id})")
             out = []
             for params in sampling_params:
                 ids = [5] * params.max_tokens

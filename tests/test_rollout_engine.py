@@ -119,6 +119,32 @@ def test_push_fails_when_reset_prefix_cache_returns_false(engine):
     assert gen.weights_step is None
 
 
+def test_adapter_push_wakes_the_weights_sets_the_adapter_and_generates_with_it(engine):
+    """lora.refit=adapters: the engine is built with one LoRA slot at vLLM's rank for the adapters'
+    rank; an adapter push wakes the weights only, hands the tensors to the worker and resets the
+    prefix cache; generation then names the adapter (a new LoRA id per push); a full push after it
+    drops the adapter. An engine built without LoRA slots refuses an adapter push."""
+    make, events = engine
+    gen = make(lora_rank=4)
+    assert {k: gen.llm.kwargs[k] for k in ("enable_lora", "max_loras", "max_lora_rank")} == {
+        "enable_lora": True, "max_loras": 1, "max_lora_rank": 8}
+    events.clear()
+    tensors = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 8)}
+    gen.load_adapters(tensors, {"r": 4, "lora_alpha": 8}, policy_step=2)
+    assert events == ["empty_cache", "wake_up(['weights'])", "set_adapter", "reset_prefix_cache"]
+    assert gen.weights_step == 2 and gen._lora.lora_int_id == 1
+    gen.load_adapters(tensors, {"r": 4, "lora_alpha": 8}, policy_step=3)
+    assert gen._lora.lora_int_id == 2 and gen._lora.lora_name == "policy-step-3"
+    gen.generate(PromptBatch.build([[1, 2]]), SETTINGS, 3)
+    assert events[-1] == "generate(2, lora=2)"
+    gen.load_weights([WEIGHTS], policy_step=4)
+    assert gen._lora is None  # full weights: no adapter on top
+    plain = make()
+    assert "enable_lora" not in plain.llm.kwargs
+    with pytest.raises(RefitError, match="built without LoRA slots"):
+        plain.load_adapters(tensors, {"r": 4, "lora_alpha": 8}, policy_step=1)
+
+
 # ------------------------------------------------------------------ the API check
 
 

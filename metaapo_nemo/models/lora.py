@@ -4,8 +4,8 @@ Each targeted linear keeps its frozen weight W and gains, per HF projection it c
 pair A [r, in], B [out, r] (PEFT's names and shapes), so that its output becomes
 ``W x + (alpha / r) B A dropout(x)``. Megatron fuses HF projections: ``linear_qkv`` holds q, k and v
 interleaved per query group, ``linear_fc1`` holds [gate; up]; the adapter of each targeted
-projection computes its own delta and the deltas are laid out as the fused weight's rows
-(`_fuse_column`), so an adapter is exactly PEFT's on the HF module.
+projection has its own A and B; the A are stacked (`_a_cat`) and the B laid out as the fused weight's
+rows (`_b_fused`), so an adapter is exactly PEFT's on the HF module, computed in two matmuls.
 
 Tensor parallelism (t ranks), per kind of linear:
 
@@ -137,52 +137,59 @@ class LoraAdapter(torch.nn.Module):
     def _b(self, part: str) -> torch.Tensor:
         return getattr(self, f"{part}_B")
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapters' addition to the linear's output for its input x ([s, b, in] as megatron's)."""
+    def _a_cat(self) -> torch.Tensor:
+        """[k r, in_local]: the A of each of the k projections, stacked (one matmul reads x once)."""
+        if len(self.parts) == 1:
+            return self._a(self.parts[0])
+        return torch.cat([self._a(p) for p in self.parts])
+
+    def _b_fused(self) -> torch.Tensor:
+        """[out_local, k r]: each projection's B in its rows of the fused linear (megatron's q/k/v
+        interleaving per query group, [gate; up]) and its own r columns, zeros elsewhere, so that
+        ``B_fused (A_cat x)`` is the fused linear's delta in its own row layout."""
+        if self.kind == "row":
+            return self._b(self.parts[0])
+        shapes = projection_shapes(self.arch)
+        names = LINEARS["self_attention.linear_qkv" if self.kind == "qkv" else "mlp.linear_fc1"][1]
+        blocks = []
+        for part in self.parts:
+            b = self._b(part)
+            rows = {n: b if n == part else b.new_zeros(shapes[n][1] // self.tp, b.shape[1]) for n in names}
+            if self.kind == "gate_up":
+                blocks.append(torch.cat([rows["gate_proj"], rows["up_proj"]]))
+                continue
+            groups, hd = self.arch.num_kv_heads // self.tp, self.arch.head_dim
+            q = rows["q_proj"].reshape(groups, -1, b.shape[1])
+            k, v = (rows[n].reshape(groups, hd, b.shape[1]) for n in ("k_proj", "v_proj"))
+            blocks.append(torch.cat([q, k, v], dim=1).reshape(-1, b.shape[1]))
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out + scale B A dropout(x)``: the linear's output [s, b, out_local] with the adapters'
+        addition, for its input x ([s, b, in] as megatron's). One matmul reads x for all of a fused
+        linear's projections and one addmm writes their deltas into the output's layout."""
         from megatron.core import tensor_parallel as mp
 
         x = self.dropout(x)
         if self.kind == "row":
-            (part,) = self.parts
-            h = x @ self._a(part).t()  # partial over the TP ranks' input columns
+            h = x @ self._a_cat().t()  # partial over the TP ranks' input columns
             if self.tp > 1:
                 h = mp.reduce_scatter_to_sequence_parallel_region(h) if self.sp else \
                     mp.reduce_from_tensor_model_parallel_region(h)
-            return (h @ self._b(part).t()) * self.scale
-        if self.tp > 1 and self.sp:
-            x = mp.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
-        outs = {}
-        for part in self.parts:
-            h = x @ self._a(part).t()
+        else:
+            if self.tp > 1 and self.sp:
+                x = mp.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
+            h = x @ self._a_cat().t()
             if self.tp > 1 and not self.sp:
                 h = mp.copy_to_tensor_model_parallel_region(h)
-            outs[part] = h @ self._b(part).t()
-        return self._fuse_column(outs, x.shape[:-1], x.dtype, x.device) * self.scale
-
-    def _fuse_column(self, outs: dict[str, torch.Tensor], lead: torch.Size, dtype, device) -> torch.Tensor:
-        """Per-projection outputs -> the fused linear's row layout on this rank (zeros where a
-        projection has no adapter)."""
-        shapes = projection_shapes(self.arch)
-        names = LINEARS["self_attention.linear_qkv" if self.kind == "qkv" else "mlp.linear_fc1"][1]
-        full = {n: outs[n] if n in outs else torch.zeros(*lead, shapes[n][1] // self.tp, dtype=dtype, device=device)
-                for n in names}
-        if self.kind == "gate_up":
-            return torch.cat([full["gate_proj"], full["up_proj"]], dim=-1)
-        groups, hd = self.arch.num_kv_heads // self.tp, self.arch.head_dim
-        q = full["q_proj"].reshape(*lead, groups, -1)
-        k, v = (full[n].reshape(*lead, groups, hd) for n in ("k_proj", "v_proj"))
-        return torch.cat([q, k, v], dim=-1).reshape(*lead, -1)
+        width = out.shape[-1]
+        return torch.addmm(out.reshape(-1, width), h.reshape(-1, h.shape[-1]).to(out.dtype),
+                           self._b_fused().t().to(out.dtype), alpha=self.scale).view(out.shape)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """scale x B A in the base weight's local (this TP rank's) layout: what merging adds to W."""
-        if self.kind == "row":
-            (part,) = self.parts
-            return (self._b(part) @ self._a(part)) * self.scale
-        outs = {p: (self._b(p) @ self._a(p)).t() for p in self.parts}  # [in, out_p]: outputs per input unit
-        a = self._a(self.parts[0])
-        fused = self._fuse_column(outs, torch.Size([a.shape[1]]), a.dtype, a.device)  # [in, out_local]
-        return fused.t() * self.scale
+        return (self._b_fused() @ self._a_cat()) * self.scale
 
     def hook(self, module: torch.nn.Module, args: tuple, output):
         if not self.enabled:
@@ -193,7 +200,7 @@ class LoraAdapter(torch.nn.Module):
             x = torch.nn.functional.rms_norm(x, (x.shape[-1],), norm_weight,
                                              module.config.layernorm_epsilon)  # type: ignore[union-attr]
         out, bias = output
-        return out + self.delta(x).to(out.dtype), bias
+        return self.add_delta(out, x), bias
 
 
 def _seed(seed: int, name: str) -> int:

@@ -191,8 +191,11 @@ def _set_adapter(worker: Any, lora_id: int, tensors: dict[str, torch.Tensor], co
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.peft_helper import PEFTHelper
 
-    manager = worker.model_runner.lora_manager
-    adapters = manager._adapter_manager
+    manager = getattr(worker.model_runner, "lora_manager", None)
+    adapters = getattr(manager, "_adapter_manager", None)
+    if adapters is None:
+        raise RuntimeError(f"this vLLM's model runner ({type(worker.model_runner).__name__}) has no LoRA manager "
+                           "to take in-memory adapters; set lora.refit=merged (every weight pushed, merged)")
     helper = PEFTHelper.from_dict(dict(config, vllm_max_position_embeddings=manager.max_position_embeddings))
     helper.validate_legal(manager.lora_config)
     model = adapters.model
