@@ -30,8 +30,10 @@ from metaapo_nemo.trainer.summary import read_jsonl
 SFT = "sft"
 LABELS = {"sft": "SFT start", "dpo": "offline DPO", "online_dpo": "Online DPO", "metaapo": "MetaAPO",
           "random_sampling": "random sampling", "fixed_weights": "fixed weights",
-          "sample_all_meta": "sample-all + meta w"}
+          "sample_all_meta": "sample-all + meta w", "metaapo_lora": "MetaAPO + LoRA r16 (10x lr)"}
 ORDER = ("dpo", "online_dpo", "metaapo", "random_sampling", "fixed_weights", "sample_all_meta")
+EXTRA = ("metaapo_lora",)  # reported when run (evidence_study --methods), never "missing"
+LR_SCALE = {"metaapo_lora": 10.0}  # their lr as a multiple of the tuned one (as evidence_study.LR_SCALE)
 META_METHODS = ("metaapo", "random_sampling", "fixed_weights", "sample_all_meta")
 MARGIN = 0.01  # claims (a), (b): non-inferiority margin
 # A cell whose 1-minute load average at its end was above this shared the 2 cores with other
@@ -252,7 +254,7 @@ def edge_lines(tuning: dict) -> list[str]:
 
 def analyse(cells: dict[str, dict[int, dict]], tuning: dict | None, resamples: int = 10_000) -> dict:
     """Tables and verdicts from `load_study`'s cells."""
-    methods = [m for m in ORDER if m in cells]
+    methods = [m for m in ORDER + EXTRA if m in cells]
     seeds = sorted(set.intersection(*(set(cells[m]) for m in methods))) if methods else []
     every = sorted(set().union(*(set(cells[m]) for m in methods))) if methods else []
     missing = [m for m in ORDER if m not in cells] + [f"{m} seed {s}" for m in methods for s in every
@@ -262,7 +264,8 @@ def analyse(cells: dict[str, dict[int, dict]], tuning: dict | None, resamples: i
                                              for c in cells[m].values()), default=1)}
     if not seeds:
         return result | {"rows": [], "claims": []}
-    settings = {(c["config"]["lr"], c["config"]["beta"], c["config"]["max_steps"])
+    # an extra method runs at a fixed multiple of the tuned lr (evidence_study.LR_SCALE)
+    settings = {(round(c["config"]["lr"] / LR_SCALE.get(m, 1.0), 12), c["config"]["beta"], c["config"]["max_steps"])
                 for m in methods for c in cells[m].values()}
     if len(settings) != 1:  # claims.md: every method gets the tuned DPO setting and the same budget
         raise ValueError(f"the main cells ran with different (lr, beta, max_steps): {sorted(settings)}")
@@ -370,6 +373,11 @@ def markdown(r: dict, meta: dict) -> str:
     if meta.get("cells_from"):
         lines += [f"Cells run earlier come from `{meta['cells_from']}` (their scores, rounds and wall times "
                   "as recorded then; not rerun).", ""]
+    extra = [m for m in r.get("methods", []) if m in EXTRA]
+    if extra:
+        lines += [f"Outside the pre-registered claims: {', '.join(LABELS[m] for m in extra)}, at "
+                  + ", ".join(f"{LR_SCALE.get(m, 1.0):g}x" for m in extra) + " the tuned lr (one untuned point; "
+                  "the claims below compare the pre-registered methods only).", ""]
     if meta.get("ci"):
         lines += ["**CI size** (a tiny random model, a few steps): checks the pipeline, says nothing about the "
                   "claims.", ""]

