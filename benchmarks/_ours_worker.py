@@ -38,6 +38,7 @@ def overrides(job: dict[str, Any], tmp: str) -> list[str]:
         f"optim.lr={job['lr']}", "optim.warmup_ratio=0.0", "optim.schedule=constant",
         "optim.weight_decay=0.0", "optim.clip_grad=1.0", f"loss.beta={job['beta']}",
         f"reference.precompute={str(job['precompute']).lower()}", *model,
+        *([f"lora.rank={job['lora']}", f"lora.alpha={2 * job['lora']}"] if job.get("lora") else []),
     ]
 
 

@@ -67,6 +67,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--references", nargs="+", default=["per_step", "precomputed"],
                    choices=["per_step", "precomputed"])
     p.add_argument("--profile", action="store_true", help="one profiled run per ours layout")
+    p.add_argument("--lora", type=int, default=0, help="ours with LoRA adapters of this rank on every linear")
     p.add_argument("--out", default=str(RESULTS), help="append the JSON lines here ('' = no file)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -149,7 +150,7 @@ def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
             parts = layout.split("+")
             out.append(dict(name=f"ours[{layout}]", framework="ours", reference=ref, precompute=pre,
                             batching=parts[0], share_prompt="share" in parts,
-                            attention="sdpa" if "sdpa" in parts else "megatron"))
+                            attention="sdpa" if "sdpa" in parts else "megatron", lora=args.lora))
         if not args.no_trl:
             out.append(dict(name="trl", framework="trl", reference=ref, precompute=pre))
     return out

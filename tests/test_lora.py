@@ -134,6 +134,32 @@ def test_only_adapters_train_and_the_optimiser_holds_only_them(single_ctx, tiny_
         "decoder.layers.1.self_attention.linear_qkv.lora.k_proj_A"], a)
 
 
+@pytest.mark.stack
+def test_a_frozen_linear_computes_its_input_gradient_as_one_gemm():
+    """The frozen base's input gradient (every LoRA step, the output layer's above all) comes from
+    one GEMM on the flattened gradient, equal to autograd's through F.linear, also for the
+    transposed (non-contiguous) gradient GPTModel's logits hand back; megatron 0.16 batched it
+    into s small GEMMs (compat.frozen_linear_dgrad_as_one_gemm; 0.19's own backward does this)."""
+    from megatron.core.tensor_parallel.layers import LinearWithFrozenWeight
+    from torch.profiler import ProfilerActivity, profile
+
+    from metaapo_nemo.parallel import compat
+
+    compat.frozen_linear_dgrad_as_one_gemm()
+    assert compat.frozen_linear_dgrad_as_one_gemm() is False  # idempotent
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 8, generator=gen)
+    w = torch.randn(40, 8, generator=gen)
+    g = torch.randn(3, 6, 40, generator=gen).transpose(0, 1)  # [s, b, V], not contiguous
+    xa = x.clone().requires_grad_(True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        LinearWithFrozenWeight.apply(xa, w, None, False, None).backward(g)
+    assert not any(e.key == "aten::bmm" for e in prof.key_averages())
+    xb = x.clone().requires_grad_(True)
+    torch.nn.functional.linear(xb, w).backward(g)
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
+
+
 # ------------------------------------------------------------------ refit into the rollout engine
 REFIT_PROMPTS = [[1, 5, 9, 13, 4], [1, 22, 7], [1, 30, 31, 32, 33, 34, 35]]
 

@@ -225,6 +225,9 @@ def attach_lora(chunks: Sequence[torch.nn.Module], arch: ModelArch, ctx: Paralle
     Returns:
         The number of adapter parameters on this rank.
     """
+    from metaapo_nemo.parallel import compat
+
+    compat.frozen_linear_dgrad_as_one_gemm()  # the frozen base's input gradients: one GEMM each
     if arch.num_experts:
         raise ValueError("LoRA on a mixture-of-experts model is not supported yet (the experts' linears); "
                          "train it with lora: null")

@@ -39,6 +39,12 @@ Known differences handled here:
   IN PLACE over the TP x CP group (`get_tokens_per_expert_and_token_count`, both releases):
   under sequence parallelism it is the valid tokens of the whole group, not of this rank's
   shard (measured on the CPU stand-ins; the layout tests hold it to the single process).
+- Frozen linears' backward (`LinearWithFrozenWeight`, every base linear of a LoRA policy): 0.16
+  computes ``grad_output.matmul(weight)`` on the 3-D gradient. The output layer's gradient
+  arrives as a transposed, non-contiguous view ([s, b, V] of GPTModel's transposed logits), so
+  torch.matmul broadcasts the weight and runs s batched GEMMs of b rows: measured on SmolLM2
+  (4 x 320 tokens), 2.0 s of a 5.5 s backward in that one call. 0.19 flattens to 2-D first (one
+  GEMM). `frozen_linear_dgrad_as_one_gemm` gives 0.16 the same (detected in the source).
 - CUDA-only calls inside megatron (streams in 0.19's grad sync, device="cuda" tensors) are
   CPU shims, not version differences: see `cpu_compat`.
 """
@@ -334,3 +340,25 @@ def untie_adam_steps_after_load(optimizer) -> int:
                 untied += 1
             seen.add(id(step))
     return untied
+
+
+def frozen_linear_dgrad_as_one_gemm() -> bool:
+    """Makes megatron's frozen-weight linear compute its input gradient as ONE GEMM on the
+    flattened gradient (0.19's backward; 0.16's batched the output layer's transposed gradient
+    into s small GEMMs). Idempotent; returns whether it changed the installed backward."""
+    from megatron.core.tensor_parallel import layers
+
+    cls = layers.LinearWithFrozenWeight
+    original = cls.backward
+    if getattr(original, "_flattens", False) or "reshape(-1" in inspect.getsource(original):
+        return False
+
+    def backward(ctx, grad_output):
+        if grad_output.dim() <= 2:
+            return original(ctx, grad_output)
+        grads = original(ctx, grad_output.reshape(-1, grad_output.size(-1)))
+        return (grads[0].reshape(*grad_output.shape[:-1], grads[0].size(-1)), *grads[1:])
+
+    backward._flattens = True  # type: ignore[attr-defined]
+    cls.backward = staticmethod(backward)
+    return True
