@@ -76,7 +76,7 @@ def test_config_names_the_valid_targets_and_refuses_what_lora_cannot_serve():
                                           r"to rank 512; set lora.refit=merged"):
         load_config("conf/tiny_cpu.yaml", ["lora.rank=1024"])
     assert load_config("conf/tiny_cpu.yaml", ["lora.rank=1024", "lora.refit=merged"]).lora.refit == "merged"
-    from metaapo_nemo.rollout.vllm_api import lora_slot_rank
+    from metaapo_nemo.models.arch import lora_slot_rank
 
     assert [lora_slot_rank(r) for r in (1, 4, 16, 100, 512)] == [1, 8, 16, 128, 512]
 

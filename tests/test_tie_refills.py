@@ -18,7 +18,8 @@ class _Rollout:
 
     def wake(self): ...
     def sleep(self): ...
-    def push_megatron(self, *a): ...
+    def push_megatron(self, *a):
+        return SimpleNamespace(bytes=0)  # a RefitStats' byte count
 
     def generate(self, batch, settings, policy_step):
         self.calls.append(batch.keys)
@@ -47,7 +48,7 @@ def _pair(i: int):
 
 
 def _cfg(refills: int):
-    return SimpleNamespace(rollout=SimpleNamespace(refit_bucket_mb=1, tie_refills=refills, truncated="keep"),
+    return SimpleNamespace(rollout=SimpleNamespace(refit_bucket_mb=1, tie_refills=refills, truncated="keep"), lora=None,
                            reward=SimpleNamespace(batch_size=8), metaapo=SimpleNamespace(prompts_per_chunk=0))
 
 

@@ -82,7 +82,7 @@ def online_pairs(
         return RolloutReport({}, counters)
     t0 = time.perf_counter()
     rollout.wake()
-    if policy.build.lora is not None and cfg.lora.refit == "adapters":  # the adapters alone, over the base
+    if cfg.lora is not None and cfg.lora.refit == "adapters":  # the adapters alone, over the base
         stats = rollout.push_lora(policy.modules(), policy.arch, policy.build.lora, policy_step,
                                   str(cfg.model.path or ""))
     else:

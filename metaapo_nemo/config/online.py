@@ -15,10 +15,6 @@ from metaapo_nemo.config.model import TinyModelConfig
 __all__ = ["MetaAPOConfig", "RewardConfig", "RolloutConfig"]
 
 
-# The LoRA ranks a vLLM engine can be built for (its ``max_lora_rank`` choices): adapters of rank r
-# go into slots of the smallest one >= r (`rollout.vllm_api.lora_slot_rank`).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
 
 class MetaAPOConfig(_Section):
     """MetaAPO rounds, adaptive sampling and the meta-learner (../shared/METAAPO.md).

@@ -26,7 +26,8 @@ from metaapo_nemo.config.checks import (
     set_keys,
 )
 from metaapo_nemo.config.model import LoraConfig, ModelConfig, TinyModelConfig
-from metaapo_nemo.config.online import VLLM_LORA_RANKS, MetaAPOConfig, RewardConfig, RolloutConfig
+from metaapo_nemo.models.arch import VLLM_LORA_RANKS
+from metaapo_nemo.config.online import MetaAPOConfig, RewardConfig, RolloutConfig
 from metaapo_nemo.config.runtime import (
     CheckpointConfig,
     EvalConfig,

@@ -23,6 +23,18 @@ TINY_EXPERTS, TINY_TOP_K = 4, 2
 # The HF projections LoRA targets (PEFT's target_modules), in the order of a decoder layer.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+# The LoRA ranks a vLLM engine can be built for (its ``max_lora_rank`` choices): adapters of rank r
+# go into slots of the smallest one >= r.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_slot_rank(rank: int) -> int:
+    """The engine's ``max_lora_rank`` for adapters of `rank` (the smallest vLLM offers >= it)."""
+    for slot in VLLM_LORA_RANKS:
+        if slot >= rank:
+            return slot
+    raise ValueError(f"LoRA rank {rank} > {VLLM_LORA_RANKS[-1]}, the largest vLLM serves; refit merged weights")
+
 
 def projection_shapes(hidden: int, heads: int, kv_heads: int, head_dim: int,
                       intermediate: int) -> dict[str, tuple[int, int]]:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from metaapo_nemo.models.arch import ModelArch
+from metaapo_nemo.models.arch import ModelArch, lora_slot_rank
 from metaapo_nemo.planner.records import PlanInput
-from metaapo_nemo.rollout.vllm_api import lora_slot_rank
 
 
 def plan_input_from_config(cfg, arch: ModelArch, tp: int, pp: int, dp: int, accum: int,

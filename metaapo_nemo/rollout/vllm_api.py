@@ -30,7 +30,7 @@ import re
 from collections.abc import Iterable
 from types import ModuleType
 
-from metaapo_nemo.config.online import VLLM_LORA_RANKS
+from metaapo_nemo.models.arch import lora_slot_rank
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -203,14 +203,6 @@ def engine_kwargs(settings: Any, on_gpu: bool, sleep_mode: bool) -> dict[str, An
     if settings.lora_rank:  # one in-memory adapter at a time: the policy's (lora.refit=adapters)
         kwargs |= {"enable_lora": True, "max_loras": 1, "max_lora_rank": lora_slot_rank(settings.lora_rank)}
     return kwargs
-
-
-def lora_slot_rank(rank: int) -> int:
-    """The engine's ``max_lora_rank`` for adapters of `rank` (the smallest vLLM offers >= it)."""
-    for slot in VLLM_LORA_RANKS:
-        if slot >= rank:
-            return slot
-    raise ValueError(f"LoRA rank {rank} > {VLLM_LORA_RANKS[-1]}, the largest vLLM serves; refit merged weights")
 
 
 # The GPU worker's in-place weight reload: the push's ``collective_rpc("reload_weights",
