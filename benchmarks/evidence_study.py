@@ -116,9 +116,9 @@ RECIPES = {"dpo": "recipes/dpo.py", "metaapo": "recipes/metaapo.py"}
 # Methods outside the pre-registered table, run only when named (--methods), and their learning rate
 # as a multiple of the tuned one: adapters take ~10x a full-parameter rate (the common LoRA practice;
 # one untuned point, not a tuned comparison).
-EXTRA_METHODS = ("metaapo_lora",)
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from evidence_report import LR_SCALE  # noqa: E402  (one table for the cells and their report)
+from evidence_report import EXTRA as EXTRA_METHODS  # noqa: E402  (one table for the cells and their report)
+from evidence_report import LR_SCALE  # noqa: E402
 # The toy task's sizes (tasks/toy_alignment_models.build_study_task) and tuning grid (amendment 2).
 TOY_SIZES = {"sft_prompts": 6000, "sft_epochs": 12, "sft_lr": 3e-3, "train_prompts": 1536,
              "profiles": ("sft", "behaviour")}

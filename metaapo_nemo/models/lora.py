@@ -146,7 +146,8 @@ class LoraAdapter(torch.nn.Module):
     def _b_fused(self) -> torch.Tensor:
         """[out_local, k r]: each projection's B in its rows of the fused linear (megatron's q/k/v
         interleaving per query group, [gate; up]) and its own r columns, zeros elsewhere, so that
-        ``B_fused (A_cat x)`` is the fused linear's delta in its own row layout."""
+        ``B_fused (A_cat x)`` is the fused linear's delta in its own row layout. (The zero blocks
+        cost up to k x the B GEMM's flops, small beside the base's at these ranks.)"""
         if self.kind == "row":
             return self._b(self.parts[0])
         shapes = projection_shapes(self.arch)
@@ -158,6 +159,7 @@ class LoraAdapter(torch.nn.Module):
             if self.kind == "gate_up":
                 blocks.append(torch.cat([rows["gate_proj"], rows["up_proj"]]))
                 continue
+            # per query group [q_g | k_g | v_g], as convert._fuse_groups (convert imports this module)
             groups, hd = self.arch.num_kv_heads // self.tp, self.arch.head_dim
             q = rows["q_proj"].reshape(groups, -1, b.shape[1])
             k, v = (rows[n].reshape(groups, hd, b.shape[1]) for n in ("k_proj", "v_proj"))
@@ -340,6 +342,11 @@ def peft_name(hf_module: str, part: str, which: str) -> str:
     return f"base_model.model.{hf_module}.{part}.lora_{which}.weight"
 
 
+def which_of(name: str) -> str:
+    """"A" or "B": the factor a PEFT adapter name holds."""
+    return name.rsplit(".", 2)[1][-1]
+
+
 def _peft_order(name: str) -> tuple[int, int, str]:
     """Sort key of a PEFT adapter name: layer, projection (`LORA_TARGETS` order), A before B."""
     layer = int(name.split(".layers.", 1)[1].split(".", 1)[0])
@@ -354,7 +361,8 @@ def iter_adapter_tensors(chunks: Sequence[torch.nn.Module], arch: ModelArch, ctx
     """Streams every adapter factor, PEFT-named and full (TP shards gathered inside the owning
     pipeline stage, then broadcast over the pipeline group), in layer / projection / A-B order,
     to EVERY rank; call on every rank (the collectives of `convert.iter_hf_tensors`, on adapter
-    sizes). The tensors are fresh copies: a consumer may change them in place."""
+    sizes). A factor that needed no collective is the parameter itself (detached): a consumer
+    that changes tensors in place copies them first (vLLM's worker does)."""
     import torch.distributed as dist
 
     local: dict[str, tuple[LoraAdapter, str, str]] = {}
@@ -369,23 +377,20 @@ def iter_adapter_tensors(chunks: Sequence[torch.nn.Module], arch: ModelArch, ctx
         owners = {k: v for part in gathered for k, v in part.items()}
     pp_ranks = dist.get_process_group_ranks(ctx.pp_group) if ctx.dims.pp > 1 else [ctx.rank]
     shapes, r = projection_shapes(arch), settings.rank
+    like = next(chunks[0].parameters())  # dtype and device of what other stages send
+    split = {("row", "A"): 1, ("qkv", "B"): 0, ("gate_up", "B"): 0}  # the factors split over TP, and their dim
     for name in sorted(owners, key=_peft_order):
         if owners[name] == ctx.pp_rank:
             m, part, which = local[name]
             t = getattr(m, f"{part}_{which}").detach()
-            split = {("row", "A"): 1, ("qkv", "B"): 0, ("gate_up", "B"): 0}.get((m.kind, which))
-            if split is not None and ctx.dims.tp > 1:
+            dim = split.get((m.kind, which))
+            if dim is not None and ctx.dims.tp > 1:  # as convert._gather_tp (convert imports this module)
                 pieces = [torch.empty_like(t) for _ in range(ctx.dims.tp)]
                 dist.all_gather(pieces, t.contiguous(), group=ctx.tp_group)
-                t = torch.cat(pieces, dim=split)
-            else:
-                t = t.clone()
+                t = torch.cat(pieces, dim=dim)
         else:
             fan_in, out = shapes[name.rsplit(".", 3)[1]]
-            ref = next(m for m, _, _ in local.values()) if local else None
-            like = ref._a(ref.parts[0]) if ref is not None else next(chunks[0].parameters())
-            t = torch.empty((r, fan_in) if name.endswith("lora_A.weight") else (out, r), dtype=like.dtype,
-                            device=like.device)
+            t = torch.empty((r, fan_in) if which_of(name) == "A" else (out, r), dtype=like.dtype, device=like.device)
         if ctx.dims.pp > 1:
             t = t.contiguous()
             dist.broadcast(t, src=pp_ranks[owners[name]], group=ctx.pp_group)

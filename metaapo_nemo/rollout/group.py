@@ -165,7 +165,7 @@ class RolloutGroup:
         Raises:
             RefitError: On every rank if any engine failed; all engines count as stale.
         """
-        return self._agree(*push_weights(tensors, self.generator, policy_step, cap_bytes), policy_step)
+        return self._agree(*push_weights(tensors, self.generator, policy_step, cap_bytes), policy_step, "weight")
 
     def push_lora(self, chunks: list, arch: Any, settings: Any, policy_step: int, base: str = "",
                   dtype: torch.dtype | None = None) -> RefitStats:
@@ -189,9 +189,9 @@ class RolloutGroup:
             raise ValueError("push_lora needs the ParallelContext of the training job")
         stream = iter_adapter_tensors(chunks, arch, self.ctx, settings, dtype)
         return self._agree(*push_adapters(stream, self.generator, peft_config(settings, base), policy_step),
-                           policy_step)
+                           policy_step, "adapter")
 
-    def _agree(self, stats: RefitStats, error: RefitError | None, policy_step: int) -> RefitStats:
+    def _agree(self, stats: RefitStats, error: RefitError | None, policy_step: int, kind: str) -> RefitStats:
         """Every rank learns whether any engine failed the push; raises RefitError on all if so."""
         failed = error is not None
         if self._distributed:
@@ -201,9 +201,9 @@ class RolloutGroup:
         if failed:
             self.pushed_step = None
             where = str(error) if error is not None else "an engine on another rank failed"
-            self.stale_reason = f"the weight push for policy step {policy_step} failed: {where}"
+            self.stale_reason = f"the {kind} push for policy step {policy_step} failed: {where}"
             raise RefitError(
-                f"weight push for policy step {policy_step} failed ({where}); the engines are "
+                f"{kind} push for policy step {policy_step} failed ({where}); the engines are "
                 "marked stale and refuse to generate until a push succeeds",
                 policy_step,
                 None if error is None else error.bucket,

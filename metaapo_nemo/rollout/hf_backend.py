@@ -107,6 +107,7 @@ class HfGenerator:
         self._unseeded = torch.Generator().manual_seed(settings.seed)
         self.calls = 0
         self._base: dict[str, torch.Tensor] = {}  # weights an adapter push changed: their base values
+        self._holds_base = True  # no full weights pushed: the adapters' base is the checkpoint's
 
     @property
     def weights_step(self) -> int | None:
@@ -120,6 +121,10 @@ class HfGenerator:
         weights it no longer adapts)."""
         if self.model is None:
             raise RefitError("cannot push adapters: the engine was shut down", policy_step)
+        if not self._holds_base:
+            raise RefitError(f"cannot push adapters for policy step {policy_step}: the engine holds pushed full "
+                             "weights, not the base it was built from, and adapters go over the base; rebuild "
+                             "the engine, or push merged weights (lora.refit=merged)", policy_step)
         self._weights_step = None
         self._stale_reason = f"the adapter push for policy step {policy_step} did not finish"
         try:
@@ -149,7 +154,8 @@ class HfGenerator:
         """Copies one full weight set into the model (see `Generator.load_weights`)."""
         if self.model is None:
             raise RefitError("cannot push weights: the engine was shut down", policy_step)
-        self._base.clear()  # full weights: nothing to restore
+        self._base.clear()  # full weights: nothing to restore, and no base for adapters any more
+        self._holds_base = False
         self._weights_step = None
         self._stale_reason = f"the push for policy step {policy_step} did not finish"
         loaded: set[str] = set()

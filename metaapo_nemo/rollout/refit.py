@@ -143,6 +143,21 @@ def iter_buckets(
         yield emit()
 
 
+def _attempt(push, kind: str, policy_step: int) -> RefitError | None:
+    """Runs one engine push; its failure as a `RefitError` (a backend's own, or one wrapping what a
+    backend did not wrap), None on success."""
+    try:
+        push()
+    except RefitError as exc:
+        return exc
+    except Exception as exc:  # noqa: BLE001 (a backend that did not wrap its failure)
+        error = RefitError(f"{kind} push for policy step {policy_step} failed: {type(exc).__name__}: {exc}",
+                           policy_step)
+        error.__cause__ = exc
+        return error
+    return None
+
+
 def push_weights(
     tensors: Iterable[tuple[str, torch.Tensor]],
     generator: Generator | None,
@@ -169,16 +184,7 @@ def push_weights(
     stream = iter_buckets(tensors, cap_bytes, stats)
     error: RefitError | None = None
     if generator is not None:
-        try:
-            generator.load_weights(stream, policy_step)
-        except RefitError as exc:
-            error = exc
-        except Exception as exc:  # noqa: BLE001 (a backend that did not wrap its failure)
-            error = RefitError(
-                f"weight push for policy step {policy_step} failed: {type(exc).__name__}: {exc}",
-                policy_step,
-            )
-            error.__cause__ = exc
+        error = _attempt(lambda: generator.load_weights(stream, policy_step), "weight", policy_step)
     for _ in stream:  # drain: peers are still inside the gather/broadcast collectives
         pass
     stats.seconds = time.perf_counter() - t0
@@ -216,14 +222,6 @@ def push_adapters(
     stats.buckets, stats.peak_bucket_bytes = 1, stats.bytes
     error: RefitError | None = None
     if generator is not None:
-        try:
-            generator.load_adapters(adapters, config, policy_step)
-        except RefitError as exc:
-            error = exc
-        except Exception as exc:  # noqa: BLE001 (a backend that did not wrap its failure)
-            error = RefitError(
-                f"adapter push for policy step {policy_step} failed: {type(exc).__name__}: {exc}", policy_step
-            )
-            error.__cause__ = exc
+        error = _attempt(lambda: generator.load_adapters(adapters, config, policy_step), "adapter", policy_step)
     stats.seconds = time.perf_counter() - t0
     return stats, error

@@ -271,6 +271,7 @@ class VllmGenerator:
         self.calls = 0  # engine generate calls (tests check the budget split)
         self._lora: Any = None  # the LoRARequest of the pushed adapter (lora.refit=adapters)
         self._lora_ids = 0  # the last LoRA id given out
+        self._holds_base = True  # the weights are those built from model_dir (adapters go over them)
         self.sleep()  # colocated: nothing of vLLM's stays awake beside the first margin pass
 
     # ------------------------------------------------------------------ state
@@ -390,6 +391,7 @@ class VllmGenerator:
         self._weights_step = None
         self._stale_reason = f"the push for policy step {policy_step} did not finish"
         self._lora = None  # full weights: generation reads them alone
+        self._holds_base = False
         it, b = iter(buckets), 0
         experts: set[str] = set()  # fused-MoE modules whose experts this push sends
         with vllm_logs.quiet_push() as unloaded:
@@ -441,6 +443,10 @@ class VllmGenerator:
         if not self.settings.lora_rank:
             raise RefitError(f"cannot push adapters for policy step {policy_step}: this engine was built "
                              "without LoRA slots (EngineSettings.lora_rank=0)", policy_step)
+        if not self._holds_base:
+            raise RefitError(f"cannot push adapters for policy step {policy_step}: the engine holds pushed full "
+                             "weights, not the base it was built from, and adapters go over the base; rebuild "
+                             "the engine, or push merged weights (lora.refit=merged)", policy_step)
         self._wake_tags(("weights",))
         self._weights_step, self._lora = None, None
         self._stale_reason = f"the adapter push for policy step {policy_step} did not finish"
