@@ -27,9 +27,6 @@ Needs `make smollm2` (.cache/smollm2/hf). Prints one JSON object per line.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import statistics
 import sys
 import time
@@ -39,6 +36,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from lora_step import _machine, emitter  # noqa: E402  (the LoRA benchmarks' records, one format)
 
 PROMPTS = [
     "Write a haiku about the sea.", "Explain what a hash table is in two sentences.",
@@ -46,11 +45,6 @@ PROMPTS = [
     "Summarise the plot of Hamlet in one paragraph.", "How do vaccines train the immune system?",
     "Suggest a name for a small bakery.", "Why is the sky blue?",
 ]
-
-
-def _machine() -> dict:
-    return {"machine": f"{os.uname().machine} {os.cpu_count()} cpus", "date": datetime.date.today().isoformat(),
-            "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,14 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (model_dir / "config.json").is_file():
         print("needs the real model: run `make smollm2` first", file=sys.stderr)
         return 2
-    command = "python benchmarks/lora_refit.py " + " ".join(argv if argv is not None else sys.argv[1:])
-
-    def emit(record: dict) -> None:
-        print(json.dumps(record), flush=True)
-        if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            with args.out.open("a") as f:
-                f.write(json.dumps({**record, "command": command.strip()}) + "\n")
+    emit = emitter(args.out, "python benchmarks/lora_refit.py " + " ".join(argv if argv is not None else sys.argv[1:]))
 
     from transformers import AutoTokenizer
 

@@ -95,6 +95,20 @@ def _machine() -> dict:
             "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
+def emitter(out: Path | None, command: str):
+    """``emit(record)``: prints the record as one JSON line and, with `out`, appends it there with the
+    command that produced it (a partial run keeps what it measured)."""
+
+    def emit(record: dict) -> None:
+        print(json.dumps(record), flush=True)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with out.open("a") as f:
+                f.write(json.dumps({**record, "command": command.strip()}) + "\n")
+
+    return emit
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("dpo", "metaapo"), nargs="*")
@@ -105,14 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (REPO / ".cache" / "smollm2" / "hf" / "config.json").is_file():
         print("needs the real model: run `make smollm2` first", file=sys.stderr)
         return 2
-    command = "python benchmarks/lora_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
-
-    def emit(record: dict) -> None:
-        print(json.dumps(record), flush=True)
-        if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            with args.out.open("a") as f:
-                f.write(json.dumps({**record, "command": command.strip()}) + "\n")
+    emit = emitter(args.out, "python benchmarks/lora_step.py " + " ".join(argv if argv is not None else sys.argv[1:]))
 
     only = set(args.only or ("dpo", "metaapo"))
     if "dpo" in only:

@@ -156,7 +156,7 @@ def recording_llm(events: list[str], reset_result: bool | None = True, blocks: i
         ) -> list[Any]:
             name = method if isinstance(method, str) else method.__name__
             events.append(name.lstrip("_"))
-            return [name == "_reload_supports_iterator"]
+            return [name == "reload_supports_iterator"]
 
         def reset_prefix_cache(
             self, reset_running_requests: bool = False, reset_connector: bool = False

@@ -54,7 +54,7 @@ SLEEP_SURFACE: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
 LORA_SURFACE: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("LLM", "generate", ("lora_request",), "VllmGenerator._run under lora.refit=adapters"),
 )
-# The in-memory adapter push (`vllm_backend._set_adapter`): (module, class, method, parameters).
+# The in-memory adapter push (`vllm_worker.set_adapter`): (module, class, method, parameters).
 LORA_IN_MEMORY: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("vllm.lora.lora_model", "LoRAModel", "from_lora_tensors",
      ("lora_model_id", "tensors", "peft_helper", "device", "dtype", "model_vocab_size", "weights_mapper",
