@@ -11,7 +11,7 @@ from typing import Any
 def _model_sharded(model) -> dict[str, Any]:
     """The megatron sharded state dict of all chunks (keys carry global layer offsets). A LoRA
     policy's holds its adapters only (and their per-round copies): the frozen base is the
-    checkpoint named by path and fingerprint in trainer.json (`models.lora.BaseFingerprint`)."""
+    checkpoint named by path and fingerprint in trainer.json (`models.lora_peft.BaseFingerprint`)."""
     if _lora(model):
         from metaapo_nemo.models.lora import MARKER
 

@@ -81,7 +81,7 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: str | None = Non
         arch = load_arch(model_dir)
         build = S.build_options(cfg)
         if build.lora is not None:  # adapters only mean something on the base they were trained on
-            from metaapo_nemo.models.lora import BaseFingerprint
+            from metaapo_nemo.models.lora_peft import BaseFingerprint
 
             saved = json.loads((step / "trainer.json").read_text()).get("lora_base", {})
             try:
@@ -97,7 +97,7 @@ def export_checkpoint(path: str | Path, out: str | Path, dtype: str | None = Non
         torch_dtype = None if dtype is None else getattr(torch, dtype)
         written = export_hf(policy.modules(), arch, ctx, model_dir, out, dtype=torch_dtype)
         if policy.build.lora is not None:  # a LoRA run: the merged model, and the adapters for PEFT
-            from metaapo_nemo.models.lora import ADAPTER_DIR, export_peft
+            from metaapo_nemo.models.lora_peft import ADAPTER_DIR, export_peft
 
             export_peft(policy.modules(), policy.arch, ctx, policy.build.lora, str(model_dir), Path(out) / ADAPTER_DIR)
         return written

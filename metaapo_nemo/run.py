@@ -157,7 +157,7 @@ def build(cfg: Config, method: str | None = None, pairs: list | None = None) -> 
     # layout-bound: the values belong to this rank's DP shard / last stage
     guard.register("ref_cache", "rank", run.ref_cache, layout_bound=True)
     if build_opts.lora is not None:  # the adapters' base, refused on resume if it changed
-        from metaapo_nemo.models.lora import BaseFingerprint
+        from metaapo_nemo.models.lora_peft import BaseFingerprint
 
         base = BaseFingerprint(model_dir)
         guard.register("lora_base", "trainer", base)
@@ -260,7 +260,7 @@ def finish(run: Run, st: TrainState) -> None:
         preempt.reached("export")
         out = export_hf(run.policy.modules(), run.policy.arch, run.ctx, run.model_dir, run.run_dir / "hf_final")
         if run.policy.build.lora is not None:  # the merged model above, and the adapters for PEFT
-            from metaapo_nemo.models.lora import ADAPTER_DIR, export_peft
+            from metaapo_nemo.models.lora_peft import ADAPTER_DIR, export_peft
 
             export_peft(run.policy.modules(), run.policy.arch, run.ctx, run.policy.build.lora, str(run.model_dir),
                         run.run_dir / "hf_final" / ADAPTER_DIR)

@@ -183,7 +183,7 @@ class RolloutGroup:
         Raises:
             RefitError: On every rank if any engine failed; all engines count as stale.
         """
-        from metaapo_nemo.models.lora import iter_adapter_tensors, peft_config
+        from metaapo_nemo.models.lora_peft import iter_adapter_tensors, peft_config
 
         if self.ctx is None:
             raise ValueError("push_lora needs the ParallelContext of the training job")

@@ -16,7 +16,7 @@ across two calls would be processed half-loaded. A fusion group larger than the 
 travels alone in its own bucket (counted in ``RefitStats.oversize_groups``): the stream
 already holds that much memory, the cap bounds everything else.
 
-Adapters (`push_adapters`): the stream is `models.lora.iter_adapter_tensors` (PEFT names, full
+Adapters (`push_adapters`): the stream is `models.lora_peft.iter_adapter_tensors` (PEFT names, full
 factors); they are collected whole (a few hundred MB at 70B, r=16) and handed over in one call,
 since vLLM registers an adapter as a unit.
 
@@ -199,13 +199,13 @@ def push_adapters(
 ) -> tuple[RefitStats, RefitError | None]:
     """Streams a LoRA policy's adapters into `generator` (or only drains the stream).
 
-    Call on every rank that takes part in producing `tensors` (`lora.iter_adapter_tensors`);
+    Call on every rank that takes part in producing `tensors` (`lora_peft.iter_adapter_tensors`);
     ranks without an engine pass ``generator=None``.
 
     Args:
         tensors: PEFT-named full adapter factors.
         generator: This rank's engine, or None.
-        config: PEFT's adapter config (`lora.peft_config`).
+        config: PEFT's adapter config (`lora_peft.peft_config`).
         policy_step: The optimiser step these adapters belong to.
 
     Returns:
