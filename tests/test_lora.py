@@ -4,8 +4,9 @@ only adapters train, the export is a merged HF checkpoint plus a PEFT adapter di
 `PeftModel.from_pretrained` loads to the same logits, and every layout trains like one process.
 
 Layout matrix (DPO, the tiny Llama, rank 8 on every linear, 5 steps; losses and grad norms within
-relative 1e-5, the merged export within 1e-5): default TP2 and DP2 + distributed optimiser;
-``slow``: PP2, TP2 with sequence parallelism, PP2 x VPP2, TP2 x PP2. MetaAPO with LoRA (per-round
+relative 1e-5, the merged export within 1e-5): default TP2, DP2 + distributed optimiser and TP2 with
+sequence parallelism computing ``lora.compute=merged``; ``slow``: PP2, TP2 with sequence parallelism,
+PP2 x VPP2, TP2 x PP2, merged at TP2 and at PP2 with the distributed optimiser. MetaAPO with LoRA (per-round
 reference: a frozen copy of the adapters) is in tests/test_layouts_metaapo.py.
 """
 
@@ -24,6 +25,7 @@ from metaapo_nemo.config import load_config
 from metaapo_nemo.config.checks import check_layout
 from metaapo_nemo.config.schema import ConfigError
 from metaapo_nemo.models.arch import load_arch
+from metaapo_nemo.models import lora
 from metaapo_nemo.models.lora import TARGETS, LoraSettings, adapters, adapters_disabled
 from metaapo_nemo.models.megatron_model import BuildOptions
 from metaapo_nemo.models.policy import MegatronLM, OptimSettings
@@ -31,6 +33,10 @@ from tests.dist_utils import ROLLOUT, launch_jobs, read_metrics, read_weights, w
 
 LORA = ["lora.rank=8", "lora.alpha=16"]
 DIMS = {"num_layers": 2, "num_attention_heads": 4, "num_kv_heads": 2, "hidden_size": 128, "intermediate_size": 256}
+
+
+OPTIM = OptimSettings(lr=1e-3, min_lr=0.0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
+                      clip_grad=1.0, warmup_steps=0, total_steps=10, schedule="constant")
 
 
 def _settings(**kw) -> LoraSettings:
@@ -81,6 +87,22 @@ def test_config_names_the_valid_targets_and_refuses_what_lora_cannot_serve():
     assert [lora_slot_rank(r) for r in (1, 4, 16, 100, 512)] == [1, 8, 16, 128, 512]
 
 
+def test_merged_compute_is_refused_with_dropout_and_with_transformer_engine(monkeypatch):
+    with pytest.raises(ConfigError, match=r"lora.compute=merged with lora.dropout=0.05: a merged weight computes "
+                                          r"B A x, not B A dropout\(x\); set lora.dropout=0 or lora.compute=adapters"):
+        load_config(None, ["lora.rank=4", "lora.compute=merged", "lora.dropout=0.05"], method="dpo")
+    from metaapo_nemo.models.layer_spec import SpecChoice
+    from metaapo_nemo.trainer.setup import build_options
+
+    cfg = load_config(None, ["lora.rank=4", "lora.compute=merged"], method="dpo")
+    assert build_options(cfg).lora.compute == "merged"
+    monkeypatch.setattr(BuildOptions, "spec_choice", lambda self, on_gpu: SpecChoice("transformer_engine", None))
+    with pytest.raises(ConfigError, match=r"lora.compute=merged runs megatron's local linears .* use "
+                                          r"lora.compute=adapters, or model.transformer_impl=local"):
+        build_options(cfg)
+    assert build_options(load_config(None, ["lora.rank=4"], method="dpo")).lora.compute == "adapters"
+
+
 @pytest.mark.stack
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2", "tiny_qwen3"])
 def test_adapters_equal_peft_and_off_they_are_the_base(which, request, single_ctx):
@@ -113,9 +135,7 @@ def test_adapters_equal_peft_and_off_they_are_the_base(which, request, single_ct
 def test_only_adapters_train_and_the_optimiser_holds_only_them(single_ctx, tiny_llama):
     """Base frozen: megatron's gradient buffers and the optimiser hold the adapters only; the
     same adapters in every layout (A drawn per HF name from the run seed, B = 0)."""
-    optim = OptimSettings(lr=1e-3, min_lr=0.0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
-                          clip_grad=1.0, warmup_steps=0, total_steps=10, schedule="constant")
-    lm = MegatronLM(load_arch(tiny_llama), single_ctx, tiny_llama, BuildOptions(lora=_settings()), optim)
+    lm = MegatronLM(load_arch(tiny_llama), single_ctx, tiny_llama, BuildOptions(lora=_settings()), OPTIM)
     trainable = {n: p for c in lm.modules() for n, p in c.named_parameters() if p.requires_grad}
     assert trainable and all(".lora." in n for n in trainable)
     arch = lm.arch
@@ -162,6 +182,57 @@ def test_a_frozen_linear_computes_its_input_gradient_as_one_gemm():
 
 # ------------------------------------------------------------------ refit into the rollout engine
 REFIT_PROMPTS = [[1, 5, 9, 13, 4], [1, 22, 7], [1, 30, 31, 32, 33, 34, 35]]
+
+
+def _logits_and_grads(lm: MegatronLM, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training forward + backward of a fixed function of the logits; the adapters' grads."""
+    from metaapo_nemo.models.megatron_model import causal_mask
+
+    lm.chunks[0].zero_grad_buffer()
+    chunk = lm.modules()[0].train()
+    t = ids.shape[1]
+    logits = chunk(ids, torch.arange(t).expand_as(ids), causal_mask(t, ids.device))
+    weights = torch.linspace(-1, 1, logits.shape[-1])
+    (logits.float().log_softmax(-1) * weights).sum().backward()
+    return logits.detach(), {n: p.main_grad.clone() for n, p in chunk.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", pytest.param("tiny_qwen3", marks=pytest.mark.stack)])
+def test_merged_compute_equals_the_adapters_and_merges_once_per_schedule(which, request, single_ctx, monkeypatch):
+    """lora.compute=merged (one GEMM on W + s B A; the factors' gradients from the low-rank
+    terms) gives the adapter path's logits and every adapter gradient (1e-5), on targets that
+    leave zero blocks in the fused linears (q and v of qkv, up of gate_up) and on all-linear; with
+    the adapters off it is the base; inside a schedule each linear merges once."""
+    from metaapo_nemo.models import lora_merged
+
+    path = request.getfixturevalue(which)
+    ids = torch.tensor([[5, 9, 33, 47, 2, 101, 7, 8], [3, 4, 5, 6, 7, 8, 9, 10]])
+    for targets in (TARGETS, ("q_proj", "v_proj", "up_proj", "down_proj")):
+        lms = {c: MegatronLM(load_arch(path), single_ctx, path, BuildOptions(lora=_settings(targets=targets, compute=c)),
+                             OPTIM) for c in ("adapters", "merged")}
+        for lm in lms.values():
+            _randomise_b(lm, scale=0.2)
+        (want, want_g), (got, got_g) = (_logits_and_grads(lms[c], ids) for c in ("adapters", "merged"))
+        assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
+        assert list(got_g) == list(want_g) and len(got_g) == 2 * len(targets) * lms["merged"].arch.num_layers
+        for name, g in want_g.items():
+            assert float((got_g[name] - g).abs().max()) <= 1e-5 * float(g.abs().max()) + 1e-9, name
+        with adapters_disabled(lms["merged"].modules()), adapters_disabled(lms["adapters"].modules()):
+            off = [lm.modules()[0].eval()(ids, torch.arange(8).expand_as(ids), None) for lm in lms.values()]
+        assert torch.equal(off[0], off[1])
+    merges = []
+    monkeypatch.setattr(lora_merged._Merged, "__init__",
+                        lambda self, a, w, _orig=lora_merged._Merged.__init__: (merges.append(a), _orig(self, a, w))[1])
+    lm = lms["merged"]
+    linears = sum(1 for _ in adapters(lm.modules()))
+    with torch.no_grad():
+        lm.modules()[0].eval()(ids, torch.arange(8).expand_as(ids), None)
+        lm.modules()[0](ids, torch.arange(8).expand_as(ids), None)
+        assert len(merges) == 2 * linears  # outside a schedule: a merge per call
+        with lora.merged_weights(lm.modules()):
+            for _ in range(3):
+                lm.modules()[0](ids, torch.arange(8).expand_as(ids), None)
+        assert len(merges) == 3 * linears
 
 
 def _hf_greedy(model_dir, prompts, new_tokens: int) -> list[list[int]]:
@@ -242,6 +313,11 @@ LAYOUTS = [
     Layout("tp2_sp", 2, ("parallel.tp=2", "parallel.sequence_parallel=true"), slow=True),
     Layout("pp2_vpp2", 2, ("parallel.pp=2", "parallel.vpp=2"), slow=True),
     Layout("tp2_pp2", 4, ("parallel.tp=2", "parallel.pp=2"), slow=True),
+    # lora.compute=merged (models/lora_merged.py): its own TP collectives, with and without SP
+    Layout("tp2_sp_merged", 2, ("parallel.tp=2", "parallel.sequence_parallel=true", "lora.compute=merged")),
+    Layout("tp2_merged", 2, ("parallel.tp=2", "lora.compute=merged"), slow=True),
+    Layout("pp2_merged_distopt", 2, ("parallel.pp=2", "lora.compute=merged", "parallel.distributed_optimizer=true"),
+           slow=True),
 ]
 BY_NAME = {lay.name: lay for lay in LAYOUTS}
 
@@ -285,7 +361,7 @@ def _assert_same_training(run: Path, ref: Path) -> None:
     assert not bad, bad
     from safetensors.torch import load_file
 
-    # the PEFT adapters, gathered over TP and the pipeline stages (lora.iter_adapter_tensors, also the refit's)
+    # the PEFT adapters, gathered over TP and the pipeline stages (lora_peft.iter_adapter_tensors, also the refit's)
     ag, aw = (load_file(d / "hf_final" / "lora_adapter" / "adapter_model.safetensors") for d in (run, ref))
     assert list(ag) == list(aw) and len(aw) == 2 * len(TARGETS) * 4
     bad = weight_mismatches(ag, aw, 1e-3, step_bound=2 * 0.002 * STEPS)  # B moved from 0: rel to a small norm

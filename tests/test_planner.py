@@ -551,3 +551,28 @@ def test_lora_plans_the_adapters_only_for_gradients_and_the_optimiser_and_no_ref
     assert served.terms["vllm_kv"] == pytest.approx(merged.terms["vllm_kv"] - a * 2 / GiB)
     assert served.terms["refit_adapters"] == pytest.approx(lora_params_per_rank(arch, 1, 1, r, targets) * 2 / GiB)
     assert "vllm_lora_slots" not in merged.terms
+
+
+def test_lora_merged_compute_plans_one_copy_of_the_adapted_linears_per_schedule():
+    """lora.compute=merged holds W + s B A of every adapted linear while a schedule runs (the training
+    step, the margin pass): Llama-3.1-8B at TP2, bf16; qkv is merged whole when only q is targeted."""
+    from metaapo_nemo.planner import lora_merged_params_per_rank
+
+    arch = arch_from_hf_dict(dict(LLAMA31, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32))
+    h, kv, i = 4096, 1024, 14336
+    all_linear = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    per_layer = (h * (h + 2 * kv) + h * h + 2 * h * i + i * h) // 2
+    assert lora_merged_params_per_rank(arch, 2, 1, all_linear) == 32 * per_layer
+    assert lora_merged_params_per_rank(arch, 2, 2, ("q_proj",)) == 16 * h * (h + 2 * kv) // 2
+    base = dict(arch=arch, tp=2, pp=1, dp=4, seq_length=2048, micro_batch_rows=2, recompute="full",
+                vllm_kv_cache_gib=8.0, rollout=False, lora_rank=16, lora_targets=all_linear)
+    adapters, merged = (plan_memory(PlanInput(**base, lora_merged=m)) for m in (False, True))
+    for phase in ("train", "margins"):
+        assert "lora_merged_weights" not in adapters.per_phase[phase]
+        assert merged.per_phase[phase]["lora_merged_weights"] == pytest.approx(32 * per_layer * 2 / GiB)
+    assert any("lora.compute=merged" in line for line in merged.assumptions)
+    from metaapo_nemo.config import load_config
+    from metaapo_nemo.planner import plan_input_from_config
+
+    cfg = load_config("conf/tiny_cpu.yaml", ["lora.rank=4", "lora.compute=merged"])
+    assert plan_input_from_config(cfg, arch_from_hf_dict(_tiny_hf(cfg)), 1, 1, 1, 4).lora_merged

@@ -114,6 +114,19 @@ class LoraConfig(_Section):
     # tensors (vLLM serves them as an in-memory LoRA over the unchanged base), "merged" pushes
     # every weight with the adapters merged in (the full-training push)
     refit: Literal["adapters", "merged"] = "adapters"
+    # how a training forward/backward computes an adapted linear: "adapters" adds s B (A x) beside
+    # the frozen GEMM (PEFT's way, any dropout, either spec); "merged" runs ONE GEMM on W + s B A,
+    # merged once per schedule, and takes the adapters' gradients from their factors: faster, for
+    # one transient copy of the adapted weights (planned), no dropout, megatron's local spec only
+    compute: Literal["adapters", "merged"] = "adapters"
+
+    @model_validator(mode="after")
+    def _check_compute(self) -> LoraConfig:
+        if self.compute == "merged" and self.dropout > 0:
+            raise ValueError(
+                f"lora.compute=merged with lora.dropout={self.dropout}: a merged weight computes B A x, not "
+                "B A dropout(x); set lora.dropout=0 or lora.compute=adapters")
+        return self
 
     @model_validator(mode="after")
     def _check_targets(self) -> LoraConfig:

@@ -21,8 +21,9 @@ Tensor parallelism (t ranks), per kind of linear:
   onto the sequence shards under sequence parallelism (then B is marked ``sequence_parallel``).
 
 The adapters are a submodule ``lora`` of the linear (parameter names ``...linear_qkv.lora.q_proj_A``)
-and act through a forward hook, so the base parameter names, the converter and the checkpoints of
-the base are unchanged. Everything else is frozen: only adapter parameters reach megatron's
+and act through a forward hook (``lora.compute=adapters``) or through the linear's own GEMM on the
+merged weight W + s B A (``lora.compute=merged``, `models.lora_merged`), so the base parameter
+names, the converter and the checkpoints of the base are unchanged. Everything else is frozen: only adapter parameters reach megatron's
 gradient buffers and its (distributed) optimiser.
 
 Init (PEFT's): A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a = sqrt(5)), B = 0, drawn from a
@@ -68,6 +69,7 @@ class LoraSettings:
     dropout: float
     targets: tuple[str, ...]
     seed: int = 0
+    compute: str = "adapters"  # "merged": W + s B A in one GEMM per linear (models/lora_merged.py)
 
     @property
     def scale(self) -> float:
@@ -88,7 +90,7 @@ class LoraAdapter(torch.nn.Module):
         super().__init__()
         self.kind, self.parts, self.hf_prefix = kind, tuple(parts), hf_prefix
         self.arch, self.tp, self.tp_rank, self.sp = arch, ctx.dims.tp, ctx.tp_rank, sequence_parallel
-        self.scale, self.enabled = settings.scale, True
+        self.scale, self.enabled, self.compute = settings.scale, True, settings.compute
         self.dropout = torch.nn.Dropout(settings.dropout) if settings.dropout > 0 else torch.nn.Identity()
         shapes = projection_shapes(arch)
         r = settings.rank
@@ -147,13 +149,16 @@ class LoraAdapter(torch.nn.Module):
         interleaving per query group, [gate; up]) and its own r columns, zeros elsewhere, so that
         ``B_fused (A_cat x)`` is the fused linear's delta in its own row layout. (The zero blocks
         cost up to k x the B GEMM's flops, small beside the base's at these ranks.)"""
+        return self._fuse_b([self._b(p) for p in self.parts])
+
+    def _fuse_b(self, bs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`_b_fused` of the given per-projection tensors ([out_p, c] each, ``self.parts`` order)."""
         if self.kind == "row":
-            return self._b(self.parts[0])
+            return bs[0]
         shapes = projection_shapes(self.arch)
         names = LINEARS["self_attention.linear_qkv" if self.kind == "qkv" else "mlp.linear_fc1"][1]
         blocks = []
-        for part in self.parts:
-            b = self._b(part)
+        for part, b in zip(self.parts, bs):
             rows = {n: b if n == part else b.new_zeros(shapes[n][1] // self.tp, b.shape[1]) for n in names}
             if self.kind == "gate_up":
                 blocks.append(torch.cat([rows["gate_proj"], rows["up_proj"]]))
@@ -164,6 +169,24 @@ class LoraAdapter(torch.nn.Module):
             k, v = (rows[n].reshape(groups, hd, b.shape[1]) for n in ("k_proj", "v_proj"))
             blocks.append(torch.cat([q, k, v], dim=1).reshape(-1, b.shape[1]))
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+    def part_rows(self) -> list[torch.Tensor | None]:
+        """Per projection, the rows of the fused linear holding its B's rows, in order (None: all
+        of them): read off `_fuse_b` of row numbers, so the two layouts cannot disagree."""
+        rows = getattr(self, "_part_rows", None)
+        if rows is None:
+            if self.kind == "row":
+                rows = [None]
+            else:
+                # row numbers + 1 (0 marks the zero blocks), exact in float64
+                codes = self._fuse_b([torch.arange(1, self._b(p).shape[0] + 1, dtype=torch.float64)[:, None]
+                                      for p in self.parts])
+                rows = []
+                for i in range(len(self.parts)):
+                    at = codes[:, i].nonzero().squeeze(1)
+                    rows.append(at[codes[at, i].argsort()].to(self._b(self.parts[i]).device))
+            self._part_rows = rows
+        return rows
 
     def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``out + scale B A dropout(x)``: the linear's output [s, b, out_local] with the adapters'
@@ -251,7 +274,17 @@ def attach_lora(chunks: Sequence[torch.nn.Module], arch: ModelArch, ctx: Paralle
             adapter = LoraAdapter(kind, chosen, f"model.layers.{numbers[int(local)]}.{hf_module}", arch, ctx,
                                   settings, sp, dtype).to(module.weight.device)
             module.lora = adapter  # registers the submodule: "....linear_qkv.lora.q_proj_A"
-            module.register_forward_hook(adapter.hook)
+            if settings.compute == "adapters":
+                module.register_forward_hook(adapter.hook)
+            else:  # "merged": the linear's own GEMM takes W + s B A (models/lora_merged.py)
+                if not hasattr(module, "_forward_impl") or hasattr(module, "layer_norm_weight"):
+                    raise ValueError(
+                        f"lora.compute=merged needs megatron's local linears (a substitute weight at their "
+                        f"_forward_impl); {type(module).__name__} is Transformer Engine's: use "
+                        "lora.compute=adapters, or model.transformer_impl=local")
+                from metaapo_nemo.models import lora_merged
+
+                lora_merged.install(module, adapter)
             _checkpoint_adapters(module, adapter)
             count += sum(p.numel() for p in adapter.parameters())
     return count
@@ -275,6 +308,17 @@ def adapters_disabled(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
     finally:
         for m in mods:
             m.enabled = True
+
+
+def merged_weights(chunks: Sequence[torch.nn.Module]) -> contextlib.AbstractContextManager:
+    """One schedule's scope for ``lora.compute=merged``: each adapted linear merges W + s B A once
+    and reuses it for every micro-batch (`models.lora_merged.merged_weights`); a no-op otherwise."""
+    mods = [m for m in adapters(chunks) if m.compute == "merged"]
+    if not mods:
+        return contextlib.nullcontext()
+    from metaapo_nemo.models import lora_merged
+
+    return lora_merged.merged_weights(mods)
 
 
 def adapter_tensors(chunks: Sequence[torch.nn.Module]) -> list[torch.Tensor]:

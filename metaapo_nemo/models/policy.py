@@ -16,6 +16,7 @@ without a token count so megatron does not rescale it again.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -251,7 +252,12 @@ class MegatronLM:
             for chunk in self.chunks:
                 chunk.train()
         fb = compat.forward_backward_func()
-        with torch.set_grad_enabled(not forward_only), record_function(f"{role}.schedule"):
+        merged = contextlib.nullcontext()
+        if self.lora_parameters:  # lora.compute=merged: each linear merges W + s B A once per schedule
+            from metaapo_nemo.models.lora import merged_weights
+
+            merged = merged_weights(self.chunks)
+        with torch.set_grad_enabled(not forward_only), record_function(f"{role}.schedule"), merged:
             out = fb(
                 forward_step_func=forward_step,
                 data_iterator=iterators,

@@ -70,6 +70,7 @@ def plan_input_from_config(cfg, arch: ModelArch, tp: int, pp: int, dp: int, accu
         checkpoint_reference=metaapo and cfg.metaapo.reference == "per_round",
         lora_rank=cfg.lora.rank if cfg.lora is not None else 0,
         lora_targets=cfg.lora.targets() if cfg.lora is not None else (),
+        lora_merged=cfg.lora is not None and cfg.lora.compute == "merged",
         vllm_lora_rank=(lora_slot_rank(cfg.lora.rank) if cfg.lora is not None and cfg.lora.refit == "adapters"
                         and sampling else 0),
     )

@@ -10,6 +10,7 @@ from metaapo_nemo.planner.terms import (
     checkpoint_bytes,
     expert_params_per_rank,
     kv_bytes_per_token,
+    lora_merged_params_per_rank,
     lora_params_per_rank,
     moe_dispatch_bytes,
     nccl_communicators,
@@ -165,6 +166,13 @@ def plan_memory(x: PlanInput) -> Plan:
         "logits": g(2 * logits_per_row * x.micro_batch_rows),
         "reference": g(reference),
     }
+    if x.lora_rank and x.lora_merged:  # W + s B A of every adapted linear, for one schedule's span
+        merged = g(lora_merged_params_per_rank(a, x.tp, x.pp, x.lora_targets) * wbytes)
+        for phase in ("margins", "train"):
+            plan.per_phase[phase]["lora_merged_weights"] = merged
+        plan.assumptions.append(
+            f"lora.compute=merged: each schedule (a training step, a margin pass) holds the adapted linears' "
+            f"weights merged with their adapters, {merged:.3f} GiB per rank ({x.dtype}), dropped after it")
     if a.num_experts:  # one MoE layer's router and dispatcher buffers at a time, beside the rest
         plan.per_phase["margins"]["moe_dispatch"] = g(moe_dispatch_bytes(a, seq, margin_rows, wbytes))
         plan.per_phase["train"]["moe_dispatch"] = g(moe_dispatch_bytes(a, seq, x.micro_batch_rows, wbytes))

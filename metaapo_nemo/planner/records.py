@@ -62,6 +62,7 @@ class PlanInput:
     # frozen (its weights only: no gradient, no optimiser state), the reference is the base
     lora_rank: int = 0
     lora_targets: tuple[str, ...] = ()
+    lora_merged: bool = False  # lora.compute=merged: a copy of the adapted linears' weights per schedule
     # host memory (per node): every rank of a node is in the same phase at the same time
     host_memory_gib: float = 1024.0  # planner.host_memory_gib
     ranks_per_node: int = 8

@@ -41,6 +41,18 @@ def lora_params_per_rank(arch: ModelArch, tp: int, pp: int, rank: int, targets: 
     return -(-arch.num_layers // pp) * per_layer
 
 
+def lora_merged_params_per_rank(arch: ModelArch, tp: int, pp: int, targets: tuple[str, ...]) -> int:
+    """Weights of the adapted linears on the heaviest pipeline stage of one TP rank: what
+    ``lora.compute=merged`` copies (W + s B A) for a schedule. A fused linear (qkv, gate_up) is merged
+    whole when any of its projections is targeted (models/lora_merged.py)."""
+    shapes = projection_shapes(arch.hidden_size, arch.num_attention_heads, arch.num_kv_heads, arch.head_dim,
+                               arch.intermediate_size)
+    linears = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+    per_layer = sum(sum(shapes[p][0] * shapes[p][1] for p in parts) // tp
+                    for parts in linears if any(p in targets for p in parts))
+    return -(-arch.num_layers // pp) * per_layer
+
+
 def activation_bytes_per_layer(arch: ModelArch, seq: int, rows: int, tp: int, recompute: str | None,
                                sequence_parallel: bool = False) -> float:
     """bf16 bytes of one layer's saved activations for one micro-batch on one TP rank (with

@@ -99,7 +99,13 @@ def build_options(cfg: Config) -> BuildOptions:
     if cfg.lora is not None:
         from metaapo_nemo.models.lora import LoraSettings
 
-        lora = LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets(), cfg.run.seed)
+        if cfg.lora.compute == "merged" and impl == "transformer_engine":
+            raise ConfigError(
+                "lora.compute=merged runs megatron's local linears on a merged weight; Transformer Engine's "
+                "fused linears (model.transformer_impl resolves to transformer_engine here) take none: use "
+                "lora.compute=adapters, or model.transformer_impl=local")
+        lora = LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets(), cfg.run.seed,
+                            cfg.lora.compute)
     # shared-prompt / packed rows need RoPE at explicit per-token positions
     return dataclasses.replace(opts, explicit_positions=layout.explicit_positions, packed_thd=layout.thd, lora=lora)
 
