@@ -29,7 +29,7 @@ dry-run: $(STAMP)
 	$(PY) recipes/metaapo.py --dry-run
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not gpu and not cluster" -q
+	$(PY) -m pytest -m "not slow and not gpu and not cluster" -q --durations=25
 
 # The shipped sbatch path on a real local SLURM cluster (root; installs slurm + munge with apt
 # when missing): slurm/testing/cluster.sh, tests/test_slurm_cluster.py, tests/test_disk_full.py.
@@ -68,7 +68,7 @@ venv-gpu-stack: $(STACK_STAMP)
 # The second test tier (.ci/run runs it after the CPU tiers): tests marked `stack`, on Python 3.12
 # and megatron-core 0.19, plus the cross-stack checkpoint tests that need .venv (CPU) beside it.
 test-gpu-stack: $(STAMP) $(STACK_STAMP)
-	METAAPO_CROSS_STACK=required $(VENV_STACK)/bin/python -m pytest -m "stack and not gpu and not cluster" -q
+	METAAPO_CROSS_STACK=required $(VENV_STACK)/bin/python -m pytest -m "stack and not gpu and not cluster" -q --durations=25
 
 # On an H100 node (Python 3.12, a CUDA 13 toolkit with nvcc for Transformer Engine's torch
 # extension, the NVIDIA driver): the whole GPU set. TE's extension compiles against the torch
