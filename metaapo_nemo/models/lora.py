@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from metaapo_nemo.models.arch import LORA_TARGETS, ModelArch
+from metaapo_nemo.models.arch import FUSED_PROJECTIONS, LORA_TARGETS, ModelArch
 from metaapo_nemo.models.arch import projection_shapes as shapes_of
 from metaapo_nemo.parallel.state import ParallelContext
 
@@ -52,10 +52,10 @@ from metaapo_nemo.parallel.state import ParallelContext
 TARGETS = LORA_TARGETS
 # megatron linear (suffix inside a layer) -> (kind, its HF projections in fused order, HF module path)
 LINEARS = {
-    "self_attention.linear_qkv": ("qkv", ("q_proj", "k_proj", "v_proj"), "self_attn"),
-    "self_attention.linear_proj": ("row", ("o_proj",), "self_attn"),
-    "mlp.linear_fc1": ("gate_up", ("gate_proj", "up_proj"), "mlp"),
-    "mlp.linear_fc2": ("row", ("down_proj",), "mlp"),
+    "self_attention.linear_qkv": ("qkv", FUSED_PROJECTIONS[0], "self_attn"),
+    "self_attention.linear_proj": ("row", FUSED_PROJECTIONS[1], "self_attn"),
+    "mlp.linear_fc1": ("gate_up", FUSED_PROJECTIONS[2], "mlp"),
+    "mlp.linear_fc2": ("row", FUSED_PROJECTIONS[3], "mlp"),
 }
 MARKER = ".lora."  # in every adapter parameter's name
 

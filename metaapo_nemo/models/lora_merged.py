@@ -149,7 +149,8 @@ class _MergedLinear(torch.autograd.Function):
         d_a = torch.mm(g.t(), x2).mul_(s)  # [k r, in_local]
         if row and tp > 1 and adapter.sp:  # dB over this rank's sequence shard (summed by megatron)
             n = dy2.shape[0] // tp
-            dy2, h = dy2[adapter.tp_rank * n:(adapter.tp_rank + 1) * n], h[adapter.tp_rank * n:(adapter.tp_rank + 1) * n]
+            shard = slice(adapter.tp_rank * n, (adapter.tp_rank + 1) * n)
+            dy2, h = dy2[shard], h[shard]
         d_b = torch.mm(dy2.t(), h).mul_(s)  # [out_local, k r]: the fused layout
         if work is not None:
             work.wait()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from metaapo_nemo.models.arch import ModelArch, projection_shapes
+from metaapo_nemo.models.arch import FUSED_PROJECTIONS, ModelArch, projection_shapes
 from metaapo_nemo.planner.records import _BYTES, GiB, PlanInput
 
 
@@ -47,9 +47,8 @@ def lora_merged_params_per_rank(arch: ModelArch, tp: int, pp: int, targets: tupl
     whole when any of its projections is targeted (models/lora_merged.py)."""
     shapes = projection_shapes(arch.hidden_size, arch.num_attention_heads, arch.num_kv_heads, arch.head_dim,
                                arch.intermediate_size)
-    linears = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
     per_layer = sum(sum(shapes[p][0] * shapes[p][1] for p in parts) // tp
-                    for parts in linears if any(p in targets for p in parts))
+                    for parts in FUSED_PROJECTIONS if any(p in targets for p in parts))
     return -(-arch.num_layers // pp) * per_layer
 
 
