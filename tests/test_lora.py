@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,17 +223,25 @@ def test_merged_compute_equals_the_adapters_and_merges_once_per_schedule(which, 
         assert torch.equal(off[0], off[1])
     merges = []
     monkeypatch.setattr(lora_merged._Merged, "__init__",
-                        lambda self, a, w, _orig=lora_merged._Merged.__init__: (merges.append(a), _orig(self, a, w))[1])
+                        lambda self, a, w, *into, _orig=lora_merged._Merged.__init__: (merges.append(a),
+                                                                                         _orig(self, a, w, *into))[1])
     lm = lms["merged"]
     linears = sum(1 for _ in adapters(lm.modules()))
     with torch.no_grad():
         lm.modules()[0].eval()(ids, torch.arange(8).expand_as(ids), None)
         lm.modules()[0](ids, torch.arange(8).expand_as(ids), None)
         assert len(merges) == 2 * linears  # outside a schedule: a merge per call
-        with lora.merged_weights(lm.modules()):
-            for _ in range(3):
-                lm.modules()[0](ids, torch.arange(8).expand_as(ids), None)
-        assert len(merges) == 3 * linears
+        outs = []
+        for _ in range(2):  # each schedule merges into the same CPU buffer
+            with lora.merged_weights(lm.modules()):
+                for _ in range(3):
+                    outs.append(lm.modules()[0](ids, torch.arange(8).expand_as(ids), None))
+            bufs = [a._merged_buf for a in adapters(lm.modules())]
+            assert all(b is not None for b in bufs) and (len(outs) == 3 or all(map(operator.is_, bufs, first)))
+            first = bufs
+        assert len(merges) == 4 * linears
+        lone = lm.modules()[0](ids, torch.arange(8).expand_as(ids), None)  # a fresh merge of its own
+        assert all(torch.equal(o, lone) for o in outs)
 
 
 def _hf_greedy(model_dir, prompts, new_tokens: int) -> list[list[int]]:

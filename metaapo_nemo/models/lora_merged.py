@@ -9,7 +9,9 @@ The adapter path of `models.lora.LoraAdapter.add_delta` (``lora.compute=adapters
 and its sum into dx) in the backward. Merged saves those at the price of one copy of the
 adapted weights (W', in the weights' dtype), built once per schedule (`merged_weights`: every
 micro-batch of a step, or of a forward-only pass, shares it; the adapters cannot change inside
-one) and dropped after it. Exactly PEFT's function without dropout (``B A x`` of the dropped-out
+one) and dropped after it (on the CPU its buffer is kept and merged into again: `_buffer`). The
+backward reads each projection's own rows of dy, so no GEMM touches the zero blocks of a fused
+linear's B (q / k / v, gate / up: 3x and 2x the B side's flops otherwise). Exactly PEFT's function without dropout (``B A x`` of the dropped-out
 input has no merged form): ``lora.dropout > 0`` is refused with merged, and so is Transformer
 Engine's spec, whose fused linears take no substitute weight.
 
@@ -41,6 +43,7 @@ class Adapter(Protocol):
     """What the merged compute reads of a `models.lora.LoraAdapter`."""
 
     kind: str
+    parts: tuple[str, ...]
     scale: float
     enabled: bool
     tp: int
@@ -48,6 +51,8 @@ class Adapter(Protocol):
     sp: bool
 
     def _a_cat(self) -> torch.Tensor: ...
+
+    def _b(self, part: str) -> torch.Tensor: ...
 
     def _b_fused(self) -> torch.Tensor: ...
 
@@ -58,17 +63,52 @@ class Adapter(Protocol):
 
 class _Merged:
     """One linear's merged tensors for one schedule (detached: the factors' gradients are the
-    backward's own)."""
+    backward's own): ``w`` = W + s B A; ``a`` = the stacked A; ``bs`` = each projection's B.
 
-    def __init__(self, adapter: Adapter, weight: torch.Tensor):
+    ``into``: a buffer of W's shape and dtype to merge into (the schedule scope's, reused so that
+    the CPU does not page a fresh copy of the weights in at every step), else a new tensor."""
+
+    def __init__(self, adapter: Adapter, weight: torch.Tensor, into: torch.Tensor | None = None):
         with torch.no_grad():
             self.a = adapter._a_cat().detach()
-            self.b = adapter._b_fused().detach()
+            self.bs = [adapter._b(p).detach() for p in adapter.parts]
+            b = adapter._b_fused().detach()
             if weight.dtype == torch.float32:
-                self.w = torch.addmm(weight, self.b, self.a, alpha=adapter.scale)
+                self.w = torch.addmm(weight, b, self.a, alpha=adapter.scale, out=into)
             else:  # merge in fp32, round once
-                self.w = torch.addmm(weight.float(), self.b.float(), self.a.float(),
-                                     alpha=adapter.scale).to(weight.dtype)
+                w = torch.addmm(weight.float(), b.float(), self.a.float(), alpha=adapter.scale)
+                self.w = w.to(weight.dtype) if into is None else into.copy_(w)
+
+
+def _buffer(adapter: Adapter, weight: torch.Tensor) -> torch.Tensor | None:
+    """The adapter's persistent merge buffer, on the CPU only: a fresh 100s-of-MB tensor there is
+    page-faulted in on every step (measured: ~10^5 minor faults a step for SmolLM2-135M), where
+    CUDA's caching allocator hands back the block it freed at the last schedule's end (so a GPU run
+    holds W' only within a schedule, as planned: planner.gpu ``lora_merged_weights``)."""
+    if weight.device.type != "cpu":
+        return None
+    buf = getattr(adapter, "_merged_buf", None)
+    if buf is None or buf.shape != weight.shape or buf.dtype != weight.dtype:
+        buf = adapter._merged_buf = torch.empty_like(weight)  # type: ignore[attr-defined]
+    return buf
+
+
+def _row_selectors(adapter: Adapter) -> list[slice | torch.Tensor]:
+    """Per projection, its rows of the fused linear's output as a slice where they are contiguous
+    ([gate; up], a lone projection) or an index (q / k / v interleaved per query group): the
+    backward reads each projection's dy through it, so no GEMM runs on B's zero blocks."""
+    sel = getattr(adapter, "_row_sel", None)
+    if sel is None:
+        sel = []
+        for rows in adapter.part_rows():
+            if rows is None:
+                sel.append(slice(None))
+                continue
+            start = int(rows[0])
+            contiguous = bool((rows == torch.arange(start, start + len(rows), device=rows.device)).all())
+            sel.append(slice(start, start + len(rows)) if contiguous else rows)
+        adapter._row_sel = sel  # type: ignore[attr-defined]
+    return sel
 
 
 def install(module: torch.nn.Module, adapter: Adapter) -> None:
@@ -93,9 +133,11 @@ def install(module: torch.nn.Module, adapter: Adapter) -> None:
             x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=module.tp_group)
         merged = adapter._merged_cache  # type: ignore[attr-defined]
         if merged is None:
-            merged = _Merged(adapter, weight)
             if adapter._merged_caching:  # type: ignore[attr-defined]
-                adapter._merged_cache = merged  # type: ignore[attr-defined]
+                # inside a schedule: every graph that read the buffer before has run its backward
+                merged = adapter._merged_cache = _Merged(adapter, weight, _buffer(adapter, weight))  # type: ignore[attr-defined]
+            else:  # a lone call: its own tensor (a graph still alive may hold an older merge)
+                merged = _Merged(adapter, weight)
         meta = (adapter, row, bool(kwargs.get("allreduce_dgrad")), module.tp_group)
         return _MergedLinear.apply(x, kwargs.get("bias"), merged, meta, *adapter.parameters())
 
@@ -142,7 +184,9 @@ class _MergedLinear(torch.autograd.Function):
         h = x2 @ merged.a.t()  # [N, k r]
         if row and tp > 1:  # partial over this rank's input columns
             torch.distributed.all_reduce(h, group=group)
-        g = dy2 @ merged.b  # [N, k r]
+        # each projection's own output rows of dy (no GEMM on the fused B's zero blocks)
+        dys = [dy2[:, sel] if isinstance(sel, slice) else dy2.index_select(1, sel) for sel in _row_selectors(adapter)]
+        g = torch.cat([d @ b for d, b in zip(dys, merged.bs)], dim=1)  # [N, k r]
         if not row and tp > 1 and not adapter.sp:  # partial over this rank's output rows
             torch.distributed.all_reduce(g, group=group)
         s = adapter.scale
@@ -150,21 +194,11 @@ class _MergedLinear(torch.autograd.Function):
         if row and tp > 1 and adapter.sp:  # dB over this rank's sequence shard (summed by megatron)
             n = dy2.shape[0] // tp
             shard = slice(adapter.tp_rank * n, (adapter.tp_rank + 1) * n)
-            dy2, h = dy2[shard], h[shard]
-        d_b = torch.mm(dy2.t(), h).mul_(s)  # [out_local, k r]: the fused layout
+            dys, h = [dys[0][shard]], h[shard]
         if work is not None:
             work.wait()
-        return (dx, None, None, None, *_split(adapter, d_a, d_b))
-
-
-def _split(adapter: Adapter, d_a: torch.Tensor, d_b: torch.Tensor) -> list[torch.Tensor]:
-    """The fused gradients as the adapter's parameters' (A then B per projection): A's are row
-    blocks of d_a; B's are their rows of the fused linear in their own r columns of d_b."""
-    rows = adapter.part_rows()
-    r = d_a.shape[0] // len(rows)
-    out: list[Any] = []
-    for i, idx in enumerate(rows):
-        out.append(d_a[i * r:(i + 1) * r])
-        block = d_b[:, i * r:(i + 1) * r]
-        out.append(block if idx is None else block.index_select(0, idx.to(d_b.device)))
-    return out
+        r = d_a.shape[0] // len(dys)
+        grads: list[Any] = []  # A then B per projection, their registration order
+        for i, d in enumerate(dys):
+            grads += [d_a[i * r:(i + 1) * r], torch.mm(d.t(), h[:, i * r:(i + 1) * r]).mul_(s)]
+        return (dx, None, None, None, *grads)
