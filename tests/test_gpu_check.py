@@ -1,5 +1,9 @@
 """benchmarks/gpu_check.py --cpu-dry: the prepared GPU check runs end to end at toy size
-(every section, no errors), so it is ready when a session has a GPU."""
+(every section, no errors), so it is ready when a session has a GPU.
+
+In the H100 stack's tier (`make test-gpu-stack`, which CI runs), not the default one: the GPU
+machine runs Python 3.12 (../shared/notes/gpu-device.md), the stack that tier builds, and the
+dry run takes ~40 s of the default tier's budget."""
 
 from __future__ import annotations
 
@@ -7,7 +11,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from metaapo_nemo.config.loader import REPO_ROOT
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
 def test_gpu_check_cpu_dry_runs_every_section(tmp_path):
