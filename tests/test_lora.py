@@ -231,14 +231,13 @@ def test_merged_compute_equals_the_adapters_and_merges_once_per_schedule(which, 
         lm.modules()[0].eval()(ids, torch.arange(8).expand_as(ids), None)
         lm.modules()[0](ids, torch.arange(8).expand_as(ids), None)
         assert len(merges) == 2 * linears  # outside a schedule: a merge per call
-        outs = []
+        outs, bufs = [], []
         for _ in range(2):  # each schedule merges into the same CPU buffer
             with lora.merged_weights(lm.modules()):
                 for _ in range(3):
                     outs.append(lm.modules()[0](ids, torch.arange(8).expand_as(ids), None))
-            bufs = [a._merged_buf for a in adapters(lm.modules())]
-            assert all(b is not None for b in bufs) and (len(outs) == 3 or all(map(operator.is_, bufs, first)))
-            first = bufs
+            bufs.append([a._merged_buf for a in adapters(lm.modules())])
+        assert all(b is not None for b in bufs[0]) and all(map(operator.is_, bufs[0], bufs[1]))
         assert len(merges) == 4 * linears
         lone = lm.modules()[0](ids, torch.arange(8).expand_as(ids), None)  # a fresh merge of its own
         assert all(torch.equal(o, lone) for o in outs)

@@ -23,8 +23,8 @@ Tensor parallelism (t ranks), per kind of linear:
 The adapters are a submodule ``lora`` of the linear (parameter names ``...linear_qkv.lora.q_proj_A``)
 and act through a forward hook (``lora.compute=adapters``) or through the linear's own GEMM on the
 merged weight W + s B A (``lora.compute=merged``, `models.lora_merged`), so the base parameter
-names, the converter and the checkpoints of the base are unchanged. Everything else is frozen: only adapter parameters reach megatron's
-gradient buffers and its (distributed) optimiser.
+names, the converter and the checkpoints of the base are unchanged. Everything else is frozen:
+only adapter parameters reach megatron's gradient buffers and its (distributed) optimiser.
 
 Init (PEFT's): A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a = sqrt(5)), B = 0, drawn from a
 generator seeded by the run seed and the parameter's HF name, on the FULL tensor, then sliced: the

@@ -11,9 +11,10 @@ adapted weights (W', in the weights' dtype), built once per schedule (`merged_we
 micro-batch of a step, or of a forward-only pass, shares it; the adapters cannot change inside
 one) and dropped after it (on the CPU its buffer is kept and merged into again: `_buffer`). The
 backward reads each projection's own rows of dy, so no GEMM touches the zero blocks of a fused
-linear's B (q / k / v, gate / up: 3x and 2x the B side's flops otherwise). Exactly PEFT's function without dropout (``B A x`` of the dropped-out
-input has no merged form): ``lora.dropout > 0`` is refused with merged, and so is Transformer
-Engine's spec, whose fused linears take no substitute weight.
+linear's B (q / k / v, gate / up: 3x and 2x the B side's flops otherwise). Exactly PEFT's
+function without dropout (``B A x`` of the dropped-out input has no merged form):
+``lora.dropout > 0`` is refused with merged, and so is Transformer Engine's spec, whose fused
+linears take no substitute weight.
 
 It plugs into megatron's local linears at their ``_forward_impl(input, weight, ...)`` seam (both
 0.16 and 0.19): the column- / row-parallel wrapper around it (the input copy or sequence-parallel
@@ -130,12 +131,14 @@ def install(module: torch.nn.Module, adapter: Adapter) -> None:
         if kwargs.get("sequence_parallel"):  # as megatron's frozen path: gather the sequence shards
             from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-            x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=module.tp_group)
+            x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True,
+                                                     group=module.tp_group)
         merged = adapter._merged_cache  # type: ignore[attr-defined]
         if merged is None:
             if adapter._merged_caching:  # type: ignore[attr-defined]
                 # inside a schedule: every graph that read the buffer before has run its backward
-                merged = adapter._merged_cache = _Merged(adapter, weight, _buffer(adapter, weight))  # type: ignore[attr-defined]
+                merged = _Merged(adapter, weight, _buffer(adapter, weight))
+                adapter._merged_cache = merged  # type: ignore[attr-defined]
             else:  # a lone call: its own tensor (a graph still alive may hold an older merge)
                 merged = _Merged(adapter, weight)
         meta = (adapter, row, bool(kwargs.get("allreduce_dgrad")), module.tp_group)
@@ -147,8 +150,9 @@ def install(module: torch.nn.Module, adapter: Adapter) -> None:
 @contextlib.contextmanager
 def merged_weights(adapters: Sequence[Adapter]) -> Iterator[None]:
     """One schedule's scope: each adapted linear merges its weight once (at its first micro-batch)
-    and every later micro-batch reuses it; dropped at the end (outside this scope every call
-    merges afresh, so nothing can go stale)."""
+    and every later micro-batch reuses it; dropped at the end (the CPU keeps the buffer it was
+    merged into for the next schedule: `_buffer`). Outside this scope every call merges afresh
+    into a tensor of its own, so nothing can go stale."""
     for a in adapters:
         a._merged_cache, a._merged_caching = None, True  # type: ignore[attr-defined]
     try:
@@ -185,8 +189,11 @@ class _MergedLinear(torch.autograd.Function):
         if row and tp > 1:  # partial over this rank's input columns
             torch.distributed.all_reduce(h, group=group)
         # each projection's own output rows of dy (no GEMM on the fused B's zero blocks)
-        dys = [dy2[:, sel] if isinstance(sel, slice) else dy2.index_select(1, sel) for sel in _row_selectors(adapter)]
-        g = torch.cat([d @ b for d, b in zip(dys, merged.bs)], dim=1)  # [N, k r]
+        # (an index follows dy's device: the policy may have been offloaded and brought back)
+        dys = [dy2[:, sel] if isinstance(sel, slice) else dy2.index_select(1, sel.to(dy2.device))
+               for sel in _row_selectors(adapter)]
+        gs = [d @ b for d, b in zip(dys, merged.bs)]
+        g = gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)  # [N, k r]
         if not row and tp > 1 and not adapter.sp:  # partial over this rank's output rows
             torch.distributed.all_reduce(g, group=group)
         s = adapter.scale
