@@ -243,6 +243,58 @@ def test_merged_compute_equals_the_adapters_and_merges_once_per_schedule(which, 
         assert all(torch.equal(o, lone) for o in outs)
 
 
+PARTIAL = ("q_proj", "v_proj", "up_proj", "down_proj")  # zero blocks in both fused linears
+
+
+def _tp2_merged_worker(rank: int, port: int, path: str, out: str) -> None:
+    """One TP rank: per target set and SP off / on, the merged compute's logits and adapter
+    gradients against the adapter path's on the same rank (both before megatron's finalize, so
+    the partial ones, which it sums over TP under SP, are compared as they are)."""
+    import os
+
+    from metaapo_nemo.parallel import state
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ctx = state.initialize(tp=2, backend="gloo", seed=1234)
+    ids = torch.tensor([[5, 9, 33, 47, 2, 101, 7, 8], [3, 4, 5, 6, 7, 8, 9, 10]])
+    worst = {}
+    try:
+        for targets in (TARGETS, PARTIAL):
+            for sp in (False, True):
+                lms = {c: MegatronLM(load_arch(path), ctx, path, BuildOptions(
+                    sequence_parallel=sp, lora=_settings(targets=targets, compute=c)), OPTIM)
+                    for c in ("adapters", "merged")}
+                for lm in lms.values():
+                    _randomise_b(lm, scale=0.2)
+                (want, want_g), (got, got_g) = (_logits_and_grads(lms[c], ids) for c in ("adapters", "merged"))
+                assert list(got_g) == list(want_g) and want_g
+                errs = [float((got - want).abs().max()) / float(want.abs().max())]
+                errs += [float((got_g[n] - g).abs().max()) / (float(g.abs().max()) + 1e-12) for n, g in want_g.items()]
+                worst[f"{len(targets)}_{sp}"] = max(errs)
+    finally:
+        state.destroy()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(worst))
+
+
+@pytest.mark.dist
+@pytest.mark.stack
+@pytest.mark.slow
+def test_merged_compute_equals_the_adapters_under_tp2_with_and_without_sp(tiny_llama, tmp_path):
+    """TP2 (column-parallel rows local to each rank, q / k / v interleaved per query group of the
+    rank) with all-linear and with targets that leave zero blocks (q, v, up, down), SP off and
+    on: on each rank the merged compute's logits and every adapter gradient equal the adapter
+    path's (1e-5). The layouts of tests/test_lora.py train all-linear only."""
+    import torch.multiprocessing as mp
+
+    from metaapo_nemo.parallel.state import _free_port
+
+    mp.spawn(_tp2_merged_worker, args=(_free_port(), str(tiny_llama), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        worst = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(worst) == 4 and all(e < 1e-5 for e in worst.values()), (rank, worst)
+
+
 def _hf_greedy(model_dir, prompts, new_tokens: int) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
