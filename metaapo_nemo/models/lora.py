@@ -170,13 +170,15 @@ class LoraAdapter(torch.nn.Module):
             blocks.append(torch.cat([q, k, v], dim=1).reshape(-1, b.shape[1]))
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
-    def part_rows(self) -> list[torch.Tensor | None]:
-        """Per projection, the rows of the fused linear holding its B's rows, in order (None: all
-        of them): read off `_fuse_b` of row numbers, so the two layouts cannot disagree."""
+    def part_rows(self) -> list[slice | torch.Tensor]:
+        """Per projection, the rows of the fused linear holding its B's rows, in B's order: a slice
+        where they are contiguous (a lone projection, gate / up), else an index (q / k / v, which
+        megatron interleaves per query group). Read off `_fuse_b` of row numbers, so the two
+        layouts cannot disagree."""
         rows = getattr(self, "_part_rows", None)
         if rows is None:
             if self.kind == "row":
-                rows = [None]
+                rows = [slice(None)]
             else:
                 # row numbers + 1 (0 marks the zero blocks), exact in float64
                 codes = self._fuse_b([torch.arange(1, self._b(p).shape[0] + 1, dtype=torch.float64)[:, None]
@@ -184,7 +186,11 @@ class LoraAdapter(torch.nn.Module):
                 rows = []
                 for i in range(len(self.parts)):
                     at = codes[:, i].nonzero().squeeze(1)
-                    rows.append(at[codes[at, i].argsort()].to(self._b(self.parts[i]).device))
+                    at = at[codes[at, i].argsort()]
+                    start = int(at[0])
+                    contiguous = bool((at == torch.arange(start, start + len(at))).all())
+                    device = self._b(self.parts[i]).device
+                    rows.append(slice(start, start + len(at)) if contiguous else at.to(device))
             self._part_rows = rows
         return rows
 

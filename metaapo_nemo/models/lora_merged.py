@@ -57,7 +57,7 @@ class Adapter(Protocol):
 
     def _b_fused(self) -> torch.Tensor: ...
 
-    def part_rows(self) -> list[torch.Tensor | None]: ...
+    def part_rows(self) -> list[slice | torch.Tensor]: ...
 
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
 
@@ -92,24 +92,6 @@ def _buffer(adapter: Adapter, weight: torch.Tensor) -> torch.Tensor | None:
     if buf is None or buf.shape != weight.shape or buf.dtype != weight.dtype:
         buf = adapter._merged_buf = torch.empty_like(weight)  # type: ignore[attr-defined]
     return buf
-
-
-def _row_selectors(adapter: Adapter) -> list[slice | torch.Tensor]:
-    """Per projection, its rows of the fused linear's output as a slice where they are contiguous
-    ([gate; up], a lone projection) or an index (q / k / v interleaved per query group): the
-    backward reads each projection's dy through it, so no GEMM runs on B's zero blocks."""
-    sel = getattr(adapter, "_row_sel", None)
-    if sel is None:
-        sel = []
-        for rows in adapter.part_rows():
-            if rows is None:
-                sel.append(slice(None))
-                continue
-            start = int(rows[0])
-            contiguous = bool((rows == torch.arange(start, start + len(rows), device=rows.device)).all())
-            sel.append(slice(start, start + len(rows)) if contiguous else rows)
-        adapter._row_sel = sel  # type: ignore[attr-defined]
-    return sel
 
 
 def install(module: torch.nn.Module, adapter: Adapter) -> None:
@@ -190,8 +172,8 @@ class _MergedLinear(torch.autograd.Function):
             torch.distributed.all_reduce(h, group=group)
         # each projection's own output rows of dy (no GEMM on the fused B's zero blocks)
         # (an index follows dy's device: the policy may have been offloaded and brought back)
-        dys = [dy2[:, sel] if isinstance(sel, slice) else dy2.index_select(1, sel.to(dy2.device))
-               for sel in _row_selectors(adapter)]
+        dys = [dy2[:, rows] if isinstance(rows, slice) else dy2.index_select(1, rows.to(dy2.device))
+               for rows in adapter.part_rows()]
         gs = [d @ b for d, b in zip(dys, merged.bs)]
         g = gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)  # [N, k r]
         if not row and tp > 1 and not adapter.sp:  # partial over this rank's output rows
